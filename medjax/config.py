@@ -60,14 +60,14 @@ class DataSection:
 class OptimSection:
     name: str = "adamw"                 # adamw | adafactor
     lr: float = 2e-4
-    min_lr: float = 0.0
-    schedule: str = "cosine"            # cosine | linear | constant
+    min_lr: float = 0.0                 # end value of the cosine / linear decay
+    schedule: str = "cosine"            # cosine | linear | constant (each after linear warmup)
     warmup_steps: int = 0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: Optional[float] = 1.0
+    weight_decay: float = 0.0           # decoupled; never applied to norms or biases
+    clip_norm: Optional[float] = 1.0    # global-norm clipping; None disables
     skip_nonfinite: bool = False
 
     def __post_init__(self):
@@ -79,39 +79,94 @@ class OptimSection:
             raise ConfigError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for key in ("b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ConfigError(f"optim.clip_norm must be > 0 or null, got {self.clip_norm}")
 
 
 @dataclass(frozen=True)
 class LoraSection:
     enabled: bool = False
     rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    alpha: float = 16.0                 # adapter output scaled by alpha / rank
+    dropout: float = 0.0                # on the adapter input only
+    # Module-name patterns (fnmatch on the last path component, or on the full dotted path
+    # when the pattern contains a dot). "experts" wraps every Mixtral expert projection,
+    # "block_sparse_moe.gate" the router.
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     quantize: Optional[str] = None      # None | int8 | nf4  (QLoRA base weights)
 
     def __post_init__(self):
         if self.enabled:
             _positive("lora.rank", self.rank)
+            _positive("lora.alpha", self.alpha)
+            if not self.targets:
+                raise ConfigError("lora.targets must name at least one module pattern")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.quantize is not None:
             _choice("lora.quantize", self.quantize, ("int8", "nf4"))
 
 
 @dataclass(frozen=True)
 class MeshSection:
+    """Device mesh (see medjax/sharding.py, docs/SCALE.md) and multi-process launch settings.
+
+    Axis sizes: None = preset default (the preset's main axis takes the rest: data for dp,
+    fsdp otherwise; other axes 1), -1 = the rest of the devices, N = exactly N.
+    """
     preset: str = "dp"                  # dp | fsdp | fsdp_tp | fsdp_ep
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    expert: int = 1
+    data: Optional[int] = None
+    fsdp: Optional[int] = None
+    tensor: Optional[int] = None
+    expert: Optional[int] = None
+    dcn_data: int = 1                   # slices (TPU) / hosts the data axis spans over DCN
+    # jax.distributed; unset = from env (MEDJAX_COORDINATOR, ...), SLURM or TPU auto-detection
+    coordinator: Optional[str] = None   # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def __post_init__(self):
+        _choice("mesh.preset", self.preset, ("dp", "fsdp", "fsdp_tp", "fsdp_ep"))
+        for axis in ("data", "fsdp", "tensor", "expert"):
+            size = getattr(self, axis)
+            if size is not None and size != -1 and size < 1:
+                raise ConfigError(f"mesh.{axis} must be -1 (the rest), None or >= 1, got {size}")
+        rest = [a for a in ("data", "fsdp", "tensor", "expert") if getattr(self, a) == -1]
+        if len(rest) > 1:
+            raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in rest)}")
+        allowed = {"dp": ("data",), "fsdp": ("data", "fsdp"), "fsdp_tp": ("data", "fsdp", "tensor"),
+                   "fsdp_ep": ("data", "fsdp", "expert")}[self.preset]
+        for axis in ("fsdp", "tensor", "expert"):
+            size = getattr(self, axis)
+            if axis not in allowed and size is not None and size != 1:
+                raise ConfigError(f"mesh.{axis}={size} is unused by mesh.preset={self.preset!r}; "
+                                  f"set it to 1 or pick a preset that uses it")
+        _positive("mesh.dcn_data", self.dcn_data)
+        if self.num_processes is not None:
+            _positive("mesh.num_processes", self.num_processes)
+        if self.process_id is not None and not (
+                0 <= self.process_id < (self.num_processes or self.process_id + 1)):
+            raise ConfigError(f"mesh.process_id={self.process_id} must be in [0, mesh.num_processes)")
 
 
 @dataclass(frozen=True)
 class CheckpointSection:
-    dir: Optional[str] = None
-    every: int = 100
-    keep: int = 3
+    dir: Optional[str] = None           # default: <train.out_dir>/checkpoints
+    every: int = 100                    # save every N optimizer steps (0: only at the end)
+    keep: int = 3                       # keep the last K checkpoints
     async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+        _positive("checkpoint.keep", self.keep)
 
 
 @dataclass(frozen=True)
@@ -124,17 +179,32 @@ class EvalSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = 100
-    epochs: Optional[int] = None
-    batch_size: int = 8
-    grad_accum: int = 1
+    steps: int = 100                    # optimizer steps (each = grad_accum micro-batches)
+    epochs: Optional[int] = None        # if set, steps = epochs * batches per epoch
+    batch_size: int = 8                 # sequences per optimizer step (split over grad_accum)
+    grad_accum: int = 1                 # micro-batches per step (batch_size % grad_accum == 0)
     seed: int = 0
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"       # metrics.jsonl, TensorBoard events, plot, exports
     log_every: int = 1
+    aux_loss_coef: float = 0.02         # MoE router load-balancing loss weight
+    eval_every: int = 0                 # held-out loss every N steps (0: only before/after)
+    eval_batches: int = 4               # held-out batches per evaluation
+    export: tuple = ("hf", "peft")      # written to <out_dir>/export/{hf,peft} at the end
+    eval_mcqa: bool = False             # held-out MCQA accuracy before/after (medjax.eval)
+    max_examples: Optional[int] = None  # cap on training examples (demo / smoke runs)
 
     def __post_init__(self):
+        _positive("train.steps", self.steps)
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
+        _positive("train.log_every", self.log_every)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
+                              f"train.grad_accum ({self.grad_accum})")
+        if self.aux_loss_coef < 0:
+            raise ConfigError(f"train.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        for name in self.export:
+            _choice("train.export", name, ("hf", "peft"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,245 @@
+"""LoRA by module surgery: wrap a model's projections from the outside, train only the adapters.
+
+A low-rank adapter adds ``(alpha / rank) * dropout(x) @ A @ B`` to a frozen projection
+``y = base(x)``, with ``A [in, r]`` initialised uniform(±1/sqrt(in)) (PEFT's kaiming default) and
+``B [r, out]`` zero, so a freshly wrapped model computes exactly what the base did.
+
+``apply_lora(model, cfg)`` walks the module tree and replaces, in place,
+
+* every ``Linear`` (a module with a 2-D ``kernel [in, out]``) whose path matches a target pattern
+  by ``LoRALinear(base)`` — attention q/k/v/o, MLP gate/up/down, the Mixtral router
+  ``block_sparse_moe.gate``;
+* every ``Experts`` module (stacked ``[E, in, out]`` weights used through ``project(name, x,
+  group_sizes)`` and ``jax.lax.ragged_dot``) whose projection names match, by
+  ``LoRAExperts(base)`` holding one ``[E, in, r]`` / ``[E, r, out]`` adapter pair per projection,
+  i.e. a separate adapter for every expert, applied with the same grouped matmul.
+
+Wrappers never re-implement the base computation: ``LoRALinear`` calls ``base(x)`` and
+``LoRAExperts.project`` calls ``base.project(...)``, so a quantized base module (QLoRA, which
+dequantizes inside its own ``__call__`` / ``project``) is wrapped by the same code.
+Adapter weights are ``nnx.LoRAParam`` (fp32, the trainable master copy); the optimizer is
+built on ``nnx.LoRAParam`` only, so base weights never enter the optimizer state and stay
+bit-identical. ``merge_lora`` folds the adapters into the base weights; ``unmerge_lora``
+takes them out again; ``merged_model`` returns a plain, wrapper-free copy for export.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medjax.config import LoraSection
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------ matching
+def path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def matches(path: str, patterns) -> bool:
+    """``pattern`` without a dot matches the last path component; with a dot, a path suffix."""
+    last = path.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if "." in pattern:
+            if fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, "*." + pattern):
+                return True
+        elif fnmatch.fnmatch(last, pattern):
+            return True
+    return False
+
+
+def _is_linear(module) -> bool:
+    kernel = getattr(module, "kernel", None)
+    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2
+
+
+def _is_experts(module) -> bool:
+    return callable(getattr(module, "project", None)) and all(
+        isinstance(getattr(module, n, None), nnx.Variable) for n in EXPERT_PROJECTIONS)
+
+
+# ------------------------------------------------------------------------------ wrappers
+def _logical(var, index):
+    axes = getattr(var, "logical_axes", None)
+    return None if axes is None else axes[index]
+
+
+class _Adapter(nnx.Module):
+    """``A [..., in, r]``, ``B [..., r, out]`` (leading dims: experts), dropout on the input."""
+
+    def __init__(self, base_weight: nnx.Variable, *, rank, alpha, dropout, rngs):
+        *lead, d_in, d_out = base_weight[...].shape
+        bound = 1.0 / math.sqrt(d_in)
+        lead_axes = tuple(_logical(base_weight, i) for i in range(len(lead)))
+        self.lora_a = nnx.LoRAParam(
+            jax.random.uniform(rngs.params(), (*lead, d_in, rank), jnp.float32, -bound, bound),
+            logical_axes=lead_axes + (_logical(base_weight, -2), None))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, d_out), jnp.float32),
+                                    logical_axes=lead_axes + (None, _logical(base_weight, -1)))
+        self.rank, self.scale = rank, alpha / rank
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+    def delta_weight(self):
+        """``scale * A @ B`` in fp32, shaped like the base weight."""
+        return self.scale * jnp.einsum("...ir,...ro->...io", self.lora_a[...], self.lora_b[...])
+
+    def _input(self, x):
+        return self.dropout(x) if self.dropout is not None else x
+
+
+class LoRALinear(nnx.Module):
+    """``base(x) + scale * dropout(x) @ A @ B`` around any module with ``kernel [in, out]``."""
+
+    def __init__(self, base, *, rank, alpha, dropout=0.0, rngs):
+        self.base = base
+        self.adapter = _Adapter(base.kernel, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
+        self.merged = False
+
+    def __call__(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        dtype = getattr(self.base, "dtype", x.dtype)
+        a, b = self.adapter.lora_a[...].astype(dtype), self.adapter.lora_b[...].astype(dtype)
+        h = jnp.einsum("...i,ir->...r", self.adapter._input(x).astype(dtype), a)
+        delta = jnp.einsum("...r,ro->...o", h, b) * self.adapter.scale
+        return y + delta.astype(y.dtype)
+
+
+class LoRAExperts(nnx.Module):
+    """Per-expert adapters for an ``Experts`` module; the base SwiGLU runs with our ``project``."""
+
+    def __init__(self, base, *, projections, rank, alpha, dropout=0.0, rngs):
+        self.base = base
+        self.projections = tuple(projections)
+        for name in self.projections:
+            setattr(self, name, _Adapter(getattr(base, name), rank=rank, alpha=alpha,
+                                         dropout=dropout, rngs=rngs))
+        self.merged = False
+
+    def project(self, name, x_NI, group_sizes_E):
+        y = self.base.project(name, x_NI, group_sizes_E)
+        if self.merged or name not in self.projections:
+            return y
+        adapter = getattr(self, name)
+        dtype = getattr(self.base, "dtype", x_NI.dtype)
+        a, b = adapter.lora_a[...].astype(dtype), adapter.lora_b[...].astype(dtype)
+        h_NR = jax.lax.ragged_dot(adapter._input(x_NI).astype(dtype), a, group_sizes_E)
+        delta = jax.lax.ragged_dot(h_NR, b, group_sizes_E) * adapter.scale
+        return y + delta.astype(y.dtype)
+
+    def __call__(self, x_NH, group_sizes_E):
+        # The base class's forward, dispatching its projections through this wrapper's project().
+        return type(self.base).__call__(self, x_NH, group_sizes_E)
+
+
+# ------------------------------------------------------------------------------ surgery
+def _parent_and_key(model, path):
+    parent = model
+    for part in path[:-1]:
+        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+    return parent, path[-1]
+
+
+def _replace(model, path, new):
+    parent, key = _parent_and_key(model, path)
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def apply_lora(model, cfg: LoraSection, *, seed: int = 0):
+    """Wrap every matching projection of ``model`` in place; returns ``(model, wrapped_paths)``."""
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    found = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
+    wrapped = []
+    for path, module in found:
+        name = path_str(path)
+        if isinstance(module, (LoRALinear, LoRAExperts)) or any(
+                isinstance(m, (LoRALinear, LoRAExperts)) for m in _ancestors(model, path)):
+            continue
+        kw = dict(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rngs=rngs)
+        if _is_experts(module):
+            projections = [p for p in EXPERT_PROJECTIONS
+                           if matches(f"{name}.{p}", cfg.targets) or matches(name, cfg.targets)]
+            if projections:
+                _replace(model, path, LoRAExperts(module, projections=projections, **kw))
+                wrapped.append(name)
+        elif _is_linear(module) and matches(name, cfg.targets):
+            _replace(model, path, LoRALinear(module, **kw))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"lora.targets {list(cfg.targets)} matched no Linear/Experts module")
+    return model, wrapped
+
+
+def _ancestors(model, path):
+    node = model
+    for part in path[:-1]:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+        yield node
+
+
+def lora_modules(model):
+    """``[(dotted_path, wrapper)]`` for every LoRA wrapper in ``model``."""
+    return [(path_str(p), m) for p, m in nnx.iter_modules(model)
+            if isinstance(m, (LoRALinear, LoRAExperts))]
+
+
+def _adapters(wrapper):
+    if isinstance(wrapper, LoRALinear):
+        return [("kernel", wrapper.adapter)]
+    return [(name, getattr(wrapper, name)) for name in wrapper.projections]
+
+
+def _fold(model, sign: float, merged_flag: bool):
+    for _, wrapper in lora_modules(model):
+        if wrapper.merged == merged_flag:
+            continue
+        for weight_name, adapter in _adapters(wrapper):
+            var = getattr(wrapper.base, weight_name)
+            w = var[...]
+            var[...] = (w.astype(jnp.float32) + sign * adapter.delta_weight()).astype(w.dtype)
+        wrapper.merged = merged_flag
+    return model
+
+
+def merge_lora(model):
+    """Fold ``scale * A @ B`` into the base weights in place (wrappers then skip the adapter)."""
+    return _fold(model, +1.0, True)
+
+
+def unmerge_lora(model):
+    """Undo ``merge_lora`` in place (exact up to the base weight dtype's rounding)."""
+    return _fold(model, -1.0, False)
+
+
+def strip_lora(model):
+    """Replace every wrapper by its base module in place (adapters dropped; merge first)."""
+    for path, _ in reversed([(tuple(p), m) for p, m in nnx.iter_modules(model)
+                             if isinstance(m, (LoRALinear, LoRAExperts))]):
+        parent, key = _parent_and_key(model, path)
+        wrapper = parent[key] if isinstance(key, int) else getattr(parent, key)
+        _replace(model, path, wrapper.base)
+    return model
+
+
+def merged_model(model):
+    """A wrapper-free copy of ``model`` with adapters merged (fp32 merge, base dtype kept)."""
+    copy = nnx.clone(model)
+    return strip_lora(merge_lora(copy))
+
+
+def set_dropout(model, training: bool):
+    """A view of ``model`` with LoRA dropout on (training) or off (eval)."""
+    return nnx.view(model, deterministic=not training, raise_if_not_found=False)
+
+
+def count_params(model, filt=nnx.Param) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, filt)))
