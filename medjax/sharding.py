@@ -1,0 +1,286 @@
+"""Device meshes and the ONE object that maps logical axis names to mesh axes.
+
+Every weight says what its dimensions mean where it is defined
+(``nnx.Param(w, logical_axes=("embed", "mlp"))``); activations use ``batch`` and ``seq``.
+A :class:`ShardingRules` maps each logical name to zero or more of the four mesh axes
+``data, fsdp, tensor, expert``. Four presets cover the usual layouts:
+
+=========  ==========================================================================
+dp         params replicated; batch split over ``data`` (× fsdp × expert, size 1 here)
+fsdp       ``embed`` split over ``fsdp`` (ZeRO-3: each device holds 1/N of every matrix;
+           XLA all-gathers a layer's weights before use and reduce-scatters its grads)
+fsdp_tp    fsdp + Megatron tensor parallel: ``q_heads, kv_heads, mlp, vocab`` over ``tensor``
+fsdp_ep    fsdp + expert parallel: ``experts`` over ``expert``; the expert axis also splits
+           the batch, so dense layers stay data parallel on it
+=========  ==========================================================================
+
+``data`` is allowed in every preset (hybrid/HSDP: replicas of an fsdp group, e.g. one per
+TPU slice). An axis a preset does not use must have size 1 (ConfigError otherwise).
+
+Decisions (documented in docs/SCALE.md):
+- Mesh axes are ``AxisType.Auto``: arrays carry ``NamedSharding``s and GSPMD propagates them
+  through ``jax.jit``; train steps pin ``in_shardings``/``out_shardings``.
+- A dimension not divisible by the product of its mesh axes is an error naming the array —
+  never a silent fallback to replicated. Same for an unknown logical name, for two logical
+  axes of one array mapping to the same mesh axis, and for heads/experts that do not divide
+  the tensor/expert axis (:func:`check_model`). All of these raise before any compilation.
+- Axes of size 1 are kept in the specs (harmless) so one rules object serves every mesh size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")   # the mesh axes a global batch is split over
+PRESETS = ("dp", "fsdp", "fsdp_tp", "fsdp_ep")
+# The axis that takes "the rest" of the devices when the config leaves sizes unset.
+_REST_AXIS = {"dp": "data", "fsdp": "fsdp", "fsdp_tp": "fsdp", "fsdp_ep": "fsdp"}
+# Mesh axes (besides data) a preset may give size > 1.
+_PRESET_AXES = {"dp": ("data",), "fsdp": ("data", "fsdp"), "fsdp_tp": ("data", "fsdp", "tensor"),
+                "fsdp_ep": ("data", "fsdp", "expert")}
+
+
+class ShardingError(ValueError):
+    """A mesh/rules/array combination that cannot be laid out; the message names the array."""
+
+
+MeshAxes = Optional[tuple]  # None (replicated) or a tuple of mesh axis names
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name → mesh axes. The only place layouts are decided."""
+
+    name: str
+    table: Mapping[str, MeshAxes]
+
+    def mesh_axes(self, logical: Optional[str], *, where: str = "array") -> MeshAxes:
+        if logical is None:
+            return None
+        if logical not in self.table:
+            raise ShardingError(f"{where}: logical axis {logical!r} has no rule in preset "
+                                f"{self.name!r} (known: {sorted(self.table)})")
+        return self.table[logical]
+
+    def spec(self, logical_axes: Sequence[Optional[str]], *, where: str = "array") -> PartitionSpec:
+        """PartitionSpec for an array whose dims are named ``logical_axes``.
+
+        Raises if two dims would be split over the same mesh axis.
+        """
+        entries, used = [], {}
+        for logical in logical_axes:
+            axes = self.mesh_axes(logical, where=where)
+            for axis in axes or ():
+                if axis in used:
+                    raise ShardingError(
+                        f"{where}: logical axes {used[axis]!r} and {logical!r} both map to mesh "
+                        f"axis {axis!r} under preset {self.name!r}")
+                used[axis] = logical
+            entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+        return PartitionSpec(*entries)
+
+    def sharding(self, mesh: Mesh, logical_axes, shape=None, *, where: str = "array") -> NamedSharding:
+        """NamedSharding for ``logical_axes``; with ``shape``, checks every dim divides evenly."""
+        if shape is not None and len(shape) != len(logical_axes):
+            raise ShardingError(f"{where}: shape {tuple(shape)} has {len(shape)} dims but "
+                                f"logical_axes {tuple(logical_axes)} has {len(logical_axes)}")
+        spec = self.spec(logical_axes, where=where)
+        if shape is not None:
+            for dim, (size, entry) in enumerate(zip(shape, spec)):
+                parts = _num_shards(mesh.shape, entry)
+                if size % parts:
+                    raise ShardingError(
+                        f"{where}: dim {dim} ({logical_axes[dim]!r}, size {size}) is not divisible "
+                        f"by mesh axes {entry!r} of total size {parts} (preset {self.name!r}); "
+                        f"pick mesh sizes that divide it")
+        return NamedSharding(mesh, spec)
+
+
+def _num_shards(axis_sizes: Mapping[str, int], entry) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else entry
+    return math.prod(axis_sizes[n] for n in names)
+
+
+def rules_for(preset: str) -> ShardingRules:
+    """The rules of one preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_ep``)."""
+    if preset not in PRESETS:
+        raise ShardingError(f"unknown mesh preset {preset!r}; choose from {list(PRESETS)}")
+    fsdp = ("fsdp",) if preset != "dp" else None
+    tensor = ("tensor",) if preset == "fsdp_tp" else None
+    table = {
+        # activations
+        "batch": BATCH_AXES, "seq": None,
+        # weights
+        "vocab": tensor, "embed": fsdp, "q_heads": tensor, "kv_heads": tensor,
+        "head_dim": None, "mlp": tensor, "norm": None,
+        "experts": ("expert",) if preset == "fsdp_ep" else None,
+        # stacked layers (scan) and LoRA rank dims stay whole
+        "layers": None, "lora_rank": None,
+    }
+    return ShardingRules(preset, table)
+
+
+# ----------------------------------------------------------------------------- meshes
+def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
+    """Resolve the config's axis sizes (None → preset default, -1 → the rest) for a device count."""
+    preset = mesh_cfg.preset
+    if preset not in PRESETS:
+        raise ShardingError(f"mesh.preset: unknown preset {preset!r}; choose from {list(PRESETS)}")
+    sizes = {}
+    for axis in MESH_AXES:
+        value = getattr(mesh_cfg, axis)
+        if value is None:
+            value = -1 if axis == _REST_AXIS[preset] else 1
+        sizes[axis] = value
+    rest = [a for a, v in sizes.items() if v == -1]
+    if len(rest) > 1:
+        raise ShardingError(f"mesh: only one axis may be -1, got {rest}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if rest:
+        if num_devices % fixed:
+            raise ShardingError(f"mesh: {num_devices} devices are not divisible by the fixed axis "
+                                f"sizes {sizes} (product {fixed})")
+        sizes[rest[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ShardingError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
+                            f"but there are {num_devices} devices")
+    for axis, size in sizes.items():
+        if size > 1 and axis not in _PRESET_AXES[preset]:
+            raise ShardingError(f"mesh.{axis}={size} is unused by preset {preset!r}; use "
+                                f"{'fsdp_tp' if axis == 'tensor' else 'fsdp_ep'} or set it to 1")
+    dcn = getattr(mesh_cfg, "dcn_data", 1)
+    if sizes["data"] % dcn:
+        raise ShardingError(f"mesh.dcn_data={dcn} must divide the data axis size {sizes['data']}")
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ``Mesh`` with axes ``(data, fsdp, tensor, expert)`` (all ``AxisType.Auto``).
+
+    Devices are laid out by ``mesh_utils`` so that the innermost axes sit on the fastest links.
+    With ``mesh.dcn_data > 1`` the data axis is split across slices (TPU multi-slice) or, on
+    other platforms, across processes (one granule per host) via ``create_hybrid_device_mesh``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = axis_sizes(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    dcn = getattr(mesh_cfg, "dcn_data", 1)
+    if dcn > 1:
+        ici_shape = (sizes["data"] // dcn,) + shape[1:]
+        dcn_shape = (dcn, 1, 1, 1)
+        by_process = not hasattr(devices[0], "slice_index")
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices, process_is_granule=by_process,
+            allow_split_physical_axes=True)
+    else:
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_model(model_cfg, sizes: Mapping[str, int]) -> None:
+    """Raise ShardingError when heads/experts do not divide the tensor/expert axes."""
+    tensor, expert = sizes.get("tensor", 1), sizes.get("expert", 1)
+    for field in ("num_heads", "num_kv_heads"):
+        heads = getattr(model_cfg, field)
+        if heads % tensor:
+            raise ShardingError(f"model.{field}={heads} is not divisible by mesh.tensor={tensor}")
+    experts = getattr(model_cfg, "num_experts", 0)
+    if experts and experts % expert:
+        raise ShardingError(f"model.num_experts={experts} is not divisible by mesh.expert={expert}")
+
+
+# ----------------------------------------------------------------------------- placement
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _variable_sharding(path, variable, mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    where = jax.tree_util.keystr(path)
+    logical = variable.get_metadata().get("logical_axes")
+    shape = np.shape(variable.get_value())
+    if logical is None:
+        if isinstance(variable, nnx.Param):
+            raise ShardingError(f"{where}: nnx.Param has no logical_axes metadata")
+        return NamedSharding(mesh, PartitionSpec())    # step counters, rng keys, ...
+    if len(logical) != len(shape) and not isinstance(variable, nnx.Param):
+        # optimizer statistics of another rank (e.g. Adafactor's factored rows) copy the
+        # param's metadata; they are small, keep them replicated.
+        return NamedSharding(mesh, PartitionSpec())
+    return rules.sharding(mesh, tuple(logical), shape, where=where)
+
+
+def param_shardings(model_or_state, mesh: Mesh, rules: ShardingRules):
+    """A pytree of ``NamedSharding`` with the structure of ``nnx.state(model_or_state)``.
+
+    Accepts a module, an ``nnx.Optimizer`` or a ``State`` (concrete or from ``nnx.eval_shape``).
+    Each ``nnx.Variable`` becomes a Variable of the same type whose value is its
+    ``NamedSharding`` (like ``nnx.get_named_sharding``), so the result is a valid
+    ``in_shardings``/``out_shardings`` for the state and a ``device_put`` target.
+    Variables without ``logical_axes`` that are not Params (step counts, RNG state) are
+    replicated; a Param without them is an error.
+    """
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace(_variable_sharding(path, v, mesh, rules)),
+        state, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a global ``[B, ...]`` batch: rows split over ``data × fsdp × expert``."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return _num_shards(mesh.shape, BATCH_AXES)
+
+
+def global_batch(local_tree, mesh: Mesh):
+    """Assemble per-process batches into global arrays sharded by :func:`batch_sharding`.
+
+    Each process passes the rows of the global batch its devices hold (its disjoint data
+    shard); in a single process this is just a sharded ``device_put``.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local_tree)
+
+
+def shard_model(model, mesh: Mesh, rules: ShardingRules):
+    """Move every variable of ``model`` (module or Optimizer) to its sharding, in place."""
+    state = nnx.state(model)
+    shardings = param_shardings(state, mesh, rules)
+    nnx.update(model, jax.tree.map(_place, state, shardings))
+    return model
+
+
+def _place(value, sharding: NamedSharding):
+    """device_put that also works across processes (every process holds the full value)."""
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    host = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def init_sharded(make_model, mesh: Mesh, rules: ShardingRules):
+    """Build ``make_model()`` directly sharded: each device materialises only its shards.
+
+    ``make_model`` is a zero-argument callable returning an nnx module (e.g.
+    ``lambda: Decoder(cfg, rngs=nnx.Rngs(0))``). Use this for models too large for one device.
+    """
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = param_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
