@@ -1,0 +1,4 @@
+"""Own Pallas kernels (Triton on GPU, Mosaic on TPU, interpret on CPU), one per file."""
+from medjax.ops.pallas.flash_attention import flash_attention
+
+__all__ = ["flash_attention"]
