@@ -1,0 +1,107 @@
+"""Export a Decoder to a directory that ``transformers`` loads unchanged.
+
+Writes config.json (both rope keys), generation_config.json, safetensors (sharded with an index
+above ``max_shard_bytes``) and the tokenizer files. Everything goes to a temporary sibling
+directory that is renamed into place at the end, so a crash never leaves a half-written model
+under the final name; the directory the model was loaded from is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from medjax.hf.names import export_tensors
+from medjax.hf.safetensors_io import CheckpointError
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _generation_config(cfg) -> dict:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id, "do_sample": False}
+
+
+def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
+            max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) as an HF directory at ``out_dir``; returns the path."""
+    out = Path(out_dir).resolve()
+    source = getattr(model, "source_path", None)
+    if source is not None and Path(source).resolve() == out:
+        raise CheckpointError(f"refusing to export into {out}: the model was loaded from there")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"export dtype {dtype!r} not in {list(_NP_DTYPES)}")
+    cfg = model.config
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    np_dtype = _NP_DTYPES[dtype]
+    is_writer = jax.process_index() == 0
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) if is_writer else None
+    try:
+        shard, shard_bytes, shards = {}, 0, []
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if shard and is_writer:
+                name = f"model-{len(shards) + 1:05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                shards.append((name, list(shard)))
+            shard, shard_bytes = {}, 0
+
+        total = 0
+        for name, arr in export_tensors(cfg, lambda p: _host(flat[p].get_value())):
+            arr = np.ascontiguousarray(arr.astype(np_dtype))
+            if shard and shard_bytes + arr.nbytes > max_shard_bytes:
+                flush()
+            shard[name] = arr
+            shard_bytes += arr.nbytes
+            total += arr.nbytes
+        flush()
+        if not is_writer:
+            return out
+        if len(shards) == 1:
+            os.replace(tmp / shards[0][0], tmp / "model.safetensors")
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, (old, names) in enumerate(shards):
+                new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                os.replace(tmp / old, tmp / new)
+                weight_map.update({k: new for k in names})
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(dtype), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        tmp = None
+        return out
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""Safetensors reading with the header validated before any allocation, and streaming reads.
+
+The header is checked in full (size bound, JSON, dtypes, shapes, offsets inside the file, no
+overlaps) before a single tensor byte is read; tensors are then read one at a time (optionally
+a range of rows) with ``readinto`` into a fresh buffer, so loading never holds a memory map of
+the file and never two full copies of the model. Writing uses the ``safetensors`` library.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match the model; names file and tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    name: str
+    dtype: np.dtype
+    shape: tuple
+    start: int      # absolute byte offset in the file
+    end: int
+
+    def read(self, rows: slice | None = None) -> np.ndarray:
+        """Read the tensor (or ``rows`` of its first axis, a contiguous byte range)."""
+        shape = self.shape
+        start, itemsize = self.start, self.dtype.itemsize
+        if rows is not None and shape:
+            r0, r1, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("row slices must be contiguous")
+            row_bytes = math.prod(shape[1:]) * itemsize
+            start, shape = start + r0 * row_bytes, (r1 - r0, *shape[1:])
+        out = np.empty(shape, self.dtype)
+        buf = out.reshape(-1).view(np.uint8)
+        with open(self.file, "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != buf.nbytes:
+                raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
+        return out
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header; returns name → TensorInfo."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} "
+                                  f"(truncated or not safetensors)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    base, data_len = 8 + n, size - 8 - n
+    infos, spans = {}, []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            b, e = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 <= b <= e or e - b != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} offsets {b}..{e} do not match "
+                                  f"{meta['dtype']}{list(shape)} ({nbytes} bytes)")
+        if e > data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {e} but the data section has "
+                                  f"{data_len} bytes (file truncated)")
+        infos[name] = TensorInfo(path, name, dtype, shape, base + b, base + e)
+        spans.append((b, e, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    return infos
+
+
+def find_weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF directory (single or sharded with index)."""
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e})") from None
+        files = sorted({d / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
+        return files
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(d.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(f"{d}: only pickle weights found ({', '.join(pickles)}); medjax never "
+                              f"loads pickle. Convert them to safetensors first.")
+    raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or *.safetensors")
+
+
+def index_tensors(files: list[Path]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in read_header(f).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {f}")
+            tensors[name] = info
+    return tensors

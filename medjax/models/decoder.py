@@ -1,0 +1,141 @@
+"""One decoder for Llama-2/3, Mistral and Mixtral.
+
+embed → N × (RMSNorm → attention → residual, RMSNorm → MLP | sparse MoE → residual) → RMSNorm → head.
+Submodule names follow HF (``model.layers.3.self_attn.q_proj``) so import/export is a name table.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from medjax.models.attention import Attention
+from medjax.models.config import ModelConfig
+from medjax.models.layers import MLP, Embed, Linear, RMSNorm, rope_inv_freq
+from medjax.models.moe import SparseMoE, load_balancing_loss
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values ``[L, B, S, Hkv, D]``; a token's slot is its position."""
+    k: jax.Array
+    v: jax.Array
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array               # [B, T, V] float32
+    cache: Optional[KVCache]
+    aux_loss: jax.Array             # HF Mixtral router load-balancing loss (0 for dense models)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, attention_impl):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs, attention_impl=attention_impl, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        if cfg.is_moe:
+            self.block_sparse_moe = SparseMoE(cfg, rngs=rngs, **kw)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs, **kw)
+
+    def __call__(self, h_BTH, positions_BT, inv_freq, segment_ids, kv_cache):
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(h_BTH), positions_BT, inv_freq,
+                                            segment_ids=segment_ids, kv_cache=kv_cache)
+        h_BTH = h_BTH + attn_out
+        x = self.post_attention_layernorm(h_BTH)
+        if hasattr(self, "block_sparse_moe"):
+            token_mask = None if segment_ids is None else segment_ids > 0
+            mlp_out, router_stats = self.block_sparse_moe(x, token_mask)
+        else:
+            mlp_out, router_stats = self.mlp(x), jnp.zeros((1,), jnp.float32)
+        return h_BTH + mlp_out, kv_cache, router_stats
+
+
+class Backbone(nnx.Module):
+    """HF's ``model.`` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, attention_impl):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
+        self.layers = nnx.List([
+            DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                         attention_impl=attention_impl) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, attention_impl: str = "auto", remat: str = "none"):
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.model = Backbone(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                              attention_impl=attention_impl)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, logical_axes=("embed", "vocab"),
+                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def set_attention_impl(self, impl: str) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.attention_impl = impl
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    def forward(self, input_ids=None, *, positions=None, segment_ids=None, cache: KVCache | None = None,
+                input_embeds=None) -> DecoderOutput:
+        """Full forward. ``positions`` default to ``arange(T)``; ``segment_ids [B,T]`` (0 = pad)
+        confine attention to each packed example; ``input_embeds`` replaces the embedding lookup
+        (NEFTune adds noise there)."""
+        h_BTH = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        B, T = h_BTH.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        inv_freq = rope_inv_freq(self.config)
+        router_stats = 0.0
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            if self.remat != "none" and cache is None:
+                call = nnx.remat(lambda l, h: l(h, positions, inv_freq, segment_ids, None),
+                                 policy=REMAT_POLICIES[self.remat])
+                h_BTH, kv, stats = call(layer, h_BTH)
+            else:
+                h_BTH, kv, stats = layer(h_BTH, positions, inv_freq, segment_ids, kv)
+            router_stats = router_stats + stats
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        h_BTH = self.model.norm(h_BTH)
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(h_BTH)
+        else:
+            logits = self.lm_head(h_BTH).astype(jnp.float32)
+        new_cache = None if cache is None else KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        aux_loss = (load_balancing_loss(router_stats, self.config.num_experts)
+                    if self.config.is_moe else jnp.zeros((), jnp.float32))
+        return DecoderOutput(logits.astype(jnp.float32), new_cache, aux_loss)
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None):
+        return self.forward(input_ids, positions=positions, segment_ids=segment_ids).logits
+
+
+def init_decoder(cfg: ModelConfig, *, seed: int = 0, **kwargs) -> Decoder:
+    return Decoder(cfg, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def abstract_decoder(cfg: ModelConfig, **kwargs) -> Decoder:
+    """Shape-only decoder (no memory): ``nnx.eval_shape``."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kwargs))

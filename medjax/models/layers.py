@@ -1,0 +1,109 @@
+"""Building blocks: Linear (HF-transposed kernel), RMSNorm, Embed, SwiGLU MLP, rotary embeddings.
+
+Every parameter carries ``logical_axes`` metadata; ``medjax.sharding`` maps those names to mesh axes.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medjax.models.config import ModelConfig
+
+
+def _init(key, shape, dtype, std=0.02):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel`` with kernel ``[in, out]`` (the transpose of HF's ``weight``); no bias."""
+
+    def __init__(self, in_features, out_features, *, logical_axes, rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(_init(rngs.params(), (in_features, out_features), param_dtype),
+                                logical_axes=logical_axes)
+
+    def __call__(self, x):
+        return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF Llama RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim, *, eps, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab, dim, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_init(rngs.params(), (vocab, dim), param_dtype),
+                                   logical_axes=("vocab", "embed"))
+
+    def __call__(self, ids_BT):
+        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD):
+        """Tied output head: logits against the embedding table."""
+        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding[...].astype(x_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Linear(H, I, logical_axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(H, I, logical_axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(I, H, logical_axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------ rotary
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies ``[D/2]``, including linear and llama3 (wavelength-banded) scaling."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x_BTHD, positions_BT, inv_freq):
+    """Rotate-half RoPE (HF convention): pairs (i, i + D/2)."""
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BTF)[:, :, None, :]
+    sin = jnp.sin(angles_BTF)[:, :, None, :]
+    cos = jnp.concatenate([cos, cos], -1)
+    sin = jnp.concatenate([sin, sin], -1)
+    x32 = x_BTHD.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
+    return (x32 * cos + rotated * sin).astype(x_BTHD.dtype)
