@@ -1,0 +1,120 @@
+"""Orbax checkpoints of a run: train state + JSON metadata (data iterator state, step, metrics).
+
+Layout: ``<dir>/<step>/{state, meta}``. Orbax writes each step into a temporary directory and
+renames it on commit, so a crash mid-save leaves the previous checkpoints intact; saves are
+asynchronous (device→host copy blocks, the file write runs in the background). The state pytree
+(``TrainState``: step, trainable params — adapters only for LoRA —, optimizer state, RNG state)
+is saved as a flat ``{name: array}`` dict named by pytree path, and restored onto a template of
+the same structure, so a mismatch (e.g. a different LoRA rank) is a clear error naming the key.
+If the newest checkpoint cannot be read, restore warns and falls back to the previous one.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _name(path) -> str:
+    text = jax.tree_util.keystr(path, simple=True, separator=".")
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", text)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def flatten_state(state) -> dict:
+    """``{path_name: array}``; typed PRNG keys become their raw ``uint32`` data."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    out = {}
+    for path, leaf in leaves:
+        name = _name(path)
+        if name in out:
+            raise CheckpointError(f"duplicate checkpoint key {name!r}")
+        out[name] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+    return out
+
+
+def unflatten_state(template, flat: dict):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    missing = [_name(p) for p, _ in leaves if _name(p) not in flat]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {missing[0]!r} (and {len(missing) - 1} more): "
+                              "was it written by a different model / LoRA config?")
+    restored = []
+    for path, leaf in leaves:
+        value = flat[_name(path)]
+        if _is_key(leaf):
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
+        elif tuple(np.shape(value)) != tuple(np.shape(leaf)):
+            raise CheckpointError(f"checkpoint tensor {_name(path)!r} has shape {np.shape(value)}, "
+                                  f"expected {np.shape(leaf)}")
+        restored.append(value)
+    return jax.tree.unflatten(treedef, restored)
+
+
+def _abstract(flat: dict) -> dict:
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+    return {k: spec(v) for k, v in flat.items()}
+
+
+class Checkpointer:
+    """Save every ``every`` steps, keep the last ``keep``; restore the newest readable one."""
+
+    def __init__(self, directory, *, every: int = 100, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).resolve()
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def should_save(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state, meta: dict) -> None:
+        flat = flatten_state(state)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, template, step: int | None = None):
+        """``(state, meta, step)`` from ``step`` or the newest readable checkpoint; None if none."""
+        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+        flat_template = _abstract(flatten_state(template))
+        for i, s in enumerate(candidates):
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(flat_template), meta=ocp.args.JsonRestore()))
+                return unflatten_state(template, dict(out["state"])), dict(out["meta"]), s
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 — any read failure means "corrupt"
+                if step is not None:
+                    raise CheckpointError(f"{self.directory / str(s)}: cannot restore: {e}") from e
+                older = candidates[i + 1] if i + 1 < len(candidates) else None
+                warnings.warn(f"checkpoint {self.directory / str(s)} is unreadable "
+                              f"({type(e).__name__}: {str(e)[:200]}); "
+                              + (f"falling back to step {older}" if older is not None
+                                 else "no older checkpoint left"), stacklevel=2)
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
