@@ -40,20 +40,70 @@ class ModelSection:
             raise ConfigError("model: set model.path (HF dir or .gguf) or model.preset")
 
 
+DATA_FORMATS = ("text", "alpaca", "chat", "mcqa", "preference")
+DATA_FIELDS = ("text", "instruction", "input", "output", "messages", "role", "content", "question",
+               "options", "answer", "contexts", "prompt", "chosen", "rejected", "system")
+_SOURCE_KEYS = ("path", "tfds", "split", "weight", "format", "fields", "data_dir", "manual_dir")
+
+
 @dataclass(frozen=True)
 class DataSection:
-    train: Optional[str] = None         # file / glob / dir
+    """Training data; see docs/DATA.md. ``train`` is shorthand for one source; ``sources`` is a
+    weighted mixture: ``[{path: FILE|GLOB|DIR | tfds: NAME, split, data_dir, manual_dir,
+    weight: 0.9, format: ..., fields: {...}}, ...]`` (format/fields default to the section's)."""
+    train: Optional[str] = None         # file / glob / dir (jsonl, json, parquet, txt)
     eval: Optional[str] = None
+    sources: tuple = ()                 # weighted mixture, see above
     format: str = "text"                # text | alpaca | chat | mcqa | preference
+    fields: dict = field(default_factory=dict)  # our name -> the file's name, e.g. {output: response}
+    prompt_style: str = "alpaca"        # how alpaca/mcqa/preference prompts render: alpaca | chat
+    chat_template: Optional[str] = None  # built-in name (alpaca, llama2, llama3, mistral, chatml) or jinja
+    system_prompt: Optional[str] = None  # prepended as a system turn when prompt_style=chat
+    train_on_prompt: bool = False       # also score prompt tokens (loss mask 1 everywhere)
     seq_len: int = 512
     pack: bool = True
+    pack_bins: int = 0                  # first-fit bins held open; 0 = max(2*batch, 16)
+    long_examples: str = "split"        # split | truncate | drop  (examples longer than seq_len)
+    shuffle: bool = True
     on_error: str = "raise"             # raise | skip
     seed: int = 0
 
     def __post_init__(self):
-        _choice("data.format", self.format, ("text", "alpaca", "chat", "mcqa", "preference"))
+        _choice("data.format", self.format, DATA_FORMATS)
         _choice("data.on_error", self.on_error, ("raise", "skip"))
+        _choice("data.prompt_style", self.prompt_style, ("alpaca", "chat"))
+        _choice("data.long_examples", self.long_examples, ("split", "truncate", "drop"))
         _positive("data.seq_len", self.seq_len)
+        if self.pack_bins < 0:
+            raise ConfigError(f"data.pack_bins must be >= 0, got {self.pack_bins}")
+        _check_fields("data.fields", self.fields)
+        if self.train is not None and self.sources:
+            raise ConfigError("data: set data.train (one source) or data.sources (a mixture), not both")
+        for i, source in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            if not isinstance(source, dict):
+                raise ConfigError(f"{key}: expected a mapping like {{path: FILE, weight: 1.0}}")
+            unknown = [k for k in source if k not in _SOURCE_KEYS]
+            if unknown:
+                raise ConfigError(f"unknown config key {key + '.' + unknown[0]!r}{_suggest(unknown[0], _SOURCE_KEYS)}")
+            if ("path" in source) == ("tfds" in source):
+                raise ConfigError(f"{key}: give exactly one of 'path' or 'tfds'")
+            weight = source.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                raise ConfigError(f"{key}.weight must be a number > 0, got {weight!r}")
+            if "format" in source:
+                _choice(f"{key}.format", source["format"], DATA_FORMATS)
+            _check_fields(f"{key}.fields", source.get("fields", {}))
+
+
+def _check_fields(key, fields):
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{key}: expected a mapping of field names, got {fields!r}")
+    for name, value in fields.items():
+        if name not in DATA_FIELDS:
+            raise ConfigError(f"unknown config key {key + '.' + name!r}{_suggest(name, DATA_FIELDS)}")
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}.{name}: expected a field name (string), got {value!r}")
 
 
 @dataclass(frozen=True)
