@@ -1,0 +1,152 @@
+"""Decode-time attention in Pallas: a few query tokens against a long KV cache (flash-decoding).
+
+During generation T is 1 (or a few draft tokens), so a query tile of ``bq`` rows per head would be
+mostly padding. Instead the G query heads that share a KV head are folded into the rows of ONE
+tile (``rows = G * T``), so each KV block is read once per KV head, and the key axis is split
+into ``num_splits`` chunks that run in parallel (grid ``(B, Hkv, splits)``). Each chunk returns a
+partial output and its log-sum-exp; XLA merges the chunks (a softmax over the chunk LSEs).
+
+Per-sequence ``kv_lengths`` and ``q_positions`` bound the key blocks visited: blocks past a
+sequence's length (or outside its sliding window) are never loaded. The inner loop is the same
+online softmax as the training kernel (``blocks.online_softmax``).
+
+Forward-only kernel; the ``custom_vjp`` backward re-runs ``flash_attention``'s backward so the
+function stays differentiable.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from medjax.ops.mask import default_positions, split_segments
+from medjax.ops.pallas import blocks
+from medjax.ops.pallas.blocks import KernelConfig
+from medjax.ops.pallas.flash_attention import flash_attention
+
+DEFAULT_BLOCK_K = {"triton": 64, "mosaic_tpu": 128, "interpret": 32}
+
+
+def _decode_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kvpos_ref,
+                   kvseg_ref, o_ref, lse_ref, *, cfg):
+    b, s = pl.program_id(0), pl.program_id(2)
+    m, l, acc = blocks.online_softmax(q_ref[...], qpos_ref[...], qseg_ref[...], k_ref, v_ref,
+                                      kvpos_ref, kvseg_ref, lo_ref[b, s], hi_ref[b, s], cfg)
+    out_RD, lse_R1 = blocks.finish_softmax(m, l, acc)
+    o_ref[...] = out_RD
+    lse_ref[...] = lse_R1
+
+
+def _split_ranges(visible_BJ, num_splits):
+    """Per (batch, split) key-block range: the visible blocks inside the split's chunk."""
+    nk = visible_BJ.shape[-1]
+    chunk = -(-nk // num_splits)
+    split_of_block = jnp.arange(nk) // chunk
+    visible_BSJ = visible_BJ[:, None, :] & (split_of_block[None, None, :] ==
+                                            jnp.arange(num_splits)[None, :, None])
+    return blocks.visible_range(visible_BSJ)
+
+
+def _decode_forward(static, q, k, v, mask_args):
+    causal, window, scale, block_k, num_splits, backend, heads_first = static
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    rows = G * T
+    Rp = max(16, pl.next_power_of_2(rows))
+    bk = min(block_k, max(16, pl.next_power_of_2(S)))
+    Sp = blocks.round_up(S, bk)
+    nk = Sp // bk
+    splits = max(1, min(num_splits, nk))
+
+    q_seg, kv_seg = split_segments(mask_args["segment_ids"])
+    segmented = q_seg is not None
+    q_seg = jnp.zeros((B, T), jnp.int32) if q_seg is None else jnp.asarray(q_seg, jnp.int32)
+    kv_seg = jnp.zeros((B, S), jnp.int32) if kv_seg is None else jnp.asarray(kv_seg, jnp.int32)
+    q_pos, kv_pos = default_positions(q, k, mask_args["q_positions"], mask_args["kv_positions"])
+    # Row r of a KV head's tile is (query head g, token t) with r = g * T + t.
+    row_pos, row_seg, kv_pos, kv_seg = blocks.padded_metadata(
+        jnp.tile(q_pos, (1, G)), jnp.tile(q_seg, (1, G)), kv_pos, kv_seg,
+        mask_args["kv_lengths"], Rp, Sp)
+    visible = blocks.block_visibility(row_pos, row_seg, kv_pos, kv_seg, block_q=Rp, block_k=bk,
+                                      causal=causal, window=window)[:, 0]
+    lo, hi = _split_ranges(visible, splits)
+
+    cfg = KernelConfig(scale=scale, causal=causal, window=window,
+                       masked=bool(causal or window is not None or segmented
+                                   or mask_args["kv_lengths"] is not None or Sp != S),
+                       block_q=Rp, block_k=bk, backend=backend, heads_first=heads_first,
+                       fp32=q.dtype == jnp.float32)
+    q_BKRD = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rows, D)
+    q_BKRD = blocks.pad_axis(q_BKRD, 2, Rp)
+    k_p, v_p = blocks.pad_axis(k, 1, Sp), blocks.pad_axis(v, 1, Sp)
+    if heads_first:
+        k_p, v_p = k_p.transpose(0, 2, 1, 3), v_p.transpose(0, 2, 1, 3)
+        kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, s: (b, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
+    table = blocks.scalar_table_spec(cfg)
+    row_spec = pl.BlockSpec((None, Rp, 1), lambda b, h, s: (b, 0, 0))
+    key_spec = pl.BlockSpec((None, 1, Sp), lambda b, h, s: (b, 0, 0))
+    o_parts, lse_parts = blocks.pallas_call(
+        functools.partial(_decode_kernel, cfg=cfg), cfg, grid=(B, Hkv, splits),
+        in_specs=[table, table, pl.BlockSpec((None, None, Rp, D), lambda b, h, s: (b, h, 0, 0)),
+                  kv_spec, kv_spec, row_spec, row_spec, key_spec, key_spec],
+        out_specs=[pl.BlockSpec((None, None, None, Rp, D), lambda b, h, s: (b, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, Rp, 1), lambda b, h, s: (b, h, s, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, Hkv, splits, Rp, D), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Hkv, splits, Rp, 1), jnp.float32)],
+        head_dim=D, name="medjax_flash_decode",
+    )(lo, hi, q_BKRD, k_p, v_p, row_pos[:, :, None], row_seg[:, :, None],
+      kv_pos[:, None, :], kv_seg[:, None, :])
+
+    # Merge the splits: weights exp(lse_s - max lse); empty splits have lse = -inf.
+    lse_max = jnp.max(lse_parts, axis=2, keepdims=True)
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    w_BKSR1 = jnp.exp(lse_parts - lse_max)
+    total = jnp.sum(w_BKSR1, axis=2)
+    out_BKRD = jnp.sum(w_BKSR1 * o_parts, axis=2) / jnp.where(total == 0, 1.0, total)
+    out = out_BKRD[:, :, :rows].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4)
+    return out.reshape(B, T, Hq, D).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode_core(static, q, k, v, mask_args):
+    return _decode_forward(static, q, k, v, mask_args)
+
+
+def _decode_core_fwd(static, q, k, v, mask_args):
+    return _decode_forward(static, q, k, v, mask_args), (q, k, v, mask_args)
+
+
+def _decode_core_bwd(static, residuals, d_out):
+    causal, window, scale, _, _, backend, heads_first = static
+    q, k, v, mask_args = residuals
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention(
+        q, k, v, causal=causal, sliding_window=window, scale=scale, backend=backend,
+        heads_first=heads_first, **mask_args), q, k, v)
+    return (*vjp(d_out), None)
+
+
+_decode_core.defvjp(_decode_core_fwd, _decode_core_bwd)
+
+
+def decode_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None,
+                     q_positions=None, kv_positions=None, kv_lengths=None, scale=None,
+                     block_k=None, num_splits=8, backend=None, heads_first=None):
+    """Attention for few queries vs a long KV cache; same signature/semantics as ``attention``."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not divisible by kv heads {Hkv}")
+    backend = backend or blocks.default_backend()
+    heads_first = (backend == "mosaic_tpu") if heads_first is None else heads_first
+    static = (bool(causal), None if sliding_window is None else int(sliding_window),
+              float(D ** -0.5 if scale is None else scale),
+              int(block_k or DEFAULT_BLOCK_K.get(backend, 32)), int(num_splits), backend,
+              bool(heads_first))
+    mask_args = dict(segment_ids=segment_ids, q_positions=q_positions,
+                     kv_positions=kv_positions, kv_lengths=kv_lengths)
+    return _decode_core(static, q, k, v, mask_args)
