@@ -242,6 +242,7 @@ class TrainSection:
     export: tuple = ("hf", "peft")      # written to <out_dir>/export/{hf,peft} at the end
     eval_mcqa: bool = False             # held-out MCQA accuracy before/after (medjax.eval)
     max_examples: Optional[int] = None  # cap on training examples (demo / smoke runs)
+    heldout_examples: int = 32          # last N rows of data.train held out when data.eval unset
 
     def __post_init__(self):
         _positive("train.steps", self.steps)
@@ -255,6 +256,8 @@ class TrainSection:
             raise ConfigError(f"train.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         for name in self.export:
             _choice("train.export", name, ("hf", "peft"))
+        if self.heldout_examples < 0:
+            raise ConfigError(f"train.heldout_examples must be >= 0, got {self.heldout_examples}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""``python -m medjax.train [--config FILE] [key=value ...] [--resume]``: fine-tune a model.
+
+Without ``--config`` it runs ``configs/demo.yaml`` (LoRA on SmolLM2-135M-Instruct with the
+bundled medical instruction set). Every config key can be overridden on the command line,
+e.g. ``train.steps=20 lora.rank=16 optim.lr=1e-4``. See docs/TRAINING.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m medjax.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help=f"run config YAML (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])})")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. train.steps=20 lora.rank=16")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest readable checkpoint in the run's checkpoint dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from medjax.config import ConfigError, load_config
+    from medjax.training.loop import TrainingDiverged, run
+    try:
+        cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg, resume=args.resume, show_bar=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    print(_format_summary(summary))
+    return 0
+
+
+def _format_summary(s: dict) -> str:
+    lines = ["", "== training summary =="]
+    before, after = s.get("heldout_loss_before"), s.get("heldout_loss_after")
+    if after is not None:
+        lines.append(f"held-out loss: {before:.4f} -> {after:.4f}" if before is not None
+                     else f"held-out loss: {after:.4f}")
+    for key in ("steps", "trainable_params", "final_train_loss", "loss_tokens_per_s",
+                "train_seconds", "total_seconds", "plot"):
+        if s.get(key) is not None:
+            lines.append(f"{key}: {s[key]}")
+    for kind, path in (s.get("exports") or {}).items():
+        lines.append(f"export {kind}: {path}")
+    lines.append(json.dumps({k: s[k] for k in ("heldout_loss_before", "heldout_loss_after") if k in s}))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The training loop: load → (LoRA) → data → jitted steps → checkpoints → eval → plot → export.
+
+``run(cfg, resume=...)`` is everything ``python -m medjax.train`` does. Resuming restores the
+train state, the RNG state and the data iterator position from the newest readable checkpoint,
+so the loss sequence continues exactly as an uninterrupted run would have produced it.
+A non-finite loss stops the run (``TrainingDiverged`` names the step and batch); the last
+checkpoint written before it is the last good one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.config import RunConfig
+from medjax.training import sft_data
+from medjax.training import step as S
+from medjax.training.checkpoint import Checkpointer
+from medjax.training.metrics import MetricsLogger, plot_run
+from medjax.training.optimizer import make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/inf; the message names the step and the batch."""
+
+
+def load_model(cfg: RunConfig):
+    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset."""
+    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if cfg.model.path is not None:
+        import medjax
+        model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
+                                       attention_impl=cfg.model.attention)
+    else:
+        from medjax.models import get_preset, init_decoder
+        model = init_decoder(get_preset(cfg.model.preset), seed=cfg.train.seed, dtype=dtype,
+                             param_dtype=param_dtype, attention_impl=cfg.model.attention)
+        tokenizer = None
+    model.remat = cfg.model.remat
+    return model, tokenizer
+
+
+def prepare_data(cfg: RunConfig, tokenizer):
+    """``(train_examples, heldout_examples)`` as lists of encoded ``[T]`` rows."""
+    if tokenizer is None:
+        raise ValueError("training on data needs a tokenizer: set model.path to a model with one")
+    if cfg.data.train is None:
+        raise ValueError("data.train is not set")
+    if cfg.data.format not in ("alpaca", "text"):
+        raise NotImplementedError(f"data.format={cfg.data.format!r}: the training loop reads "
+                                  "alpaca or text JSONL")
+    train_path = sft_data.resolve_data_path(cfg.data.train)
+    rows = sft_data.read_jsonl(train_path)
+    if cfg.data.eval is not None:
+        eval_path = sft_data.resolve_data_path(cfg.data.eval)
+        held_rows, held_src = sft_data.read_jsonl(eval_path), eval_path
+    else:
+        rows, held_rows = sft_data.split_rows(rows, cfg.train.heldout_examples)
+        held_src = train_path
+    if cfg.train.max_examples is not None:
+        rows = rows[: cfg.train.max_examples]
+    enc = lambda rs, src: sft_data.encode_rows(rs, tokenizer, cfg.data.seq_len, cfg.data.format, src)
+    return enc(rows, train_path), enc(held_rows, held_src)
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    if cfg.train.epochs is not None:
+        return cfg.train.epochs * sft_data.steps_per_epoch(n_train, cfg.train.batch_size)
+    return cfg.train.steps
+
+
+class Trainer:
+    """Holds the split model, jitted functions and run directory of one training run."""
+
+    def __init__(self, cfg: RunConfig, model, tokenizer, train_examples, heldout_examples, *,
+                 show_bar: bool = True):
+        from medjax.sharding import make_mesh, rules_for
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.out_dir = Path(cfg.train.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.lora = cfg.lora.enabled
+        if self.lora:
+            from medjax.lora import apply_lora
+            apply_lora(model, cfg.lora, seed=cfg.train.seed)
+        self.steps = total_steps(cfg, len(train_examples))
+        self.tx, self.schedule = make_optimizer(cfg.optim, self.steps)
+        self.graphdef, params, rngs, frozen = S.split_model(model, self.lora)
+        self.mesh, self.rules = make_mesh(cfg.mesh), rules_for(cfg.mesh.preset)
+        state = S.init_train_state(params, rngs, self.tx)
+        self.step_fn, self.state_sh, frozen_sh = S.jit_train_step(
+            state, frozen, mesh=self.mesh, rules=self.rules, graphdef=self.graphdef, tx=self.tx,
+            schedule=self.schedule, grad_accum=cfg.train.grad_accum, aux_coef=cfg.train.aux_loss_coef)
+        self.state = S.place(state, self.state_sh)
+        self.frozen = S.place(frozen, frozen_sh)
+        self.eval_fn = S.jit_eval_loss(self.state_sh.params, self.state_sh.rngs, frozen_sh,
+                                       mesh=self.mesh, graphdef=self.graphdef)
+        self.batches = sft_data.train_batches(train_examples, cfg.train.batch_size, cfg.data.seed)
+        self.heldout = sft_data.eval_batches(heldout_examples, cfg.train.batch_size)
+        self.n_train = len(train_examples)
+        ckpt_dir = cfg.checkpoint.dir or self.out_dir / "checkpoints"
+        self.ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
+        self.show_bar = show_bar
+        self.start_step = 0
+
+    # ------------------------------------------------------------------ state
+    def resume(self) -> bool:
+        restored = self.ckpt.restore(self.state)
+        if restored is None:
+            return False
+        state, meta, step = restored
+        self.state = S.place(state, self.state_sh)
+        self.batches.set_state(meta["data"])
+        self.start_step = step
+        return True
+
+    def save(self, step: int) -> None:
+        meta = {"data": self.batches.get_state(), "step": step, "config": _jsonable(self.cfg.to_dict())}
+        self.ckpt.save(step, self.state, meta)
+
+    def model(self):
+        """The current model (trained params merged back into the module graph)."""
+        from flax import nnx
+        return nnx.merge(self.graphdef, self.state.params, self.state.rngs, self.frozen)
+
+    # ------------------------------------------------------------------ eval
+    def heldout_loss(self, max_batches=None) -> float | None:
+        batches = self.heldout if max_batches is None else self.heldout[:max_batches]
+        if not batches:
+            return None
+        nll, tokens = 0.0, 0.0
+        for b in batches:
+            s, n = self.eval_fn(self.state.params, self.state.rngs, self.frozen, _model_batch(b))
+            nll, tokens = nll + float(s), tokens + float(n)
+        return nll / max(tokens, 1.0)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
+                            show_bar=self.show_bar)
+        summary = {"steps": self.steps, "start_step": self.start_step}
+        try:
+            if self.start_step == 0:
+                summary["heldout_loss_before"] = self.heldout_loss()
+                if summary["heldout_loss_before"] is not None:
+                    log.log(0, {"loss": summary["heldout_loss_before"]}, kind="eval")
+                    log.write(f"held-out loss before training: {summary['heldout_loss_before']:.4f}")
+            t0, tokens_total, last = time.perf_counter(), 0.0, {}
+            for step in range(self.start_step, self.steps):
+                batch_id = self.batches.get_state()
+                batch = _model_batch(next(self.batches))
+                self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                    good = self.ckpt.steps()
+                    raise TrainingDiverged(
+                        f"non-finite loss {metrics['loss']} (grad_norm {metrics['grad_norm']}) at "
+                        f"step {step + 1}, batch {json.dumps(batch_id)}; last good checkpoint: "
+                        f"{good[-1] if good else 'none'} in {self.ckpt.directory}")
+                tokens_total += metrics["tokens"]
+                metrics = log.step(step + 1, metrics, float(np.sum(batch["segment_ids"] > 0)))
+                last = metrics
+                if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.steps:
+                    log.log(step + 1, metrics)
+                if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
+                    log.log(step + 1, {"loss": self.heldout_loss(cfg.train.eval_batches)}, kind="eval")
+                if self.ckpt.should_save(step + 1) or step + 1 == self.steps:
+                    self.save(step + 1)
+            self.ckpt.wait()
+            elapsed = time.perf_counter() - t0
+            summary.update(train_seconds=round(elapsed, 2), final_train_loss=last.get("loss"),
+                           loss_tokens_per_s=round(tokens_total / max(elapsed, 1e-9), 1))
+            summary["heldout_loss_after"] = self.heldout_loss()
+            if summary["heldout_loss_after"] is not None:
+                log.log(self.steps, {"loss": summary["heldout_loss_after"]}, kind="eval")
+        finally:
+            log.close()
+            self.ckpt.close()
+        summary["plot"] = str(plot_run(log.jsonl_path, self.out_dir / "loss_lr.png"))
+        return summary
+
+    # ------------------------------------------------------------------ export
+    def export(self, kinds) -> dict:
+        """Merged HF model (``save_hf``) and/or a PEFT adapter under ``<out_dir>/export``."""
+        import medjax
+        from medjax.lora import merged_model
+        out = {}
+        model = self.model()
+        if "hf" in kinds:
+            plain = merged_model(model) if self.lora else model
+            path = medjax.save_hf(plain, self.out_dir / "export" / "hf", tokenizer=self.tokenizer,
+                                  overwrite=True)
+            out["hf"] = str(path)
+        if "peft" in kinds and self.lora:
+            from medjax.training.peft_export import save_peft
+            try:
+                out["peft"] = str(save_peft(model, self.out_dir / "export" / "peft",
+                                            base_model_name_or_path=self.cfg.model.path))
+            except NotImplementedError as e:
+                out["peft_skipped"] = str(e)
+        return out
+
+
+def _model_batch(batch: dict) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in S.BATCH_KEYS}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
+    """Train per ``cfg``; returns (and writes ``<out_dir>/summary.json``) the run summary."""
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg)
+    train_examples, heldout_examples = prepare_data(cfg, tokenizer)
+    trainer = Trainer(cfg, model, tokenizer, train_examples, heldout_examples, show_bar=show_bar)
+    if resume and not trainer.resume():
+        trainer_msg = f"no checkpoint in {trainer.ckpt.directory}; starting from step 0"
+        print(trainer_msg)
+    summary = trainer.train()
+    summary["exports"] = trainer.export(cfg.train.export)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 2)
+    summary["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
+    path = Path(cfg.train.out_dir) / "summary.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return summary

@@ -1,0 +1,118 @@
+"""A small grain pipeline for the training loop: JSONL (Alpaca or text) → padded [B, T] batches.
+
+Used until (and unless) ``medjax.data`` provides the packed pipeline. Each example becomes
+``[bos] + prompt + response + [eos]`` truncated to ``seq_len + 1`` tokens; ``targets`` are the
+inputs shifted by one and ``loss_mask`` is 1 only on response tokens (the whole text for the
+``text`` format). Rows are padded (``segment_ids`` 0, ``loss_mask`` 0), not packed.
+
+Order: a seeded grain shuffle, reshuffled every epoch, repeated forever; the iterator's
+``get_state()`` / ``set_state()`` (a small JSON dict) is saved with each checkpoint, so a
+resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def read_jsonl(path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON: {e}") from None
+    return rows
+
+
+def prompt_and_response(row: dict, fmt: str, where: str) -> tuple[str, str]:
+    if fmt == "text":
+        if "text" not in row:
+            raise ValueError(f"{where}: text format needs a 'text' field")
+        return "", row["text"]
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise ValueError(f"{where}: alpaca format needs {key!r}")
+    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
+    return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
+
+
+def encode_example(row: dict, tokenizer, seq_len: int, fmt: str, where: str) -> dict:
+    prompt, response = prompt_and_response(row, fmt, where)
+    prompt_ids = tokenizer.encode(prompt) if prompt else []
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = bos + prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id]
+    n_prompt = len(bos) + len(prompt_ids)
+    ids = ids[: seq_len + 1]
+    T = seq_len
+    input_ids = np.zeros(T, np.int32)
+    targets = np.zeros(T, np.int32)
+    loss_mask = np.zeros(T, np.float32)
+    segment_ids = np.zeros(T, np.int32)
+    n = len(ids) - 1
+    input_ids[:n] = ids[:-1]
+    targets[:n] = ids[1:]
+    segment_ids[:n] = 1
+    loss_mask[max(n_prompt - 1, 0):n] = 1.0      # predict response tokens (and eos) only
+    return {"input_ids": input_ids, "positions": np.arange(T, dtype=np.int32),
+            "segment_ids": segment_ids, "targets": targets, "loss_mask": loss_mask}
+
+
+def split_rows(rows: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
+    """Last ``heldout`` rows are the held-out slice (deterministic, file order)."""
+    if heldout <= 0:
+        return rows, []
+    if heldout >= len(rows):
+        raise ValueError(f"train.heldout_examples={heldout} leaves no training rows ({len(rows)} total)")
+    return rows[:-heldout], rows[-heldout:]
+
+
+def encode_rows(rows, tokenizer, seq_len, fmt, source) -> list[dict]:
+    return [encode_example(r, tokenizer, seq_len, fmt, f"{source}:{i + 1}") for i, r in enumerate(rows)]
+
+
+def train_batches(examples: list[dict], batch_size: int, seed: int):
+    """Infinite grain iterator of stacked batches (with ``get_state``/``set_state``)."""
+    import grain
+    if len(examples) < batch_size:
+        raise ValueError(f"{len(examples)} training examples < train.batch_size={batch_size}")
+    ds = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
+          .batch(batch_size, drop_remainder=True, batch_fn=_stack))
+    return iter(ds)
+
+
+def eval_batches(examples: list[dict], batch_size: int) -> list[dict]:
+    """Fixed held-out batches; the last one is padded with all-masked rows."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i:i + batch_size])
+        while len(chunk) < batch_size:
+            chunk.append({k: np.zeros_like(v) for k, v in examples[0].items()})
+        out.append(_stack(chunk))
+    return out
+
+
+def _stack(rows):
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return max(n_examples // batch_size, 1)
+
+
+def resolve_data_path(path) -> Path:
+    """``pkg://medjax/assets/...`` or a filesystem path."""
+    text = str(path)
+    if text.startswith("pkg://"):
+        import importlib.resources
+        package, _, rel = text[len("pkg://"):].partition("/")
+        return Path(str(importlib.resources.files(package) / rel))
+    return Path(text).expanduser()
