@@ -255,11 +255,34 @@ def global_batch(local_tree, mesh: Mesh):
                         local_tree)
 
 
+def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold (its data shard).
+
+    With devices ordered by process (``jax.devices()`` order, which ``make_mesh`` keeps), every
+    process owns one contiguous, disjoint block; each process loads only those rows.
+    """
+    if global_batch_size % batch_shards(mesh):
+        raise ShardingError(f"global batch size {global_batch_size} is not divisible by the "
+                            f"{batch_shards(mesh)} batch shards (mesh data×fsdp×expert)")
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    starts = sorted({idx[0].start or 0 for idx in index_map.values()})
+    stops = sorted({idx[0].stop or global_batch_size for idx in index_map.values()})
+    if stops[-1] - starts[0] != len(starts) * (stops[0] - starts[0]):
+        raise ShardingError("this process's batch rows are not contiguous; use a mesh whose batch "
+                            "axes follow process order")
+    return slice(starts[0], stops[-1])
+
+
+def place(state, shardings):
+    """``device_put`` of a pytree onto shardings; also works across processes (each process
+    holding the full value, e.g. the same seeded init or a checkpoint read)."""
+    return jax.tree.map(_place, state, shardings)
+
+
 def shard_model(model, mesh: Mesh, rules: ShardingRules):
     """Move every variable of ``model`` (module or Optimizer) to its sharding, in place."""
     state = nnx.state(model)
-    shardings = param_shardings(state, mesh, rules)
-    nnx.update(model, jax.tree.map(_place, state, shardings))
+    nnx.update(model, place(state, param_shardings(state, mesh, rules)))
     return model
 
 
