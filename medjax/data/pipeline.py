@@ -1,0 +1,239 @@
+"""``make_dataset``: sources → shuffle/mix/epochs → host shard → tokenize → fit length → pack → batch.
+
+The order is global and deterministic (a function of the seed), and each host takes every
+``process_count``-th element of it starting at ``process_index`` BEFORE tokenizing and packing,
+so hosts see disjoint examples that together cover each epoch. Everything after the host slice
+is a grain ``IterDataset`` whose iterator state (a small dict of counters) is the resume point.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from medjax.data.examples import KEYS, encode_rendered, fit_length, pad_row
+from medjax.data.formats import FieldError, Renderer
+from medjax.data.sources import DataError, Row, SkipLog, TfdsRecords, read_rows
+
+
+@dataclass
+class Source:
+    name: str
+    rows: Sequence[Row]
+    weight: float
+    renderer: Renderer
+
+
+def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog | None = None) -> list[Source]:
+    """Read and validate every configured source (files eagerly, TFDS lazily)."""
+    skips = skips if skips is not None else SkipLog()
+    if split == "eval":
+        if data_cfg.eval is None:
+            raise DataError("data.eval is not set: give a file, glob or directory of evaluation data")
+        entries = [{"path": data_cfg.eval}]
+    elif data_cfg.sources:
+        entries = list(data_cfg.sources)
+    elif data_cfg.train is not None:
+        entries = [{"path": data_cfg.train}]
+    else:
+        raise DataError("no training data: set data.train (file/glob/dir) or data.sources")
+    sources = []
+    for entry in entries:
+        renderer = Renderer(entry.get("format", data_cfg.format), tokenizer,
+                            fields={**data_cfg.fields, **entry.get("fields", {})},
+                            prompt_style=data_cfg.prompt_style, chat_template=data_cfg.chat_template,
+                            system_prompt=data_cfg.system_prompt, train_on_prompt=data_cfg.train_on_prompt)
+        if "tfds" in entry:
+            rows = TfdsRecords(entry["tfds"], entry.get("split", "train"), entry.get("data_dir"),
+                               entry.get("manual_dir"))
+            name = f"tfds:{entry['tfds']}/{rows.split}"
+        else:
+            rows = [row for row in read_rows(entry["path"], on_error=data_cfg.on_error, skips=skips)
+                    if _valid(row, renderer, data_cfg.on_error, skips)]
+            name = entry["path"]
+        if len(rows) == 0:
+            raise DataError(f"{name}: no usable examples ({skips.summary()})")
+        sources.append(Source(name, rows, float(entry.get("weight", 1.0)), renderer))
+    return sources
+
+
+def _valid(row: Row, renderer: Renderer, on_error: str, skips: SkipLog) -> bool:
+    """Field checks before training starts (templates themselves are rendered later, lazily)."""
+    try:
+        renderer.check(row.record)
+        return True
+    except FieldError as e:
+        if on_error != "skip":
+            raise DataError(f"{row.where}: {e}") from None
+        skips.add(f"{row.where}: {e}")
+        return False
+
+
+class _Encode:
+    """(source index, row) → list of length-fitted examples (empty when skipped or dropped)."""
+
+    def __init__(self, sources, tokenizer, seq_len, long_examples, on_error, skips):
+        self.sources, self.tokenizer, self.seq_len = sources, tokenizer, seq_len
+        self.long_examples, self.on_error, self.skips = long_examples, on_error, skips
+
+    def __call__(self, item) -> list[dict]:
+        index, row = item
+        renderer = self.sources[index].renderer
+        try:
+            rendered = renderer.render(row.record)
+        except Exception as e:  # FieldError or a template's raise_exception
+            if self.on_error != "skip":
+                raise DataError(f"{row.where}: {e}") from None
+            self.skips.add(f"{row.where}: {e}")
+            return []
+        example = {}
+        for prefix, text in rendered.items():
+            example.update({prefix + k: v for k, v in encode_rendered(text, self.tokenizer).items()})
+        return fit_length(example, self.seq_len, self.long_examples, tuple(rendered))
+
+
+class _Flatten(grain.experimental.FlatMapTransform):
+    max_fan_out = 1 << 20
+
+    def flat_map(self, element):
+        return element
+
+
+class _Tag:
+    def __init__(self, index):
+        self.index = index
+
+    def __call__(self, row):
+        return self.index, row
+
+
+def _rename_packed(row: dict, prefixes) -> dict:
+    out = {}
+    for p in prefixes:
+        for key in KEYS:
+            out[p + key] = row[p + key]
+        out[p + "positions"] = row[p + "input_ids_positions"].astype(np.int32)
+        out[p + "segment_ids"] = row[p + "input_ids_segment_ids"].astype(np.int32)
+    return out
+
+
+class _PadBatch:
+    """Pad a short final batch with all-padding rows so every batch is ``[B, T]``."""
+
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+
+    def __call__(self, batch):
+        missing = self.batch_size - next(iter(batch.values())).shape[0]
+        if missing <= 0:
+            return batch
+        return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
+                  num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+                  split: str = "train", skips: SkipLog | None = None) -> grain.IterDataset:
+    """The grain pipeline behind ``make_dataset`` (``batch_size`` here is per host)."""
+    seq_len = seq_len or data_cfg.seq_len
+    seed = data_cfg.seed if seed is None else seed
+    skips = skips if skips is not None else SkipLog()
+    sources = resolve_sources(data_cfg, tokenizer, split=split, skips=skips)
+    shuffle = data_cfg.shuffle and split == "train"
+    parts = []
+    for i, source in enumerate(sources):
+        ds = grain.MapDataset.source(source.rows).map(_Tag(i))
+        parts.append(ds.shuffle(seed=(seed * 1000003 + i) % 2**32) if shuffle else ds)
+    if len(parts) == 1:
+        ds = parts[0].repeat(num_epochs) if num_epochs != 1 else parts[0]
+    else:  # an "epoch" of a mixture = as many examples as all sources hold together
+        ds = grain.MapDataset.mix([p.repeat() for p in parts], [s.weight for s in sources])
+        if num_epochs is not None:
+            ds = ds[: num_epochs * sum(len(s.rows) for s in sources)]
+    ds = ds[process_index::process_count]
+    encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
+    _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len)
+    it = grain.experimental.FlatMapIterDataset(ds.map(encode).to_iter_dataset(), _Flatten())
+    prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
+    if len({s.renderer.format == "preference" for s in sources}) > 1:
+        raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
+    if data_cfg.pack:
+        bins = data_cfg.pack_bins or max(2 * batch_size, 16)
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={p + k: seq_len for p in prefixes for k in KEYS},
+            num_packing_bins=bins, shuffle_bins=False)
+        it = it.map(lambda row: _rename_packed(row, prefixes))
+    else:
+        it = it.map(lambda example: pad_row(example, seq_len, prefixes))
+    return it.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size))
+
+
+def _probe(ds, encode: _Encode, seq_len: int, limit: int = 64) -> None:
+    """Fail before training when no example survives tokenizing and the length policy."""
+    n = min(len(ds), limit)
+    if n and not any(encode(ds[i]) for i in range(n)):
+        raise DataError(f"none of the first {n} examples is usable at seq_len={seq_len} with "
+                        f"long_examples={encode.long_examples!r} ({encode.skips.summary()})")
+
+
+class DataIterator:
+    """Batches as dicts of numpy ``[B, T]`` arrays; ``get_state``/``set_state`` checkpoint the position."""
+
+    def __init__(self, dataset: grain.IterDataset, skips: SkipLog, batch_size: int, seq_len: int):
+        self.dataset, self.skips = dataset, skips
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self._iterator = iter(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+    @property
+    def skipped(self) -> int:
+        return self.skips.count
+
+
+def make_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, split: str = "train") -> DataIterator:
+    """Iterator of host-local batches (``batch_size // process_count`` rows) following the batch
+    contract in docs/DATA.md. ``num_epochs=None`` repeats forever; ``split="eval"`` reads
+    ``data.eval`` once, unshuffled."""
+    if process_index is None or process_count is None:
+        import jax  # lazy: the data pipeline itself needs no accelerator runtime
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise DataError(f"global batch size {batch_size} is not divisible by {process_count} hosts")
+    local = batch_size // process_count
+    if split == "eval":
+        num_epochs = 1
+    skips = SkipLog()
+    dataset = build_dataset(data_cfg, tokenizer, batch_size=local, seq_len=seq_len, seed=seed,
+                            num_epochs=num_epochs, process_index=process_index,
+                            process_count=process_count, split=split, skips=skips)
+    return DataIterator(dataset, skips, local, seq_len or data_cfg.seq_len)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding) -> dict:
+    """Assemble host-local batches into global ``jax.Array``s laid out by ``sharding`` (e.g. the
+    batch sharding from medjax.sharding); every host calls this with its own rows."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
+    """Fraction of positions that hold a real token (segment id > 0)."""
+    segments = batch.get("segment_ids", batch.get("chosen_segment_ids"))
+    return float((segments > 0).mean()) if segments is not None else math.nan
