@@ -154,7 +154,8 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
             ds = ds[: num_epochs * sum(len(s.rows) for s in sources)]
     ds = ds[process_index::process_count]
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
-    _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len)
+    _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
+           limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))
     it = grain.experimental.FlatMapIterDataset(ds.map(encode).to_iter_dataset(), _Flatten())
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
