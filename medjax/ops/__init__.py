@@ -1,4 +1,4 @@
-"""Pure array functions (no modules, no medjax imports)."""
-from medjax.ops.attention import attention, attention_reference
+"""Pure array functions (no modules, no medjax imports outside ops)."""
+from medjax.ops.attention import attention, attention_mask, attention_reference
 
-__all__ = ["attention", "attention_reference"]
+__all__ = ["attention", "attention_mask", "attention_reference"]

@@ -16,6 +16,7 @@ the range the kernel tests the [bq, bk] tile mask and, if it is empty, skips bot
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -55,6 +56,20 @@ def default_backend() -> str:
     return "interpret"
 
 
+_POISON_OUTPUTS = [False]
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Trace-time test switch: every output starts as a NaN buffer (aliased into the kernel), so
+    an element a kernel forgets to write shows up as NaN instead of a lucky zero."""
+    _POISON_OUTPUTS[0] = True
+    try:
+        yield
+    finally:
+        _POISON_OUTPUTS[0] = False
+
+
 def pallas_call(kernel, cfg: KernelConfig, *, grid, in_specs, out_specs, out_shape,
                 head_dim: int, name: str):
     """``pl.pallas_call`` with the backend's compiler params (Triton, Mosaic TPU, interpret)."""
@@ -71,8 +86,21 @@ def pallas_call(kernel, cfg: KernelConfig, *, grid, in_specs, out_specs, out_sha
         kwargs["interpret"] = True
     else:
         raise ValueError(f"unknown Pallas backend {cfg.backend!r}; choose one of {BACKENDS}")
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, name=name, **kwargs)
+    if not _POISON_OUTPUTS[0]:
+        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, name=name, **kwargs)
+
+    outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
+    specs = list(out_specs) if isinstance(out_specs, (list, tuple)) else [out_specs]
+    n_in = len(in_specs)
+
+    def kernel_ignoring_poison(*refs):
+        kernel(*refs[:n_in], *refs[n_in + len(outs):])
+
+    call = pl.pallas_call(kernel_ignoring_poison, grid=grid, in_specs=[*in_specs, *specs],
+                          out_specs=out_specs, out_shape=out_shape, name=name,
+                          input_output_aliases={n_in + i: i for i in range(len(outs))}, **kwargs)
+    return lambda *args: call(*args, *[jnp.full(o.shape, jnp.nan, o.dtype) for o in outs])
 
 
 def scalar_table_spec(cfg: KernelConfig):
