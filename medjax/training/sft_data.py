@@ -12,6 +12,7 @@ resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,15 @@ def split_rows(rows: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
 
 
 def encode_rows(rows, tokenizer, seq_len, fmt, source) -> list[dict]:
-    return [encode_example(r, tokenizer, seq_len, fmt, f"{source}:{i + 1}") for i, r in enumerate(rows)]
+    examples = [encode_example(r, tokenizer, seq_len, fmt, f"{source}:{i + 1}") for i, r in enumerate(rows)]
+    empty = [i + 1 for i, e in enumerate(examples) if not e["loss_mask"].any()]
+    if examples and len(empty) == len(examples):
+        raise ValueError(f"{source}: no example has a response token within data.seq_len={seq_len} "
+                         "(prompts too long?)")
+    if empty:
+        warnings.warn(f"{source}: {len(empty)} rows (first: line {empty[0]}) have no response token "
+                      f"within data.seq_len={seq_len}; they contribute no loss")
+    return examples
 
 
 def train_batches(examples: list[dict], batch_size: int, seed: int):

@@ -109,7 +109,7 @@ def train_step(state: TrainState, frozen, batch, *, graphdef, tx, schedule, grad
                                             grad_accum=grad_accum, aux_coef=aux_coef)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return TrainState(state.step + 1, params, opt_state, rngs), metrics
 
 
