@@ -28,3 +28,9 @@ def test_packed_batch_logits_equal_each_example_alone(tmp_path, make_tokenizer, 
             np.testing.assert_allclose(packed_BTV[b, where], alone_TV, atol=1e-5, rtol=1e-5)
             checked += 1
     assert checked >= 4
+    # the check is sensitive: without segment ids later examples attend to earlier ones
+    unmasked_BTV = np.asarray(model(jnp.asarray(batch["input_ids"]), positions=jnp.asarray(batch["positions"])))
+    second = batch["segment_ids"][0] == 2
+    assert not np.allclose(unmasked_BTV[0, second], packed_BTV[0, second], atol=1e-3)
+    # (RoPE and the sliding window depend only on position differences, so the per-segment reset
+    # of ``positions`` is checked directly in test_pipeline.py rather than through logits.)
