@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from train_helpers import tiny_config
 from medjax.training.loop import Trainer, TrainingDiverged, load_model, prepare_data, run
 
 
