@@ -1,0 +1,114 @@
+"""``python -m medjax.data inspect --config FILE [key=value ...]``: look at a dataset before training.
+
+Prints a few examples as the model sees them, with the scored (loss-mask) tokens in ``[[...]]``
+(or bright, unscored dimmed, on a terminal), a histogram of example lengths in tokens, and the
+packing efficiency (fraction of non-pad positions) over the first batches.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def _show(tokenizer, ids, scored, color: bool) -> str:
+    """Tokens of one example; runs of scored tokens bracketed (or highlighted)."""
+    out, run, run_scored = [], [], None
+    for token, is_scored in zip(ids, scored):
+        if run and is_scored != run_scored:
+            out.append(_run(tokenizer, run, run_scored, color))
+            run = []
+        run.append(int(token))
+        run_scored = is_scored
+    if run:
+        out.append(_run(tokenizer, run, run_scored, color))
+    return "".join(out)
+
+
+def _run(tokenizer, ids, scored, color):
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if color:
+        return f"\033[1;32m{text}\033[0m" if scored else f"\033[2m{text}\033[0m"
+    return f"[[{text}]]" if scored else text
+
+
+def histogram(lengths, bins: int = 10, width: int = 40) -> str:
+    lengths = np.asarray(lengths)
+    counts, edges = np.histogram(lengths, bins=bins)
+    lines = [f"{len(lengths)} examples, tokens: min {lengths.min()}, median {int(np.median(lengths))}, "
+             f"max {lengths.max()}"]
+    for count, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        bar = "#" * int(round(width * count / max(counts.max(), 1)))
+        lines.append(f"  {int(lo):>6}-{int(hi):<6} {count:>6} {bar}")
+    return "\n".join(lines)
+
+
+def inspect(args) -> int:
+    from medjax.config import load_config
+    from medjax.data import make_dataset, packing_efficiency
+    from medjax.data.pipeline import _Encode, resolve_sources
+    from medjax.data.sources import SkipLog
+    from medjax.tokenizer import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer_path = args.tokenizer or cfg.model.path
+    if tokenizer_path is None:
+        print("error: no tokenizer: set model.path or pass --tokenizer DIR|FILE", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(tokenizer_path)
+    data, seq_len = cfg.data, cfg.data.seq_len
+    skips = SkipLog()
+    sources = resolve_sources(data, tokenizer, skips=skips)
+    encode = _Encode(sources, tokenizer, seq_len, data.long_examples, data.on_error, skips)
+    color = sys.stdout.isatty() and not args.no_color
+    print(f"tokenizer: {tokenizer}\nsources: " + ", ".join(f"{s.name} ({len(s.rows)} rows, weight {s.weight}, "
+                                                           f"format {s.renderer.format})" for s in sources))
+    lengths = []
+    for si, source in enumerate(sources):
+        n = min(len(source.rows), args.lengths)
+        for i in range(n):
+            for example in encode((si, source.rows[i])):
+                lengths.append(len(example.get("input_ids", example.get("chosen_input_ids"))))
+        for i in range(min(args.examples, len(source.rows))):
+            row = source.rows[i]
+            for example in encode((si, row))[:1]:
+                print(f"\n--- {row.where} ({source.renderer.format}) " + "-" * 20)
+                for prefix in [p for p in ("", "chosen_", "rejected_") if p + "input_ids" in example]:
+                    ids, mask = example[prefix + "input_ids"], example[prefix + "loss_mask"]
+                    scored = np.concatenate([[False], mask[:-1] > 0])  # token t+1 is scored when mask[t] = 1
+                    print((prefix.rstrip("_") + ": " if prefix else "") + _show(tokenizer, ids, scored, color))
+                    print(f"  ({len(ids)} tokens, {int(mask.sum())} scored)")
+    if lengths:
+        print("\nexample lengths (first rows of each source):\n" + histogram(lengths))
+    it = make_dataset(data, tokenizer, batch_size=cfg.train.batch_size, seq_len=seq_len, seed=data.seed,
+                      process_index=0, process_count=1, num_epochs=1)
+    efficiencies = []
+    for _, batch in zip(range(args.batches), it):
+        efficiencies.append(packing_efficiency(batch))
+    if efficiencies:
+        print(f"\npacking ({'on' if data.pack else 'off'}, seq_len {seq_len}, batch {cfg.train.batch_size}): "
+              f"non-pad fraction {np.mean(efficiencies):.3f} over {len(efficiencies)} batches")
+    print(skips.summary() if skips.count else "no bad rows")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medjax.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print rendered, tokenized examples with the loss mask, "
+                                       "a length histogram and packing efficiency")
+    p.add_argument("--config", required=True, help="run config YAML (its data: and model: sections are used)")
+    p.add_argument("--tokenizer", help="tokenizer dir/file/.gguf (default: model.path)")
+    p.add_argument("--examples", type=int, default=3, help="examples shown per source")
+    p.add_argument("--lengths", type=int, default=2000, help="rows per source measured for the histogram")
+    p.add_argument("--batches", type=int, default=20, help="batches measured for packing efficiency")
+    p.add_argument("--no-color", action="store_true", help="bracket scored tokens even on a terminal")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.seq_len=1024")
+    args = parser.parse_args(argv)
+    return inspect(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
