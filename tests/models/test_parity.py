@@ -61,3 +61,15 @@ def test_router_aux_loss_matches_transformers(tmp_path):
         out = hf_model(torch.tensor(ids), output_router_logits=True)
     ours = model.forward(jnp.asarray(ids)).aux_loss
     np.testing.assert_allclose(float(ours), float(out.aux_loss), rtol=1e-5)
+
+
+def test_bfloat16_params_and_compute(tmp_path):
+    hf_model = make_tiny_hf_model("mistral", seed=9)
+    hf_model.save_pretrained(tmp_path)
+    model32, _ = medjax.load(tmp_path, progress=False)
+    model16, _ = medjax.load(tmp_path, dtype=jnp.bfloat16, progress=False)
+    assert model16.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    ids = jnp.arange(24)[None] % 256
+    a, b = np.asarray(model32(ids)), np.asarray(model16(ids))
+    assert b.dtype == np.float32
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
