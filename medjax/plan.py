@@ -1,0 +1,259 @@
+"""Memory planner: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
+
+    python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
+                          [--device-memory 80GB] [--num-devices N]
+
+The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
+``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
+(medjax/sharding.py), exactly as training will lay it out. Accounting (medjax/training/step.py):
+
+* params     trainable variables in fp32 (the optimizer's master copy); frozen base weights
+             (LoRA) in ``model.param_dtype``, or int8 / nf4 (+ one fp32 scale per 64) for QLoRA;
+* grads      fp32, one per trainable element; ``grad_accum > 1`` adds a second fp32 buffer;
+* optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
+             (rows + cols per matrix) and no first moment;
+* activations an ESTIMATE for one micro-batch (``train.batch_size / grad_accum`` rows split over
+             data × fsdp × expert), per layer and token, by ``model.remat``:
+             none = everything the backward needs (norm inputs, q/k/v, attention output, MLP
+             gate/up/act/product, residuals; attention scores too when ``model.attention=xla``),
+             dots_saveable = projection outputs only, full = the layer input only, plus one
+             layer's full set while it is recomputed; plus fp32 logits and their gradient.
+Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
+printed when the total passes 90% of device memory (XLA needs room for temporaries).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medjax import sharding
+from medjax.config import ConfigError, RunConfig, load_config
+
+GiB = 2 ** 30
+DEVICES_GIB = {"h100": 80, "h200": 141, "a100": 80, "a100-40": 40, "v4": 32, "v5e": 16,
+               "v5p": 95, "v6e": 32}
+# TPU slice names count TensorCores for v4/v5p (2 per chip = 1 JAX device) and chips for v5e/v6e.
+_CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADROOM = 0.9
+
+
+@dataclass
+class Plan:
+    devices: int
+    axis_sizes: dict
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    trainable: int
+    total_params: int
+    micro_batch_per_device: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def parse_memory(text: str) -> float:
+    """'80GB' → 80e9, '80GiB' → 80*2**30, '512MiB', '1.5TB'; a bare number is GiB."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--device-memory {text!r}: expected e.g. 80GB or 96GiB")
+    value, unit = float(m.group(1)), (m.group(2) or "GiB").upper()
+    power = "KMGT".index(unit[0]) + 1
+    return value * ((2 ** (10 * power)) if "I" in unit else 10 ** (3 * power))
+
+
+def parse_device(name: str) -> tuple[str, float, int | None]:
+    """'v5p-64' → ('v5p', bytes per device, 32 devices); 'h100' → ('h100', bytes, None)."""
+    m = re.fullmatch(r"(h100|h200|a100-40|a100|v4|v5e|v5litepod|v5p|v6e)(?:-(\d+))?", name.lower())
+    if not m:
+        raise ValueError(f"--device {name!r}: known {sorted(DEVICES_GIB)} (TPUs may add a slice "
+                         f"size, e.g. v5p-64)")
+    kind = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+    count = None
+    if m.group(2):
+        if kind not in _CORES_PER_DEVICE:
+            raise ValueError(f"--device {name!r}: give GPU counts with --num-devices")
+        count = int(m.group(2)) // _CORES_PER_DEVICE[kind]
+    return kind, DEVICES_GIB[kind] * GiB, count
+
+
+# ----------------------------------------------------------------------------- model shapes
+def model_config(cfg: RunConfig):
+    from medjax.models import ModelConfig, get_preset
+    if cfg.model.preset:
+        return get_preset(cfg.model.preset)
+    path = Path(cfg.model.path)
+    config_json = path / "config.json" if path.is_dir() else path
+    if config_json.suffix != ".json" or not config_json.is_file():
+        raise ConfigError(f"model.path: the planner reads an HF config.json; not found at {path}")
+    return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+
+
+def abstract_model(cfg: RunConfig, model_cfg):
+    """Shapes only: the Decoder (and LoRA adapters) under ``nnx.eval_shape``."""
+    from medjax.models import Decoder
+
+    def build():
+        model = Decoder(model_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.model.param_dtype),
+                        dtype=jnp.dtype(cfg.model.dtype))
+        if cfg.lora.enabled:
+            from medjax.lora import apply_lora
+            apply_lora(model, cfg.lora)
+        return model
+    return nnx.eval_shape(build)
+
+
+def _local_elements(variable, mesh, rules) -> tuple[int, int]:
+    """(global elements, elements on one device) of an abstract variable."""
+    shape = variable.get_value().shape
+    logical = variable.get_metadata().get("logical_axes")
+    if logical is None:
+        return math.prod(shape), math.prod(shape)
+    spec = rules.sharding(mesh, tuple(logical), shape, where="plan").spec
+    parts = [sharding._num_shards(mesh.shape, entry) for entry in spec]
+    parts += [1] * (len(shape) - len(parts))
+    return math.prod(shape), math.prod(d // p for d, p in zip(shape, parts))
+
+
+def _factored_elements(shape) -> int:
+    """Adafactor's second-moment size for one parameter (optax factors dims >= 128)."""
+    if len(shape) >= 2 and min(shape[-2:]) >= 128:
+        return math.prod(shape[:-2]) * (shape[-2] + shape[-1])
+    return math.prod(shape)
+
+
+# ----------------------------------------------------------------------------- planning
+def plan(cfg: RunConfig, num_devices: int) -> Plan:
+    model_cfg = model_config(cfg)
+    sizes = sharding.axis_sizes(cfg.mesh, num_devices)
+    sharding.check_model(model_cfg, sizes)
+    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    rules = sharding.rules_for(cfg.mesh.preset)
+    model = abstract_model(cfg, model_cfg)
+    trainable_type = nnx.LoRAParam if cfg.lora.enabled else nnx.Param
+    frozen_bytes = {None: _DTYPE_BYTES[cfg.model.param_dtype], "int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}
+    frozen_per_elem = frozen_bytes[cfg.lora.quantize if cfg.lora.enabled else None]
+
+    params = grads = opt = 0.0
+    trainable = total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n_global, n_local = _local_elements(var, mesh, rules)
+        total += n_global
+        if not isinstance(var, trainable_type):
+            params += n_local * frozen_per_elem
+            continue
+        trainable += n_global
+        params += 4 * n_local
+        grads += 4 * n_local * (2 if cfg.train.grad_accum > 1 else 1)
+        if cfg.optim.name == "adamw":
+            opt += 8 * n_local
+        else:
+            opt += 4 * _factored_elements(var.get_value().shape) * n_local / max(n_global, 1)
+    micro, activations = activation_bytes(cfg, model_cfg, sizes)
+    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro)
+
+
+def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
+    """(micro-batch rows per device, estimated activation bytes per device); see module doc."""
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    rows = cfg.train.batch_size / cfg.train.grad_accum / shards
+    tokens = rows * cfg.data.seq_len
+    t = sizes["tensor"]
+    s = _DTYPE_BYTES[cfg.model.dtype]
+    H, q, kv, inner = m.hidden_size, m.num_heads * m.head_dim / t, m.num_kv_heads * m.head_dim / t, \
+        m.intermediate_size / t
+    k = m.num_experts_per_tok if m.is_moe else 1
+    mlp_dots = k * (2 * inner) + (k * H if m.is_moe else H)        # gate, up (+ per-expert down)
+    proj_dots = q + 2 * kv + H                                      # q, k, v, o
+    dots = proj_dots + mlp_dots
+    everything = dots + 4 * H + (q + kv) + q + k * 2 * inner + (k * 2 * H if m.is_moe else 0)
+    scores = 0.0
+    if cfg.model.attention == "xla":                                # [B, heads, T, T] fp32 ×2
+        scores = rows * (m.num_heads / t) * cfg.data.seq_len ** 2 * 8
+    per_layer_full = tokens * everything * s + scores
+    remat = cfg.model.remat
+    if remat == "none":
+        layers = m.num_layers * per_layer_full
+    elif remat == "dots_saveable":
+        layers = m.num_layers * tokens * (dots + H) * s + per_layer_full
+    else:
+        layers = m.num_layers * tokens * H * s + per_layer_full
+    logits = tokens * (m.vocab_size / t) * 4 * 2
+    return rows, layers + logits
+
+
+# ----------------------------------------------------------------------------- report
+def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float | None) -> str:
+    g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
+    mesh = " ".join(f"{a}={p.axis_sizes[a]}" for a in sharding.MESH_AXES)
+    where = f"{p.devices} × {device_name or 'device'}" + (
+        f" ({device_bytes / GiB:.1f} GiB each)" if device_bytes else "")
+    what = cfg.model.preset or cfg.model.path
+    lora = f", LoRA r={cfg.lora.rank}" + (f" {cfg.lora.quantize}" if cfg.lora.quantize else "") \
+        if cfg.lora.enabled else ""
+    lines = [
+        f"medjax.plan: {what}{lora} · mesh {cfg.mesh.preset} [{mesh}] · {where}",
+        f"  {p.total_params:,} params, {p.trainable:,} trainable · optimizer {cfg.optim.name} · "
+        f"remat {cfg.model.remat} · attention {cfg.model.attention}",
+        f"  micro-batch {p.micro_batch_per_device:g} rows × {cfg.data.seq_len} tokens per device "
+        f"(batch {cfg.train.batch_size}, grad_accum {cfg.train.grad_accum})",
+        "  per device               GiB",
+        f"  params               {g(p.params)}",
+        f"  grads                {g(p.grads)}",
+        f"  optimizer state      {g(p.optimizer)}",
+        f"  activations (est.)   {g(p.activations)}",
+        f"  total                {g(p.total)}",
+    ]
+    if device_bytes:
+        frac = p.total / device_bytes
+        if frac > 1:
+            lines.append(f"  WARNING: needs {frac:.0%} of device memory — will not fit; raise "
+                         f"fsdp/tensor/expert, enable remat, or lower the micro-batch")
+        elif frac > HEADROOM:
+            lines.append(f"  WARNING: uses {frac:.0%} of device memory (> {HEADROOM:.0%}); XLA "
+                         f"temporaries may not fit")
+        else:
+            lines.append(f"  fits: {frac:.0%} of device memory")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m medjax.plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="run config YAML (model, mesh, train, data, lora, optim)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.preset=fsdp")
+    ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e; TPU "
+                                     "slices may add their size (v5p-64 = 32 chips)")
+    ap.add_argument("--device-memory", help="memory per device, e.g. 80GB or 96GiB (overrides --device)")
+    ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
+                                                    "slice size, else this host's jax.device_count())")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
+        if args.device_memory:
+            device_bytes = parse_memory(args.device_memory)
+        devices = args.num_devices or count or jax.device_count()
+        p = plan(cfg, devices)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"medjax.plan: error: {e}", file=sys.stderr)
+        return 2
+    print(report(cfg, p, args.device and args.device.lower(), device_bytes))
+    return 1 if device_bytes and p.total > device_bytes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
