@@ -235,6 +235,29 @@ def param_shardings(model_or_state, mesh: Mesh, rules: ShardingRules):
         state, is_leaf=_is_variable)
 
 
+def variable_sharding(variable, mesh: Mesh, rules: ShardingRules, *, where: str = "array") -> NamedSharding:
+    """The NamedSharding of one ``nnx.Variable`` (see :func:`param_shardings` for the policy)."""
+    return _variable_sharding((jax.tree_util.GetAttrKey(where),), variable, mesh, rules)
+
+
+def loader_shardings(model_cfg, mesh: Mesh, rules: ShardingRules):
+    """The ``shardings=`` callable for ``medjax.load``: ``(param_path, shape) -> NamedSharding``.
+
+    Built from the abstract Decoder's logical axes, so an HF import lands directly in the
+    training layout and each process reads only the slices its devices hold.
+    """
+    from medjax.models import abstract_decoder
+    flat = nnx.to_flat_state(param_shardings(abstract_decoder(model_cfg), mesh, rules))
+    table = {tuple(path): var.get_value() for path, var in flat}
+
+    def lookup(path, shape):
+        try:
+            return table[tuple(path)]
+        except KeyError:
+            raise ShardingError(f"no sharding for parameter {'.'.join(map(str, path))}") from None
+    return lookup
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a global ``[B, ...]`` batch: rows split over ``data × fsdp × expert``."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
