@@ -62,4 +62,5 @@ def _format_summary(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

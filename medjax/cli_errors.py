@@ -1,0 +1,107 @@
+"""User errors at the command line: one line ``error: <message>`` on stderr, exit code 2.
+
+Every ``python -m medjax.X`` entry point ends with ``sys.exit(run_cli(main))``. A *user* error
+(a bad config key, a corrupt checkpoint, a malformed data line, an unknown eval task, a path
+that does not exist, a full disk) is printed as a single line naming the culprit and the
+process exits with status 2, without a traceback: the message is the whole story. Anything
+else is a bug in medjax and keeps its traceback. ``MEDJAX_TRACEBACK=1`` shows the traceback
+for user errors too (for bug reports).
+
+The user-error classes are looked up by name in modules that are *already imported* (an
+exception of a class can only be raised after its module was imported), so this module
+imports nothing of medjax and costs nothing at start-up.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from contextlib import contextmanager
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Base for errors caused by the user's input; new medjax code may raise subclasses."""
+
+
+# "module:Class" of every exception type that reports bad user input.
+USER_ERROR_CLASSES = (
+    "medjax.config:ConfigError",
+    "medjax.hf.safetensors_io:CheckpointError",
+    "medjax.training.checkpoint:CheckpointError",
+    "medjax.models.config:UnsupportedModelError",
+    "medjax.data.sources:DataError",
+    "medjax.data.formats:FieldError",
+    "medjax.eval.readers:DataError",
+    "medjax.eval.tasks:UnknownTaskError",
+    "medjax.tokenizer:TokenizerError",
+    "medjax.sharding:ShardingError",
+    "jinja2.exceptions:TemplateError",
+)
+
+# OSErrors that describe the user's files or machine rather than a bug.
+_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _user_classes() -> tuple[type, ...]:
+    found = [UserError]
+    for spec in USER_ERROR_CLASSES:
+        module_name, _, cls_name = spec.partition(":")
+        module = sys.modules.get(module_name)
+        cls = getattr(module, cls_name, None) if module is not None else None
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+        return True
+    return isinstance(exc, _user_classes())
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (OSErrors as ``<reason>: <path>``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None:
+            text += f": {exc.filename}"
+        if getattr(exc, "filename2", None) is not None:
+            text += f" -> {exc.filename2}"
+    else:
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyError) and text.startswith(("'", '"')):
+            text = text[1:-1]
+    return " ".join(text.split())
+
+
+@contextmanager
+def user_errors():
+    """Turn user errors raised inside the block into ``error: ...`` + ``SystemExit(2)``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # noqa: BLE001 — filtered just below
+        if not is_user_error(exc) or os.environ.get("MEDJAX_TRACEBACK"):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def run_cli(main, argv=None) -> int:
+    """``main(argv)`` under :func:`user_errors`; returns the exit status for ``sys.exit``."""
+    try:
+        with user_errors():
+            status = main(argv)
+    except SystemExit as e:
+        code = e.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            return 1
+        return 0 if code is None else int(code)
+    return 0 if status is None else int(status)
