@@ -1,0 +1,378 @@
+"""int8 / nf4 base-weight quantization for QLoRA, dequantized on the fly inside each matmul.
+
+Formats (weights are ``[..., in, out]``; the contracting ``in`` axis is the one blocked):
+
+* ``int8`` — per output channel: ``scale[..., 1, out] = absmax over in / 127``, codes
+  ``round(w / scale)`` in int8. 1 byte/param (+ one fp32 per channel).
+* ``nf4``  — QLoRA's 4-bit NormalFloat: each block of ``block`` consecutive ``in`` rows of one
+  output column (the same blocks bitsandbytes takes over HF's row-major ``[out, in]`` weight)
+  is scaled by its absmax into [-1, 1] and rounded to the nearest of the 16 NF4 levels; two
+  4-bit indices are packed per uint8 along ``in``. ``double_quant`` stores the fp32 absmax
+  values themselves as int8 (mean removed, one fp32 scale per 256 of them), as in the QLoRA
+  paper (which used 8-bit floats there; we use int8 linear codes). 0.5 + 4/64 bytes/param, or
+  ~0.516 with double quant.
+
+Forward: ``y = x @ dequantize(codes)`` in the compute dtype. The matmuls are ``custom_vjp``s
+whose backward dequantizes again to form ``dx = dy @ W^T``: autodiff therefore never saves a
+dequantized copy of a weight as a residual (which would cost the full bf16 model in memory),
+and no gradient flows to the frozen codes. The dequantize is plain jnp, so XLA materialises
+one weight at a time (a fused dequant-matmul kernel would avoid even that; not written yet).
+
+QLoRA = :func:`medjax.lora.apply_lora` first, then :func:`quantize_model`, which swaps the
+``base`` of every LoRA wrapper (and every other ``Linear`` / ``Experts`` in the decoder
+layers: the Mixtral router included) for :class:`QuantizedLinear` / :class:`QuantizedExperts`.
+The LoRA wrappers call ``base(x)`` / ``base.project(...)``, so the adapter code is reused
+unchanged. Embeddings, ``lm_head`` and norms stay in ``model.param_dtype`` (as bitsandbytes
+leaves them). :func:`dequantize_model` turns quantized modules back into plain ones (for
+``merge_lora`` and export).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero), as
+# published with QLoRA / bitsandbytes.
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4_MAX_HALF_GAP = float(np.max(np.diff(NF4_LEVELS)) / 2)   # worst rounding error / absmax
+FORMATS = ("int8", "nf4")
+DOUBLE_QUANT_GROUP = 256
+
+
+class QuantizedArray(nnx.Variable):
+    """Frozen quantized storage (codes / scales); never an ``nnx.Param``, so never trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QSpec:
+    """Static description of one quantized weight (hashable: a jit/custom_vjp static arg)."""
+    fmt: str
+    shape: tuple          # the float weight's shape [..., in, out]
+    block: int            # nf4 block along `in` (int8: the whole `in` axis)
+    double_quant: bool
+    dtype: str            # compute dtype of the dequantized weight
+
+    @property
+    def n_params(self) -> int:
+        return math.prod(self.shape)
+
+
+# ------------------------------------------------------------------------------ formats
+def nf4_block(n_in: int, block: int) -> int:
+    """The block actually used: ``block`` when it divides ``n_in``, else the largest even divisor."""
+    b = math.gcd(n_in, block)
+    if b % 2:
+        raise ValueError(f"nf4 needs an even contracting dim, got in={n_in}")
+    return b
+
+
+def quantize(w, fmt: str, *, block: int = 64, double_quant: bool = False, dtype=jnp.bfloat16):
+    """``(QSpec, {name: array})`` for a float weight ``w [..., in, out]``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization format {fmt!r} is not one of {FORMATS}")
+    w = jnp.asarray(w, jnp.float32)
+    *lead, n_in, n_out = w.shape
+    if fmt == "int8":
+        scale = jnp.max(jnp.abs(w), axis=-2, keepdims=True) / 127.0
+        scale = jnp.where(scale == 0, 1.0, scale)
+        codes = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+        spec = QSpec("int8", tuple(w.shape), n_in, False, jnp.dtype(dtype).name)
+        return spec, {"codes": codes, "scales": scale}
+    b = nf4_block(n_in, block)
+    w_blocks = w.reshape(*lead, n_in // b, b, n_out)
+    absmax = jnp.max(jnp.abs(w_blocks), axis=-2)                          # [..., in/b, out]
+    absmax = jnp.where(absmax == 0, 1.0, absmax)
+    normed = w_blocks / absmax[..., None, :]
+    idx = jnp.argmin(jnp.abs(normed[..., None] - NF4_LEVELS), axis=-1).astype(jnp.uint8)
+    idx = idx.reshape(*lead, n_in // 2, 2, n_out)
+    packed = idx[..., 0, :] | (idx[..., 1, :] << 4)                     # [..., in/2, out]
+    spec = QSpec("nf4", tuple(w.shape), b, double_quant, jnp.dtype(dtype).name)
+    arrays = {"codes": packed}
+    if double_quant:
+        arrays.update(_quantize_scales(absmax))
+    else:
+        arrays["scales"] = absmax
+    return spec, arrays
+
+
+def _quantize_scales(absmax):
+    """Second-level quantization of the nf4 absmax values: int8 codes around their mean."""
+    flat = absmax.reshape(-1)
+    offset = jnp.mean(flat)
+    pad = (-flat.size) % DOUBLE_QUANT_GROUP
+    groups = jnp.pad(flat - offset, (0, pad)).reshape(-1, DOUBLE_QUANT_GROUP)
+    s2 = jnp.max(jnp.abs(groups), axis=-1, keepdims=True) / 127.0
+    s2 = jnp.where(s2 == 0, 1.0, s2)
+    q = jnp.clip(jnp.round(groups / s2), -127, 127).astype(jnp.int8)
+    return {"scale_codes": q, "scale_scales": s2, "scale_offset": offset}
+
+
+def _nf4_scales(spec: QSpec, arrays):
+    *lead, n_in, n_out = spec.shape
+    if not spec.double_quant:
+        return arrays["scales"]
+    flat = (arrays["scale_codes"].astype(jnp.float32) * arrays["scale_scales"]).reshape(-1)
+    n = math.prod(lead) * (n_in // spec.block) * n_out
+    return (flat[:n] + arrays["scale_offset"]).reshape(*lead, n_in // spec.block, n_out)
+
+
+def dequantize(spec: QSpec, arrays, dtype=None):
+    """The float weight ``[..., in, out]`` in ``dtype`` (default: the spec's compute dtype)."""
+    dtype = jnp.dtype(dtype or spec.dtype)
+    if spec.fmt == "int8":
+        return (arrays["codes"].astype(jnp.float32) * arrays["scales"]).astype(dtype)
+    *lead, n_in, n_out = spec.shape
+    packed = arrays["codes"]
+    idx = jnp.stack([packed & 0xF, packed >> 4], axis=-2).reshape(*lead, n_in, n_out)
+    values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
+    values = values.reshape(*lead, n_in // spec.block, spec.block, n_out)
+    w = values * _nf4_scales(spec, arrays)[..., None, :]
+    return w.reshape(spec.shape).astype(dtype)
+
+
+def storage_bytes(arrays) -> int:
+    return int(sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in arrays.values()))
+
+
+# ------------------------------------------------------------------------------ matmuls
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def quantized_matmul(spec: QSpec, x, arrays):
+    """``x[..., in] @ W[in, out]`` with W dequantized inside; no gradient to ``arrays``."""
+    return jnp.einsum("...i,io->...o", x, dequantize(spec, arrays, x.dtype))
+
+
+def _qmm_fwd(spec, x, arrays):
+    return quantized_matmul(spec, x, arrays), arrays
+
+
+def _qmm_bwd(spec, arrays, g):
+    w = dequantize(spec, arrays, g.dtype)
+    return jnp.einsum("...o,io->...i", g, w), None
+
+
+quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def quantized_ragged_dot(spec: QSpec, x_NI, group_sizes_E, arrays):
+    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside."""
+    return jax.lax.ragged_dot(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
+
+
+def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
+    return quantized_ragged_dot(spec, x_NI, group_sizes_E, arrays), (group_sizes_E, arrays)
+
+
+def _qrd_bwd(spec, res, g_NO):
+    group_sizes_E, arrays = res
+    w_EOI = jnp.swapaxes(dequantize(spec, arrays, g_NO.dtype), -1, -2)
+    return jax.lax.ragged_dot(g_NO, w_EOI, group_sizes_E), None, None
+
+
+quantized_ragged_dot.defvjp(_qrd_fwd, _qrd_bwd)
+
+
+# ------------------------------------------------------------------------------ modules
+def _axes_for(name: str, kernel_axes, fmt: str):
+    """Logical axes of a storage array: codes keep the weight's; scales keep all but ``in``."""
+    if kernel_axes is None:
+        return None
+    if name == "codes":
+        return tuple(kernel_axes)
+    if name == "scales":
+        return tuple(kernel_axes[:-2]) + (None, kernel_axes[-1])
+    return None                                                          # double-quant pieces
+
+
+class QuantizedTensor(nnx.Module):
+    """One quantized weight: static ``spec`` + ``QuantizedArray`` storage."""
+
+    def __init__(self, weight: nnx.Variable, fmt: str, *, block: int, double_quant: bool, dtype):
+        self.spec, arrays = quantize(weight[...], fmt, block=block, double_quant=double_quant,
+                                     dtype=dtype)
+        axes = weight.get_metadata().get("logical_axes")
+        self.names = tuple(sorted(arrays))
+        for name, value in arrays.items():
+            setattr(self, name, QuantizedArray(value, logical_axes=_axes_for(name, axes, fmt)))
+        self.logical_axes = axes
+
+    def arrays(self) -> dict:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+    def dequantize(self, dtype=None):
+        return dequantize(self.spec, self.arrays(), dtype)
+
+
+class QuantizedLinear(nnx.Module):
+    """``y = x @ dequantize(W)`` standing in for ``medjax.models.Linear``."""
+
+    def __init__(self, base, fmt: str, *, block: int = 64, double_quant: bool = False):
+        self.in_features, self.out_features = base.kernel[...].shape
+        self.dtype = getattr(base, "dtype", jnp.float32)
+        self.weight = QuantizedTensor(base.kernel, fmt, block=block, double_quant=double_quant,
+                                      dtype=self.dtype)
+
+    def __call__(self, x):
+        return quantized_matmul(self.weight.spec, x.astype(self.dtype), self.weight.arrays())
+
+    def to_float(self, param_dtype=jnp.float32):
+        from medjax.models.layers import Linear
+        lin = nnx.eval_shape(lambda: Linear(self.in_features, self.out_features,
+                                            logical_axes=self.weight.logical_axes,
+                                            rngs=nnx.Rngs(0), dtype=self.dtype,
+                                            param_dtype=param_dtype))
+        lin.kernel = nnx.Param(self.weight.dequantize(param_dtype),
+                               logical_axes=self.weight.logical_axes)
+        return lin
+
+
+class QuantizedExperts(nnx.Module):
+    """Quantized stand-in for ``medjax.models.Experts`` (grouped matmuls via ``ragged_dot``)."""
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, base, fmt: str, *, block: int = 64, double_quant: bool = False):
+        self.dtype = getattr(base, "dtype", jnp.float32)
+        for name in self.PROJECTIONS:
+            setattr(self, name, QuantizedTensor(getattr(base, name), fmt, block=block,
+                                                double_quant=double_quant, dtype=self.dtype))
+
+    def project(self, name, x_NI, group_sizes_E):
+        q = getattr(self, name)
+        return quantized_ragged_dot(q.spec, x_NI.astype(self.dtype), group_sizes_E, q.arrays())
+
+    def __call__(self, x_NH, group_sizes_E):
+        h = jax.nn.silu(self.project("gate_proj", x_NH, group_sizes_E)) * \
+            self.project("up_proj", x_NH, group_sizes_E)
+        return self.project("down_proj", h, group_sizes_E)
+
+    def to_float(self, param_dtype=jnp.float32):
+        """A plain ``Experts`` module holding the dequantized weights."""
+        from types import SimpleNamespace
+
+        from medjax.models.moe import Experts
+        E, H, I = self.gate_proj.spec.shape
+        shape_cfg = SimpleNamespace(num_experts=E, hidden_size=H, intermediate_size=I)
+        plain = nnx.eval_shape(lambda: Experts(shape_cfg, rngs=nnx.Rngs(0), dtype=self.dtype,
+                                               param_dtype=param_dtype))
+        for name in self.PROJECTIONS:
+            q = getattr(self, name)
+            setattr(plain, name, nnx.Param(q.dequantize(param_dtype), logical_axes=q.logical_axes))
+        return plain
+
+
+# ------------------------------------------------------------------------------ model surgery
+def _set(model, path, new):
+    parent = model
+    for part in path[:-1]:
+        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def _is_plain_linear(m) -> bool:
+    kernel = getattr(m, "kernel", None)
+    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2
+
+
+def _is_plain_experts(m) -> bool:
+    return callable(getattr(m, "project", None)) and all(
+        isinstance(getattr(m, n, None), nnx.Variable) for n in QuantizedExperts.PROJECTIONS)
+
+
+def quantize_model(model, fmt: str, *, block: int = 64, double_quant: bool = False):
+    """Quantize, in place, every Linear / Experts under ``model.model.layers`` (LoRA wrappers'
+    bases included; embeddings, lm_head and norms untouched). Returns a :class:`QuantReport`."""
+    from medjax.lora import LoRAExperts, LoRALinear
+    report = QuantReport(fmt, block, double_quant)
+    for path, module in list(nnx.iter_modules(model)):
+        path = tuple(path)
+        if "layers" not in path:
+            continue
+        target, where = module, path
+        if isinstance(module, (LoRALinear, LoRAExperts)):
+            target, where = module.base, path + ("base",)
+        elif any(p == "base" for p in path):          # visited through its wrapper already
+            continue
+        if _is_plain_linear(target):
+            new = QuantizedLinear(target, fmt, block=block, double_quant=double_quant)
+            report.add(".".join(map(str, where)), [new.weight])
+        elif _is_plain_experts(target):
+            new = QuantizedExperts(target, fmt, block=block, double_quant=double_quant)
+            report.add(".".join(map(str, where)),
+                       [getattr(new, n) for n in QuantizedExperts.PROJECTIONS])
+        else:
+            continue
+        _set(model, where, new)
+    if not report.tensors:
+        raise ValueError("quantize_model: no Linear/Experts module found under model.layers")
+    report.total_params = _total_params(model)
+    report.total_bytes = _total_bytes(model)
+    return report
+
+
+def dequantize_model(model, param_dtype=jnp.float32):
+    """Replace every quantized module by a plain one holding its dequantized weights, in place."""
+    for path, module in reversed(list(nnx.iter_modules(model))):
+        if isinstance(module, (QuantizedLinear, QuantizedExperts)):
+            _set(model, tuple(path), module.to_float(param_dtype))
+    return model
+
+
+def _total_params(model) -> int:
+    n = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return n + sum(q.spec.n_params for _, q in nnx.iter_modules(model)
+                   if isinstance(q, QuantizedTensor))
+
+
+def _total_bytes(model) -> int:
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param)) + \
+        jax.tree.leaves(nnx.state(model, QuantizedArray))
+    return int(sum(np.dtype(v.dtype).itemsize * math.prod(v.shape) for v in leaves))
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """Bytes per parameter after quantization: quantized weights alone and the whole model."""
+    fmt: str
+    block: int
+    double_quant: bool
+    tensors: list = dataclasses.field(default_factory=list)   # (path, params, bytes)
+    total_params: int = 0
+    total_bytes: int = 0
+
+    def add(self, path, qtensors):
+        for q in qtensors:
+            self.tensors.append((path, q.spec.n_params, storage_bytes(q.arrays())))
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(t[1] for t in self.tensors)
+
+    @property
+    def quantized_bytes_per_param(self) -> float:
+        return sum(t[2] for t in self.tensors) / max(self.quantized_params, 1)
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.total_bytes / max(self.total_params, 1)
+
+    def summary(self) -> str:
+        dq = " + double quant" if self.double_quant else ""
+        blk = f", block {self.block}" if self.fmt == "nf4" else ""
+        return (f"quantized {len(self.tensors)} weights ({self.fmt}{blk}{dq}): "
+                f"{self.quantized_params:,} params at {self.quantized_bytes_per_param:.4f} bytes/param; "
+                f"whole model incl. adapters {self.total_params:,} params, "
+                f"{self.total_bytes / 2**20:.1f} MiB = {self.bytes_per_param:.4f} bytes/param")
