@@ -150,9 +150,16 @@ class LoraSection:
     # when the pattern contains a dot). "experts" wraps every Mixtral expert projection,
     # "block_sparse_moe.gate" the router.
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    quantize: Optional[str] = None      # None | int8 | nf4  (QLoRA base weights)
+    quantize: Optional[str] = None      # None | int8 | nf4  (QLoRA base weights; medjax/quant.py)
+    quant_block: int = 64               # nf4 block size along the contracting dim
+    double_quant: bool = False          # nf4: quantize the block scales too (QLoRA paper)
 
     def __post_init__(self):
+        if self.quantize is not None and not self.enabled:
+            raise ConfigError("lora.quantize needs lora.enabled=true (QLoRA trains adapters on a "
+                              "quantized base)")
+        if self.quant_block < 2 or self.quant_block % 2:
+            raise ConfigError(f"lora.quant_block must be an even number >= 2, got {self.quant_block}")
         if self.enabled:
             _positive("lora.rank", self.rank)
             _positive("lora.alpha", self.alpha)
@@ -243,8 +250,14 @@ class TrainSection:
     eval_mcqa: bool = False             # held-out MCQA accuracy before/after (medjax.eval)
     max_examples: Optional[int] = None  # cap on training examples (demo / smoke runs)
     heldout_examples: int = 32          # last N rows of data.train held out when data.eval unset
+    objective: str = "sft"              # sft | dpo (preference pairs; medjax/training/dpo.py)
+    neftune_alpha: float = 0.0          # NEFTune noise on input embeddings (Internist.ai: 5); 0 = off
+    recipe: Optional[str] = None        # the published recipe a config reproduces (docs/RECIPES.md)
 
     def __post_init__(self):
+        _choice("train.objective", self.objective, ("sft", "dpo"))
+        if self.neftune_alpha < 0:
+            raise ConfigError(f"train.neftune_alpha must be >= 0, got {self.neftune_alpha}")
         _positive("train.steps", self.steps)
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
@@ -261,6 +274,20 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class DpoSection:
+    """Direct preference optimisation (``train.objective=dpo``; medjax/training/dpo.py)."""
+    beta: float = 0.1                   # strength of the KL anchor to the reference model
+    label_smoothing: float = 0.0        # conservative DPO: assumed fraction of flipped labels
+    reference: str = "auto"             # auto: LoRA → base with adapters off; full FT → frozen copy
+
+    def __post_init__(self):
+        _positive("dpo.beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _choice("dpo.reference", self.reference, ("auto", "adapters_off", "frozen_copy"))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
@@ -270,6 +297,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainSection = field(default_factory=TrainSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
