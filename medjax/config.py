@@ -232,6 +232,23 @@ class EvalSection:
     data_dir: Optional[str] = None
     limit: Optional[int] = None
     every: int = 0
+    num_fewshot: int = 0
+    chat_template: Optional[str] = None   # None = plain prompts; "default" = the model's template
+    score: str = "letter"                 # letter | full_answer (Med42: likelihood of the option text)
+    mode: str = "loglikelihood"           # loglikelihood | generate (greedy answer, letter extracted)
+    batch_tokens: int = 4096              # padded tokens per scoring batch
+    log_samples: bool = False
+
+    def __post_init__(self):
+        _choice("eval.score", self.score, ("letter", "full_answer"))
+        _choice("eval.mode", self.mode, ("loglikelihood", "generate"))
+        _positive("eval.batch_tokens", self.batch_tokens)
+        if self.num_fewshot < 0:
+            raise ConfigError(f"eval.num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit must be >= 1 or null, got {self.limit}")
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
 
 
 @dataclass(frozen=True)

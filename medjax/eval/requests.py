@@ -33,6 +33,8 @@ class Item:
     choice_texts: list[str]           # bare choices (acc_norm divides by their length)
     gold: int
     requests: list["Request"] = field(default_factory=list)
+    generation: str | None = None     # generation-based eval: the model's answer text
+    generated_pred: int | None = None # ... and the choice named in it (-1: none)
 
 
 @dataclass

@@ -47,7 +47,6 @@ class _Group:
     continuations: dict[tuple[int, ...], list[Request]]
 
 
-@partial(jax.jit, static_argnums=(0,))
 def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     """Summed log-prob and all-greedy flag of each continuation ``[B, K]``.
 
@@ -90,7 +89,9 @@ class Scorer:
 
     def __init__(self, model, *, tokens_per_batch: int = 4096, pad_id: int = 0,
                  buckets: Iterable[int] = LENGTH_BUCKETS, max_batch: int = 64):
-        self.graphdef, self.state = nnx.split(model)
+        graphdef, self.state = nnx.split(model)
+        # The graphdef is static; it is bound here (not hashed) because model configs hold dicts.
+        self._score_fn = jax.jit(partial(score_batch, graphdef))
         self.tokens_per_batch = tokens_per_batch
         self.pad_id = pad_id
         self.buckets = tuple(buckets)
@@ -157,7 +158,7 @@ class Scorer:
         arrays = (ids_BT, ctx_len_B, cont_BKM, cont_len_BK)
         if self.batch_sharding is not None:
             arrays = jax.device_put(arrays, self.batch_sharding)
-        total_BK, greedy_BK = jax.device_get(score_batch(self.graphdef, self.state, *arrays))
+        total_BK, greedy_BK = jax.device_get(self._score_fn(self.state, *arrays))
         for b, g in enumerate(batch):
             for k, reqs in enumerate(g.continuations.values()):
                 for req in reqs:

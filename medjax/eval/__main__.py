@@ -1,0 +1,100 @@
+"""``python -m medjax.eval``: medical MCQA benchmarks with lm-evaluation-harness 0.4.13 scoring.
+
+    python -m medjax.eval --model PATH --tasks medqa_4options,medmcqa,pubmedqa,mmlu_medical \\
+        --data-dir ../shared/data/benchmarks [--limit N] [--output results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from medjax.config import EvalSection
+from medjax.eval import readers
+from medjax.eval.tasks import UnknownTaskError, valid_names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalSection()
+    p = argparse.ArgumentParser(prog="python -m medjax.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model directory (safetensors) or .gguf file")
+    p.add_argument("--tasks", default="multimedqa",
+                   help=f"comma-separated tasks/groups (default multimedqa): {', '.join(valid_names())}")
+    p.add_argument("--data-dir", default=d.data_dir,
+                   help="directory with the benchmark files (layouts: docs/EVAL.md)")
+    p.add_argument("--limit", type=int, default=d.limit, help="score only the first N items of each task")
+    p.add_argument("--num-fewshot", type=int, default=d.num_fewshot,
+                   help="k-shot examples drawn from the evaluated split as lm-eval does (default 0)")
+    p.add_argument("--chat-template", nargs="?", const="default", default=d.chat_template,
+                   metavar="TEMPLATE",
+                   help="wrap prompts in a chat template: the model's own (no value), a built-in "
+                        "name (chatml, llama3, llama2, mistral, alpaca) or a jinja string; the "
+                        "answer delimiter becomes '' as in lm-eval --apply_chat_template")
+    p.add_argument("--no-fewshot-as-multiturn", dest="fewshot_as_multiturn", action="store_false",
+                   help="with --chat-template, put all few-shot examples in one user turn")
+    p.add_argument("--score", choices=("letter", "full_answer"), default=d.score,
+                   help="letter: log-likelihood of ' A'..' D' (lm-eval); full_answer: of the option "
+                        "text (Med42)")
+    p.add_argument("--mode", choices=("loglikelihood", "generate"), default=d.mode,
+                   help="generate: greedy answer, then the first option letter named in it")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in --mode generate")
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
+                   help="padded tokens per scoring batch (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--output", help="write results (and samples) to this JSON file")
+    p.add_argument("--log-samples", action="store_true", default=d.log_samples,
+                   help="include per-item prompts and per-choice log-likelihoods in --output")
+    p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_tasks:
+        print("\n".join(valid_names()))
+        return 0
+    if not args.model or not args.data_dir:
+        print("error: --model and --data-dir are required", file=sys.stderr)
+        return 2
+    try:
+        EvalSection(limit=args.limit, num_fewshot=args.num_fewshot, score=args.score, mode=args.mode,
+                    batch_tokens=args.batch_tokens)
+        from medjax.eval.tasks import resolve
+        task_list, _ = resolve(args.tasks)
+        for task in task_list:  # fail on missing data before loading the model
+            readers.load_docs(task, args.data_dir)
+    except (UnknownTaskError, readers.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import jax.numpy as jnp
+
+    import medjax
+    from medjax.eval import report
+    from medjax.eval.runner import evaluate
+
+    t0 = time.perf_counter()
+    model, tokenizer = medjax.load(args.model, dtype=getattr(jnp, args.dtype))
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    chat = False if args.chat_template is None else (True if args.chat_template == "default"
+                                                     else args.chat_template)
+    t0 = time.perf_counter()
+    result = evaluate(model, tokenizer, args.tasks, args.data_dir, limit=args.limit,
+                      num_fewshot=args.num_fewshot, chat_template=chat,
+                      fewshot_as_multiturn=args.fewshot_as_multiturn, score=args.score,
+                      mode=args.mode, tokens_per_batch=args.batch_tokens,
+                      max_new_tokens=args.max_new_tokens, log_samples=args.log_samples)
+    result["config"]["model"] = args.model
+    result["wall_s"] = time.perf_counter() - t0
+    print(report.markdown_table(result))
+    print(f"\nwall time {result['wall_s']:.1f}s", file=sys.stderr)
+    if args.output:
+        report.write_json(args.output, result)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

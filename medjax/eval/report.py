@@ -1,0 +1,106 @@
+"""Metrics (acc, acc_norm as lm-eval computes them), size-weighted groups, JSON and Markdown."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from medjax.eval.requests import Item
+
+
+def item_metrics(item: Item) -> dict:
+    """lm_eval/api/task.py::process_results for multiple_choice: argmax of the summed log-probs;
+    acc_norm divides them by each choice's length in characters (first maximum wins)."""
+    if item.generated_pred is not None:
+        pred = item.generated_pred
+        return {"pred": pred, "pred_norm": pred, "acc": float(pred == item.gold),
+                "acc_norm": float(pred == item.gold)}
+    lls = np.array([r.loglikelihood for r in item.requests], dtype=np.float64)
+    lengths = np.array([float(len(c)) for c in item.choice_texts])
+    pred, pred_norm = int(np.argmax(lls)), int(np.argmax(lls / lengths))
+    return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == item.gold),
+            "acc_norm": float(pred_norm == item.gold)}
+
+
+def _stderr(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def summarize(items_by_task: dict[str, list[Item]], metrics_by_task: dict[str, tuple[str, ...]],
+              groups: dict[str, tuple[str, ...]]) -> dict:
+    """{"results": {task: {...}}, "groups": {...}, "subjects": {task: {subject: {...}}}}."""
+    results, subjects = {}, {}
+    for task, items in items_by_task.items():
+        per_item = [item_metrics(it) for it in items]
+        row = {"n": len(items)}
+        for metric in metrics_by_task[task]:
+            values = [m[metric] for m in per_item]
+            row[metric] = sum(values) / max(len(values), 1)
+            row[f"{metric}_stderr"] = _stderr(values)
+        results[task] = row
+        by_subject = defaultdict(list)
+        for it, m in zip(items, per_item):
+            if it.doc.get("subject"):
+                by_subject[it.doc["subject"]].append(m)
+        if len(by_subject) > 1:
+            subjects[task] = {s: {"n": len(ms), "acc": sum(m["acc"] for m in ms) / len(ms),
+                                  "acc_norm": sum(m["acc_norm"] for m in ms) / len(ms)}
+                              for s, ms in sorted(by_subject.items())}
+    group_rows = {}
+    for group, members in groups.items():
+        present = [t for t in members if t in results]
+        n = sum(results[t]["n"] for t in present)
+        # lm-eval aggregate_metric_list: acc, weight_by_size → item-weighted mean of members.
+        group_rows[group] = {"n": n, "acc": sum(results[t]["acc"] * results[t]["n"] for t in present) / max(n, 1)}
+    return {"results": results, "groups": group_rows, "subjects": subjects}
+
+
+def samples(items: list[Item]) -> list[dict]:
+    """Per-item log (``--log-samples``): prompt, choices, per-choice log-likelihoods, predictions."""
+    out = []
+    for it in items:
+        m = item_metrics(it)
+        out.append({"doc_id": it.index, "source": it.doc.get("_where"), "subject": it.doc.get("subject"),
+                    "context": it.context, "continuations": it.continuations, "gold": it.gold,
+                    "loglikelihoods": [r.loglikelihood for r in it.requests],
+                    "is_greedy": [r.is_greedy for r in it.requests],
+                    "context_tokens": [len(r.context_tokens) for r in it.requests],
+                    "continuation_tokens": [list(r.continuation_tokens) for r in it.requests],
+                    **({"generation": it.generation} if it.generation is not None else {}), **m})
+    return out
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| task | n | acc | acc_norm |", "|---|---:|---:|---:|"]
+
+    def fmt(v):
+        return "" if v is None else f"{100 * v:.2f}"
+
+    for task, row in summary["results"].items():
+        lines.append(f"| {task} | {row['n']} | {fmt(row.get('acc'))} ± {fmt(row.get('acc_stderr'))} "
+                     f"| {fmt(row.get('acc_norm'))} |")
+        for subject, srow in summary.get("subjects", {}).get(task, {}).items():
+            lines.append(f"| &nbsp;&nbsp;{task}/{subject} | {srow['n']} | {fmt(srow['acc'])} | "
+                         f"{fmt(srow['acc_norm'])} |")
+    for group, row in summary["groups"].items():
+        lines.append(f"| **{group}** | {row['n']} | {fmt(row['acc'])} | |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, default=float)
+    os.replace(tmp, path)

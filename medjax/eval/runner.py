@@ -1,0 +1,83 @@
+"""``evaluate``: tasks → items → batched scoring (or generation) → metrics."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from medjax.eval import readers, report
+from medjax.eval.requests import LmEvalEncoder, build_items
+from medjax.eval.scorer import Scorer
+from medjax.eval.tasks import resolve
+
+
+def chat_renderer(tokenizer, template: str | None = None) -> Callable[[list[dict]], str]:
+    """``messages → prompt`` with the generation prompt, as lm-eval's HFLM.apply_chat_template
+    (which retries without the system turn when the template rejects it)."""
+    import jinja2
+
+    from medjax.tokenizer import TokenizerError
+
+    def render(messages: list[dict]) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 chat_template=template)
+        except (TokenizerError, jinja2.TemplateError):
+            if not any(m["role"] == "system" for m in messages):
+                raise
+            return render([m for m in messages if m["role"] != "system"])
+
+    return render
+
+
+def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int | None = None,
+             num_fewshot: int = 0, chat_template: bool | str = False, fewshot_as_multiturn: bool = True,
+             score: str = "letter", mode: str = "loglikelihood", tokens_per_batch: int = 4096,
+             max_new_tokens: int = 32, log_samples: bool = False, max_length: int | None = None,
+             fewshot_seed: int = 1234) -> dict:
+    """Evaluate ``model`` on medical MCQA tasks; returns the JSON-ready result dict.
+
+    ``chat_template``: False (plain prompts), True (the tokenizer's template) or a template
+    (jinja string or built-in name). ``score``: "letter" (lm-eval default) or "full_answer"
+    (Med42: likelihood of the option text). ``mode``: "loglikelihood" or "generate" (greedy
+    answer, then the first option letter in it).
+    """
+    if score not in ("letter", "full_answer"):
+        raise ValueError(f"score must be 'letter' or 'full_answer', got {score!r}")
+    if mode not in ("loglikelihood", "generate"):
+        raise ValueError(f"mode must be 'loglikelihood' or 'generate', got {mode!r}")
+    task_list, groups = resolve(tasks)
+    chat = None
+    if chat_template:
+        chat = chat_renderer(tokenizer, None if chat_template is True else chat_template)
+    max_length = max_length or model.config.max_position_embeddings
+    encoder = LmEvalEncoder(tokenizer, max_length)
+    cache: dict = {}
+    items_by_task, timings = {}, {}
+    scorer = Scorer(model, tokens_per_batch=tokens_per_batch, pad_id=tokenizer.pad_id) \
+        if mode == "loglikelihood" else None
+    for task in task_list:
+        docs = readers.load_docs(task, data_dir, cache)
+        t0 = time.perf_counter()
+        items = build_items(task, docs, encoder, num_fewshot=num_fewshot, score=score, chat=chat,
+                            fewshot_as_multiturn=fewshot_as_multiturn, fewshot_seed=fewshot_seed,
+                            limit=limit)
+        encoder.clear()
+        t1 = time.perf_counter()
+        if mode == "loglikelihood":
+            scorer.score(items, desc=task.name)
+        else:
+            from medjax.eval.generate import answer_by_generation
+            answer_by_generation(model, tokenizer, items, max_new_tokens=max_new_tokens,
+                                 desc=task.name)
+        t2 = time.perf_counter()
+        items_by_task[task.name] = items
+        timings[task.name] = {"build_s": t1 - t0, "score_s": t2 - t1,
+                              "items_per_s": len(items) / max(t2 - t1, 1e-9)}
+    summary = report.summarize(items_by_task, {t.name: t.metrics for t in task_list}, groups)
+    summary["config"] = dict(tasks=[t.name for t in task_list], limit=limit, num_fewshot=num_fewshot,
+                             chat_template=bool(chat_template), fewshot_as_multiturn=fewshot_as_multiturn,
+                             score=score, mode=mode, max_length=max_length)
+    summary["timings"] = timings
+    if log_samples:
+        summary["samples"] = {name: report.samples(items) for name, items in items_by_task.items()}
+    return summary
