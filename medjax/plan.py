@@ -17,7 +17,7 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              none = everything the backward needs (norm inputs, q/k/v, attention output, MLP
              gate/up/act/product, residuals; attention scores too when ``model.attention=xla``),
              dots_saveable = projection outputs only, full = the layer input only, plus one
-             layer's full set while it is recomputed; plus fp32 logits and their gradient.
+             layer's full set while it is recomputed; plus fp32 logits, log-softmax and gradient.
 Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
 printed when the total passes 90% of device memory (XLA needs room for temporaries).
 """
@@ -191,7 +191,7 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
         layers = m.num_layers * tokens * (dots + H) * s + per_layer_full
     else:
         layers = m.num_layers * tokens * H * s + per_layer_full
-    logits = tokens * (m.vocab_size / t) * 4 * 2
+    logits = tokens * (m.vocab_size / t) * 4 * 3                   # logits, log-softmax, grad
     return rows, layers + logits
 
 
@@ -220,8 +220,12 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
     if device_bytes:
         frac = p.total / device_bytes
         if frac > 1:
-            lines.append(f"  WARNING: needs {frac:.0%} of device memory — will not fit; raise "
-                         f"fsdp/tensor/expert, enable remat, or lower the micro-batch")
+            if p.params + p.grads + p.optimizer > device_bytes:
+                hint = ("split the state over more devices (fsdp/tensor/expert), train LoRA, or "
+                        "use adafactor")
+            else:
+                hint = "enable model.remat, or raise train.grad_accum to shrink the micro-batch"
+            lines.append(f"  WARNING: needs {frac:.0%} of device memory — will not fit; {hint}")
         elif frac > HEADROOM:
             lines.append(f"  WARNING: uses {frac:.0%} of device memory (> {HEADROOM:.0%}); XLA "
                          f"temporaries may not fit")

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from medjax.training.neftune import noisy_embeddings
+
 BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 
 
@@ -64,7 +66,7 @@ def causal_lm_loss(params, rngs, frozen, batch, n_loss_tokens, *, graphdef, aux_
     rngs = jax.tree.map(lambda x: x, rngs)
     model = nnx.merge(graphdef, params, rngs, frozen)
     out = model.forward(batch["input_ids"], positions=batch["positions"],
-                        segment_ids=batch["segment_ids"])
+                        segment_ids=batch["segment_ids"], input_embeds=noisy_embeddings(model, batch))
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum(token_nll(out.logits, batch["targets"]) * mask_BT)
     aux = out.aux_loss.astype(jnp.float32)
