@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     from medjax.config import ConfigError, load_config
     from medjax.training.loop import TrainingDiverged, run
     try:
-        cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+        from medjax.recipes import expand_overrides   # `model=tiny`: CPU-sized run of a recipe
+        cfg = load_config(args.config or DEMO_CONFIG, expand_overrides(args.config, args.overrides))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

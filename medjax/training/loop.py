@@ -40,7 +40,8 @@ def load_model(cfg: RunConfig):
         from medjax.models import get_preset, init_decoder
         model = init_decoder(get_preset(cfg.model.preset), seed=cfg.train.seed, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=cfg.model.attention)
-        tokenizer = None
+        from medjax.recipes import preset_tokenizer
+        tokenizer = preset_tokenizer(cfg.model.preset)    # byte-level for tiny-* presets, else None
     model.remat = cfg.model.remat
     return model, tokenizer
 
@@ -87,6 +88,12 @@ class Trainer:
         if self.lora:
             from medjax.lora import apply_lora
             apply_lora(model, cfg.lora, seed=cfg.train.seed)
+            if cfg.lora.quantize:                     # QLoRA: quantize the wrapped bases (quant.py)
+                from medjax.quant import quantize_model
+                print(quantize_model(model, cfg.lora.quantize, block=cfg.lora.quant_block,
+                                     double_quant=cfg.lora.double_quant).summary())
+        from medjax.training.neftune import attach_neftune
+        attach_neftune(model, cfg.train.neftune_alpha, seed=cfg.train.seed)
         self.steps = total_steps(cfg, len(train_examples))
         self.tx, self.schedule = make_optimizer(cfg.optim, self.steps)
         self.graphdef, params, rngs, frozen = S.split_model(model, self.lora)
@@ -193,7 +200,8 @@ class Trainer:
         out = {}
         model = self.model()
         if "hf" in kinds:
-            plain = merged_model(model) if self.lora else model
+            from medjax.quant import dequantize_model
+            plain = merged_model(dequantize_model(model)) if self.lora else model
             path = medjax.save_hf(plain, self.out_dir / "export" / "hf", tokenizer=self.tokenizer,
                                   overwrite=True)
             out["hf"] = str(path)
@@ -223,13 +231,19 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     """Train per ``cfg``; returns (and writes ``<out_dir>/summary.json``) the run summary."""
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg)
-    train_examples, heldout_examples = prepare_data(cfg, tokenizer)
-    trainer = Trainer(cfg, model, tokenizer, train_examples, heldout_examples, show_bar=show_bar)
+    if cfg.train.objective == "dpo":                  # preference pairs: medjax/training/dpo.py
+        from medjax.training.dpo import DpoTrainer
+        trainer = DpoTrainer(cfg, model, tokenizer, show_bar=show_bar)
+    else:
+        train_examples, heldout_examples = prepare_data(cfg, tokenizer)
+        trainer = Trainer(cfg, model, tokenizer, train_examples, heldout_examples, show_bar=show_bar)
     if resume and not trainer.resume():
         trainer_msg = f"no checkpoint in {trainer.ckpt.directory}; starting from step 0"
         print(trainer_msg)
     summary = trainer.train()
     summary["exports"] = trainer.export(cfg.train.export)
+    from medjax.recipes import evaluate_run
+    summary["eval"] = evaluate_run(cfg, trainer)     # the config's eval section (None if unset)
     summary["total_seconds"] = round(time.perf_counter() - t0, 2)
     summary["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
     path = Path(cfg.train.out_dir) / "summary.json"
