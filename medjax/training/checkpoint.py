@@ -102,7 +102,8 @@ class Checkpointer:
                 return unflatten_state(template, dict(out["state"])), dict(out["meta"]), s
             except CheckpointError:
                 raise
-            except Exception as e:  # noqa: BLE001 — any read failure means "corrupt"
+            except Exception as e:  # noqa: BLE001 — unreadable, or written by another config
+                self._raise_if_mismatched(s, flat_template)
                 if step is not None:
                     raise CheckpointError(f"{self.directory / str(s)}: cannot restore: {e}") from e
                 older = candidates[i + 1] if i + 1 < len(candidates) else None
@@ -111,6 +112,23 @@ class Checkpointer:
                               + (f"falling back to step {older}" if older is not None
                                  else "no older checkpoint left"), stacklevel=2)
         return None
+
+    def _raise_if_mismatched(self, step: int, flat_template: dict) -> None:
+        """A readable checkpoint whose tensors differ from the template is a config error."""
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore()))["state"]
+        except Exception:  # noqa: BLE001 — really unreadable
+            return
+        missing = sorted(set(flat_template) - set(saved))
+        if missing:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} lacks {missing[0]!r} "
+                                  f"(and {len(missing) - 1} more): was it written by a different "
+                                  "model / LoRA config?")
+        for k, spec in flat_template.items():
+            if tuple(np.shape(saved[k])) != tuple(spec.shape):
+                raise CheckpointError(f"checkpoint tensor {k!r} has shape {np.shape(saved[k])}, "
+                                      f"expected {spec.shape}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

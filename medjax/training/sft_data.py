@@ -1,7 +1,7 @@
 """A small grain pipeline for the training loop: JSONL (Alpaca or text) → padded [B, T] batches.
 
 Used until (and unless) ``medjax.data`` provides the packed pipeline. Each example becomes
-``[bos] + prompt + response + [eos]`` truncated to ``seq_len + 1`` tokens; ``targets`` are the
+``[bos if the tokenizer adds one] + prompt + response + [eos]`` truncated to ``seq_len + 1`` tokens; ``targets`` are the
 inputs shifted by one and ``loss_mask`` is 1 only on response tokens (the whole text for the
 ``text`` format). Rows are padded (``segment_ids`` 0, ``loss_mask`` 0), not packed.
 
@@ -49,7 +49,8 @@ def prompt_and_response(row: dict, fmt: str, where: str) -> tuple[str, str]:
 def encode_example(row: dict, tokenizer, seq_len: int, fmt: str, where: str) -> dict:
     prompt, response = prompt_and_response(row, fmt, where)
     prompt_ids = tokenizer.encode(prompt) if prompt else []
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    add_bos = getattr(tokenizer, "add_bos_token", True) and tokenizer.bos_id is not None
+    bos = [tokenizer.bos_id] if add_bos else []
     ids = bos + prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id]
     n_prompt = len(bos) + len(prompt_ids)
     ids = ids[: seq_len + 1]
