@@ -30,7 +30,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from medjax.config import ConfigError, load_config
-    from medjax.training.loop import TrainingDiverged, run
+    from medjax.training.loop import TrainingDiverged, TrainingInterrupted, run
     try:
         from medjax.recipes import expand_overrides   # `model=tiny`: CPU-sized run of a recipe
         cfg = load_config(args.config or DEMO_CONFIG, expand_overrides(args.config, args.overrides))
@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:  # preemption: checkpoint written, exit 128 + signal number
+        print(f"training interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(_format_summary(summary))
     return 0
 

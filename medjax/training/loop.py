@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -27,6 +30,39 @@ from medjax.training.optimizer import make_optimizer
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN/inf; the message names the step and the batch."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived: the step in flight finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, directory):
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step}, checkpoint written to "
+                         f"{directory}; continue with --resume")
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT set a flag the loop checks after each step; a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s, old in self._old.items():  # a second signal takes the old (default) action
+            signal.signal(s, old)
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def load_model(cfg: RunConfig):
@@ -159,12 +195,24 @@ class Trainer:
                     log.log(0, {"loss": summary["heldout_loss_before"]}, kind="eval")
                     log.write(f"held-out loss before training: {summary['heldout_loss_before']:.4f}")
             t0, tokens_total, last = time.perf_counter(), 0.0, {}
+            stop = self._stop = _StopOnSignal().__enter__()
+            skipped, consecutive = 0, 0
             for step in range(self.start_step, self.steps):
                 batch_id = self.batches.get_state()
                 batch = _model_batch(next(self.batches))
                 self.state, metrics = self.step_fn(self.state, self.frozen, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
-                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                finite = all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm"))
+                # optax.apply_if_finite dropped this update; it gives up after 5 in a row
+                if not finite and cfg.optim.skip_nonfinite and consecutive < 5:
+                    skipped, consecutive = skipped + 1, consecutive + 1
+                    warnings.warn(f"non-finite loss {metrics['loss']} (grad_norm {metrics['grad_norm']}) "
+                                  f"at step {step + 1}, batch {json.dumps(batch_id)}: update skipped "
+                                  f"({skipped} skipped so far)", stacklevel=1)
+                    finite = True
+                else:
+                    consecutive = 0 if finite else consecutive
+                if not finite:
                     good = self.ckpt.steps()
                     raise TrainingDiverged(
                         f"non-finite loss {metrics['loss']} (grad_norm {metrics['grad_norm']}) at "
@@ -177,8 +225,12 @@ class Trainer:
                     log.log(step + 1, metrics)
                 if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
                     log.log(step + 1, {"loss": self.heldout_loss(cfg.train.eval_batches)}, kind="eval")
-                if self.ckpt.should_save(step + 1) or step + 1 == self.steps:
+                if self.ckpt.should_save(step + 1) or step + 1 == self.steps or stop.signum:
                     self.save(step + 1)
+                if stop.signum:
+                    self.ckpt.wait()
+                    raise TrainingInterrupted(stop.signum, step + 1, self.ckpt.directory)
+            summary["skipped_nonfinite_steps"] = skipped
             self.ckpt.wait()
             elapsed = time.perf_counter() - t0
             summary.update(train_seconds=round(elapsed, 2), final_train_loss=last.get("loss"),
@@ -187,6 +239,7 @@ class Trainer:
             if summary["heldout_loss_after"] is not None:
                 log.log(self.steps, {"loss": summary["heldout_loss_after"]}, kind="eval")
         finally:
+            getattr(self, "_stop", _StopOnSignal()).__exit__()
             log.close()
             self.ckpt.close()
         summary["plot"] = str(plot_run(log.jsonl_path, self.out_dir / "loss_lr.png"))
@@ -251,3 +304,28 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return summary
+
+
+def restore_trained_model(checkpoint_dir, step: int | None = None):
+    """``(model, tokenizer, cfg, step)``: the model of a run rebuilt from its checkpoint directory
+    (the run config is read from the checkpoint's metadata; LoRA wrappers included)."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from medjax.config import RunConfig, build
+    ckpt = Checkpointer(checkpoint_dir)
+    steps = ckpt.steps()
+    if not steps:
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoints")
+    meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    cfg = build(RunConfig, meta["config"])
+    model, tokenizer = load_model(cfg)
+    if cfg.lora.enabled:
+        from medjax.lora import apply_lora
+        apply_lora(model, cfg.lora, seed=cfg.train.seed)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, params, rngs, frozen = S.split_model(model, cfg.lora.enabled)
+    restored = ckpt.restore(S.init_train_state(params, rngs, tx), step=step)
+    ckpt.close()
+    state, _, got_step = restored
+    model = nnx.merge(graphdef, state.params, state.rngs, frozen)
+    return nnx.view(model, deterministic=True, raise_if_not_found=False), tokenizer, cfg, got_step

@@ -1,0 +1,211 @@
+"""The seed recipes (configs/<recipe>.yaml): tiny CPU runs of them, their eval, their memory plan.
+
+    python -m medjax.train --config configs/internist_mistral_cpt.yaml model=tiny
+    python -m medjax.recipes list
+    python -m medjax.recipes plan [--recipe NAME] [--device h100 --num-devices 8]
+
+``model=tiny`` (an override understood by ``python -m medjax.train`` and :func:`load_recipe`)
+turns a full-size recipe into a CPU-sized run of the SAME family and method: the family's
+``tiny-*`` preset (random init, byte-level tokenizer), fp32, a ``dp`` mesh, 10 steps of 4 rows
+of 128 tokens, a larger learning rate without warmup, 2 items per eval task, and stand-in data
+derived from the bundled medical instruction set (see :func:`tiny_data`). Everything else —
+LoRA targets, quantization, NEFTune, DPO settings, packing, templates, eval tasks — is the
+card's. Overrides after ``model=tiny`` still win (e.g. ``model=tiny train.steps=30``).
+
+Planned hardware per recipe (``plan``) is what the card describes or what it takes to fit:
+see :data:`PLANNED_DEVICES` and docs/RECIPES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = ("melt_mixtral_lora", "melt_llama2_lora", "internist_mistral_cpt", "bimedix_mixtral_qlora",
+           "med42_llama3_sft", "med42_dpo", "meditron_llama2_cpt")
+TINY_PRESETS = {"llama2-7b": "tiny-llama2", "llama2-70b": "tiny-llama2", "llama3-8b": "tiny-llama3",
+                "llama3-70b": "tiny-llama3", "mistral-7b": "tiny-mistral", "mixtral-8x7b": "tiny-mixtral"}
+# (device, count) each recipe is planned for by `python -m medjax.recipes plan`
+PLANNED_DEVICES = {"melt_mixtral_lora": ("h100", 8), "melt_llama2_lora": ("h100", 1),
+                   "internist_mistral_cpt": ("h100", 8), "bimedix_mixtral_qlora": ("h100", 1),
+                   "med42_llama3_sft": ("h100", 8), "med42_dpo": ("h100", 8),
+                   "meditron_llama2_cpt": ("h100", 8)}
+ASSET_INSTRUCT = "pkg://medjax/assets/med_instruct.jsonl"
+
+
+# ----------------------------------------------------------------------------- tiny runs
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer (``<pad> <s> </s>`` + 256 bytes) for the tiny presets."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from medjax.tokenizer import Tokenizer
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
+        vocab[ch] = 3 + i
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<pad>", "<s>", "</s>"])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=True,
+                     source="<medjax byte tokenizer>")
+
+
+def preset_tokenizer(preset: str | None):
+    """The tokenizer a random-init preset trains with: bytes for ``tiny-*``, else None."""
+    return byte_tokenizer() if preset and preset.startswith("tiny") else None
+
+
+def _instruct_rows() -> list[dict]:
+    from medjax.training.sft_data import read_jsonl, resolve_data_path
+    return read_jsonl(resolve_data_path(ASSET_INSTRUCT))
+
+
+def tiny_data(fmt: str) -> str:
+    """Stand-in training data for a tiny run of a recipe whose data has format ``fmt``.
+
+    ``alpaca``/``chat``/``mcqa``: the bundled instruction set itself; ``text`` (continued
+    pretraining): its rows as plain text; ``preference`` (DPO): pairs whose chosen answer is the
+    row's own and whose rejected answer is the next row's (a wrong answer to the question).
+    The derived files are written once to the temp dir (atomically) and reused."""
+    if fmt not in ("text", "preference"):
+        return ASSET_INSTRUCT
+    rows = _instruct_rows()
+    if fmt == "text":
+        out_rows = [{"text": f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}".replace("\n\n", "\n")}
+                    for r in rows]
+    else:
+        out_rows = [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
+                     "chosen": r["output"], "rejected": rows[(i + 1) % len(rows)]["output"]}
+                    for i, r in enumerate(rows)]
+    path = Path(tempfile.gettempdir()) / "medjax_tiny_data" / f"med_instruct_{fmt}.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in out_rows)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def tiny_overrides(raw: dict, name: str) -> list[str]:
+    """The dotted overrides ``model=tiny`` stands for, given the recipe's YAML dict."""
+    model = raw.get("model") or {}
+    preset = model.get("preset")
+    if preset not in TINY_PRESETS and not str(preset).startswith("tiny"):
+        raise ValueError(f"model=tiny: the config's model.preset {preset!r} names no family "
+                         f"(known: {sorted(TINY_PRESETS)})")
+    tiny = TINY_PRESETS.get(preset, preset)
+    fmt = (raw.get("data") or {}).get("format", "text")
+    lora = raw.get("lora") or {}
+    out = [f"model.preset={tiny}", "model.path=null", "model.dtype=float32", "model.param_dtype=float32",
+           "model.attention=xla", "model.remat=none",
+           f"data.train={tiny_data(fmt)}", "data.eval=null", "data.sources=[]", "data.seq_len=128",
+           "data.on_error=skip",
+           "train.steps=10", "train.epochs=null", "train.batch_size=4", "train.grad_accum=1",
+           "train.heldout_examples=8", "train.max_examples=64", "train.eval_batches=2",
+           f"train.out_dir=runs/tiny/{name}",
+           "optim.lr=0.002", "optim.min_lr=0.0", "optim.warmup_steps=0",
+           "mesh.preset=dp", "mesh.data=null", "mesh.fsdp=null", "mesh.tensor=null", "mesh.expert=null",
+           "checkpoint.every=0", "checkpoint.async_save=false", "eval.limit=2"]
+    if lora.get("enabled"):
+        out.append("lora.rank=8")
+    return out
+
+
+def expand_overrides(config_path, overrides) -> list[str]:
+    """``overrides`` with ``model=tiny`` replaced (in place) by :func:`tiny_overrides`."""
+    overrides = list(overrides)
+    if "model=tiny" not in overrides:
+        return overrides
+    if config_path is None:
+        raise ValueError("model=tiny needs --config (a recipe whose model.preset names the family)")
+    raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    i = overrides.index("model=tiny")
+    return overrides[:i] + tiny_overrides(raw, Path(config_path).stem) + overrides[i + 1:]
+
+
+def load_recipe(name_or_path, overrides=()):
+    """A recipe's RunConfig (``name`` = configs/<name>.yaml), ``model=tiny`` understood."""
+    from medjax.config import load_config
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    return load_config(path, expand_overrides(path, overrides))
+
+
+# ----------------------------------------------------------------------------- eval after training
+def evaluate_run(cfg, trainer) -> dict | None:
+    """The recipe's eval section on the trained model (adapters merged, base dequantized);
+    writes ``<out_dir>/eval.json``. None when ``eval.tasks`` is empty; a ``skipped`` note when
+    ``eval.data_dir`` does not exist."""
+    if not cfg.eval.tasks or not cfg.eval.data_dir:
+        return None
+    data_dir = Path(cfg.eval.data_dir).expanduser()
+    if not data_dir.is_dir():
+        return {"skipped": f"eval.data_dir {data_dir} not found"}
+    if trainer.tokenizer is None:
+        return {"skipped": "no tokenizer"}
+    from medjax.eval.runner import evaluate
+    from medjax.lora import merged_model
+    from medjax.quant import dequantize_model
+    model = trainer.model()
+    if trainer.lora:
+        model = merged_model(dequantize_model(model))
+    template = cfg.eval.chat_template
+    result = evaluate(model, trainer.tokenizer, list(cfg.eval.tasks), data_dir, limit=cfg.eval.limit,
+                      num_fewshot=cfg.eval.num_fewshot,
+                      chat_template=True if template == "default" else (template or False),
+                      score=cfg.eval.score, mode=cfg.eval.mode, tokens_per_batch=cfg.eval.batch_tokens)
+    path = Path(cfg.train.out_dir) / "eval.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return {"results": result.get("results", result), "file": str(path)}
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_recipe(name: str, device: str | None = None, num_devices: int | None = None) -> str:
+    """``medjax.plan``'s per-device memory report for a full-size recipe on its planned mesh."""
+    from medjax import plan as planner
+    cfg = load_recipe(name)
+    planned_device, planned_count = PLANNED_DEVICES.get(name, ("h100", 1))
+    device = device or planned_device
+    kind, device_bytes, slice_count = planner.parse_device(device)
+    count = num_devices or slice_count or planned_count
+    p = planner.plan(cfg, count)
+    return planner.report(cfg, p, device, device_bytes)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m medjax.recipes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the recipes and their config files")
+    p = sub.add_parser("plan", help="per-device memory of each full-size recipe (jax.eval_shape)")
+    p.add_argument("--recipe", action="append", choices=RECIPES, help="only this recipe (repeatable)")
+    p.add_argument("--device", help="override the planned device (h100, h200, a100, v5p-64, ...)")
+    p.add_argument("--num-devices", type=int, help="override the planned device count")
+    args = ap.parse_args(argv)
+    if args.command == "list":
+        for name in RECIPES:
+            device, count = PLANNED_DEVICES[name]
+            print(f"{name:24s} configs/{name}.yaml  (planned: {count} x {device})")
+        return 0
+    for name in args.recipe or RECIPES:
+        print(f"== {name}")
+        print(plan_recipe(name, args.device, args.num_devices))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
