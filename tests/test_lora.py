@@ -114,3 +114,15 @@ def test_peft_adapter_loads_onto_hf_base_and_matches(trained_lora):
     with torch.no_grad():
         ref = peft_model(torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref, atol=1e-4)
+
+
+def test_export_cli_from_checkpoint(trained_lora, tmp_path):
+    from medjax.export import main
+    model_dir, run_dir, summary, cfg = trained_lora
+    assert main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "hf"), "--merge-lora"]) == 0
+    assert main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+    ids = jnp.asarray(np.random.default_rng(2).integers(3, 259, (1, 16)))
+    a, _ = medjax.load(tmp_path / "hf")
+    b, _ = medjax.load(run_dir / "export" / "hf")
+    np.testing.assert_allclose(a(ids), b(ids), atol=1e-6)
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()

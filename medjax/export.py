@@ -1,0 +1,51 @@
+"""``python -m medjax.export --checkpoint DIR --out DIR [--merge-lora | --peft]``.
+
+Rebuilds a trained model from a run's checkpoint directory (``<run>/checkpoints``; the run
+config is stored in each checkpoint) and writes either an HF directory that ``transformers``
+loads (full fine-tunes as they are; LoRA runs with the adapters merged: ``--merge-lora``,
+the default) or a PEFT adapter directory (``--peft``: ``adapter_config.json`` +
+``adapter_model.safetensors`` for ``peft.PeftModel.from_pretrained`` on the HF base).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medjax.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's checkpoint directory (or the run directory containing checkpoints/)")
+    p.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merge-lora", action="store_true", help="merged HF model (default)")
+    kind.add_argument("--peft", action="store_true", help="PEFT adapter only (LoRA runs)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the exported HF weights")
+    args = p.parse_args(argv)
+
+    from medjax.training.loop import restore_trained_model
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "checkpoints").is_dir():
+        ckpt = ckpt / "checkpoints"
+    model, tokenizer, cfg, step = restore_trained_model(ckpt, args.step)
+    if args.peft:
+        if not cfg.lora.enabled:
+            print("error: --peft needs a LoRA run (lora.enabled=true)", file=sys.stderr)
+            return 2
+        from medjax.training.peft_export import save_peft
+        out = save_peft(model, args.out, base_model_name_or_path=cfg.model.path)
+    else:
+        import medjax
+        from medjax.lora import merged_model
+        plain = merged_model(model) if cfg.lora.enabled else model
+        out = medjax.save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype)
+    print(f"exported step {step} of {ckpt} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
