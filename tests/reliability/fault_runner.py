@@ -1,0 +1,91 @@
+"""Run ``python -m medjax.train`` with one fault injected: the process SIGKILLs itself at a chosen point.
+
+    python fault_runner.py KIND STEP DELAY_MS -- [medjax.train arguments]
+
+KIND (where the kill lands):
+  step           while optimizer step STEP is in flight (dispatched, result not fetched), after DELAY_MS
+  ckpt           DELAY_MS after the checkpoint save of step STEP began (its synchronous copy or the
+                 asynchronous commit running in the background, depending on the delay)
+  export_write   in the HF export, after half of the safetensors shard's bytes are on disk
+  export_rename  in the HF export, with every file written but the temp directory not yet renamed
+  none           no fault (a plain run)
+
+The hooks wrap medjax functions from outside (monkeypatching); the product code is unchanged.
+If the run finishes without reaching the fault point the runner exits with status 99.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def _die() -> None:
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(kind: str, step: int, delay_s: float) -> None:
+    if kind == "step":
+        from medjax.training import step as S
+        real_jit = S.jit_train_step
+
+        def jit_train_step(*args, **kwargs):
+            fn, state_sh, frozen_sh = real_jit(*args, **kwargs)
+
+            def step_fn(state, frozen, batch):
+                if int(state.step) == step - 1:
+                    fn(state, frozen, batch)          # dispatched asynchronously: in flight
+                    time.sleep(delay_s)
+                    _die()
+                return fn(state, frozen, batch)
+            return step_fn, state_sh, frozen_sh
+        S.jit_train_step = jit_train_step
+    elif kind == "ckpt":
+        from medjax.training.checkpoint import Checkpointer
+        real_save = Checkpointer.save
+
+        def save(self, at_step, state, meta):
+            if at_step == step:
+                threading.Timer(delay_s, _die).start()
+            return real_save(self, at_step, state, meta)
+        Checkpointer.save = save
+    elif kind == "export_write":
+        import medjax.hf.export as E
+        real_save_file = E.save_file
+
+        def save_file(tensors, filename, metadata=None):
+            real_save_file(tensors, filename, metadata=metadata)
+            size = os.path.getsize(filename)
+            os.truncate(filename, size // 2)
+            _die()
+        E.save_file = save_file
+    elif kind == "export_rename":
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if ".tmp-" in os.fspath(src) and Path(os.fspath(dst)).name == "hf":
+                _die()
+            return real_replace(src, dst, *args, **kwargs)
+        os.replace = replace
+    elif kind != "none":
+        raise SystemExit(f"unknown fault kind {kind!r}")
+
+
+def main() -> int:
+    sep = sys.argv.index("--")
+    kind, step, delay_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    install(kind, step, delay_ms / 1000.0)
+    from medjax.cli_errors import run_cli
+    from medjax.train import main as train_main
+    status = run_cli(train_main, sys.argv[sep + 1:])
+    return 99 if kind != "none" and status == 0 else status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
