@@ -49,3 +49,34 @@ def batches(num_steps: int, batch: int, vocab: int, seed: int = 1):
     """Deterministic global batches of random token ids, ``[batch, SEQ + 1]`` each."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=(batch, SEQ + 1), dtype=np.int32) for _ in range(num_steps)]
+
+
+# ----------------------------------------------------------------------------- medjax.training
+def training_setup(preset: str, mesh, rules, seed: int = 0):
+    """The project's own jitted train step (medjax.training.step) on ``mesh``.
+
+    Returns ``(step_fn, state, frozen)``; ``step_fn(state, frozen, batch) -> (state, metrics)``.
+    """
+    from medjax.config import OptimSection
+    from medjax.sharding import place
+    from medjax.training.optimizer import make_optimizer
+    from medjax.training.step import init_train_state, jit_train_step, split_model
+
+    model = init_decoder(get_preset(preset), seed=seed)
+    graphdef, params, rngs, frozen = split_model(model, lora=False)
+    tx, schedule = make_optimizer(OptimSection(lr=LR, schedule="constant", weight_decay=0.01,
+                                               clip_norm=1.0), total_steps=100)
+    state = init_train_state(params, rngs, tx)
+    step_fn, state_sh, frozen_sh = jit_train_step(
+        state, frozen, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx, schedule=schedule,
+        grad_accum=1, aux_coef=get_preset(preset).router_aux_loss_coef)
+    return step_fn, place(state, state_sh), place(frozen, frozen_sh)
+
+
+def lm_batch(tokens_BT1):
+    """The training step's batch dict from ``[B, T+1]`` token ids (one unpacked row each)."""
+    B, T1 = tokens_BT1.shape
+    T = T1 - 1
+    return {"input_ids": tokens_BT1[:, :-1], "targets": tokens_BT1[:, 1:],
+            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+            "segment_ids": np.ones((B, T), np.int32), "loss_mask": np.ones((B, T), np.float32)}

@@ -79,15 +79,16 @@ def _normalise(spec: P, ndim: int) -> tuple:
 
 @pytest.fixture(scope="module")
 def reference_losses():
-    """Single-device losses (device 0, no mesh) for each model."""
+    """Single-device losses (a 1-device mesh) of medjax.training's step for each model."""
     out = {}
+    one = sharding.make_mesh(MeshSection(preset="dp"), devices=jax.devices()[:1])
     for model in ("tiny-llama", "tiny-mixtral"):
-        graphdef, state = common.build(model)
-        step = common.jit_step(graphdef)
+        step, state, frozen = common.training_setup(model, one, sharding.rules_for("dp"))
         losses = []
         for tokens in common.batches(STEPS, BATCH, get_preset(model).vocab_size):
-            state, loss = step(state, jax.device_put(tokens, jax.devices()[0]))
-            losses.append(float(loss))
+            batch = sharding.global_batch(common.lm_batch(tokens), one)
+            state, metrics = step(state, frozen, batch)
+            losses.append(float(metrics["loss"]))
         out[model] = losses
     return out
 
@@ -105,22 +106,20 @@ def test_preset_trains_like_single_device(model_name, preset, reference_losses):
     sharding.check_model(get_preset(model_name), mesh.shape)
     rules = sharding.rules_for(preset)
 
-    graphdef, state = common.build(model_name)
-    state_sh = sharding.param_shardings(state, mesh, rules)
-    state = jax.device_put(state, state_sh)
-    step = common.jit_step(graphdef, state_sh, sharding.batch_sharding(mesh))
+    step, state, frozen = common.training_setup(model_name, mesh, rules)
     losses = []
     for tokens in common.batches(STEPS, BATCH, get_preset(model_name).vocab_size):
-        state, loss = step(state, sharding.global_batch(tokens, mesh))
-        losses.append(float(loss))
+        state, metrics = step(state, frozen, sharding.global_batch(common.lm_batch(tokens), mesh))
+        losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, reference_losses[model_name], rtol=0, atol=1e-5)
 
     # every parameter AND its AdamW moments are laid out as the preset says, after training
     params = 0
-    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    flat = jax.tree_util.tree_flatten_with_path((state.params, state.opt_state),
+                                                is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     for path, variable in flat:
         name = jax.tree_util.keystr(path)
-        value = variable.get_value()
+        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
         if not isinstance(variable, nnx.Param) and value.ndim == 0:
             continue  # step counters
         want = _normalise(_expected_spec(preset, name, value.ndim), value.ndim)
