@@ -7,7 +7,8 @@
 ``model=tiny`` (an override understood by ``python -m medjax.train`` and :func:`load_recipe`)
 turns a full-size recipe into a CPU-sized run of the SAME family and method: the family's
 ``tiny-*`` preset (random init, byte-level tokenizer), fp32, a ``dp`` mesh, 10 steps of 4 rows
-of 128 tokens, a larger learning rate without warmup, 2 items per eval task, and stand-in data
+of 128 tokens, a larger learning rate without warmup, 2 items of the card's first eval task,
+and stand-in data
 derived from the bundled medical instruction set (see :func:`tiny_data`). Everything else —
 LoRA targets, quantization, NEFTune, DPO settings, packing, templates, eval tasks — is the
 card's. Overrides after ``model=tiny`` still win (e.g. ``model=tiny train.steps=30``).
@@ -116,30 +117,57 @@ def tiny_overrides(raw: dict, name: str) -> list[str]:
            "optim.lr=0.002", "optim.min_lr=0.0", "optim.warmup_steps=0",
            "mesh.preset=dp", "mesh.data=null", "mesh.fsdp=null", "mesh.tensor=null", "mesh.expert=null",
            "checkpoint.every=0", "checkpoint.async_save=false", "eval.limit=2"]
+    tasks = (raw.get("eval") or {}).get("tasks") or []
+    if tasks:                                   # one task of the card's list keeps CPU runs short
+        out.append(f"eval.tasks=[{tasks[0]}]")
     if lora.get("enabled"):
         out.append("lora.rank=8")
     return out
 
 
-def expand_overrides(config_path, overrides) -> list[str]:
-    """``overrides`` with ``model=tiny`` replaced (in place) by :func:`tiny_overrides`."""
+def expand_overrides(config_path, overrides, *, check_inputs: bool = True) -> list[str]:
+    """``overrides`` with ``model=tiny`` replaced (in place) by :func:`tiny_overrides`; for a
+    recipe config (``train.recipe`` set), a missing base-model path or training data is a
+    ``ConfigError`` saying what to set (instead of a random full-size init)."""
     overrides = list(overrides)
-    if "model=tiny" not in overrides:
-        return overrides
     if config_path is None:
-        raise ValueError("model=tiny needs --config (a recipe whose model.preset names the family)")
+        if "model=tiny" in overrides:
+            raise ValueError("model=tiny needs --config (a recipe whose model.preset names the family)")
+        return overrides
     raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-    i = overrides.index("model=tiny")
-    return overrides[:i] + tiny_overrides(raw, Path(config_path).stem) + overrides[i + 1:]
+    if "model=tiny" in overrides:
+        i = overrides.index("model=tiny")
+        overrides = overrides[:i] + tiny_overrides(raw, Path(config_path).stem) + overrides[i + 1:]
+    if check_inputs:
+        _check_recipe_inputs(raw, overrides, config_path)
+    return overrides
 
 
-def load_recipe(name_or_path, overrides=()):
-    """A recipe's RunConfig (``name`` = configs/<name>.yaml), ``model=tiny`` understood."""
+def _check_recipe_inputs(raw: dict, overrides, config_path) -> None:
+    from medjax.config import ConfigError, apply_overrides
+    final = apply_overrides(raw, overrides)
+    if not (final.get("train") or {}).get("recipe"):
+        return
+    model, data = final.get("model") or {}, final.get("data") or {}
+    preset = str(model.get("preset"))
+    if model.get("path") is None and not preset.startswith("tiny"):
+        raise ConfigError(f"{config_path}: model.path is required: give the card's base model "
+                          f"(a local HF directory) as model.path=..., or add model=tiny for a "
+                          f"CPU-sized run of the same recipe")
+    if data.get("train") is None and not data.get("sources"):
+        raise ConfigError(f"{config_path}: data.train is required: give your training data as "
+                          f"data.train=FILE (format {data.get('format', 'text')!r}), or add "
+                          f"model=tiny for a CPU-sized run on stand-in data")
+
+
+def load_recipe(name_or_path, overrides=(), *, check_inputs: bool = True):
+    """A recipe's RunConfig (``name`` = configs/<name>.yaml), ``model=tiny`` understood;
+    ``check_inputs=False`` skips the model-path / data checks (planning needs shapes only)."""
     from medjax.config import load_config
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
-    return load_config(path, expand_overrides(path, overrides))
+    return load_config(path, expand_overrides(path, overrides, check_inputs=check_inputs))
 
 
 # ----------------------------------------------------------------------------- eval after training
@@ -154,29 +182,41 @@ def evaluate_run(cfg, trainer) -> dict | None:
         return {"skipped": f"eval.data_dir {data_dir} not found"}
     if trainer.tokenizer is None:
         return {"skipped": "no tokenizer"}
+    from medjax.eval import readers
     from medjax.eval.runner import evaluate
+    from medjax.eval.tasks import resolve
     from medjax.lora import merged_model
     from medjax.quant import dequantize_model
+    tasks, skipped = [], {}
+    for task in resolve(list(cfg.eval.tasks))[0]:      # the card lists tasks whose data may be absent
+        try:
+            readers.load_docs(task, data_dir)
+            tasks.append(task.name)
+        except readers.DataError as e:
+            skipped[task.name] = str(e)
+    if not tasks:
+        return {"skipped": skipped}
     model = trainer.model()
     if trainer.lora:
         model = merged_model(dequantize_model(model))
     template = cfg.eval.chat_template
-    result = evaluate(model, trainer.tokenizer, list(cfg.eval.tasks), data_dir, limit=cfg.eval.limit,
+    result = evaluate(model, trainer.tokenizer, tasks, data_dir, limit=cfg.eval.limit,
                       num_fewshot=cfg.eval.num_fewshot,
                       chat_template=True if template == "default" else (template or False),
                       score=cfg.eval.score, mode=cfg.eval.mode, tokens_per_batch=cfg.eval.batch_tokens)
+    result["skipped_tasks"] = skipped
     path = Path(cfg.train.out_dir) / "eval.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
-    return {"results": result.get("results", result), "file": str(path)}
+    return {"results": result.get("results"), "skipped_tasks": skipped, "file": str(path)}
 
 
 # ----------------------------------------------------------------------------- planning
 def plan_recipe(name: str, device: str | None = None, num_devices: int | None = None) -> str:
     """``medjax.plan``'s per-device memory report for a full-size recipe on its planned mesh."""
     from medjax import plan as planner
-    cfg = load_recipe(name)
+    cfg = load_recipe(name, check_inputs=False)
     planned_device, planned_count = PLANNED_DEVICES.get(name, ("h100", 1))
     device = device or planned_device
     kind, device_bytes, slice_count = planner.parse_device(device)
