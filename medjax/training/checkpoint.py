@@ -10,6 +10,7 @@ If the newest checkpoint cannot be read, restore warns and falls back to the pre
 """
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -69,12 +70,28 @@ def _abstract(flat: dict) -> dict:
     return {k: spec(v) for k, v in flat.items()}
 
 
+class _OneLineOrbaxErrors(logging.Filter):
+    """Orbax logs background-save failures with full tracebacks before re-raising them to us; keep
+    its first line only: :meth:`Checkpointer.save` turns the failure into one clear error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":  # the same failure again, from each orphaned write task
+            return "orbax" not in record.getMessage()
+        if "orbax" in record.pathname and record.levelno >= logging.ERROR:
+            record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class Checkpointer:
     """Save every ``every`` steps, keep the last ``keep``; restore the newest readable one."""
 
     def __init__(self, directory, *, every: int = 100, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).resolve()
         self.every = every
+        for logger in map(logging.getLogger, ("absl", "asyncio")):
+            if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
+                logger.addFilter(_OneLineOrbaxErrors())
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -85,8 +102,26 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         flat = flatten_state(state)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        try:  # also surfaces a failure of the previous asynchronous save
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 — disk full, permissions, quota: the user's to fix
+            raise self._write_failed(step, e) from None
+
+    def _write_failed(self, step, e: Exception) -> CheckpointError:
+        """One line naming the directory and the OS reason (e.g. ENOSPC); earlier steps stay intact."""
+        self._failed = True
+        text = str(e)
+        reason = next((r for r in ("No space left on device", "Disk quota exceeded", "Permission denied",
+                                   "Read-only file system") if r in text), text.splitlines()[0][:200])
+        failed_step = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", text)
+        step = int(failed_step.group(1)) if failed_step else step
+        try:
+            intact = [s for s in self.steps() if s != step]
+        except Exception:  # noqa: BLE001
+            intact = []
+        return CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {reason}; "
+                               f"the earlier checkpoints {intact} are intact")
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -131,8 +166,17 @@ class Checkpointer:
                                       f"expected {spec.shape}")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_failed("latest", e) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        already_reported = getattr(self, "_failed", False)
+        try:
+            self.wait()
+        except CheckpointError:
+            if not already_reported:
+                raise
+        finally:
+            self.manager.close()
