@@ -1,4 +1,5 @@
-"""Run lm-evaluation-harness 0.4.13 offline on local files, for parity tests and benchmarks.
+"""Run lm-evaluation-harness 0.4.13 offline on local files: the reference for parity tests and
+the side-by-side benchmark (``python -m medjax.bench eval``). Needs ``lm-eval`` (a test extra).
 
 ``write_task_files`` writes, from the medjax-layout benchmark files, the same items in the
 field layout lm-eval's shipped task yamls expect, plus yamls that ``include:`` the shipped
@@ -73,19 +74,23 @@ def write_task_files(data_dir: Path, task_dir: Path, *, fewshot_split: str = "te
 
 
 _CHILD = r"""
-import json, sys
+import json, sys, time
 import lm_eval
 from lm_eval.tasks import TaskManager
+from lm_eval.models.huggingface import HFLM
 spec = json.load(open(sys.argv[1]))
 out = {}
 for run in spec["runs"]:
+    t0 = time.perf_counter()
+    lm = HFLM(pretrained=run["model"], dtype="float32", batch_size=run.get("batch_size", 1), device="cpu")
+    t1 = time.perf_counter()
     res = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={run['model']},dtype=float32", tasks=run["tasks"],
-        task_manager=TaskManager(include_path=spec["task_dir"]), num_fewshot=run.get("num_fewshot", 0),
-        apply_chat_template=run.get("chat", False),
+        model=lm, tasks=run["tasks"], task_manager=TaskManager(include_path=spec["task_dir"]),
+        num_fewshot=run.get("num_fewshot", 0), apply_chat_template=run.get("chat", False),
         fewshot_as_multiturn=run.get("fewshot_as_multiturn", bool(run.get("chat", False))),
-        log_samples=True, batch_size=run.get("batch_size", 1), device="cpu", limit=run.get("limit"))
+        log_samples=True, limit=run.get("limit"))
     out[run["name"]] = {
+        "load_s": t1 - t0, "eval_s": time.perf_counter() - t1,
         "results": {t: {k: v for k, v in r.items() if isinstance(v, (int, float))}
                     for t, r in res["results"].items()},
         "samples": {t: sorted([{"doc_id": s["doc_id"],
@@ -99,7 +104,7 @@ json.dump(out, open(sys.argv[2], "w"))
 """
 
 
-def run_lm_eval(runs: list[dict], task_dir: Path, work_dir: Path, timeout: int = 1800) -> dict:
+def run_lm_eval(runs: list[dict], task_dir: Path, work_dir: Path, timeout: int = 7200) -> dict:
     """``runs``: [{"name", "model" (HF dir), "tasks", "num_fewshot"?, "chat"?, "limit"?}]."""
     spec, out = work_dir / "lm_eval_spec.json", work_dir / "lm_eval_out.json"
     spec.write_text(json.dumps({"runs": runs, "task_dir": str(task_dir)}))

@@ -79,6 +79,8 @@ def _letter_index(value, n: int, where: str, field: str) -> int:
 
 
 def _doc(question, options, label, subject, where, record, **extra) -> dict:
+    if "contexts" not in extra and len(options) != 4:  # MedQA-4, MedMCQA and MMLU have A-D
+        raise DataError(f"{where}: item has {len(options)} options, expected 4 (A-D)")
     return {"question": question, "options": list(options), "label": label, "subject": subject,
             "_where": where, "_key": json.dumps(record, sort_keys=True), **extra}
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lm_eval_harness import TASK_PREFIX, run_lm_eval, write_task_files
+from medjax.eval.lm_eval_harness import TASK_PREFIX, run_lm_eval, write_task_files
 
 N_ITEMS = 20
 

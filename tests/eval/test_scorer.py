@@ -1,4 +1,6 @@
 """The batched/bucketed/shared-context scorer equals a naive one-request-at-a-time forward."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +34,11 @@ def naive_loglikelihood(model, req):
     return ll, greedy
 
 
-@pytest.mark.parametrize("max_cont", [1, 5])
-def test_scorer_matches_naive(max_cont):
+@pytest.mark.parametrize("max_cont,tied", [(1, False), (5, False), (1, True)])
+def test_scorer_matches_naive(max_cont, tied):
     global GRAPHDEF
-    model = init_decoder(get_preset("tiny-llama3"), seed=1)
+    cfg = dataclasses.replace(get_preset("tiny-llama3"), tie_word_embeddings=tied)
+    model = init_decoder(cfg, seed=1)
     GRAPHDEF = nnx.graphdef(model)
     rng = np.random.default_rng(0)
     items = []
