@@ -34,10 +34,12 @@ USER_ERROR_CLASSES = (
     "medjax.models.config:UnsupportedModelError",
     "medjax.data.sources:DataError",
     "medjax.data.formats:FieldError",
+    "medjax.training.sft_data:DataError",
     "medjax.eval.readers:DataError",
     "medjax.eval.tasks:UnknownTaskError",
     "medjax.tokenizer:TokenizerError",
     "medjax.sharding:ShardingError",
+    "medjax.paths:PathError",
     "jinja2.exceptions:TemplateError",
 )
 

@@ -27,10 +27,14 @@ def main(argv=None) -> int:
                    help="dtype of the exported HF weights")
     args = p.parse_args(argv)
 
+    from medjax.paths import separate_output
     from medjax.training.loop import restore_trained_model
     ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(2, "no such checkpoint directory", str(ckpt))
     if (ckpt / "checkpoints").is_dir():
         ckpt = ckpt / "checkpoints"
+    separate_output(args.out, ckpt)
     model, tokenizer, cfg, step = restore_trained_model(ckpt, args.step)
     if args.peft:
         if not cfg.lora.enabled:
@@ -48,4 +52,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

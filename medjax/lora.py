@@ -175,7 +175,8 @@ def apply_lora(model, cfg: LoraSection, *, seed: int = 0):
             _replace(model, path, LoRALinear(module, **kw))
             wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"lora.targets {list(cfg.targets)} matched no Linear/Experts module")
+        from medjax.config import ConfigError
+        raise ConfigError(f"lora.targets {list(cfg.targets)} matched no Linear/Experts module")
     return model, wrapped
 
 

@@ -134,7 +134,15 @@ def expand_overrides(config_path, overrides, *, check_inputs: bool = True) -> li
         if "model=tiny" in overrides:
             raise ValueError("model=tiny needs --config (a recipe whose model.preset names the family)")
         return overrides
-    raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    if not Path(config_path).is_file():
+        return overrides                        # load_config reports the missing file
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        from medjax.config import ConfigError
+        raise ConfigError(f"{config_path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        return overrides                        # load_config reports the bad top level
     if "model=tiny" in overrides:
         i = overrides.index("model=tiny")
         overrides = overrides[:i] + tiny_overrides(raw, Path(config_path).stem) + overrides[i + 1:]

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         from medjax.recipes import expand_overrides   # `model=tiny`: CPU-sized run of a recipe
         cfg = load_config(args.config or DEMO_CONFIG, expand_overrides(args.config, args.overrides))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     try:
         summary = run(cfg, resume=args.resume, show_bar=not args.no_progress)

@@ -29,6 +29,9 @@ ALPACA_PROMPT_WITH_INPUT = (
 MCQA_INSTRUCTION = "Answer the following multiple-choice question with the letter and text of the correct option."
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 class FieldError(ValueError):
     """A record lacks a field or has the wrong type; the message names the field."""
 
@@ -130,6 +133,9 @@ class Renderer:
                     or not isinstance(message.get(content_key), str):
                 raise FieldError(f"field {self.fields[field]!r}[{i}] must be an object with string "
                                  f"{role_key!r} and {content_key!r}")
+            if message[role_key] not in CHAT_ROLES:
+                raise FieldError(f"field {self.fields[field]!r}[{i}] has unknown role "
+                                 f"{message[role_key]!r} (expected one of {', '.join(CHAT_ROLES)})")
             out.append({"role": message[role_key], "content": message[content_key]})
         if not out:
             raise FieldError(f"field {self.fields[field]!r} is an empty conversation")

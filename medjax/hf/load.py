@@ -71,6 +71,9 @@ def _part_shape(part: Part, info: TensorInfo, expected: tuple, intermediate: int
     if tuple(info.shape) != want:
         raise CheckpointError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, "
                               f"expected {list(want)} from config.json")
+    if not jnp.issubdtype(info.dtype, jnp.floating):
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected "
+                              "a floating-point dtype (F32/F16/BF16)")
     return want
 
 

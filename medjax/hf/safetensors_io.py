@@ -116,7 +116,11 @@ def find_weight_files(directory: str | os.PathLike) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: invalid index ({e})") from None
-        files = sorted({d / f for f in weight_map.values()})
+        from medjax.paths import PathError, inside
+        try:
+            files = sorted({inside(d, f, what=f"{index.name} shard") for f in weight_map.values()})
+        except PathError as e:
+            raise CheckpointError(f"{index}: {e}") from None
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")

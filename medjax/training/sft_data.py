@@ -17,31 +17,42 @@ from pathlib import Path
 
 import numpy as np
 
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line."""
+
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 def read_jsonl(path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {e}") from None
+                raise DataError(f"{path}:{line_no}: invalid JSON: {e}") from None
+    if not rows:
+        raise DataError(f"{path}: no records (the file is empty)")
     return rows
 
 
 def prompt_and_response(row: dict, fmt: str, where: str) -> tuple[str, str]:
     if fmt == "text":
         if "text" not in row:
-            raise ValueError(f"{where}: text format needs a 'text' field")
+            raise DataError(f"{where}: text format needs a 'text' field")
         return "", row["text"]
     for key in ("instruction", "output"):
         if key not in row:
-            raise ValueError(f"{where}: alpaca format needs {key!r}")
+            raise DataError(f"{where}: alpaca format needs {key!r}")
     template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
     return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
 
@@ -73,7 +84,7 @@ def split_rows(rows: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
     if heldout <= 0:
         return rows, []
     if heldout >= len(rows):
-        raise ValueError(f"train.heldout_examples={heldout} leaves no training rows ({len(rows)} total)")
+        raise DataError(f"train.heldout_examples={heldout} leaves no training rows ({len(rows)} total)")
     return rows[:-heldout], rows[-heldout:]
 
 
@@ -81,7 +92,7 @@ def encode_rows(rows, tokenizer, seq_len, fmt, source) -> list[dict]:
     examples = [encode_example(r, tokenizer, seq_len, fmt, f"{source}:{i + 1}") for i, r in enumerate(rows)]
     empty = [i + 1 for i, e in enumerate(examples) if not e["loss_mask"].any()]
     if examples and len(empty) == len(examples):
-        raise ValueError(f"{source}: no example has a response token within data.seq_len={seq_len} "
+        raise DataError(f"{source}: no example has a response token within data.seq_len={seq_len} "
                          "(prompts too long?)")
     if empty:
         warnings.warn(f"{source}: {len(empty)} rows (first: line {empty[0]}) have no response token "
@@ -93,7 +104,7 @@ def train_batches(examples: list[dict], batch_size: int, seed: int):
     """Infinite grain iterator of stacked batches (with ``get_state``/``set_state``)."""
     import grain
     if len(examples) < batch_size:
-        raise ValueError(f"{len(examples)} training examples < train.batch_size={batch_size}")
+        raise DataError(f"{len(examples)} training examples < train.batch_size={batch_size}")
     ds = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
           .batch(batch_size, drop_remainder=True, batch_fn=_stack))
     return iter(ds)

@@ -1,0 +1,33 @@
+"""Path checks at the edges: a path named inside a file stays inside its root; outputs never overwrite inputs.
+
+``inside(root, name)`` resolves ``name`` (as written in an index, a config or a data file) against
+``root`` and refuses anything that lands outside it (``..``, absolute paths, symlinks out).
+``separate_output(out, *inputs)`` refuses an output directory that is, contains or lies inside
+an input directory (exporting a checkpoint into itself would destroy it).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class PathError(ValueError):
+    """A path from user input points where it must not; the message names both paths."""
+
+
+def inside(root: str | os.PathLike, name: str | os.PathLike, *, what: str = "path") -> Path:
+    root_resolved = Path(root).resolve()
+    target = (root_resolved / name).resolve()
+    if target != root_resolved and root_resolved not in target.parents:
+        raise PathError(f"{what} {str(name)!r} escapes {root_resolved} (resolves to {target})")
+    return target
+
+
+def separate_output(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    out_resolved = Path(out).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out_resolved == src or src in out_resolved.parents or out_resolved in src.parents:
+            raise PathError(f"output directory {out_resolved} overlaps the input {src}; "
+                            "choose a separate output directory")
+    return out_resolved
