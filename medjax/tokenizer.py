@@ -197,6 +197,11 @@ class Tokenizer:
         enc = self.backend.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
+    def encode_batch_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """``encode_with_offsets`` for many texts in one backend call (the Rust library spreads it
+        over its thread pool; ``RAYON_NUM_THREADS`` caps it)."""
+        return [(enc.ids, enc.offsets) for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
     def _wrap(self, ids: list[int]) -> list[int]:
         if self.add_bos_token:
             ids = [self.bos_id] + ids

@@ -8,6 +8,8 @@ real next-token target at the cut.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from medjax.data.formats import Rendered
@@ -29,6 +31,38 @@ def encode_rendered(rendered: Rendered, tokenizer) -> dict[str, np.ndarray]:
     ids_T = np.asarray(ids, dtype=np.int32)
     targets_T = np.full_like(ids_T, tokenizer.pad_id)
     targets_T[:-1] = ids_T[1:]
+    loss_mask_T = np.zeros(len(ids_T), dtype=np.float32)
+    loss_mask_T[:-1] = scored_T[1:]
+    return {"input_ids": ids_T, "targets": targets_T, "loss_mask": loss_mask_T}
+
+
+def encode_rendered_batch(rendered: Sequence[Rendered], tokenizer) -> list[dict[str, np.ndarray]]:
+    """``encode_rendered`` for many texts with one tokenizer call (the pipeline's path; same arrays)."""
+    encoded = tokenizer.encode_batch_with_offsets([r.text for r in rendered])
+    return [_example_arrays(r, ids, offsets, tokenizer) for r, (ids, offsets) in zip(rendered, encoded)]
+
+
+def _example_arrays(rendered: Rendered, ids: list, offsets: list, tokenizer) -> dict[str, np.ndarray]:
+    bos = rendered.add_bos and tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id)
+    eos = rendered.add_eos and tokenizer.eos_id is not None
+    n = len(ids)
+    ids_T = np.empty(n + bos + eos, dtype=np.int32)
+    ids_T[bos:bos + n] = ids
+    if bos:
+        ids_T[0] = tokenizer.bos_id
+    if eos:
+        ids_T[-1] = tokenizer.eos_id
+    # scored_T[t]: token t starts inside a scored span (BOS never; a closing EOS as the token before it)
+    scored_T = np.zeros(len(ids_T), dtype=bool)
+    if n:
+        starts_N = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=n)
+        for start, end in rendered.spans:
+            scored_T[bos:bos + n] |= (starts_N >= start) & (starts_N < end)
+    if eos:
+        scored_T[-1] = scored_T[-2] if n + bos else True
+    targets_T = np.empty_like(ids_T)
+    targets_T[:-1] = ids_T[1:]
+    targets_T[-1:] = tokenizer.pad_id
     loss_mask_T = np.zeros(len(ids_T), dtype=np.float32)
     loss_mask_T[:-1] = scored_T[1:]
     return {"input_ids": ids_T, "targets": targets_T, "loss_mask": loss_mask_T}

@@ -14,9 +14,13 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from medjax.data.examples import KEYS, encode_rendered, fit_length, pad_row
+from medjax.data.examples import KEYS, encode_rendered, encode_rendered_batch, fit_length, pad_row
 from medjax.data.formats import FieldError, Renderer
 from medjax.data.sources import DataError, Row, SkipLog, TfdsRecords, read_rows
+
+
+ENCODE_GROUP = 64
+PREFETCH = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
 @dataclass
@@ -73,26 +77,45 @@ def _valid(row: Row, renderer: Renderer, on_error: str, skips: SkipLog) -> bool:
 
 
 class _Encode:
-    """(source index, row) → list of length-fitted examples (empty when skipped or dropped)."""
+    """(source index, row) items → length-fitted examples (none for a skipped or dropped row).
+
+    ``group`` encodes a list of items with one batched tokenizer call; calling the object encodes a
+    single item, one tokenizer call per text (the straightforward path the batched one must equal)."""
 
     def __init__(self, sources, tokenizer, seq_len, long_examples, on_error, skips):
         self.sources, self.tokenizer, self.seq_len = sources, tokenizer, seq_len
         self.long_examples, self.on_error, self.skips = long_examples, on_error, skips
 
     def __call__(self, item) -> list[dict]:
-        index, row = item
-        renderer = self.sources[index].renderer
-        try:
-            rendered = renderer.render(row.record)
-        except Exception as e:  # FieldError or a template's raise_exception
-            if self.on_error != "skip":
-                raise DataError(f"{row.where}: {e}") from None
-            self.skips.add(f"{row.where}: {e}")
+        rendered = self._render(item)
+        if rendered is None:
             return []
         example = {}
         for prefix, text in rendered.items():
             example.update({prefix + k: v for k, v in encode_rendered(text, self.tokenizer).items()})
         return fit_length(example, self.seq_len, self.long_examples, tuple(rendered))
+
+    def group(self, items) -> list[dict]:
+        rendered = [r for r in map(self._render, items) if r is not None]
+        texts = [text for r in rendered for text in r.values()]
+        arrays = iter(encode_rendered_batch(texts, self.tokenizer))
+        examples = []
+        for r in rendered:
+            example = {}
+            for prefix in r:
+                example.update({prefix + k: v for k, v in next(arrays).items()})
+            examples += fit_length(example, self.seq_len, self.long_examples, tuple(r))
+        return examples
+
+    def _render(self, item):
+        index, row = item
+        try:
+            return self.sources[index].renderer.render(row.record)
+        except Exception as e:  # FieldError or a template's raise_exception
+            if self.on_error != "skip":
+                raise DataError(f"{row.where}: {e}") from None
+            self.skips.add(f"{row.where}: {e}")
+            return None
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
@@ -156,7 +179,10 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
     _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
            limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))
-    it = grain.experimental.FlatMapIterDataset(ds.map(encode).to_iter_dataset(), _Flatten())
+    # Rows are tokenized ENCODE_GROUP at a time (one batched tokenizer call, one prefetch element),
+    # a few groups ahead on one background thread; the order of examples does not change.
+    groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group)
+    it = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(PREFETCH), _Flatten())
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
         raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
