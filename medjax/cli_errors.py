@@ -80,6 +80,16 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _close_progress_bars() -> None:
+    """A bar left open by the exception would put the error line after its text."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 — cosmetic only
+            pass
+
+
 @contextmanager
 def user_errors():
     """Turn user errors raised inside the block into ``error: ...`` + ``SystemExit(2)``."""
@@ -91,6 +101,7 @@ def user_errors():
     except Exception as exc:  # noqa: BLE001 — filtered just below
         if not is_user_error(exc) or os.environ.get("MEDJAX_TRACEBACK"):
             raise
+        _close_progress_bars()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
 

@@ -156,7 +156,7 @@ def data_cases():
         c("train-malformed-json-line", ("bad.jsonl:3", "invalid JSON"),
           lambda x: _train(x, data=_lines(f(x, "bad.jsonl"), _row(), _row(), '{"text": "unclosed'))),
         c("train-missing-field", ("bad.jsonl:2", "'text'"),
-          lambda x: _train(x, data=_lines(f(x, "bad.jsonl"), _row(), json.dumps({"txt": "x"})))),
+          lambda x: _train(x, data=_lines(f(x, "bad.jsonl"), _row(), json.dumps({"txt": "x"}), *[_row()] * 12))),
         c("train-empty-file", ("empty.jsonl", "empty"), lambda x: _train(x, data=_lines(f(x, "empty.jsonl")))),
         c("train-non-utf8", ("bad.jsonl:2", "not UTF-8"),
           lambda x: _train(x, data=_lines(f(x, "bad.jsonl"), _row(), b'{"text": "caf\xe9"}'))),

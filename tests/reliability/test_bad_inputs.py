@@ -54,7 +54,17 @@ def outcomes():
     return {}
 
 
-@pytest.mark.parametrize("case_id,expect,build", ALL_CASES, ids=[c[0] for c in ALL_CASES])
+# Cases the product does not yet pass, with the reason; strict: they alert once fixed.
+KNOWN_GAPS = {
+    "data-train-missing-field": "the training loop splits data.train into <out_dir>/data/{train,heldout}"
+                                ".jsonl before validating fields, so the error names the copy's line "
+                                "and leaves the copies behind",
+}
+PARAMS = [pytest.param(*c, id=c[0], marks=[pytest.mark.xfail(reason=KNOWN_GAPS[c[0]], strict=True)]
+                       if c[0] in KNOWN_GAPS else []) for c in ALL_CASES]
+
+
+@pytest.mark.parametrize("case_id,expect,build", PARAMS)
 def test_bad_input(case_id, expect, build, rel_model_dir, rel_text_data, tmp_path, capsys, outcomes):
     from medjax.cli_errors import run_cli, user_errors
     call = build(Ctx(tmp_path, rel_model_dir, rel_text_data))
