@@ -1,7 +1,7 @@
 """One process of the 2-process × 4-CPU-device check (run by launch/local_multiprocess.sh).
 
     python -m tests.distributed.multiprocess_worker --out DIR --name NAME --start S --stop E
-        [--restore CKPT] [--save CKPT]
+        [--restore CKPT] [--save CKPT] [--export DIR]
 
 Trains tiny-llama with the fsdp preset over ALL devices of all processes for steps
 [S, E) of a fixed batch sequence; each process feeds only its own rows of every global batch.
@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--stop", type=int, required=True)
     ap.add_argument("--restore")
     ap.add_argument("--save")
+    ap.add_argument("--export", help="HF directory: every process joins the gather of the "
+                                     "sharded model, process 0 writes it")
     args = ap.parse_args()
     assert jax.process_count() == int(os.environ["MEDJAX_NUM_PROCESSES"]), jax.process_count()
 
@@ -67,6 +69,10 @@ def main():
     if args.save:
         checkpointer.save(Path(args.save).absolute(), nnx.to_pure_dict(state))
         checkpointer.wait_until_finished()
+    if args.export:
+        import medjax
+        model, _ = nnx.merge(graphdef, state)
+        medjax.save_hf(model, args.export)
     sample = state[0]["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
     record = {"losses": losses, "rows": read, "process": jax.process_index(),
               "devices": jax.device_count(), "local_devices": jax.local_device_count(),
