@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from medjax import sharding
@@ -122,3 +123,22 @@ def test_presets_on_eight_cpu_devices():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "12 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_lora_adapters_follow_their_base_weights_layout():
+    """Adapters inherit the base weight's logical axes (rank dim whole): expert adapters are
+    split over `expert`, their input dim over `fsdp`."""
+    from medjax.config import LoraSection
+    from medjax.lora import apply_lora
+    from medjax.models import init_decoder
+    model = nnx.eval_shape(lambda: apply_lora(init_decoder(get_preset("tiny-mixtral")),
+                                              LoraSection(enabled=True, rank=4))[0])
+    mesh = jax.sharding.AbstractMesh((1, 2, 1, 4), sharding.MESH_AXES)
+    shardings = sharding.param_shardings(model, mesh, sharding.rules_for("fsdp_ep"))
+    specs = {".".join(map(str, path)): v.get_value().spec for path, v in nnx.to_flat_state(shardings)}
+    lora_specs = {k: v for k, v in specs.items() if "lora" in k.lower() or "adapter" in k.lower()}
+    assert lora_specs, sorted(specs)[:20]
+    expert_a = [v for k, v in lora_specs.items() if "experts" in k and "gate_proj" in k]
+    q_proj = [v for k, v in lora_specs.items() if "q_proj" in k]
+    assert P("expert", "fsdp", None) in expert_a and P("expert", None, None) in expert_a
+    assert P("fsdp", None) in q_proj and P(None, None) in q_proj
