@@ -84,6 +84,35 @@ def fit_length(example: dict[str, np.ndarray], seq_len: int, mode: str, prefixes
     return [c for c in chunks if c["loss_mask"].any() or len(chunks) == 1]
 
 
+def stack_columns(examples: list[dict], prefixes=("",)) -> list[dict]:
+    """Each sequence's ``KEYS`` as ONE ``[L, 3]`` int32 array (the loss mask's float32 bits), so the
+    packer places one array per sequence instead of three; ``unstack_columns`` undoes it."""
+    out = []
+    for example in examples:
+        row = {}
+        for p in prefixes:
+            columns_L3 = np.empty((len(example[p + "input_ids"]), 3), dtype=np.int32)
+            columns_L3[:, 0] = example[p + "input_ids"]
+            columns_L3[:, 1] = example[p + "targets"]
+            columns_L3[:, 2] = example[p + "loss_mask"].view(np.int32)
+            row[p] = columns_L3
+        out.append(row)
+    return out
+
+
+def unstack_columns(packed: dict[str, np.ndarray], prefixes=("",)) -> dict[str, np.ndarray]:
+    """A packed row of ``stack_columns`` sequences → the batch contract's five keys (padding: 0, 0.0)."""
+    row = {}
+    for p in prefixes:
+        columns_T3 = packed[p]
+        row[p + "input_ids"] = np.ascontiguousarray(columns_T3[:, 0])
+        row[p + "targets"] = np.ascontiguousarray(columns_T3[:, 1])
+        row[p + "loss_mask"] = np.ascontiguousarray(columns_T3[:, 2]).view(np.float32)
+        row[p + "positions"] = packed[p + "_positions"]
+        row[p + "segment_ids"] = packed[p + "_segment_ids"]
+    return row
+
+
 def pad_row(example: dict[str, np.ndarray], seq_len: int, prefixes=("",)) -> dict[str, np.ndarray]:
     """One example in one row (no packing): segment 1 on its tokens, 0 on padding."""
     row = {}

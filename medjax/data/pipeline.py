@@ -7,6 +7,7 @@ is a grain ``IterDataset`` whose iterator state (a small dict of counters) is th
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from medjax.data.examples import KEYS, encode_rendered, encode_rendered_batch, fit_length, pad_row
+from medjax.data.examples import encode_rendered, encode_rendered_batch, fit_length, pad_row, stack_columns, unstack_columns
 from medjax.data.formats import FieldError, Renderer
 from medjax.data.sources import DataError, Row, SkipLog, TfdsRecords, read_rows
 
@@ -133,16 +134,6 @@ class _Tag:
         return self.index, row
 
 
-def _rename_packed(row: dict, prefixes) -> dict:
-    out = {}
-    for p in prefixes:
-        for key in KEYS:
-            out[p + key] = row[p + key]
-        out[p + "positions"] = row[p + "input_ids_positions"].astype(np.int32)
-        out[p + "segment_ids"] = row[p + "input_ids_segment_ids"].astype(np.int32)
-    return out
-
-
 class _PadBatch:
     """Pad a short final batch with all-padding rows so every batch is ``[B, T]``."""
 
@@ -181,17 +172,18 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
            limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))
     # Rows are tokenized ENCODE_GROUP at a time (one batched tokenizer call, one prefetch element),
     # a few groups ahead on one background thread; the order of examples does not change.
-    groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group)
-    it = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(PREFETCH), _Flatten())
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
         raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
+    groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group)
+    if data_cfg.pack:
+        groups = groups.map(functools.partial(stack_columns, prefixes=prefixes))
+    it = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(PREFETCH), _Flatten())
     if data_cfg.pack:
         bins = data_cfg.pack_bins or max(2 * batch_size, 16)
         it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct={p + k: seq_len for p in prefixes for k in KEYS},
-            num_packing_bins=bins, shuffle_bins=False)
-        it = it.map(lambda row: _rename_packed(row, prefixes))
+            it, length_struct={p: seq_len for p in prefixes}, num_packing_bins=bins, shuffle_bins=False)
+        it = it.map(functools.partial(unstack_columns, prefixes=prefixes))
     else:
         it = it.map(lambda example: pad_row(example, seq_len, prefixes))
     return it.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size))
