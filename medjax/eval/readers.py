@@ -191,9 +191,9 @@ def _read_tfds(dataset: str, data_dir: Path) -> list[dict] | None:
     name = TFDS_NAMES[dataset]
     if not (data_dir / name).is_dir():
         return None
-    import tensorflow_datasets as tfds  # lazy: not installed on every machine
+    from medjax.data import tfds_builders  # registers the builders; imports tfds lazily
 
-    source = tfds.data_source(name, data_dir=str(data_dir), split="test")
+    source = tfds_builders.data_source(name, split="test", data_dir=str(data_dir))
     docs = []
     for i in range(len(source)):
         rec = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in source[i].items()}
