@@ -47,29 +47,6 @@ class _Group:
     continuations: dict[tuple[int, ...], list[Request]]
 
 
-def last_position_logits(model, ids_BT, last_B):
-    """Logits ``[B, V]`` at position ``last_B`` of each row, applying the output head to those
-    rows only (the head over all T positions is ~20% of a small model's forward).
-
-    Walks the Decoder's submodules the way ``Decoder.forward`` does (dense models without a
-    cache); tests/eval/test_scorer.py checks it against ``model(ids)``.
-    """
-    from medjax.models.layers import rope_inv_freq
-
-    B, T = ids_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    inv_freq = rope_inv_freq(model.config)
-    h_BTH = model.model.embed_tokens(ids_BT)
-    for layer in model.model.layers:
-        h_BTH, _, _ = layer(h_BTH, positions_BT, inv_freq, None, None)
-    h_B1H = model.model.norm(h_BTH[jnp.arange(B), last_B][:, None])
-    if model.config.tie_word_embeddings:
-        logits_B1V = model.model.embed_tokens.attend(h_B1H)
-    else:
-        logits_B1V = model.lm_head(h_B1H)
-    return logits_B1V[:, 0].astype(jnp.float32)
-
-
 def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     """Summed log-prob and all-greedy flag of each continuation ``[B, K]``.
 
@@ -80,8 +57,8 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     B, T = ids_BT.shape
     K, M = cont_BKM.shape[1:]
     rows_B = jnp.arange(B)
-    if M == 1 and not model.config.is_moe:
-        last_logits_BV = last_position_logits(model, ids_BT, ctx_len_B - 1)
+    if M == 1:
+        last_logits_BV = model.forward(ids_BT, logits_at=(ctx_len_B - 1)[:, None]).logits[:, 0]
     else:
         out = model.forward(ids_BT, cache=None if M == 1 else model.init_cache(B, T + M - 1))
         last_logits_BV = out.logits[rows_B, ctx_len_B - 1]

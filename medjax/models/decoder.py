@@ -95,10 +95,11 @@ class Decoder(nnx.Module):
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def forward(self, input_ids=None, *, positions=None, segment_ids=None, cache: KVCache | None = None,
-                input_embeds=None) -> DecoderOutput:
+                input_embeds=None, logits_at=None) -> DecoderOutput:
         """Full forward. ``positions`` default to ``arange(T)``; ``segment_ids [B,T]`` (0 = pad)
         confine attention to each packed example; ``input_embeds`` replaces the embedding lookup
-        (NEFTune adds noise there)."""
+        (NEFTune adds noise there); ``logits_at [B, K]`` applies the output head only at those
+        positions (logits ``[B, K, V]``: scoring needs a few positions, not all T)."""
         h_BTH = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
         B, T = h_BTH.shape[:2]
         if positions is None:
@@ -118,6 +119,8 @@ class Decoder(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
+        if logits_at is not None:
+            h_BTH = jnp.take_along_axis(h_BTH, logits_at[..., None].astype(jnp.int32), axis=1)
         h_BTH = self.model.norm(h_BTH)
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(h_BTH)

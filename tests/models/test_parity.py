@@ -73,3 +73,14 @@ def test_bfloat16_params_and_compute(tmp_path):
     a, b = np.asarray(model32(ids)), np.asarray(model16(ids))
     assert b.dtype == np.float32
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+def test_logits_at_selects_positions(tmp_path):
+    hf_model = make_tiny_hf_model("mixtral", seed=4)
+    hf_model.save_pretrained(tmp_path)
+    model, _ = medjax.load(tmp_path, progress=False)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 256, size=(3, 15)))
+    at = jnp.asarray([[0, 14], [3, 7], [9, 9]])
+    full = np.asarray(model(ids))
+    part = np.asarray(model.forward(ids, logits_at=at).logits)
+    np.testing.assert_allclose(part, np.take_along_axis(full, np.asarray(at)[..., None], 1), atol=1e-5)
