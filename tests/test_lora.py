@@ -85,8 +85,7 @@ def _lora_model(model_dir, run_dir, cfg):
     """The trained LoRA model rebuilt from the last checkpoint."""
     from medjax.training.loop import Trainer, load_model, prepare_data
     model, tok = load_model(cfg)
-    train, held = prepare_data(cfg, tok)
-    trainer = Trainer(cfg, model, tok, train, held, show_bar=False)
+    trainer = Trainer(cfg, model, tok, *prepare_data(cfg, tok), show_bar=False)
     assert trainer.resume()
     return nnx.view(trainer.model(), deterministic=True, raise_if_not_found=False)
 

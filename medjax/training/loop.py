@@ -8,6 +8,7 @@ checkpoint written before it is the last good one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -21,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import RunConfig
-from medjax.training import sft_data
 from medjax.training import step as S
 from medjax.training.checkpoint import Checkpointer
 from medjax.training.metrics import MetricsLogger, plot_run
@@ -82,39 +82,69 @@ def load_model(cfg: RunConfig):
     return model, tokenizer
 
 
+def _resolve(path) -> str:
+    from medjax.loading import resolve_path
+    return str(resolve_path(path))
+
+
+def _write_lines(path: Path, lines) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def data_section(cfg: RunConfig):
+    """``cfg.data`` with paths resolved; without ``data.eval`` the last ``train.heldout_examples``
+    rows of a JSONL ``data.train`` are split off into ``<out_dir>/data/{train,heldout}.jsonl``."""
+    data = cfg.data
+    if data.train is not None:
+        data = dataclasses.replace(data, train=_resolve(data.train))
+    if data.eval is not None:
+        data = dataclasses.replace(data, eval=_resolve(data.eval))
+    split = data.eval is None and cfg.train.heldout_examples > 0
+    if not split and cfg.train.max_examples is None:
+        return data
+    if data.train is None or not data.train.endswith(".jsonl") or data.sources:
+        raise ValueError("train.heldout_examples / train.max_examples split a single JSONL data.train; "
+                         "set data.eval (or train.heldout_examples=0, train.max_examples=null)")
+    from medjax.data.sources import DataError, read_file
+    read_file(Path(data.train))        # bad JSON / non-UTF-8 reported at the user's file:line
+    lines = [line for line in Path(data.train).read_text(encoding="utf-8").splitlines() if line.strip()]
+    held = cfg.train.heldout_examples if split else 0
+    if held >= len(lines):
+        raise DataError(f"train.heldout_examples={held} leaves no training rows in {data.train}")
+    train_lines, held_lines = (lines[:-held], lines[-held:]) if held else (lines, [])
+    if cfg.train.max_examples is not None:
+        train_lines = train_lines[: cfg.train.max_examples]
+    out = Path(cfg.train.out_dir) / "data"
+    data = dataclasses.replace(data, train=str(_write_lines(out / "train.jsonl", train_lines)))
+    if held_lines:
+        data = dataclasses.replace(data, eval=str(_write_lines(out / "heldout.jsonl", held_lines)))
+    return data
+
+
 def prepare_data(cfg: RunConfig, tokenizer):
-    """``(train_examples, heldout_examples)`` as lists of encoded ``[T]`` rows."""
+    """``(train_iterator, heldout_batches, steps)`` from ``medjax.data.make_dataset``."""
+    from medjax.data import make_dataset
     if tokenizer is None:
         raise ValueError("training on data needs a tokenizer: set model.path to a model with one")
-    if cfg.data.train is None:
-        raise ValueError("data.train is not set")
-    if cfg.data.format not in ("alpaca", "text"):
-        raise NotImplementedError(f"data.format={cfg.data.format!r}: the training loop reads "
-                                  "alpaca or text JSONL")
-    train_path = sft_data.resolve_data_path(cfg.data.train)
-    rows = sft_data.read_jsonl(train_path)
-    if cfg.data.eval is not None:
-        eval_path = sft_data.resolve_data_path(cfg.data.eval)
-        held_rows, held_src = sft_data.read_jsonl(eval_path), eval_path
-    else:
-        rows, held_rows = sft_data.split_rows(rows, cfg.train.heldout_examples)
-        held_src = train_path
-    if cfg.train.max_examples is not None:
-        rows = rows[: cfg.train.max_examples]
-    enc = lambda rs, src: sft_data.encode_rows(rs, tokenizer, cfg.data.seq_len, cfg.data.format, src)
-    return enc(rows, train_path), enc(held_rows, held_src)
-
-
-def total_steps(cfg: RunConfig, n_train: int) -> int:
+    data = data_section(cfg)
+    B = cfg.train.batch_size
+    train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed)
+    heldout = list(make_dataset(data, tokenizer, batch_size=B, split="eval")) if data.eval else []
+    steps = cfg.train.steps
     if cfg.train.epochs is not None:
-        return cfg.train.epochs * sft_data.steps_per_epoch(n_train, cfg.train.batch_size)
-    return cfg.train.steps
+        per_epoch = sum(1 for _ in make_dataset(data, tokenizer, batch_size=B, seed=data.seed, num_epochs=1))
+        steps = cfg.train.epochs * max(per_epoch, 1)
+    return train, heldout, steps
 
 
 class Trainer:
     """Holds the split model, jitted functions and run directory of one training run."""
 
-    def __init__(self, cfg: RunConfig, model, tokenizer, train_examples, heldout_examples, *,
+    def __init__(self, cfg: RunConfig, model, tokenizer, batches, heldout_batches, steps: int, *,
                  show_bar: bool = True):
         from medjax.sharding import make_mesh, rules_for
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -130,7 +160,7 @@ class Trainer:
                                      double_quant=cfg.lora.double_quant).summary())
         from medjax.training.neftune import attach_neftune
         attach_neftune(model, cfg.train.neftune_alpha, seed=cfg.train.seed)
-        self.steps = total_steps(cfg, len(train_examples))
+        self.steps = steps
         self.tx, self.schedule = make_optimizer(cfg.optim, self.steps)
         self.graphdef, params, rngs, frozen = S.split_model(model, self.lora)
         self.mesh, self.rules = make_mesh(cfg.mesh), rules_for(cfg.mesh.preset)
@@ -142,9 +172,7 @@ class Trainer:
         self.frozen = S.place(frozen, frozen_sh)
         self.eval_fn = S.jit_eval_loss(self.state_sh.params, self.state_sh.rngs, frozen_sh,
                                        mesh=self.mesh, graphdef=self.graphdef)
-        self.batches = sft_data.train_batches(train_examples, cfg.train.batch_size, cfg.data.seed)
-        self.heldout = sft_data.eval_batches(heldout_examples, cfg.train.batch_size)
-        self.n_train = len(train_examples)
+        self.batches, self.heldout = batches, heldout_batches
         ckpt_dir = cfg.checkpoint.dir or self.out_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
@@ -288,8 +316,7 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
         from medjax.training.dpo import DpoTrainer
         trainer = DpoTrainer(cfg, model, tokenizer, show_bar=show_bar)
     else:
-        train_examples, heldout_examples = prepare_data(cfg, tokenizer)
-        trainer = Trainer(cfg, model, tokenizer, train_examples, heldout_examples, show_bar=show_bar)
+        trainer = Trainer(cfg, model, tokenizer, *prepare_data(cfg, tokenizer), show_bar=show_bar)
     if resume and not trainer.resume():
         trainer_msg = f"no checkpoint in {trainer.ckpt.directory}; starting from step 0"
         print(trainer_msg)
