@@ -20,8 +20,11 @@ from medjax.data.formats import FieldError, Renderer
 from medjax.data.sources import DataError, Row, SkipLog, TfdsRecords, read_rows
 
 
-ENCODE_GROUP = 64
-PREFETCH = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+# Rows tokenized per batched tokenizer call (and per prefetch element), and how far ahead one
+# background thread works: grain's default (16 threads x 500 elements) spends more time switching
+# threads and polling its buffer than tokenizing when every element is GIL-bound Python.
+ENCODE_GROUP = 16
+PREFETCH = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
 @dataclass
@@ -149,8 +152,11 @@ class _PadBatch:
 
 def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
                   num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                  split: str = "train", skips: SkipLog | None = None) -> grain.IterDataset:
-    """The grain pipeline behind ``make_dataset`` (``batch_size`` here is per host)."""
+                  split: str = "train", skips: SkipLog | None = None,
+                  read_options: grain.ReadOptions | None = None, batched_encode: bool = True) -> grain.IterDataset:
+    """The grain pipeline behind ``make_dataset`` (``batch_size`` here is per host). ``read_options``
+    replaces the default one-thread prefetch (``ReadOptions(num_threads=0)``: all work in the caller);
+    ``batched_encode=False`` tokenizes row by row (slower; the same batches)."""
     seq_len = seq_len or data_cfg.seq_len
     seed = data_cfg.seed if seed is None else seed
     skips = skips if skips is not None else SkipLog()
@@ -170,15 +176,15 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
     _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
            limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))
-    # Rows are tokenized ENCODE_GROUP at a time (one batched tokenizer call, one prefetch element),
-    # a few groups ahead on one background thread; the order of examples does not change.
+    # Rows are tokenized ENCODE_GROUP at a time (one batched tokenizer call, one prefetch element);
+    # the order of examples is that of the rows.
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
         raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
-    groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group)
+    groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group) if batched_encode else ds.map(encode)
     if data_cfg.pack:
         groups = groups.map(functools.partial(stack_columns, prefixes=prefixes))
-    it = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(PREFETCH), _Flatten())
+    it = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(read_options or PREFETCH), _Flatten())
     if data_cfg.pack:
         bins = data_cfg.pack_bins or max(2 * batch_size, 16)
         it = grain.experimental.FirstFitPackIterDataset(
