@@ -1,0 +1,151 @@
+"""int8 / nf4 quantization: error bounds, optimal rounding, QLoRA forward and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medjax import quant
+from medjax.config import LoraSection
+from medjax.lora import apply_lora
+from medjax.models import get_preset, init_decoder
+
+W = jax.random.normal(jax.random.key(0), (3, 256, 40)) * 0.02 + 0.001
+
+
+def test_int8_error_within_half_a_step_per_channel():
+    spec, arrays = quant.quantize(W, "int8", dtype=jnp.float32)
+    err = np.abs(np.asarray(quant.dequantize(spec, arrays)) - np.asarray(W))
+    step = np.abs(np.asarray(W)).max(axis=-2, keepdims=True) / 127
+    assert arrays["codes"].dtype == jnp.int8
+    assert np.all(err <= step / 2 + 1e-7)
+
+
+def test_nf4_rounds_to_the_nearest_level_of_each_block():
+    spec, arrays = quant.quantize(W, "nf4", block=64, dtype=jnp.float32)
+    got = np.asarray(quant.dequantize(spec, arrays))
+    # numpy reference: per block of 64 `in` rows per column, absmax scaling, nearest NF4 level
+    w = np.asarray(W).reshape(3, 4, 64, 40)
+    absmax = np.abs(w).max(axis=2, keepdims=True)
+    levels = quant.NF4_LEVELS
+    nearest = levels[np.argmin(np.abs(w[..., None] / absmax[..., None] - levels), axis=-1)]
+    ref = (nearest * absmax).reshape(W.shape)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
+    # the format's bound: half the widest gap between adjacent levels, times the block absmax
+    err = np.abs(got - np.asarray(W)).reshape(3, 4, 64, 40)
+    assert np.all(err <= quant.NF4_MAX_HALF_GAP * absmax + 1e-7)
+    assert arrays["codes"].dtype == jnp.uint8 and arrays["codes"].shape == (3, 128, 40)
+
+
+def test_nf4_double_quant_scales_error_and_bytes():
+    spec, plain = quant.quantize(W, "nf4", block=64, dtype=jnp.float32)
+    spec_dq, dq = quant.quantize(W, "nf4", block=64, double_quant=True, dtype=jnp.float32)
+    scales = np.asarray(plain["scales"])
+    scales_dq = np.asarray(quant._nf4_scales(spec_dq, dq))
+    # second-level int8 codes: at most half a step of (max |scale - mean| / 127) per scale
+    step = np.abs(scales - scales.mean()).max() / 127
+    assert np.all(np.abs(scales_dq - scales) <= step / 2 + 1e-8)
+    err = np.abs(np.asarray(quant.dequantize(spec_dq, dq)) - np.asarray(W)).reshape(3, 4, 64, 40)
+    bound = quant.NF4_MAX_HALF_GAP * scales[:, :, None, :] + step / 2 + 1e-7
+    assert np.all(err <= bound)
+    n = W.size
+    assert quant.storage_bytes(plain) / n == pytest.approx(0.5 + 4 / 64)
+    assert quant.storage_bytes(dq) / n < 0.5 + 1.2 / 64     # ~0.516 at real sizes
+
+
+_BUILT = {}
+
+
+def _lora_model(preset, targets):
+    """A fresh copy of a tiny decoder + LoRA with non-zero adapters (built once per preset)."""
+    if preset not in _BUILT:
+        model = init_decoder(get_preset(preset), seed=0)
+        apply_lora(model, LoraSection(enabled=True, rank=4, alpha=8, targets=targets), seed=0)
+        state = nnx.state(model, nnx.LoRAParam)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        nnx.update(model, jax.tree.unflatten(treedef, noisy))    # B != 0: adapters contribute
+        _BUILT[preset] = model
+    return nnx.clone(_BUILT[preset])
+
+
+def _quantize(model, fmt, **kw):
+    return model, quant.quantize_model(model, fmt, **kw)
+
+
+def _dequantize(model):
+    return quant.dequantize_model(nnx.clone(model))
+
+
+MIXTRAL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "block_sparse_moe.gate")
+CASES = [("tiny-llama2", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+         ("tiny-mixtral", MIXTRAL_TARGETS)]
+
+
+@nnx.jit
+def _logits(model, ids):
+    return model(ids)
+
+
+def _loss(model, ids):
+    logits = model(ids[:, :-1])
+    logp = jax.nn.log_softmax(logits, -1)
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+
+
+@pytest.mark.parametrize("preset,targets,fmt", [CASES[0] + ("int8",), CASES[0] + ("nf4",),
+                                                CASES[1] + ("int8",), CASES[1] + ("nf4",)])
+def test_qlora_forward_close_to_lora_and_exact_vs_dequantized(preset, targets, fmt):
+    ids = jax.random.randint(jax.random.key(2), (2, 24), 0, 512)
+    model = _lora_model(preset, targets)
+    ref_logits, ref_loss = _logits(model, ids), nnx.jit(_loss)(model, ids)
+    model, report = _quantize(model, fmt, block=64, double_quant=(fmt == "nf4"))
+    wrapped = {p for p, *_ in report.tensors}
+    assert any(p.endswith("q_proj.base") for p in wrapped)
+    if preset == "tiny-mixtral":   # every expert stack and the router are quantized under LoRA
+        assert any(p.endswith("experts.base") for p in wrapped)
+        assert any(p.endswith("block_sparse_moe.gate.base") for p in wrapped)
+    if fmt == "nf4":   # bytes/param reported at load; storage is never a trainable Param
+        assert 0.5 < report.quantized_bytes_per_param < 0.5 + 4 / 64 and "bytes/param" in report.summary()
+        stored = jax.tree.leaves(nnx.state(model, quant.QuantizedArray))
+        float_elems = sum(x.size for x in stored if jnp.issubdtype(x.dtype, jnp.floating))
+        assert float_elems * 64 <= report.quantized_params          # codes are ints, scales few
+        assert not jax.tree.leaves(nnx.state(model, nnx.Param).filter(
+            lambda path, v: any(str(p) == "base" for p in path) and v.get_value().ndim >= 2))
+    q_logits, q_loss = _logits(model, ids), nnx.jit(_loss)(model, ids)
+    rel_logits = float(jnp.linalg.norm(q_logits - ref_logits) / jnp.linalg.norm(ref_logits))
+    rel_loss = abs(float(q_loss - ref_loss)) / float(ref_loss)
+    if fmt == "int8":
+        assert rel_logits < 0.02, rel_logits
+    else:
+        # nf4 rounds each weight by up to 15% of its block absmax: logits move ~10% on random
+        # tiny models, the LM loss stays within 2%
+        assert rel_logits < 0.2, rel_logits
+    assert rel_loss < 0.02, rel_loss
+    # on-the-fly dequantization computes exactly what the dequantized weights compute
+    plain = _dequantize(model)
+    np.testing.assert_allclose(np.asarray(_logits(plain, ids)), np.asarray(q_logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,targets", CASES)
+def test_qlora_adapter_grads_equal_grads_through_the_dequantized_base(preset, targets):
+    ids = jax.random.randint(jax.random.key(3), (2, 16), 0, 512)
+    model = _lora_model(preset, targets)
+    model, _ = _quantize(model, "nf4", block=32)
+    plain = _dequantize(model)
+    grad = nnx.jit(lambda m: nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(m, ids))
+    g_q = dict(nnx.to_flat_state(grad(model)))
+    g_p = dict(nnx.to_flat_state(grad(plain)))
+    assert g_q.keys() == g_p.keys() and len(g_q) > 0
+    for k in g_q:
+        np.testing.assert_allclose(np.asarray(g_q[k].get_value()), np.asarray(g_p[k].get_value()),
+                                   rtol=2e-4, atol=1e-6, err_msg=str(k))
+
+
+def test_quantize_errors():
+    with pytest.raises(ValueError, match="format"):
+        quant.quantize(W, "int4")
+    with pytest.raises(ValueError, match="even"):
+        quant.quantize(jnp.ones((3, 4)), "nf4")
