@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from medjax.data.examples import encode_rendered, encode_rendered_batch, fit_length, pad_row, stack_columns, unstack_columns
+from medjax.data.examples import KEYS, encode_rendered, encode_rendered_batch, fit_length, pad_row, stack_columns, unstack_columns
 from medjax.data.formats import FieldError, Renderer
 from medjax.data.sources import DataError, Row, SkipLog, TfdsRecords, read_rows
 
@@ -137,6 +137,17 @@ class _Tag:
         return self.index, row
 
 
+def _rename_packed(row: dict, prefixes) -> dict:
+    """Grain's packed output of separately packed ``KEYS`` → the batch contract (reference path)."""
+    out = {}
+    for p in prefixes:
+        for key in KEYS:
+            out[p + key] = row[p + key]
+        out[p + "positions"] = row[p + "input_ids_positions"].astype(np.int32)
+        out[p + "segment_ids"] = row[p + "input_ids_segment_ids"].astype(np.int32)
+    return out
+
+
 class _PadBatch:
     """Pad a short final batch with all-padding rows so every batch is ``[B, T]``."""
 
@@ -153,10 +164,11 @@ class _PadBatch:
 def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
                   num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                   split: str = "train", skips: SkipLog | None = None,
-                  read_options: grain.ReadOptions | None = None, batched_encode: bool = True) -> grain.IterDataset:
+                  read_options: grain.ReadOptions | None = None, fast_path: bool = True) -> grain.IterDataset:
     """The grain pipeline behind ``make_dataset`` (``batch_size`` here is per host). ``read_options``
-    replaces the default one-thread prefetch (``ReadOptions(num_threads=0)``: all work in the caller);
-    ``batched_encode=False`` tokenizes row by row (slower; the same batches)."""
+    replaces the default one-thread prefetch (``ReadOptions(num_threads=0)``: all work in the caller).
+    ``fast_path=False`` is the straightforward reference the fast path must equal batch for batch: one
+    tokenizer call per text, and the packer placing ids, targets and loss mask as three arrays."""
     seq_len = seq_len or data_cfg.seq_len
     seed = data_cfg.seed if seed is None else seed
     skips = skips if skips is not None else SkipLog()
@@ -176,20 +188,23 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
     _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
            limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))
-    # Rows are tokenized ENCODE_GROUP at a time (one batched tokenizer call, one prefetch element);
-    # the order of examples is that of the rows.
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
         raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
-    groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group) if batched_encode else ds.map(encode)
-    if data_cfg.pack:
-        groups = groups.map(functools.partial(stack_columns, prefixes=prefixes))
+    columns = fast_path and data_cfg.pack
+    if fast_path:  # ENCODE_GROUP rows per batched tokenizer call (and per prefetch element), order kept
+        groups = ds.batch(ENCODE_GROUP, batch_fn=list).map(encode.group)
+        if columns:
+            groups = groups.map(functools.partial(stack_columns, prefixes=prefixes))
+    else:
+        groups = ds.map(encode)
     it = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(read_options or PREFETCH), _Flatten())
     if data_cfg.pack:
         bins = data_cfg.pack_bins or max(2 * batch_size, 16)
+        keys = prefixes if columns else [p + k for p in prefixes for k in KEYS]
         it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct={p: seq_len for p in prefixes}, num_packing_bins=bins, shuffle_bins=False)
-        it = it.map(functools.partial(unstack_columns, prefixes=prefixes))
+            it, length_struct={k: seq_len for k in keys}, num_packing_bins=bins, shuffle_bins=False)
+        it = it.map(functools.partial(unstack_columns if columns else _rename_packed, prefixes=prefixes))
     else:
         it = it.map(lambda example: pad_row(example, seq_len, prefixes))
     return it.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size))
