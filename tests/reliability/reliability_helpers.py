@@ -57,11 +57,11 @@ def env(cache_dir: Path) -> dict:
 
 
 def run_faulted(config: Path, kind: str, step: int, delay_ms: float, *, cache_dir: Path,
-                resume: bool, timeout: float = 300) -> subprocess.CompletedProcess:
+                resume: bool, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(HERE / "fault_runner.py"), kind, str(step), str(delay_ms), "--",
            "--config", str(config), "--no-progress"] + (["--resume"] if resume else [])
     return subprocess.run(cmd, capture_output=True, text=True, env=env(cache_dir), timeout=timeout,
-                          cwd=str(ROOT))
+                          cwd=str(cwd))
 
 
 def train_records(metrics_path: Path, start_line: int = 0) -> list[dict]:

@@ -60,8 +60,14 @@ def test_sigkill_at_random_points_resumes_exactly(rel_model_dir, rel_text_data, 
     ref_dir = tmp_path / "reference"
     ref_cfg = write_config(tmp_path / "reference.yaml",
                            tiny_run_config(rel_model_dir, rel_text_data, ref_dir, steps=STEPS, every=EVERY))
-    proc = run_faulted(ref_cfg, "none", 0, 0, cache_dir=jax_cache, resume=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = set(tmp_path.rglob("*"))
+    proc = run_faulted(ref_cfg, "none", 0, 0, cache_dir=jax_cache, resume=False, cwd=cwd)
     assert proc.returncode == 0, _tail(proc)
+    # every file the run wrote lies under its declared root (train.out_dir); none in the cwd
+    strays = [p for p in set(tmp_path.rglob("*")) - before if p != ref_dir and ref_dir not in p.parents]
+    assert not strays, strays
     ref_loss = {r["step"]: r["loss"] for r in train_records(ref_dir / "metrics.jsonl")}
     assert sorted(ref_loss) == list(range(1, STEPS + 1))
     ref_tensors = load_file(str(ref_dir / "export" / "hf" / "model.safetensors"))
