@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    from medjax.distributed import initialize
+    initialize(cfg.mesh)   # multi-host: jax.distributed from the launch environment; no-op alone
     try:
         summary = run(cfg, resume=args.resume, show_bar=not args.no_progress)
     except TrainingDiverged as e:
