@@ -120,6 +120,9 @@ def tiny_overrides(raw: dict, name: str) -> list[str]:
     tasks = (raw.get("eval") or {}).get("tasks") or []
     if tasks:                                   # one task of the card's list keeps CPU runs short
         out.append(f"eval.tasks=[{tasks[0]}]")
+    data_template = (raw.get("data") or {}).get("chat_template")
+    if (raw.get("eval") or {}).get("chat_template") == "default" and data_template:
+        out.append(f"eval.chat_template={data_template}")   # the byte tokenizer ships no template
     if lora.get("enabled"):
         out.append("lora.rank=8")
     return out
@@ -179,9 +182,9 @@ def load_recipe(name_or_path, overrides=(), *, check_inputs: bool = True):
 
 
 # ----------------------------------------------------------------------------- eval after training
-def evaluate_run(cfg, trainer) -> dict | None:
-    """The recipe's eval section on the trained model (adapters merged, base dequantized);
-    writes ``<out_dir>/eval.json``. None when ``eval.tasks`` is empty; a ``skipped`` note when
+def evaluate_run(cfg, trainer, name: str = "eval") -> dict | None:
+    """The recipe's eval section on the trainer's current model (adapters merged, base
+    dequantized); writes ``<out_dir>/<name>.json``. None when ``eval.tasks`` is empty; a ``skipped`` note when
     ``eval.data_dir`` does not exist."""
     if not cfg.eval.tasks or not cfg.eval.data_dir:
         return None
@@ -213,7 +216,8 @@ def evaluate_run(cfg, trainer) -> dict | None:
                       chat_template=True if template == "default" else (template or False),
                       score=cfg.eval.score, mode=cfg.eval.mode, tokens_per_batch=cfg.eval.batch_tokens)
     result["skipped_tasks"] = skipped
-    path = Path(cfg.train.out_dir) / "eval.json"
+    path = Path(cfg.train.out_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
