@@ -125,6 +125,8 @@ def tiny_overrides(raw: dict, name: str) -> list[str]:
         out.append(f"eval.chat_template={data_template}")   # the byte tokenizer ships no template
     if lora.get("enabled"):
         out.append("lora.rank=8")
+    if fmt == "preference":                     # a chat-rendered pair in bytes needs more room
+        out.append("data.seq_len=448")
     return out
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -234,6 +235,11 @@ class DpoTrainer(Trainer):
 
     def train(self) -> dict:
         from medjax.training.metrics import MetricsLogger, plot_run
+        first = self.heldout[0] if self.heldout else None
+        if first is not None and not (np.asarray(first["chosen_loss_mask"]).any()
+                                      and np.asarray(first["rejected_loss_mask"]).any()):
+            raise ValueError(f"no preference pair keeps an answer token within data.seq_len="
+                             f"{self.cfg.data.seq_len} (prompts too long?): DPO would learn nothing")
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
                             show_bar=self.show_bar)
         summary = {"steps": self.steps, "start_step": self.start_step, "objective": "dpo",
