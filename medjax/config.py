@@ -231,7 +231,7 @@ class EvalSection:
     tasks: tuple = ()
     data_dir: Optional[str] = None
     limit: Optional[int] = None
-    every: int = 0
+    before_training: bool = False         # also score the untrained model (eval_before.json)
     num_fewshot: int = 0
     chat_template: Optional[str] = None   # None = plain prompts; "default" = the model's template
     score: str = "letter"                 # letter | full_answer (Med42: likelihood of the option text)
@@ -247,8 +247,6 @@ class EvalSection:
             raise ConfigError(f"eval.num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval.limit must be >= 1 or null, got {self.limit}")
-        if self.every < 0:
-            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,10 @@ def _format_summary(s: dict) -> str:
                 "train_seconds", "total_seconds", "plot"):
         if s.get(key) is not None:
             lines.append(f"{key}: {s[key]}")
+    before = (s.get("eval_before") or {}).get("results") or {}
+    for task, row in ((s.get("eval") or {}).get("results") or {}).items():
+        was = f"{before[task]['acc']:.3f} -> " if task in before else ""
+        lines.append(f"{task} acc ({row['n']} items): {was}{row['acc']:.3f}")
     for kind, path in (s.get("exports") or {}).items():
         lines.append(f"export {kind}: {path}")
     lines.append(json.dumps({k: s[k] for k in ("heldout_loss_before", "heldout_loss_after") if k in s}))

@@ -317,12 +317,21 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
         trainer = DpoTrainer(cfg, model, tokenizer, show_bar=show_bar)
     else:
         trainer = Trainer(cfg, model, tokenizer, *prepare_data(cfg, tokenizer), show_bar=show_bar)
-    if resume and not trainer.resume():
-        trainer_msg = f"no checkpoint in {trainer.ckpt.directory}; starting from step 0"
-        print(trainer_msg)
+    from medjax.recipes import evaluate_run
+    eval_before = None
+    if not resume and trainer.ckpt.steps():
+        from medjax.config import ConfigError
+        raise ConfigError(f"{trainer.ckpt.directory} already holds checkpoints {trainer.ckpt.steps()}: "
+                          f"continue with --resume, or choose another train.out_dir")
+    if not (resume and trainer.resume()):
+        if resume:
+            print(f"no checkpoint in {trainer.ckpt.directory}; starting from step 0")
+        if cfg.eval.before_training:
+            eval_before = evaluate_run(cfg, trainer, name="eval_before")
     summary = trainer.train()
     summary["exports"] = trainer.export(cfg.train.export)
-    from medjax.recipes import evaluate_run
+    if eval_before is not None:
+        summary["eval_before"] = eval_before
     summary["eval"] = evaluate_run(cfg, trainer)     # the config's eval section (None if unset)
     summary["total_seconds"] = round(time.perf_counter() - t0, 2)
     summary["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
