@@ -60,6 +60,8 @@ class DataSection:
     chat_template: Optional[str] = None  # built-in name (alpaca, llama2, llama3, mistral, chatml) or jinja
     system_prompt: Optional[str] = None  # prepended as a system turn when prompt_style=chat
     train_on_prompt: bool = False       # also score prompt tokens (loss mask 1 everywhere)
+    heldout_rows: int = 0               # without data.eval: the last N rows of data.train form the eval split
+    max_rows: Optional[int] = None      # cap on training rows (after the held-out rows are set aside)
     seq_len: int = 512
     pack: bool = True
     pack_bins: int = 0                  # first-fit bins held open; 0 = max(2*batch, 16)

@@ -38,7 +38,10 @@ class Source:
 def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog | None = None) -> list[Source]:
     """Read and validate every configured source (files eagerly, TFDS lazily)."""
     skips = skips if skips is not None else SkipLog()
-    if split == "eval":
+    holdout = data_cfg.eval is None and data_cfg.heldout_rows > 0
+    if holdout and (data_cfg.sources or data_cfg.train is None):
+        raise DataError("data.heldout_rows splits a single data.train source; set data.eval for mixtures")
+    if split == "eval" and not holdout:
         if data_cfg.eval is None:
             raise DataError("data.eval is not set: give a file, glob or directory of evaluation data")
         entries = [{"path": data_cfg.eval}]
@@ -62,10 +65,23 @@ def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog
             rows = [row for row in read_rows(entry["path"], on_error=data_cfg.on_error, skips=skips)
                     if _valid(row, renderer, data_cfg.on_error, skips)]
             name = entry["path"]
+            rows = _select_rows(rows, data_cfg, split, name) if holdout or data_cfg.max_rows else rows
         if len(rows) == 0:
             raise DataError(f"{name}: no usable examples ({skips.summary()})")
         sources.append(Source(name, rows, float(entry.get("weight", 1.0)), renderer))
     return sources
+
+
+def _select_rows(rows: list[Row], data_cfg, split: str, name: str) -> list[Row]:
+    """The held-out tail (``split="eval"``) or the training rows before it, capped by ``max_rows``.
+    Rows keep their original ``file:line``, so errors still name the user's file."""
+    held = data_cfg.heldout_rows if data_cfg.eval is None else 0
+    if held and held >= len(rows):
+        raise DataError(f"{name}: data.heldout_rows={held} leaves no training rows ({len(rows)} total)")
+    if split == "eval":
+        return rows[len(rows) - held:]
+    rows = rows[:len(rows) - held]
+    return rows if data_cfg.max_rows is None else rows[:data_cfg.max_rows]
 
 
 def _valid(row: Row, renderer: Renderer, on_error: str, skips: SkipLog) -> bool:

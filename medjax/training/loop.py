@@ -87,41 +87,18 @@ def _resolve(path) -> str:
     return str(resolve_path(path))
 
 
-def _write_lines(path: Path, lines) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def data_section(cfg: RunConfig):
     """``cfg.data`` with paths resolved; without ``data.eval`` the last ``train.heldout_examples``
-    rows of a JSONL ``data.train`` are split off into ``<out_dir>/data/{train,heldout}.jsonl``."""
+    rows of ``data.train`` are the held-out split (``data.heldout_rows``, selected in memory)."""
     data = cfg.data
     if data.train is not None:
         data = dataclasses.replace(data, train=_resolve(data.train))
     if data.eval is not None:
         data = dataclasses.replace(data, eval=_resolve(data.eval))
-    split = data.eval is None and cfg.train.heldout_examples > 0
-    if not split and cfg.train.max_examples is None:
-        return data
-    if data.train is None or not data.train.endswith(".jsonl") or data.sources:
-        raise ValueError("train.heldout_examples / train.max_examples split a single JSONL data.train; "
-                         "set data.eval (or train.heldout_examples=0, train.max_examples=null)")
-    from medjax.data.sources import DataError, read_file
-    read_file(Path(data.train))        # bad JSON / non-UTF-8 reported at the user's file:line
-    lines = [line for line in Path(data.train).read_text(encoding="utf-8").splitlines() if line.strip()]
-    held = cfg.train.heldout_examples if split else 0
-    if held >= len(lines):
-        raise DataError(f"train.heldout_examples={held} leaves no training rows in {data.train}")
-    train_lines, held_lines = (lines[:-held], lines[-held:]) if held else (lines, [])
+    if data.eval is None and not data.sources and data.train is not None:
+        data = dataclasses.replace(data, heldout_rows=cfg.train.heldout_examples)
     if cfg.train.max_examples is not None:
-        train_lines = train_lines[: cfg.train.max_examples]
-    out = Path(cfg.train.out_dir) / "data"
-    data = dataclasses.replace(data, train=str(_write_lines(out / "train.jsonl", train_lines)))
-    if held_lines:
-        data = dataclasses.replace(data, eval=str(_write_lines(out / "heldout.jsonl", held_lines)))
+        data = dataclasses.replace(data, max_rows=cfg.train.max_examples)
     return data
 
 
@@ -133,7 +110,8 @@ def prepare_data(cfg: RunConfig, tokenizer):
     data = data_section(cfg)
     B = cfg.train.batch_size
     train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed)
-    heldout = list(make_dataset(data, tokenizer, batch_size=B, split="eval")) if data.eval else []
+    has_eval = data.eval is not None or data.heldout_rows > 0
+    heldout = list(make_dataset(data, tokenizer, batch_size=B, split="eval")) if has_eval else []
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
         per_epoch = sum(1 for _ in make_dataset(data, tokenizer, batch_size=B, seed=data.seed, num_epochs=1))

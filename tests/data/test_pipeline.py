@@ -155,3 +155,15 @@ def test_mixture_follows_weights(tmp_path, tokenizer, write_jsonl):
     ids = record_ids(tokenizer, it)
     share = np.mean([i >= 100 for i in ids])
     assert len(ids) == 200 and 0.05 < share < 0.15
+
+
+def test_heldout_rows_split_in_memory(tmp_path, tokenizer, write_jsonl):
+    cfg = DataSection(train=str(texts_file(tmp_path, write_jsonl, 40)), seq_len=64, heldout_rows=6,
+                      max_rows=20)
+    train = record_ids(tokenizer, make_dataset(cfg, tokenizer, batch_size=4, seed=1, num_epochs=1,
+                                               process_index=0, process_count=1))
+    held = record_ids(tokenizer, make_dataset(cfg, tokenizer, batch_size=4, split="eval",
+                                              process_index=0, process_count=1))
+    assert sorted(held) == list(range(34, 40))
+    assert sorted(train) == list(range(20))
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "texts.jsonl"]  # nothing written

@@ -160,7 +160,7 @@ def data_cases():
         c("train-empty-file", ("empty.jsonl", "empty"), lambda x: _train(x, data=_lines(f(x, "empty.jsonl")))),
         c("train-non-utf8", ("bad.jsonl:2", "not UTF-8"),
           lambda x: _train(x, data=_lines(f(x, "bad.jsonl"), _row(), b'{"text": "caf\xe9"}'))),
-        c("train-missing-file", ("No such file or directory", "absent.jsonl"),
+        c("train-missing-file", ("no data files match", "absent.jsonl"),
           lambda x: _train(x, data=f(x, "absent.jsonl"))),
         # the medjax.data pipeline (python -m medjax.data inspect)
         c("pipeline-malformed-json-line", ("bad.jsonl:3", "invalid JSON"),

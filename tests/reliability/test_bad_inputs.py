@@ -54,18 +54,7 @@ def outcomes():
     return {}
 
 
-# Cases the product does not yet pass, with the reason. The training loop's data split (in
-# progress on main) writes <out_dir>/data/{train,heldout}.jsonl before the data fields, the mesh
-# and the LoRA targets are checked; not strict, so the suite passes on either side of that change.
-_SPLIT = ("the training loop writes <out_dir>/data/{train,heldout}.jsonl (its held-out split) "
-          "before this check, so the copies stay behind")
-KNOWN_GAPS = {
-    "data-train-missing-field": _SPLIT + " and the error names the copy's file:line",
-    "config-mesh-not-matching-devices": _SPLIT,
-    "config-lora-target-matches-nothing": _SPLIT,
-}
-PARAMS = [pytest.param(*c, id=c[0], marks=[pytest.mark.xfail(reason=KNOWN_GAPS[c[0]], strict=False)]
-                       if c[0] in KNOWN_GAPS else []) for c in ALL_CASES]
+PARAMS = [pytest.param(*c, id=c[0]) for c in ALL_CASES]
 
 
 @pytest.mark.parametrize("case_id,expect,build", PARAMS)
