@@ -54,6 +54,9 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
     is_writer = jax.process_index() == 0
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    if is_writer:  # leftovers of an export that was killed before its final rename
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) if is_writer else None
     try:
         shard, shard_bytes, shards = {}, 0, []

@@ -56,3 +56,13 @@ def test_export_refuses_source_dir_and_nonempty(tmp_path):
         medjax.save_hf(model, tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
     assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_stale_tmp_of_killed_export_is_cleaned(tmp_path):
+    hf_model = make_tiny_hf_model("llama2", seed=2)
+    hf_model.save_pretrained(tmp_path / "src")
+    model, _ = medjax.load(tmp_path / "src", progress=False)
+    (tmp_path / ".out.tmp-dead").mkdir()
+    (tmp_path / ".out.tmp-dead" / "model-00001.safetensors").write_bytes(b"partial")
+    medjax.save_hf(model, tmp_path / "out")
+    assert not list(tmp_path.glob(".out.tmp-*")) and (tmp_path / "out" / "config.json").is_file()
