@@ -41,7 +41,7 @@ ASSET_INSTRUCT = "pkg://medjax/assets/med_instruct.jsonl"
 
 
 # ----------------------------------------------------------------------------- tiny runs
-def byte_tokenizer():
+def byte_tokenizer(add_bos_token: bool = True):
     """A 259-token byte-level tokenizer (``<pad> <s> </s>`` + 256 bytes) for the tiny presets."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models
@@ -55,7 +55,7 @@ def byte_tokenizer():
     backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<pad>", "<s>", "</s>"])
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=True,
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=add_bos_token,
                      source="<medjax byte tokenizer>")
 
 

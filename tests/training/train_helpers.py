@@ -6,19 +6,8 @@ VOCAB = 3 + 256          # <pad> <s> </s> + 256 byte symbols
 
 
 def write_byte_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
-        vocab[ch] = 3 + i
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
-        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    from medjax.recipes import byte_tokenizer
+    byte_tokenizer(add_bos_token=False).save(out)
 
 
 def make_tiny_model_dir(out: Path, family: str = "llama2", **overrides) -> Path:
