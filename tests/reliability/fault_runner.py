@@ -51,9 +51,14 @@ def install(kind: str, step: int, delay_s: float) -> None:
         real_save = Checkpointer.save
 
         def save(self, at_step, state, meta):
-            if at_step == step:
-                threading.Timer(delay_s, _die).start()
-            return real_save(self, at_step, state, meta)
+            if at_step != step:
+                return real_save(self, at_step, state, meta)
+            threading.Timer(delay_s, _die).start()
+            result = real_save(self, at_step, state, meta)
+            # hold the training thread until the kill lands, so it lands in THIS save (sync copy or
+            # background commit) even when later steps would otherwise run faster than the delay
+            time.sleep(delay_s + 30)
+            return result
         Checkpointer.save = save
     elif kind == "export_write":
         import medjax.hf.export as E
