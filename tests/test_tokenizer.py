@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medjax.tokenizer import BUILTIN_CHAT_TEMPLATES, Tokenizer, TokenizerError, load_tokenizer
-from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXTS = [
     "Hello world",

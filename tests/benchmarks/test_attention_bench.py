@@ -1,8 +1,6 @@
 """``python -m medjax.bench``: dispatcher and a CPU smoke run of the attention benchmark."""
 import json
 
-import jax.numpy as jnp
-import numpy as np
 
 from medjax import bench
 from medjax.benchmarks import attention as attention_bench

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from medjax.config import DataSection
 from medjax.data import make_dataset, packing_efficiency

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import medjax
-from hf_fixtures import FAMILIES, make_tiny_hf, make_tiny_hf_model
+from hf_fixtures import FAMILIES, make_tiny_hf_model
 
 LENGTHS = (5, 17, 33)  # several lengths; 17 and 33 exceed the tiny Mistral's window of 8
 

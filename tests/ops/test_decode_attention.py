@@ -2,7 +2,6 @@
 import functools
 
 import jax.numpy as jnp
-import numpy as np
 
 from medjax.ops.pallas import decode_attention
 

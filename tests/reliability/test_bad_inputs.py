@@ -59,7 +59,7 @@ PARAMS = [pytest.param(*c, id=c[0]) for c in ALL_CASES]
 
 @pytest.mark.parametrize("case_id,expect,build", PARAMS)
 def test_bad_input(case_id, expect, build, rel_model_dir, rel_text_data, tmp_path, capsys, outcomes):
-    from medjax.cli_errors import run_cli, user_errors
+    from medjax.cli_errors import run_cli
     call = build(Ctx(tmp_path, rel_model_dir, rel_text_data))
     expect = tuple(expect) + tuple(call.expect)
     capsys.readouterr()

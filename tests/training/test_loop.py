@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from train_helpers import tiny_config
-from medjax.training.loop import Trainer, TrainingDiverged, load_model, prepare_data, run
+from medjax.training.loop import Trainer, TrainingDiverged, load_model, prepare_data
 
 
 def _trainer(cfg):
