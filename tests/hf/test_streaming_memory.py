@@ -12,13 +12,15 @@ from medjax.models import ModelConfig, abstract_decoder
 CFG = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=20,
                   num_heads=16, num_kv_heads=4)
 
+# VmHWM (this process image's peak RSS), not ru_maxrss: Linux carries ru_maxrss across exec, so a
+# child forked from a big pytest process would report the parent's footprint.
 CHILD = """
-import resource, sys, time
+import re, sys, time
 import medjax
 from medjax.hf.load import checkpoint_nbytes
 t = time.time()
 model, _ = medjax.load(sys.argv[1], progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 print(peak, checkpoint_nbytes(sys.argv[1]), time.time() - t)
 """
 
