@@ -111,7 +111,8 @@ def attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None,
                   scale=scale)
     impl = resolve_implementation(q, k, implementation, **kwargs)
     if impl == "xla":
-        return attention_reference(q, k, v, **kwargs)
+        from medjax.ops.xla_attention import xla_attention
+        return xla_attention(q, k, v, **kwargs)
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, **kwargs)
     from medjax.ops.pallas import decode_attention, flash_attention
