@@ -32,29 +32,16 @@ __all__ = ["attention", "attention_reference", "attention_mask", "cudnn_supports
 
 def attention_reference(q, k, v, *, causal=True, sliding_window=None, segment_ids=None,
                         q_positions=None, kv_positions=None, kv_lengths=None, scale=None):
-    """Plain-XLA attention; fp32 logits and softmax, output in q's dtype."""
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads {Hq} not divisible by kv heads {Hkv}")
-    G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    q_BTKGD = q.reshape(B, T, Hkv, G, D)
-    logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k,
-                              preferred_element_type=jnp.float32) * scale
+    """Plain-XLA attention; fp32 logits and softmax, output in q's dtype. Gradients come from
+    autodiff through this dense forward (``xla_attention`` shares it, with its own backward)."""
+    from medjax.ops.xla_attention import dense_forward
+    D, Hkv = q.shape[3], k.shape[2]
+    if q.shape[2] % Hkv:
+        raise ValueError(f"query heads {q.shape[2]} not divisible by kv heads {Hkv}")
     mask_BTS = attention_mask(q, k, causal=causal, sliding_window=sliding_window,
                               segment_ids=segment_ids, q_positions=q_positions,
                               kv_positions=kv_positions, kv_lengths=kv_lengths)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, -jnp.inf)
-    # Rows with no visible key (e.g. padding) produce zeros instead of NaN.
-    row_max = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(logits_BKGTS - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
-                           preferred_element_type=jnp.float32)
-    return out_BTKGD.reshape(B, T, Hq, D).astype(q.dtype)
+    return dense_forward(D ** -0.5 if scale is None else scale, q, k, v, mask_BTS)[0]
 
 
 def cudnn_supports(q, k, *, causal=True, segment_ids=None, q_positions=None,

@@ -26,7 +26,8 @@ def xla_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None
     return _attention(D ** -0.5 if scale is None else scale, q, k, v, mask_BTS)
 
 
-def _forward(scale, q, k, v, mask_BTS):
+def dense_forward(scale, q, k, v, mask_BTS):
+    """``(out, P)``: masked fp32 softmax attention; rows with no visible key give zeros."""
     B, T, Hq, D = q.shape
     K = k.shape[2]
     q_BTKGD = q.reshape(B, T, K, Hq // K, D)
@@ -43,11 +44,11 @@ def _forward(scale, q, k, v, mask_BTS):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(scale, q, k, v, mask_BTS):
-    return _forward(scale, q, k, v, mask_BTS)[0]
+    return dense_forward(scale, q, k, v, mask_BTS)[0]
 
 
 def _attention_fwd(scale, q, k, v, mask_BTS):
-    out, p_BKGTS = _forward(scale, q, k, v, mask_BTS)
+    out, p_BKGTS = dense_forward(scale, q, k, v, mask_BTS)
     return out, (q, k, v, p_BKGTS, out, mask_BTS)
 
 
