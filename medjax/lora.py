@@ -63,6 +63,37 @@ def _is_experts(module) -> bool:
         isinstance(getattr(module, n, None), nnx.Variable) for n in EXPERT_PROJECTIONS)
 
 
+# ------------------------------------------------------------------------------ low-rank product
+@jax.custom_vjp
+def low_rank(x, a, b):
+    """``x @ A @ B`` for ``x [..., in]``, ``A [in, r]``, ``B [r, out]``.
+
+    The backward is written by hand so that the token-long operands (``x`` and the output
+    gradient) are only ever used in the layout a matmul reads directly; autodiff's ``xᵀ @ g``
+    for ``dA`` materialised a transposed copy of ``x`` per projection (about 15% of a LoRA
+    step on CPU). Transposes touch only the small ``[N, r]`` / ``[r, in]`` arrays.
+    """
+    return (x @ a) @ b
+
+
+def _low_rank_fwd(x, a, b):
+    h = x @ a
+    return h @ b, (x, a, b, h)
+
+
+def _low_rank_bwd(res, g):
+    x, a, b, h = res
+    x_NI, g_NO, h_NR = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), h.reshape(-1, a.shape[1])
+    gh_NR = g_NO @ b.T                  # d(x @ A)
+    db_RO = h_NR.T @ g_NO               # [r, N] @ [N, out]
+    da_IR = (gh_NR.T @ x_NI).T          # (dAᵀ = ghᵀ @ x): x stays the right-hand [N, in] operand
+    dx = (gh_NR @ a.T).reshape(x.shape)
+    return dx, da_IR.astype(a.dtype), db_RO.astype(b.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 # ------------------------------------------------------------------------------ wrappers
 def _logical(var, index):
     axes = getattr(var, "logical_axes", None)
@@ -106,8 +137,7 @@ class LoRALinear(nnx.Module):
             return y
         dtype = getattr(self.base, "dtype", x.dtype)
         a, b = self.adapter.lora_a[...].astype(dtype), self.adapter.lora_b[...].astype(dtype)
-        h = jnp.einsum("...i,ir->...r", self.adapter._input(x).astype(dtype), a)
-        delta = jnp.einsum("...r,ro->...o", h, b) * self.adapter.scale
+        delta = low_rank(self.adapter._input(x).astype(dtype), a, b) * self.adapter.scale
         return y + delta.astype(y.dtype)
 
 

@@ -125,3 +125,18 @@ def test_export_cli_from_checkpoint(trained_lora, tmp_path):
     b, _ = medjax.load(run_dir / "export" / "hf")
     np.testing.assert_allclose(a(ids), b(ids), atol=1e-6)
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_low_rank_hand_written_backward_equals_autodiff():
+    from medjax.lora import low_rank
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 7, 12)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((12, 4)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4, 9)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 7, 9)), jnp.float32)
+    plain = lambda x, a, b: jnp.sum((x @ a @ b) * w)  # noqa: E731
+    ours = lambda x, a, b: jnp.sum(low_rank(x, a, b) * w)  # noqa: E731
+    np.testing.assert_allclose(ours(x, a, b), plain(x, a, b), rtol=1e-6)
+    for g_ours, g_plain in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b)):
+        assert g_ours.shape == g_plain.shape
+        np.testing.assert_allclose(g_ours, g_plain, rtol=1e-5, atol=1e-5)

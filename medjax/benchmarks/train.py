@@ -1,6 +1,7 @@
 """``python -m medjax.bench train``: tokens/s and MFU of a LoRA step and a full step, vs HF+PEFT.
 
-Both sides run the same thing in the same process: one optimizer step (forward, backward,
+Both sides run the same thing in the same run, each in a fresh process of its own (a loaded
+JAX runtime slows torch down by about 10% on CPU, and vice versa): one optimizer step (forward, backward,
 AdamW update) on a ``[batch, seq]`` batch of random tokens, fp32 on CPU, on the same model
 (default: the real SmolLM2-135M-Instruct GGUF, seq 512). medjax uses ``train_step`` jitted
 with donated state; HF uses ``transformers`` + ``peft`` (``LoraConfig`` with the same rank,
@@ -33,6 +34,11 @@ def matmul_peak_flops(n=2048, reps=5) -> float:
     for _ in range(reps):
         f(a).block_until_ready()
     return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def _device_and_peak():
+    import jax
+    return matmul_peak_flops(), str(jax.devices()[0].device_kind), jax.default_backend()
 
 
 def model_flops_per_token(cfg, seq: int, lora: bool) -> float:
@@ -127,6 +133,15 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int):
     return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss}
 
 
+def isolated(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) Python process: neither framework's thread pools or
+    allocator state leak into the other's timing."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,22 +155,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
-    import jax
-    peak = matmul_peak_flops()
+    peak, device, backend = isolated(_device_and_peak)
     batch = _batch(49152, args.batch, args.seq)
     tokens = args.batch * args.seq
-    results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+    results = {"device": device, "backend": backend,
                "model": args.model, "seq": args.seq, "batch": args.batch,
                "matmul_peak_gflops": round(peak / 1e9, 1), "date": time.strftime("%Y-%m-%d")}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         lora = mode == "lora"
-        mj = bench_medjax(args.model, lora, batch, args.steps, args.rank)
+        mj = isolated(bench_medjax, args.model, lora, batch, args.steps, args.rank)
         flops = model_flops_per_token(mj.pop("config"), args.seq, lora) * tokens
         row = {"medjax_tokens_per_s": round(tokens / mj["step_s"], 1),
                "medjax_mfu": round(flops / mj["step_s"] / peak, 3),
                "medjax_step_s": round(mj["step_s"], 3), "medjax_first_step_s": round(mj["first_step_s"], 1)}
         if not args.no_hf:
-            hf = bench_hf(args.model, lora, batch, args.steps, args.rank)
+            hf = isolated(bench_hf, args.model, lora, batch, args.steps, args.rank)
             row.update(hf_tokens_per_s=round(tokens / hf["step_s"], 1), hf_step_s=round(hf["step_s"], 3),
                        hf_mfu=round(flops / hf["step_s"] / peak, 3),
                        speedup_vs_hf=round(hf["step_s"] / mj["step_s"], 2))
