@@ -4,14 +4,18 @@ Requests are grouped by their context tokens, so a context shared by all choices
 question is run through the model ONCE:
 
 * every continuation one token long (letter answers: " A"): the choices' log-probs are read
-  from the logits at the context's last position — one forward per question;
+  from the logits at the context's last position — one forward per question. These contexts
+  are PACKED several to a row (first-fit decreasing, ``segment_ids`` keep them apart,
+  positions restart at each one), so almost no padding is computed and one compiled shape
+  serves them all;
 * longer continuations (``--score full_answer``): the context fills a KV cache once, then
   each choice's tokens are run on top of that cache (slot == position, so every choice
   overwrites the same slots and attends only to the context and itself).
 
-Groups are sorted by length and batched in fixed (batch, length) buckets — a handful of
-compiled shapes — with right padding; batches are split over the devices when there are
-several (plain data parallelism).
+Contexts too long to pack, and those with longer continuations, are sorted by length and cut into (length, batch) buckets by :func:`plan_buckets`, a
+small dynamic programme that trades padding against compiled shapes (each new shape costs an
+XLA compile, about as long as running one batch); batches are right-padded and split over the
+devices when there are several (plain data parallelism).
 """
 from __future__ import annotations
 
@@ -38,6 +42,70 @@ def bucket(n: int, buckets: Iterable[int] = LENGTH_BUCKETS) -> int:
         if n <= b:
             return b
     return int(2 ** math.ceil(math.log2(n)))
+
+
+def plan_buckets(lengths, *, tokens_per_batch: int, max_batch: int = 64, multiple_of: int = 1,
+                 align: int = 8, compile_cost: int | None = None) -> list[tuple[int, int, list[int]]]:
+    """Cut requests into buckets ``[(length, batch_size, indices)]`` at the least total cost.
+
+    A bucket holds requests of consecutive (sorted) lengths, is padded to its longest one
+    (rounded up to ``align``) and runs in batches of ``batch_size = tokens_per_batch // length``
+    rows (a multiple of ``multiple_of``, the device count); its cost is the padded tokens it
+    computes, the partly empty last batch included, plus ``compile_cost`` tokens for its
+    compiled shape (default: one batch's worth). Exact dynamic programme over the distinct
+    aligned lengths.
+    """
+    compile_cost = tokens_per_batch if compile_cost is None else compile_cost
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    aligned = [-(-max(lengths[i], 1) // align) * align for i in order]
+    ends = [k + 1 for k in range(len(order)) if k + 1 == len(order) or aligned[k + 1] != aligned[k]]
+
+    def rows(length):
+        b = max(1, min(max_batch, tokens_per_batch // length))
+        return -(-b // multiple_of) * multiple_of
+
+    def cost(start, end):       # requests order[start:end] in one bucket
+        length = aligned[end - 1]
+        b = rows(length)
+        return -(-(end - start) // b) * b * length + compile_cost
+
+    best = {0: (0, None)}       # prefix end -> (cost, previous cut)
+    for j in ends:
+        best[j] = min((best[i][0] + cost(i, j), i) for i in [0] + ends if i < j and i in best)
+    plan, j = [], len(order)
+    while j:
+        i = best[j][1]
+        plan.append((aligned[j - 1], rows(aligned[j - 1]), order[i:j]))
+        j = i
+    return plan
+
+
+def pack_rows(lengths, row_length: int) -> list[list[int]]:
+    """First-fit decreasing: indices of ``lengths`` (each ``<= row_length``) grouped into rows."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(row_length)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def score_packed(graphdef, state, ids_BT, positions_BT, segments_BT, last_BP, cont_BPK):
+    """Log-prob and greedy flag ``[B, P, K]`` of one-token continuations of packed contexts.
+
+    Row ``b`` holds up to ``P`` contexts; ``last_BP`` indexes each one's last token (padding
+    entries point anywhere and are ignored by the caller)."""
+    model = nnx.merge(graphdef, state)
+    logits_BPV = model.forward(ids_BT, positions=positions_BT, segment_ids=segments_BT,
+                               logits_at=last_BP).logits
+    lp_BPV = jax.nn.log_softmax(logits_BPV, axis=-1)
+    return (jnp.take_along_axis(lp_BPV, cont_BPK, axis=-1),
+            jnp.argmax(lp_BPV, axis=-1)[..., None] == cont_BPK)
 
 
 @dataclass
@@ -88,15 +156,17 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
 class Scorer:
     """Fills ``Request.loglikelihood`` / ``is_greedy`` for every request of a list of items."""
 
-    def __init__(self, model, *, tokens_per_batch: int = 4096, pad_id: int = 0,
-                 buckets: Iterable[int] = LENGTH_BUCKETS, max_batch: int = 64):
+    def __init__(self, model, *, tokens_per_batch: int = 4096, pad_id: int = 0, max_batch: int = 64,
+                 compile_cost: int | None = None, pack_length: int | None = 512):
         graphdef, self.state = nnx.split(model)
         # The graphdef is static; it is bound here (not hashed) because model configs hold dicts.
         self._score_fn = jax.jit(partial(score_batch, graphdef))
+        self._packed_fn = jax.jit(partial(score_packed, graphdef))
+        self.pack_length = pack_length
         self.tokens_per_batch = tokens_per_batch
         self.pad_id = pad_id
-        self.buckets = tuple(buckets)
         self.max_batch = max_batch
+        self.compile_cost = compile_cost
         self.n_devices = jax.device_count()
         self.batch_sharding = None
         if self.n_devices > 1:
@@ -105,12 +175,6 @@ class Scorer:
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             if all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(self.state)):
                 self.state = jax.device_put(self.state, replicated)
-
-    def _batch_size(self, length: int, n_left: int) -> int:
-        full = max(1, min(self.max_batch, self.tokens_per_batch // length))
-        full = 2 ** int(math.log2(full))
-        size = min(full, 2 ** math.ceil(math.log2(max(n_left, 1))))  # small tail → small batch
-        return int(math.ceil(size / self.n_devices) * self.n_devices)
 
     def score(self, items: list[Item], desc: str = "scoring") -> None:
         groups: dict[tuple[int, ...], _Group] = {}
@@ -121,29 +185,74 @@ class Scorer:
                 group.continuations.setdefault(req.continuation_tokens, []).append(req)
                 owner[id(req)] = item_no
         remaining = [len(item.requests) for item in items]
-        by_shape: dict[tuple[int, int], list[_Group]] = defaultdict(list)
+        by_cont_len: dict[int, list[_Group]] = defaultdict(list)
         for g in groups.values():
             cont_len = max(len(c) for c in g.continuations)
-            by_shape[(bucket(len(g.context), self.buckets),
-                      1 if cont_len == 1 else bucket(cont_len, (4, 8, 16, 32, 64, 128, 256)))].append(g)
+            by_cont_len[1 if cont_len == 1 else bucket(cont_len, (4, 8, 16, 32, 64, 128, 256))].append(g)
         k_max = max((len(g.continuations) for g in groups.values()), default=1)
         bar = tqdm(total=len(items), desc=desc, unit="item", smoothing=0.05)
-        for (length, cont_len), shape_groups in sorted(by_shape.items(), reverse=True):
-            shape_groups.sort(key=lambda g: -len(g.context))
-            start = 0
-            while start < len(shape_groups):
-                size = self._batch_size(length, len(shape_groups) - start)
-                batch = shape_groups[start:start + size]
-                start += size
-                self._run(batch, size, length, k_max, cont_len)
-                done = 0
-                for g in batch:
-                    for reqs in g.continuations.values():
-                        for req in reqs:
-                            remaining[owner[id(req)]] -= 1
-                            done += remaining[owner[id(req)]] == 0
-                bar.update(done)
+
+        def finished(batch):
+            done = 0
+            for g in batch:
+                for reqs in g.continuations.values():
+                    for req in reqs:
+                        remaining[owner[id(req)]] -= 1
+                        done += remaining[owner[id(req)]] == 0
+            bar.update(done)
+
+        if self.pack_length and by_cont_len.get(1):
+            packable = [g for g in by_cont_len[1] if len(g.context) <= self.pack_length]
+            by_cont_len[1] = [g for g in by_cont_len[1] if len(g.context) > self.pack_length]
+            self._score_packed(packable, k_max, finished)
+        for cont_len, cont_groups in sorted(by_cont_len.items()):
+            plan = plan_buckets([len(g.context) for g in cont_groups], tokens_per_batch=self.tokens_per_batch,
+                                max_batch=self.max_batch, multiple_of=self.n_devices,
+                                compile_cost=self.compile_cost)
+            for length, size, indices in sorted(plan, key=lambda p: -p[0]):
+                for start in range(0, len(indices), size):
+                    batch = [cont_groups[i] for i in indices[start:start + size]]
+                    self._run(batch, size, length, k_max, cont_len)
+                    finished(batch)
         bar.close()
+
+    def _score_packed(self, groups: list[_Group], k_max: int, finished) -> None:
+        if not groups:
+            return
+        L = self.pack_length
+        rows = pack_rows([len(g.context) for g in groups], L)
+        size = max(1, min(self.max_batch, self.tokens_per_batch // L))
+        size = -(-size // self.n_devices) * self.n_devices
+        P = 2 ** math.ceil(math.log2(max(len(r) for r in rows)))   # contexts per row (one shape)
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            ids_BT = np.full((size, L), self.pad_id, np.int32)
+            pos_BT = np.zeros((size, L), np.int32)
+            seg_BT = np.zeros((size, L), np.int32)
+            last_BP = np.zeros((size, P), np.int32)
+            cont_BPK = np.zeros((size, P, k_max), np.int32)
+            for b, row in enumerate(chunk):
+                at = 0
+                for p, i in enumerate(row):
+                    ctx = groups[i].context
+                    ids_BT[b, at:at + len(ctx)] = ctx
+                    pos_BT[b, at:at + len(ctx)] = np.arange(len(ctx))
+                    seg_BT[b, at:at + len(ctx)] = p + 1
+                    at += len(ctx)
+                    last_BP[b, p] = at - 1
+                    for k, cont in enumerate(groups[i].continuations):
+                        cont_BPK[b, p, k] = cont[0]
+            arrays = (ids_BT, pos_BT, seg_BT, last_BP, cont_BPK)
+            if self.batch_sharding is not None:
+                arrays = jax.device_put(arrays, self.batch_sharding)
+            lp_BPK, greedy_BPK = jax.device_get(self._packed_fn(self.state, *arrays))
+            for b, row in enumerate(chunk):
+                for p, i in enumerate(row):
+                    for k, reqs in enumerate(groups[i].continuations.values()):
+                        for req in reqs:
+                            req.loglikelihood = float(lp_BPK[b, p, k])
+                            req.is_greedy = bool(greedy_BPK[b, p, k])
+            finished([groups[i] for row in chunk for i in row])
 
     def _run(self, batch: list[_Group], size: int, length: int, k_max: int, cont_len: int) -> None:
         ids_BT = np.full((size, length), self.pad_id, np.int32)

@@ -34,8 +34,11 @@ def naive_loglikelihood(model, req):
     return ll, greedy
 
 
-@pytest.mark.parametrize("max_cont,tied", [(1, False), (5, False), (1, True)])
-def test_scorer_matches_naive(max_cont, tied):
+@pytest.mark.parametrize("max_cont,tied,pack_length", [(1, False, 64), (1, False, None), (5, False, 64),
+                                                       (1, True, 30)])
+def test_scorer_matches_naive(max_cont, tied, pack_length):
+    """pack_length=64: letter contexts packed several to a row; 30: some too long to pack;
+    None: the unpacked bucket path."""
     global GRAPHDEF
     cfg = dataclasses.replace(get_preset("tiny-llama3"), tie_word_embeddings=tied)
     model = init_decoder(cfg, seed=1)
@@ -49,9 +52,33 @@ def test_scorer_matches_naive(max_cont, tied):
         if i == 3:  # a duplicate continuation in the same context
             reqs.append(Request(ctx, reqs[0].continuation_tokens))
         items.append(Item("t", i, {}, "", [""] * len(reqs), [""] * len(reqs), 0, reqs))
-    Scorer(model, tokens_per_batch=192).score(items)
+    Scorer(model, tokens_per_batch=192, pack_length=pack_length).score(items)
     for item in items:
         for req in item.requests:
             ll, greedy = naive_loglikelihood(model, req)
             assert abs(req.loglikelihood - ll) < 1e-4, (req, ll)
             assert req.is_greedy == greedy
+
+
+def test_pack_rows_first_fit_decreasing():
+    from medjax.eval.scorer import pack_rows
+    lengths = [5, 9, 3, 7, 1, 8, 2]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert len(rows) == 4            # 35 tokens need 4 rows of 10; FFD finds it
+
+
+def test_plan_buckets_covers_everything_and_trades_padding_for_shapes():
+    from medjax.eval.scorer import plan_buckets
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 600, 500).tolist()
+    for compile_cost in (0, 10**9):
+        plan = plan_buckets(lengths, tokens_per_batch=2048, compile_cost=compile_cost, multiple_of=2)
+        assert sorted(i for _, _, ix in plan for i in ix) == list(range(500))
+        for length, rows, ix in plan:
+            assert length % 8 == 0 and rows % 2 == 0 and max(lengths[i] for i in ix) <= length
+        if compile_cost:     # shapes are dear: one bucket
+            assert len(plan) == 1
+        else:                # shapes are free: many buckets, little padding
+            assert len(plan) > 10
