@@ -9,7 +9,8 @@ FLOPs: forward = 4 * pairs * D per query head (QK^T and PV); backward = 2.5x for
 QK^T, plus dV, dP, dQ, dK); "fwdbwd" = 3.5x forward. Peak memory is XLA's compiled estimate
 (arguments + outputs + temporaries) of the benchmarked function, the same measure on every backend.
 
-Implementations: ``xla`` (medjax reference), ``pallas`` (medjax kernels; interpret mode on CPU),
+Implementations: ``reference`` (autodiff through the plain XLA math, the ground truth),
+``xla`` (medjax's CPU path: closed-form backward, causal block skip), ``pallas`` (medjax kernels; interpret mode on CPU),
 ``cudnn`` (GPU only), ``jax-pallas`` (jax's shipped kernel; no GQA, so K/V are repeated for it;
 interpret mode on CPU). Rows that cannot run say why instead of a time.
 """
@@ -29,9 +30,9 @@ from medjax.ops.attention import attention, attention_mask, attention_reference,
 SHAPES = {
     # (B, T, Hq, Hkv, D): the issue's GPU table and CPU-sized smoke shapes.
     "gpu": [(b, t, 32, 8, 128) for t in (2048, 4096, 8192) for b in (1, 2, 4, 8)],
-    "cpu": [(1, 128, 8, 2, 64), (1, 256, 8, 2, 64)],
+    "cpu": [(1, 128, 8, 2, 64), (1, 256, 8, 2, 64), (1, 512, 9, 3, 64)],   # last: SmolLM2
 }
-IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "jax-pallas")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "cudnn", "jax-pallas")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
@@ -57,8 +58,11 @@ def _jax_pallas_mha(q, k, v, *, causal, window, interpret):
 def attention_fn(impl, *, causal, window):
     """``f(q, k, v) -> out`` for one implementation, or raise NotImplementedError with why."""
     platform = jax.default_backend()
-    if impl == "xla":
+    if impl == "reference":
         return lambda q, k, v: attention_reference(q, k, v, causal=causal, sliding_window=window)
+    if impl == "xla":
+        return lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window,
+                                         implementation="xla")
     if impl == "pallas":
         return lambda q, k, v: attention(q, k, v, causal=causal, sliding_window=window,
                                          implementation="pallas")

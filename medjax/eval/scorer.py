@@ -157,7 +157,7 @@ class Scorer:
     """Fills ``Request.loglikelihood`` / ``is_greedy`` for every request of a list of items."""
 
     def __init__(self, model, *, tokens_per_batch: int = 4096, pad_id: int = 0, max_batch: int = 64,
-                 compile_cost: int | None = None, pack_length: int | None = 512):
+                 compile_cost: int | None = None, pack_length: int | None = 384):
         graphdef, self.state = nnx.split(model)
         # The graphdef is static; it is bound here (not hashed) because model configs hold dicts.
         self._score_fn = jax.jit(partial(score_batch, graphdef))
