@@ -12,10 +12,11 @@ question is run through the model ONCE:
   each choice's tokens are run on top of that cache (slot == position, so every choice
   overwrites the same slots and attends only to the context and itself).
 
-Contexts too long to pack, and those with longer continuations, are sorted by length and cut into (length, batch) buckets by :func:`plan_buckets`, a
-small dynamic programme that trades padding against compiled shapes (each new shape costs an
-XLA compile, about as long as running one batch); batches are right-padded and split over the
-devices when there are several (plain data parallelism).
+Contexts too long to pack, and those with longer continuations, are sorted by length and
+cut into (length, batch) buckets by :func:`plan_buckets`, a small dynamic programme that
+trades padding against compiled shapes (each new shape costs an XLA compile, about as long
+as running one batch); batches are right-padded. Every batch is split over the devices when
+there are several (plain data parallelism).
 """
 from __future__ import annotations
 
