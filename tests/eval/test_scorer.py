@@ -34,6 +34,20 @@ def naive_loglikelihood(model, req):
     return ll, greedy
 
 
+def random_items(max_cont, n=9, seed=0):
+    """Items with random contexts (3-44 tokens) and 2-4 continuations of 1..max_cont tokens."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        ctx = tuple(int(t) for t in rng.integers(0, 512, size=rng.integers(3, 45)))
+        reqs = [Request(ctx, tuple(int(t) for t in rng.integers(0, 512, size=rng.integers(1, max_cont + 1))))
+                for _ in range(rng.integers(2, 5))]
+        if i == 3:  # a duplicate continuation in the same context
+            reqs.append(Request(ctx, reqs[0].continuation_tokens))
+        items.append(Item("t", i, {}, "", [""] * len(reqs), [""] * len(reqs), 0, reqs))
+    return items
+
+
 @pytest.mark.parametrize("max_cont,tied,pack_length", [(1, False, 64), (1, False, None), (5, False, 64),
                                                        (1, True, 30)])
 def test_scorer_matches_naive(max_cont, tied, pack_length):
@@ -43,15 +57,7 @@ def test_scorer_matches_naive(max_cont, tied, pack_length):
     cfg = dataclasses.replace(get_preset("tiny-llama3"), tie_word_embeddings=tied)
     model = init_decoder(cfg, seed=1)
     GRAPHDEF = nnx.graphdef(model)
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(9):
-        ctx = tuple(int(t) for t in rng.integers(0, 512, size=rng.integers(3, 45)))
-        reqs = [Request(ctx, tuple(int(t) for t in rng.integers(0, 512, size=rng.integers(1, max_cont + 1))))
-                for _ in range(rng.integers(2, 5))]
-        if i == 3:  # a duplicate continuation in the same context
-            reqs.append(Request(ctx, reqs[0].continuation_tokens))
-        items.append(Item("t", i, {}, "", [""] * len(reqs), [""] * len(reqs), 0, reqs))
+    items = random_items(max_cont)
     Scorer(model, tokens_per_batch=192, pack_length=pack_length).score(items)
     for item in items:
         for req in item.requests:
@@ -82,3 +88,40 @@ def test_plan_buckets_covers_everything_and_trades_padding_for_shapes():
             assert len(plan) == 1
         else:                # shapes are free: many buckets, little padding
             assert len(plan) > 10
+
+
+_SHARDED_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, "tests/eval")
+from test_scorer import random_items
+from medjax.eval.scorer import Scorer
+from medjax.models import get_preset, init_decoder
+assert jax.device_count() == 4
+model = init_decoder(get_preset("tiny-llama3"), seed=1)
+items = random_items(max_cont=int(sys.argv[1]))
+Scorer(model, tokens_per_batch=192, pack_length=30).score(items)
+print(json.dumps([[r.loglikelihood, r.is_greedy] for it in items for r in it.requests]))
+"""
+
+
+@pytest.mark.parametrize("max_cont", [1, 5])
+def test_scorer_on_four_devices_equals_one(max_cont):
+    """Batches split over 4 (simulated) devices: packed, bucketed and KV-cache paths."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(max_cont)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    items = random_items(max_cont)
+    Scorer(init_decoder(get_preset("tiny-llama3"), seed=1), tokens_per_batch=192, pack_length=30).score(items)
+    single = [[r.loglikelihood, r.is_greedy] for it in items for r in it.requests]
+    assert len(sharded) == len(single)
+    for (ll_4, greedy_4), (ll_1, greedy_1) in zip(sharded, single):
+        assert abs(ll_4 - ll_1) < 1e-4 and greedy_4 == greedy_1
