@@ -30,7 +30,7 @@ def test_xla_path_matches_reference(dtype, tol, window, packed, lengths):
         assert np.abs(f32(a) - f32(b)).max() <= tol * scale
 
 
-@pytest.mark.parametrize("T", [256, 300, 777])
+@pytest.mark.parametrize("T", [256, 300, 520])
 @pytest.mark.parametrize("window,packed", [(None, False), (100, True)])
 def test_causal_block_skip_matches_reference(T, window, packed):
     """Long self-attention takes the block path (future key tiles skipped): still exact."""
