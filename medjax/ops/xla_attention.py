@@ -91,11 +91,11 @@ def _attention(scale, q, k, v, mask_BTS):
 
 def _attention_fwd(scale, q, k, v, mask_BTS):
     out, p_BKGTS = dense_forward(scale, q, k, v, mask_BTS)
-    return out, (q, k, v, p_BKGTS, out, mask_BTS)
+    return out, (q, k, v, p_BKGTS, out)     # P carries the mask: masked entries are 0
 
 
 def _attention_bwd(scale, res, do):
-    q, k, v, p_BKGTS, out, mask_BTS = res
+    q, k, v, p_BKGTS, out = res
     K = k.shape[2]
     f32 = jnp.float32
     do_BKGTD = _heads_first(do.astype(f32), K)
