@@ -15,7 +15,7 @@ of random tokens. medjax uses ``train_step`` jitted with donated state; HF uses
 Model FLOPs per token: a full step is 6·N (forward 2N, backward 4N) and a LoRA step 4·N
 (no weight gradients for the frozen base), N = the matmul params (layers + LM head), plus the
 causal attention score/value matmuls. MFU divides by a measured matmul peak of this device in
-the benchmark's dtype (a 4096³ ``jnp.dot``, 2048³ on CPU), reported alongside.
+the benchmark's dtype (an 8192³ ``jnp.dot``, 2048³ on CPU), reported alongside.
 """
 from __future__ import annotations
 
