@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 
 os.environ["TPU_SKIP_MDS_QUERY"] = "1"        # before libtpu can be loaded: no metadata server
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip to lock
 
 GiB = 2 ** 30
 
@@ -51,7 +53,7 @@ CHIPS = {
     "v5e": Chip("TPU v5e", "tpu", 16 * GiB, 197e12, 0.82e12, "v5e", 2),
     "v5p": Chip("TPU v5p", "tpu", 95 * GiB, 459e12, 2.76e12, "v5p", 3),
     "v6e": Chip("TPU v6e", "tpu", 32 * GiB, 918e12, 1.64e12, "v6e", 2),
-    "h100": Chip("NVIDIA H100 80GB HBM3", "cuda", 84_942_979_072, 989e12, 3.35e12, "h100", 0),
+    "h100": Chip("NVIDIA H100 80GB HBM3", "cuda", 84_942_979_072, 989e12, 3.35232e12, "h100", 0),
     "h200": Chip("NVIDIA H200", "cuda", 150_754_820_096, 989e12, 4.8e12, "h200", 0),
 }
 # Torus shapes by chip count (what a slice of that size is built as).
@@ -256,6 +258,8 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
         except Exception as e:       # XLA's out-of-memory at compile time: one line
             raise _oom_error(e, chip, kind, n) from e
     compiled_text = compiled.as_text()
+    sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                  for x in jax.tree.leaves(args))
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -267,6 +271,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
     out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
                argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
                alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total,
+               sharded_arguments=sharded,
                model_matmul_flops=flops["matmul"] / n, model_attention_flops=flops["attention"] / n,
                kernels=_kernel_counts(compiled_text), compiled_text=compiled_text, grad_accum=accum,
                compiled_flops=None, optimal_seconds=None)
@@ -308,7 +313,8 @@ def format_report(cfg, r: dict) -> str:
         f"  kernels in the compiled step: {r['kernels']['mosaic']} Mosaic, "
         f"{r['kernels']['triton']} Triton, {r['kernels']['cudnn']} cuDNN attention calls",
         "  per device (GiB)        compiled   planner",
-        f"  arguments              {g(r['argument'])}",
+        f"  arguments              {g(r['argument'])}   {g(r['sharded_arguments'])} (by shardings, "
+        f"unpadded)",
         f"  outputs                {g(r['output'])}",
         f"  aliased (donated)      {g(r['alias'])}",
         f"  temporaries            {g(r['temp'])}   {g(est.activations)} (activations est.)",
@@ -326,6 +332,7 @@ def format_report(cfg, r: dict) -> str:
                      f", attention {attn:.3e}); this compiler reports no cost analysis")
     lines.append(f"  bytes per device: argument={r['argument']} output={r['output']} "
                  f"alias={r['alias']} temp={r['temp']} total={r['total']} "
+                 f"sharded_arguments={r['sharded_arguments']} "
                  f"planner_params={int(est.params)} planner_grads={int(est.grads)} "
                  f"planner_optimizer={int(est.optimizer)} planner_total={int(est.total)}")
     if r["optimal_seconds"]:
