@@ -257,7 +257,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
             compiled = lowered.compile()
         except Exception as e:       # XLA's out-of-memory at compile time: one line
             raise _oom_error(e, chip, kind, n) from e
-    compiled_text = compiled.as_text()
+    kernels = _kernel_counts(compiled.as_text())
     sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                   for x in jax.tree.leaves(args))
     seconds = time.perf_counter() - t0
@@ -273,7 +273,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
                alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total,
                sharded_arguments=sharded,
                model_matmul_flops=flops["matmul"] / n, model_attention_flops=flops["attention"] / n,
-               kernels=_kernel_counts(compiled_text), compiled_text=compiled_text, grad_accum=accum,
+               kernels=kernels, grad_accum=accum,
                compiled_flops=None, optimal_seconds=None)
     if cost:
         out["compiled_flops"] = float(cost.get("flops", 0.0)) * accum

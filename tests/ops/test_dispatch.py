@@ -139,3 +139,29 @@ def test_mask_helpers_reexported():
     mask = np.asarray(attention_mask(q, k, causal=True))[0]
     # Queries are aligned to the end of the keys: query t sits at position S - T + t.
     np.testing.assert_array_equal(mask, np.tril(np.ones((4, 6), bool), k=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["right-padded->cudnn", "packed->pallas"])
+def test_auto_on_gpu_matches_reference_for_training_calls(packed):
+    """On a GPU, training's call (positions + segment ids) through "auto": right padding runs
+    cuDNN with key lengths, packing the Pallas kernel; both equal the reference on real tokens
+    (padding rows are never scored), output and gradients."""
+    B, T, Hq, Hkv, D = 2, 256, 8, 2, 128
+    q, k, v, ct = random_qkv(0, B, T, T, Hq, Hkv, D, jnp.bfloat16)
+    lengths = np.asarray([200, 256])
+    seg = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    pos = np.broadcast_to(np.arange(T), (B, T)).copy()
+    if packed:
+        seg[0, 100:200], pos[0, 100:200] = 2, np.arange(100)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
+    real = (seg > 0)[:, :, None, None]
+    kw = dict(causal=True, segment_ids=seg, q_positions=pos, kv_positions=pos)
+    ct = jnp.where(real, ct, 0)
+
+    def run(impl):
+        fn = lambda q, k, v: attention(q, k, v, implementation=impl, **kw)  # noqa: E731
+        out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+        return (jnp.where(real, out, 0), *vjp(ct))
+    for got, want in zip(run("auto"), run("xla")):
+        assert rel_err(got, want) <= 2e-2
