@@ -61,8 +61,6 @@ _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128
               256: "4x8x8", 512: "8x8x8"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
               256: "16x16"}
-# Mosaic asks the (default) device which chip it lowers for; compile-only from a CPU we answer.
-_MOSAIC_CHIP = {"v4": "TPU_V4", "v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E"}
 
 
 class CompilePlanError(ValueError):
@@ -122,22 +120,6 @@ def compile_devices(kind: str, count: int):
             platform="cuda", topology_name=chip.topology_prefix, topology=f"1x1x{count}",
             target_config=gpu_target_config(chip)).devices
     return chip, list(devices)
-
-
-@contextlib.contextmanager
-def mosaic_target(kind: str):
-    """Let Pallas' Mosaic lowering compile for ``kind`` while the default device is a CPU."""
-    if kind not in _MOSAIC_CHIP:
-        yield
-        return
-    from jax._src.pallas.mosaic import lowering, tpu_info
-    info = tpu_info.get_tpu_info_for_chip(getattr(tpu_info.ChipVersion, _MOSAIC_CHIP[kind]), 1)
-    saved = tpu_info.get_tpu_info, lowering.tpu_info.get_tpu_info
-    tpu_info.get_tpu_info = lowering.tpu_info.get_tpu_info = lambda *a, **k: info
-    try:
-        yield
-    finally:
-        tpu_info.get_tpu_info, lowering.tpu_info.get_tpu_info = saved
 
 
 # ----------------------------------------------------------------------------- the step
@@ -250,7 +232,9 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     t0 = time.perf_counter()
     # the context mesh lets the attention dispatcher run its kernels per device (shard_map)
-    with mosaic_target(kind), jax.set_mesh(mesh):
+    from medjax.ops.pallas.tpu_compile import target_chip
+    chip_target = target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext()
+    with chip_target, jax.set_mesh(mesh):
         step, args = abstract_step(cfg, mesh)
         lowered = step.lower(*args)
         try:
