@@ -388,9 +388,8 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
         byte_map = _byte_alphabet()
         alphabet = set(byte_map.values())
         spelled = [t if set(t) <= alphabet else "".join(byte_map[b] for b in t.encode("utf-8")) for t in tokens]
-        if merges is None:
-            raise TokenizerError(f"{source}: byte-level (gpt2) GGUF tokenizer without tokenizer.ggml.merges")
-        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges,
+        # no merges key: a bytes-only vocabulary (GGUF cannot store an empty array)
+        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges or [],
                                               fuse_unk=False, dropout=None))
         split = _GGUF_SPLITS.get(get("ggml.pre"))
         if split is None:
