@@ -10,11 +10,11 @@ GPU pipeline (CUDA). Nothing is allocated. Reported per device:
 
 * XLA's argument, output and temp bytes; total = argument + output - aliased (the donated train
   state) + temp, against the chip's HBM, beside ``medjax.plan``'s estimate;
-* TPU: compiled FLOPs per step against the model FLOPs. ``cost_analysis`` counts a loop body
+* TPU: compiled FLOPs per step against the model FLOPs (6·N per token trained, 4·N per token
+  through a frozen LoRA base, plus causal attention). ``cost_analysis`` counts a loop body
   once, so the micro-batch scan's FLOPs are multiplied by ``train.grad_accum`` (the optimizer
-  update, outside the loop, is a negligible overcount). Pallas kernels are custom calls XLA
-  does not count: attention FLOPs are missing from the compiled number, so it is compared with
-  the model's matmul FLOPs (remat recomputation shows up as a ratio above 1);
+  update, outside the loop, is a negligible overcount). The Pallas kernels count by the cost
+  estimates they declare; remat recomputation shows up as a ratio above 1;
 * an estimated step time, a LOWER BOUND: the compiler's ``optimal_seconds`` (TPU) times the
   trip count, else a roofline from FLOPs and peak bf16 throughput.
 
@@ -123,77 +123,25 @@ def compile_devices(kind: str, count: int):
 
 
 # ----------------------------------------------------------------------------- the step
-def abstract_model(cfg):
-    """The run's model as training builds it (LoRA, QLoRA quantization, NEFTune), shapes only."""
+def abstract_step(cfg, mesh):
+    """``(jitted_step, abstract_args)``: the step training runs, built by the trainer's own
+    ``training.setup.build_trainable(..., abstract=True)`` (LoRA, QLoRA quantization, NEFTune,
+    split, optimizer, objective, shardings) on a shape-only model, and ShapeDtypeStructs carrying
+    the shardings training uses to lower it on."""
     import jax.numpy as jnp
     from flax import nnx
 
     from medjax.models import Decoder
     from medjax.plan import model_config
-    from medjax.training.neftune import attach_neftune
+    from medjax.training.setup import build_trainable
     model_cfg = model_config(cfg)
-
-    def build():
-        model = Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
-                        param_dtype=jnp.dtype(cfg.model.param_dtype),
-                        attention_impl=cfg.model.attention, remat=cfg.model.remat)
-        if cfg.lora.enabled:
-            from medjax.lora import apply_lora
-            apply_lora(model, cfg.lora, seed=cfg.train.seed)
-            if cfg.lora.quantize:
-                from medjax.quant import quantize_model
-                quantize_model(model, cfg.lora.quantize, block=cfg.lora.quant_block,
-                               double_quant=cfg.lora.double_quant)
-        return attach_neftune(model, cfg.train.neftune_alpha, seed=cfg.train.seed)
-    return nnx.eval_shape(build)
-
-
-def abstract_step(cfg, mesh):
-    """``(jitted_step, abstract_args)``: the run's jitted train step (``medjax.training.step``,
-    or the DPO step) and ShapeDtypeStructs, with the shardings training uses, to lower it on."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from medjax.sharding import batch_sharding, rules_for
-    from medjax.training import step as S
-    from medjax.training.optimizer import make_optimizer
-    model = abstract_model(cfg)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps or 1000)
-    graphdef, params, rngs, frozen = S.split_model(model, cfg.lora.enabled)
-    state = jax.eval_shape(lambda p, r: S.init_train_state(p, r, tx), params, rngs)
-    rules = rules_for(cfg.mesh.preset)
-    dpo = cfg.train.objective == "dpo"
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    if not dpo:
-        step, state_sh, frozen_sh = S.jit_train_step(
-            state, frozen, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx, schedule=schedule,
-            grad_accum=cfg.train.grad_accum, aux_coef=cfg.train.aux_loss_coef)
-        keys, extra, extra_sh = S.BATCH_KEYS, (), ()
-    else:                                # as DpoTrainer builds it (medjax/training/dpo.py)
-        from medjax.training.dpo import PAIR_KEYS, dpo_train_step, resolve_reference
-        reference = resolve_reference(cfg.dpo.reference, cfg.lora.enabled)
-        state_sh = S.tree_shardings(state, mesh, rules)
-        frozen_sh = S.tree_shardings(frozen, mesh, rules)
-        ref_sh = state_sh.params if reference == "frozen_copy" else {}
-        ref = state.params if reference == "frozen_copy" else {}
-        step = jax.jit(functools.partial(
-            dpo_train_step, graphdef=graphdef, beta=cfg.dpo.beta, reference=reference,
-            label_smoothing=cfg.dpo.label_smoothing, tx=tx, schedule=schedule,
-            grad_accum=cfg.train.grad_accum, aux_coef=cfg.train.aux_loss_coef),
-            in_shardings=(state_sh, frozen_sh, ref_sh,
-                          {k: batch_sharding(mesh) for k in PAIR_KEYS}), donate_argnums=(0,))
-        keys, extra, extra_sh = PAIR_KEYS, (ref,), (ref_sh,)
-
-    def with_sharding(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            tree, shardings)
-    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k.endswith("loss_mask") else jnp.int32,
-                                     sharding=batch_sharding(mesh)) for k in keys}
-    args = (with_sharding(state, state_sh), with_sharding(frozen, frozen_sh),
-            *(with_sharding(t, s) for t, s in zip(extra, extra_sh)), batch)
-    return step, args
+    model = nnx.eval_shape(lambda: Decoder(
+        model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
+        remat=cfg.model.remat))
+    t = build_trainable(cfg, model, mesh, abstract=True)
+    return t.step_fn, (t.state, t.frozen, t.reference,
+                       t.batch_spec(cfg.train.batch_size, cfg.data.seq_len))
 
 
 def model_flops(cfg, model_cfg, trainable: int, total: int) -> dict:
@@ -231,10 +179,8 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
     estimate = planner.plan(cfg, n)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     t0 = time.perf_counter()
-    # the context mesh lets the attention dispatcher run its kernels per device (shard_map)
     from medjax.ops.pallas.tpu_compile import target_chip
-    chip_target = target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext()
-    with chip_target, jax.set_mesh(mesh):
+    with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
         step, args = abstract_step(cfg, mesh)
         lowered = step.lower(*args)
         try:
@@ -307,10 +253,11 @@ def format_report(cfg, r: dict) -> str:
     ]
     matmul, attn = r["model_matmul_flops"], r["model_attention_flops"]
     if r["compiled_flops"] is not None:
-        lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} "
-                     f"(loop body x grad_accum {r['grad_accum']}; Pallas kernels not counted) vs "
-                     f"model matmuls {matmul:.3e} -> {r['compiled_flops'] / max(matmul, 1):.2f}x; "
-                     f"model attention {attn:.3e} more")
+        model = matmul + attn
+        lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} (loop body x "
+                     f"grad_accum {r['grad_accum']}; Pallas kernels by their cost estimates) vs "
+                     f"model {model:.3e} (matmuls {matmul:.3e} + attention {attn:.3e}) -> "
+                     f"{r['compiled_flops'] / max(model, 1):.2f}x")
     else:
         lines.append(f"  FLOPs per step per device: model {matmul + attn:.3e} (matmuls {matmul:.3e}"
                      f", attention {attn:.3e}); this compiler reports no cost analysis")
