@@ -167,6 +167,7 @@ def test_auto_on_gpu_matches_reference_for_training_calls(packed):
         assert rel_err(got, want) <= 2e-2
 
 
+@pytest.mark.slow
 def test_kernel_per_shard_equals_reference_on_8_devices():
     """Executed, not just lowered: the Pallas kernel per shard of a (data 2, fsdp 2, tensor 2)
     mesh inside a step traced by ``training.step.on_mesh`` equals the reference (fwd + grads)."""
