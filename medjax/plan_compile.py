@@ -267,9 +267,9 @@ def format_report(cfg, r: dict) -> str:
                  f"planner_params={int(est.params)} planner_grads={int(est.grads)} "
                  f"planner_optimizer={int(est.optimizer)} planner_total={int(est.total)}")
     if r["optimal_seconds"]:
-        lines.append(f"  est. step time >= {r['optimal_seconds']:.2f} s (lower bound: compiler's "
+        lines.append(f"  est. step time >= {r['optimal_seconds']:.3g} s (lower bound: compiler's "
                      f"optimal_seconds x grad_accum)")
-    lines.append(f"  est. step time >= {r['roofline_seconds']:.2f} s (lower bound: roofline, FLOPs "
+    lines.append(f"  est. step time >= {r['roofline_seconds']:.3g} s (lower bound: roofline, FLOPs "
                  f"/ {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak)")
     return "\n".join(lines)
 
