@@ -170,6 +170,40 @@ def test_llama3_rope_scaling_and_window_round_trip(sources, tmp_path):
     assert (again.config.architecture, again.config.sliding_window) == ("mistral", 8)
 
 
+def test_llama31_rope_freqs_recover_the_scaling():
+    """Llama-3.1-8B's rope (head_dim 128: kept, blended and scaled bands) → rope_freqs → back."""
+    from medjax.hf.gguf import llama3_scaling
+    from medjax.hf.gguf_export import rope_freq_factors
+    from medjax.models import ModelConfig
+    from medjax.models.layers import rope_inv_freq
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = ModelConfig(vocab_size=8, hidden_size=4096, intermediate_size=8, num_layers=1, num_heads=32,
+                      num_kv_heads=8, rope_theta=500000.0, rope_scaling=scaling)
+    factors = rope_freq_factors(cfg)
+    assert (factors == 1).any() and (factors == 8).any() and ((factors > 1) & (factors < 8)).sum() >= 2
+    got = llama3_scaling(factors, 500000.0, 128, 131072)
+    assert got["high_freq_factor"] == pytest.approx(4.0, rel=1e-3)
+    assert got["original_max_position_embeddings"] == pytest.approx(8192, rel=1e-3)
+    np.testing.assert_allclose(rope_inv_freq(cfg.replace(rope_scaling=got)), rope_inv_freq(cfg), rtol=1e-5)
+
+
+def test_failed_export_leaves_no_file(sources, tmp_path, monkeypatch):
+    model, tok = sources["llama2"]
+    calls = []
+
+    def failing(data, qtype):  # dies on the third matrix, after the header is on disk
+        calls.append(qtype)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(data, qtype)
+    real = gguf.quants.quantize
+    monkeypatch.setattr(gguf.quants, "quantize", failing)
+    with pytest.raises(OSError, match="No space"):
+        medjax.save_gguf(model, tmp_path / "m.gguf", tokenizer=tok, type="q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("type,tol", [("f32", 1e-4), ("f16", 2e-2)])
 def test_transformers_reads_tiny_llama2(sources, type, tol, tmp_path):
     torch = pytest.importorskip("torch")
