@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as BackendTokenizer
 
 from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES, TURN_END_TOKENS, sandbox
+from medjax.paths import resolve_path
 
 
 class TokenizerError(ValueError):
@@ -195,8 +196,9 @@ def _write_atomic(path: Path, data) -> None:
 
 # ----------------------------------------------------------------------------- loading files
 def load_tokenizer(path) -> Tokenizer:
-    """Load from an HF model directory, a ``tokenizer.json``, a ``tokenizer.model`` or a ``.gguf``."""
-    p = Path(path)
+    """Load from an HF model directory, a ``tokenizer.json``, a ``tokenizer.model`` or a ``.gguf``
+    (``pkg://package/file`` paths resolve inside an installed package)."""
+    p = resolve_path(path)
     if p.suffix == ".gguf":
         import gguf  # lazy: not on every machine
         reader = gguf.GGUFReader(str(p))
