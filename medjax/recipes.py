@@ -6,12 +6,13 @@
 
 ``model=tiny`` (an override understood by ``python -m medjax.train`` and :func:`load_recipe`)
 turns a full-size recipe into a CPU-sized run of the SAME family and method: the family's
-``tiny-*`` preset (random init, byte-level tokenizer), fp32, a ``dp`` mesh, 10 steps of 4 rows
-of 128 tokens, a larger learning rate without warmup, 2 items of the card's first eval task,
-and stand-in data
+``tiny-*`` preset (random init, byte-level tokenizer), fp32, a ``dp`` mesh, 10 steps of about 4
+rows of 128 tokens (at least one row per micro-batch of the recipe's ``train.grad_accum``), a
+larger learning rate without warmup, 2 items of the card's first eval task, and stand-in data
 derived from the bundled medical instruction set (see :func:`tiny_data`). Everything else —
-LoRA targets, quantization, NEFTune, DPO settings, packing, templates, eval tasks — is the
-card's. Overrides after ``model=tiny`` still win (e.g. ``model=tiny train.steps=30``).
+LoRA targets, quantization, NEFTune, DPO settings, activation checkpointing (``model.remat``),
+gradient accumulation, packing, templates, eval tasks — is the card's. Overrides after
+``model=tiny`` still win (e.g. ``model=tiny train.steps=30``).
 
 Planned hardware per recipe (``plan``) is what the card describes or what it takes to fit:
 see :data:`PLANNED_DEVICES` and docs/RECIPES.md.
@@ -107,11 +108,16 @@ def tiny_overrides(raw: dict, name: str) -> list[str]:
     tiny = TINY_PRESETS.get(preset, preset)
     fmt = (raw.get("data") or {}).get("format", "text")
     lora = raw.get("lora") or {}
+    # Sizes shrink, mechanisms stay: model.remat and train.grad_accum are the recipe's; the batch
+    # keeps one or more rows per micro-batch. fp32 and XLA attention because this is a CPU run
+    # (bf16 matmuls are emulated slowly on CPU; the fused kernels target GPU/TPU).
+    grad_accum = int((raw.get("train") or {}).get("grad_accum", 1))
+    batch = grad_accum * max(1, 4 // grad_accum)
     out = [f"model.preset={tiny}", "model.path=null", "model.dtype=float32", "model.param_dtype=float32",
-           "model.attention=xla", "model.remat=none",
+           "model.attention=xla",
            f"data.train={tiny_data(fmt)}", "data.eval=null", "data.sources=[]", "data.seq_len=128",
            "data.on_error=skip",
-           "train.steps=10", "train.epochs=null", "train.batch_size=4", "train.grad_accum=1",
+           "train.steps=10", "train.epochs=null", f"train.batch_size={batch}",
            "train.heldout_examples=8", "train.max_examples=64", "train.eval_batches=2",
            f"train.out_dir=runs/tiny/{name}",
            "optim.lr=0.002", "optim.min_lr=0.0", "optim.warmup_steps=0",
