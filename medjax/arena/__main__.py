@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message before each question")
     g = p.add_argument_group("judging and ratings")
     g.add_argument("--judge-batch", type=int, default=4, help="judgements per forward pass")
+    g.add_argument("--scoring", choices=("verdict", "expected"), default="verdict",
+                   help="verdict: the most probable label scores 1 / 0.5 (tie) / 0 (default); "
+                        "expected: P(A) + P(tie)/2 (a soft score; re-rates cached judgements)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds over questions")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return p
@@ -131,11 +134,12 @@ def main(argv=None) -> int:
         del model, judge
 
     records = [judge_store[k] for k in keys]
-    comparisons = [Comparison(r["question_id"], r["first"], r["second"], r["score_first"]) for r in records]
+    comparisons = [Comparison(r["question_id"], r["first"], r["second"], J.first_score(r, args.scoring))
+                   for r in records]
     ratings = rate(comparisons, names, anchor=args.anchor, rounds=args.bootstrap, seed=args.seed)
     info = {"models": {c.name: c.path for c in contestants}, "judge": args.judge,
             "questions": len(questions), "questions_file": str(args.questions), "rubric": rubric.path,
-            "judgements": len(records), "anchor": args.anchor, "bootstrap_rounds": args.bootstrap,
+            "judgements": len(records), "scoring": args.scoring, "anchor": args.anchor, "bootstrap_rounds": args.bootstrap,
             "answers": settings.describe(), **J.position_stats(records),
             "wall_s": round(time.perf_counter() - t0, 1)}
     paths = leaderboard.write(ratings, info, out)

@@ -23,6 +23,7 @@ from medjax.arena.rubric import VERDICTS, Rubric
 from medjax.arena.store import JsonlStore, record_key
 
 SCORE_OF_VERDICT = {"A": 1.0, "B": 0.0, "tie": 0.5}
+SCORING = ("verdict", "expected")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,16 @@ def run_judging(todo: Sequence[tuple[Pairing, str, str]], judge, judge_path: str
         if bar is not None:
             bar.update(len(part))
     return len(work)
+
+
+def first_score(record: dict, scoring: str = "verdict") -> float:
+    """The first-shown model's score in a judgement record: ``verdict`` = 1 / 0.5 / 0 from the
+    most probable label; ``expected`` = P(A) + P(tie) / 2 (probabilities over the labels)."""
+    if scoring == "verdict":
+        return record["score_first"]
+    if scoring == "expected":
+        return record["probs"]["A"] + 0.5 * record["probs"]["tie"]
+    raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")
 
 
 def position_stats(records: Sequence[dict]) -> dict:
