@@ -78,7 +78,7 @@ def _settings(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from medjax.arena.contestants import parse_models
+    from medjax.arena.contestants import check_paths, parse_models
     from medjax.arena.errors import ArenaError
     from medjax.arena.questions import load_questions
     from medjax.arena.rubric import load_rubric
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     questions = load_questions(args.questions)[: args.limit]
     rubric = load_rubric(args.rubric)
     settings = _settings(args)
+    check_paths(contestants, args.judge)
 
     import jax.numpy as jnp
     from tqdm.auto import tqdm

@@ -41,6 +41,14 @@ def parse_models(text: str) -> list[Contestant]:
     return contestants
 
 
+def check_paths(contestants: list[Contestant], judge: str) -> None:
+    """Every model path exists (checked before the first model loads)."""
+    from medjax.loading import resolve_path
+    for option, path in [(f"--models {c.name}", c.path) for c in contestants] + [("--judge", judge)]:
+        if not resolve_path(path).exists():
+            raise ArenaError(f"{option}: {path}: no such file or directory")
+
+
 def load_model(path, dtype):
     """``(model, tokenizer)`` for an HF dir, a GGUF file or a training run."""
     from medjax.eval.auto_dtype import model_kind

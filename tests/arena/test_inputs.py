@@ -69,6 +69,13 @@ def test_duplicate_names_and_unknown_anchor(tmp_path, capsys):
     assert status == 2 and "--anchor 'c'" in err[0]
 
 
+def test_missing_model_path(tmp_path, capsys):
+    status, err = cli(capsys, *base_args(tmp_path, models=f"a={tmp_path},b={tmp_path / 'nope.gguf'}"))
+    assert status == 2 and len(err) == 1
+    assert err[0] == f"error: --models b: {tmp_path / 'nope.gguf'}: no such file or directory"
+    assert not (tmp_path / "out").exists()
+
+
 def test_bundled_questions_and_rubric():
     questions = load_questions(DEFAULT_QUESTIONS)
     assert len(questions) == 20 and len({q.id for q in questions}) == 20
