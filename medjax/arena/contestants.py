@@ -19,6 +19,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 class Contestant:
     name: str
     path: str
+    chat_template: str | None = None     # a built-in template name replacing the model's own
 
 
 def parse_models(text: str) -> list[Contestant]:
@@ -39,6 +40,25 @@ def parse_models(text: str) -> list[Contestant]:
         raise ArenaError(f"--models: an arena needs at least two models to compare, got "
                          f"{len(contestants)} ({got})")
     return contestants
+
+
+def with_chat_templates(contestants: list[Contestant], text: str | None) -> list[Contestant]:
+    """``--chat-template NAME=TEMPLATE,...``: a built-in chat template for models that ship none
+    (or to override theirs)."""
+    from dataclasses import replace
+
+    from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
+    chosen = {}
+    for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
+        name, sep, template = (x.strip() for x in part.partition("="))
+        if not sep or name not in {c.name for c in contestants}:
+            raise ArenaError(f"--chat-template: {part!r} is not MODEL=TEMPLATE for one of the models "
+                             f"({', '.join(c.name for c in contestants)})")
+        if template not in BUILTIN_CHAT_TEMPLATES:
+            raise ArenaError(f"--chat-template {name}: unknown template {template!r} "
+                             f"(built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
+        chosen[name] = template
+    return [replace(c, chat_template=chosen.get(c.name)) for c in contestants]
 
 
 def check_paths(contestants: list[Contestant], judge: str) -> None:

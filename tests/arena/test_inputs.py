@@ -84,3 +84,28 @@ def test_bundled_questions_and_rubric():
     text = rubric.render(**{f: f"<{f}>" for f in FIELDS})
     assert all(f"<{f}>" in text for f in FIELDS)
     assert text.rstrip().endswith("or tie if they are equally good or equally poor.")
+
+
+def test_chat_template_option(tmp_path, capsys):
+    status, err = cli(capsys, *base_args(tmp_path), "--chat-template", "a=vicuna")
+    assert status == 2 and "--chat-template a: unknown template 'vicuna'" in err[0]
+    status, err = cli(capsys, *base_args(tmp_path), "--chat-template", "c=llama3")
+    assert status == 2 and "'c=llama3' is not MODEL=TEMPLATE" in err[0]
+    status, err = cli(capsys, *base_args(tmp_path), "--judge-chat-template", "vicuna")
+    assert status == 2 and "--judge-chat-template: unknown template 'vicuna'" in err[0]
+
+
+def test_builtin_template_for_a_model_without_one():
+    from medjax.arena.answers import AnswerSettings, chat_prompt
+    from medjax.arena.questions import Question
+    from medjax.recipes import byte_tokenizer
+    from medjax.tokenizer import TokenizerError
+
+    tokenizer, question = byte_tokenizer(), Question("1", "Dose of aspirin?")
+    with pytest.raises(TokenizerError, match="no chat template"):
+        chat_prompt(tokenizer, question, AnswerSettings())
+    text = tokenizer.decode(chat_prompt(tokenizer, question, AnswerSettings(system="Be brief."), "llama3"),
+                            skip_special_tokens=False)
+    assert text == ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nDose of aspirin?<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
