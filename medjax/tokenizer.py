@@ -416,10 +416,12 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
         token_id = get(f"ggml.{key}")
         return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
 
-    return Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
-                     pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
-                     add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
-                     chat_template=get("chat_template"), source=source)
+    tok = Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                    pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
+                    add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
+                    chat_template=get("chat_template"), source=source)
+    tok.gguf_pre = get("ggml.pre")  # llama.cpp's pre-tokenizer name, kept for GGUF export
+    return tok
 
 
 # ------------------------------------------------------------------------------ tiny presets
