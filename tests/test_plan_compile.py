@@ -102,7 +102,7 @@ def test_missing_extra_names_the_package(device, package):
     if package == "libtpu" and "libtpu" in sys.modules or not errors and res.returncode == 0:
         pytest.skip("this venv has the extra installed")
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
-    assert package in errors[0] and "make " in errors[0]
+    assert package in errors[0] and f"make {'tpu' if package == 'libtpu' else 'cuda'}-venv" in errors[0]
 
 
 def test_gpu_target_config_matches_xla_h100_spec():
