@@ -221,7 +221,9 @@ def _kernel_counts(text: str) -> dict:
 
 def _oom_error(e: Exception, chip: Chip, kind: str, n: int) -> Exception:
     msg = " ".join(str(e).split())
-    m = re.search(r"Used ([0-9.]+[KMGT]?i?B?) of ([0-9.]+[KMGT]?i?B?) hbm", msg)
+    m = (re.search(r"Used ([0-9.]+[KMGT]?i?B?) of ([0-9.]+[KMGT]?i?B?) hbm", msg)
+         or re.search(r"required for HLO temporaries \(([^)]+)\) exceeds available HBM \(([^)]+)\)",
+                      msg))
     if m:
         return CompilePlanError(f"{kind} x{n}: does not fit: needs {m.group(1)} per device, "
                                 f"{m.group(2)} HBM available (XLA compile)")
