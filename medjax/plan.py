@@ -1,7 +1,9 @@
 """Memory planner: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
 
     python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
-                          [--device-memory 80GB] [--num-devices N]
+                          [--device-memory 80GB] [--num-devices N] [--compile]
+
+``--compile`` asks the real TPU / GPU compiler instead (medjax/plan_compile.py).
 
 The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
 ``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
@@ -243,7 +245,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device-memory", help="memory per device, e.g. 80GB or 96GiB (overrides --device)")
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
                                                     "slice size, else this host's jax.device_count())")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile the real train step for --device (compile-only TPU/GPU, "
+                         "needs the tpu/cuda extra; see medjax/plan_compile.py)")
     args = ap.parse_args(argv)
+    if args.compile:
+        return _compile(args)
     try:
         cfg = load_config(args.config, args.overrides)
         name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
@@ -256,6 +263,20 @@ def main(argv=None) -> int:
         return 2
     print(report(cfg, p, args.device and args.device.lower(), device_bytes))
     return 1 if device_bytes and p.total > device_bytes else 0
+
+
+def _compile(args) -> int:
+    """``--compile``: medjax.plan_compile asks libtpu / XLA:GPU about the real train step."""
+    from medjax import plan_compile
+    try:
+        if not args.device:
+            raise ValueError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
+        cfg = load_config(args.config, args.overrides)
+        memory = parse_memory(args.device_memory) if args.device_memory else None
+        return plan_compile.run(cfg, args.device, args.num_devices, memory)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
