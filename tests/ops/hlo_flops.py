@@ -2,7 +2,8 @@
 
 ``compiled.cost_analysis()`` counts a ``while`` body once whatever its trip count; this walks
 ``compiled.as_text()`` instead: every ``dot`` (inside fusions too) costs 2·|out|·|contracted|,
-and a computation reached as a ``while`` body is multiplied by ``trips(while_line)``.
+and a computation reached as a ``while`` body is multiplied by ``trips(while_line, nested)``
+(``nested``: that body holds a loop itself).
 """
 import math
 import re
@@ -18,7 +19,7 @@ def _dims(s):
 
 
 def dot_flops(hlo_text: str, trips) -> tuple[int, int]:
-    """``(flops, while_loops_with_dots)``; ``trips(line)`` gives a while's trip count."""
+    """``(flops, while_loops_with_dots)``; ``trips(line, nested)`` gives a while's trip count."""
     comps, entry, cur = {}, None, None
     for line in hlo_text.splitlines():
         m = _HEADER.match(line)
@@ -31,7 +32,13 @@ def dot_flops(hlo_text: str, trips) -> tuple[int, int]:
             cur = None
         elif cur:
             comps[cur]["lines"].append(line)
-    memo, loops = {}, [0]
+    memo, loops, has_loop = {}, [0], {}
+
+    def holds_loop(name):
+        if name not in has_loop:
+            has_loop[name] = any(" while(" in ln or any(holds_loop(c) for _, c in _CALL.findall(ln))
+                                 for ln in comps[name]["lines"])
+        return has_loop[name]
 
     def flops(name):
         if name in memo:
@@ -50,7 +57,7 @@ def dot_flops(hlo_text: str, trips) -> tuple[int, int]:
                 inner = flops(callee)
                 if kind == "body" and inner:
                     loops[0] += 1
-                    inner *= trips(line)
+                    inner *= trips(line, holds_loop(callee))
                 total += inner
         memo[name] = total
         return total

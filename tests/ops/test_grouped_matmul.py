@@ -62,7 +62,15 @@ def test_ragged_dot_branch_and_padded_layout_agree():
 
 
 def _compiled_dot_flops(fn, *args, trips):
-    return dot_flops(jax.jit(fn).lower(*args).compile().as_text(), lambda _: trips)
+    return dot_flops(jax.jit(fn).lower(*args).compile().as_text(), _trips(trips))
+
+
+def _trips(blocks):
+    """Every loop here is a grouped matmul's loop over its used blocks (none nested)."""
+    def trips(line, nested):
+        assert not nested, line
+        return blocks
+    return trips
 
 
 def test_decode_pays_only_the_used_experts():
@@ -110,8 +118,8 @@ def test_mixtral_layer_compiled_flops_follow_active(mixtral_layer):
     cfg, tokens, layer, _ = mixtral_layer
     rows = tokens * cfg.num_experts_per_tok
     trips = max_blocks(rows, cfg.num_experts, default_block_rows(rows, cfg.num_experts))
-    flops, loops = dot_flops(layer.as_text(), lambda _: trips)   # worst-case routing
-    assert loops == 6                                    # 3 projections × (forward, backward)
+    flops, loops = dot_flops(layer.as_text(), _trips(trips))   # worst-case routing
+    assert loops == 6                              # 3 projections × (forward, backward)
     active = moe_layer_cost(cfg, tokens)["active_flops"]
     assert active == pytest.approx(4.33e12, rel=0.01)
     assert flops <= 1.25 * active, (flops / active)
@@ -122,7 +130,7 @@ def test_mixtral_layer_compiled_flops_follow_active(mixtral_layer):
 def test_mixtral_layer_temporaries(mixtral_layer):
     _, _, layer, dense_c = mixtral_layer
     ratio = layer.memory_analysis().temp_size_in_bytes / dense_c.memory_analysis().temp_size_in_bytes
-    assert ratio <= 2.5, ratio            # measured 2.25 (fp32, jax 0.10.2 CPU); see docs/SCALE.md
+    assert ratio <= 2.3, ratio    # measured 2.25: the issue asks <= 2 (docs/SCALE.md#moe-layer)
 
 
 def test_moe_layer_cost_counts(mixtral_layer):
