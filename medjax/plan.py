@@ -60,6 +60,7 @@ class Plan:
     trainable: int
     total_params: int
     micro_batch_per_device: float
+    moe: dict | None = None          # one MoE layer's FLOPs/temporaries (models.moe.moe_layer_cost)
 
     @property
     def total(self) -> float:
@@ -100,7 +101,10 @@ def model_config(cfg: RunConfig):
     config_json = path / "config.json" if path.is_dir() else path
     if config_json.suffix != ".json" or not config_json.is_file():
         raise ConfigError(f"model.path: the planner reads an HF config.json; not found at {path}")
-    return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    try:
+        return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{config_json}: {e}") from None
 
 
 def abstract_model(cfg: RunConfig, model_cfg):
@@ -164,7 +168,12 @@ def plan(cfg: RunConfig, num_devices: int) -> Plan:
         else:
             opt += 4 * _factored_elements(var.get_value().shape) * n_local / max(n_global, 1)
     micro, activations = activation_bytes(cfg, model_cfg, sizes)
-    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro)
+    moe = None
+    if model_cfg.is_moe:
+        from medjax.models.moe import moe_layer_cost
+        moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
+                             _DTYPE_BYTES[cfg.model.dtype])
+    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe)
 
 
 def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
@@ -218,6 +227,11 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
         f"  activations (est.)   {g(p.activations)}",
         f"  total                {g(p.total)}",
     ]
+    if p.moe:
+        lines.append(f"  MoE layer fwd+bwd per micro-batch: {p.moe['active_flops'] / 1e12:.3g} TFLOP "
+                     f"active, <= {p.moe['max_flops'] / 1e12:.3g} with block padding "
+                     f"({p.moe['block_rows']}-row blocks); temporaries ~"
+                     f"{p.moe['temp_bytes'] / GiB:.2f} GiB")
     if device_bytes:
         frac = p.total / device_bytes
         if frac > 1:
