@@ -1,10 +1,13 @@
 """Streaming import of HF safetensors checkpoints into the medjax Decoder.
 
-The model is first built abstractly (``nnx.eval_shape``, no memory); each parameter is then
-read from disk, transformed (explicit transposes from ``names.py``), checked against the
-expected shape and placed on device before the next one is read, so host memory peaks at about
-one model plus one tensor. With ``shardings``, each parameter is created with
-``jax.make_array_from_callback`` and every device's block reads only the rows it needs.
+The model is first built abstractly (``nnx.eval_shape``, no memory), optionally already wrapped
+(LoRA) and quantized (QLoRA) by ``prepare``; each parameter is then read from disk, transformed
+(explicit transposes from ``names.py``), checked against the expected shape and placed before
+the next one is read. With a sharding, each process computes the distinct blocks its devices
+hold and reads each one once, only its bytes (a rectangle of the HF matrix), copies it to the
+devices that hold it and drops it: no device holds more than its shards plus the tensor in
+flight, and the host at most one block beyond the devices. Quantized targets are quantized as
+they are read, in bounded column chunks; the float weights of a QLoRA base never all exist.
 """
 from __future__ import annotations
 
@@ -77,72 +80,200 @@ def _part_shape(part: Part, info: TensorInfo, expected: tuple, intermediate: int
     return want
 
 
-def _read_block(src: Source, tensors, index: tuple, shape: tuple, intermediate: int) -> np.ndarray:
-    """Read ``param[index]`` reading only the rows needed where the layout allows it."""
+def _whole(index, shape) -> tuple:
+    """``index`` as one ``slice(start, stop)`` per dim (what a sharding's device index means)."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def read_block(src: Source, tensors, index: tuple, shape: tuple, intermediate: int) -> np.ndarray:
+    """``param[index]`` read from disk, touching only the bytes of that block.
+
+    Every transform of ``names.py`` maps a block of the medjax param to a rectangle of a 2-D HF
+    matrix (per expert for stacked weights), which ``TensorInfo.read_region`` reads alone.
+    """
+    idx = _whole(index, shape)
     parts = src.parts
-    if parts[0].expert is not None:                       # stacked per-expert Linear weights
-        experts = range(*index[0].indices(shape[0]))
-        blocks = [tensors[parts[e].hf_name].read(rows=index[2]).T[index[1]] for e in experts]
-        return np.stack(blocks)
+    if parts[0].expert is not None:                 # stacked experts [E, in, out], each HF [out, in]
+        return np.stack([tensors[parts[e].hf_name].read_region(rows=idx[2], cols=idx[1]).T
+                         for e in range(idx[0].start, idx[0].stop)])
     part = parts[0]
     info = tensors[part.hf_name]
-    if part.transform == "t" and len(shape) == 2:
-        return info.read(rows=index[1]).T[index[0]]
-    if part.transform == "copy" and len(shape) >= 1:
-        return info.read(rows=index[0])[(slice(None),) + index[1:]]
-    return apply_transform(part, info.read(), intermediate)[index]
+    if part.transform == "copy":
+        if len(shape) == 1:
+            return info.read(rows=idx[0])
+        if len(shape) == 2:
+            return info.read_region(rows=idx[0], cols=idx[1])
+        return info.read()[idx]
+    if part.transform == "t":                       # kernel [in, out] = HF weight [out, in].T
+        return info.read_region(rows=idx[1], cols=idx[0]).T
+    experts = range(idx[0].start, idx[0].stop)
+    if part.transform == "t_last2":                 # down_proj [E, I, H] = HF [E, H, I] swapped
+        return np.stack([info.read_region(rows=idx[2], cols=idx[1], lead=e).T for e in experts])
+    offset = 0 if part.transform == "gate_half" else intermediate   # HF gate_up_proj [E, 2I, H]
+    rows = slice(idx[2].start + offset, idx[2].stop + offset)
+    return np.stack([info.read_region(rows=rows, cols=idx[1], lead=e).T for e in experts])
 
 
-def _read_full(src: Source, tensors, shape, intermediate) -> np.ndarray:
-    if src.parts[0].expert is None:
-        part = src.parts[0]
-        return apply_transform(part, tensors[part.hf_name].read(), intermediate)
-    out = None
-    for part in src.parts:
-        w = apply_transform(part, tensors[part.hf_name].read(), intermediate)
-        if out is None:
-            out = np.empty(shape, w.dtype)
-        out[part.expert] = w
-    return out
+def place_blocks(shape: tuple, sharding, read: Callable[[tuple], np.ndarray]) -> jax.Array:
+    """A global array from per-device blocks, each distinct block read ONCE per process.
+
+    Devices of this process that hold the same block (replicas over data/tensor axes) share one
+    read; blocks are read, copied to their devices and dropped one at a time, so the host holds
+    at most one block beyond what the devices hold.
+    """
+    by_block: dict[tuple, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop) for s in _whole(index, shape))
+        by_block.setdefault(key, []).append(device)
+    singles = {}
+    for key, devices in by_block.items():
+        block = read(tuple(slice(a, b) for a, b in key))
+        for d in devices:
+            singles[d] = jax.device_put(block, d)
+        del block
+    arrays = [singles[d] for d in sharding.addressable_devices_indices_map(shape)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def resolve_target(model, path: tuple):
+    """The variable (or ``QuantizedTensor``) of a prepared model that HF param ``path`` fills:
+    LoRA wrappers are looked through (``base``) and a quantized Linear's ``kernel`` is its
+    ``weight``; ``None`` when the model has no such place."""
+    from medjax.lora import LoRAExperts, LoRALinear
+    from medjax.quant import QuantizedLinear
+    node = model
+    for i, part in enumerate(path):
+        while isinstance(node, (LoRALinear, LoRAExperts)):
+            node = node.base
+        if isinstance(node, QuantizedLinear) and part == "kernel" and i == len(path) - 1:
+            return node.weight
+        if not _has(node, part):
+            return None
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _has(node, part) -> bool:
+    if isinstance(part, int):
+        try:
+            node[part]
+        except (TypeError, IndexError, KeyError):
+            return False
+        return True
+    return hasattr(node, part)
 
 
 def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: ShardingFn | None = None,
-                attention_impl: str = "auto", progress: bool = True) -> Decoder:
-    """Build a Decoder from an HF directory (config.json + safetensors, single or sharded)."""
+                attention_impl: str = "auto", progress: bool = True, prepare=None, mesh=None,
+                rules=None, on_tensor=None) -> Decoder:
+    """Build a Decoder from an HF directory (config.json + safetensors, single or sharded).
+
+    ``prepare(model)`` transforms the decoder before any weight exists (LoRA wrapping, QLoRA
+    quantization, NEFTune: it runs on the abstract model); quantized targets are quantized
+    tensor by tensor as they are read (``quant.quantize_streaming``), so the float model never
+    exists. Variables the file does not hold (adapters, RNG state) are created by a jitted init
+    with ``out_shardings``. ``mesh`` + ``rules`` place every variable by the sharding rules
+    (``shardings`` is the older per-param callable). ``on_tensor(path)`` runs after each
+    tensor lands (memory sampling in tests).
+    """
     directory = Path(directory)
     cfg = read_hf_config(directory)
     tensors = index_tensors(find_weight_files(directory))
     sources = param_sources(cfg, set(tensors))
     _check_names(cfg, sources, tensors)
     param_dtype = param_dtype or dtype
-    model = abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
+    build = _builder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                     prepare=prepare)
+    model = nnx.eval_shape(build)
+    sharding_of = _sharding_fn(shardings, mesh, rules)
     I = cfg.intermediate_size
-    bar = tqdm(total=len(flat), desc=f"loading {directory.name}", unit="tensor", disable=not progress,
-               leave=False)
-    for path, var in flat:
-        src = sources.get(path)
-        if src is None:
-            raise CheckpointError(f"internal: no HF source for parameter {'.'.join(map(str, path))}")
-        abstract = var.get_value()
-        shape, target = tuple(abstract.shape), np.dtype(abstract.dtype)
+    bar = tqdm(total=len(sources), desc=f"loading {directory.name}", unit="tensor",
+               disable=not progress, leave=False)
+    for path, src in sources.items():
+        target = resolve_target(model, path)
+        if target is None:
+            raise CheckpointError(f"internal: no place for parameter {'.'.join(map(str, path))}")
+        shape = _float_shape(target)
         for part in src.parts:
             _part_shape(part, tensors[part.hf_name], shape, I)
-        sharding = shardings(path, shape) if shardings is not None else None
-        if sharding is None:
-            arr = jnp.asarray(_read_full(src, tensors, shape, I).astype(target, copy=False))
+        read = lambda idx, src=src, shape=shape: read_block(src, tensors, idx, shape, I)  # noqa: E731
+        if isinstance(target, nnx.Variable):
+            want = np.dtype(target.get_value().dtype)
+            target.set_value(_place(shape, sharding_of(path, target),
+                                    lambda idx, read=read, want=want: read(idx).astype(want, copy=False)))
         else:
-            arr = jax.make_array_from_callback(
-                shape, sharding,
-                lambda idx, src=src, shape=shape: _read_block(src, tensors, idx, shape, I).astype(target))
-        var.set_value(arr)
+            _fill_quantized(target, path, read, sharding_of)
+        if on_tensor is not None:
+            on_tensor(path)
         bar.update()
     bar.close()
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    _init_missing(model, build, sharding_of)
     model.source_path = str(directory.resolve())
     return model
+
+
+def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
+    def build():
+        model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                        attention_impl=attention_impl)
+        if prepare is not None:
+            model = prepare(model) or model
+        return model
+    return build
+
+
+def _sharding_fn(shardings, mesh, rules):
+    if mesh is not None:
+        from medjax.sharding import rules_for, variable_sharding
+        rules = rules or rules_for("fsdp")
+        return lambda path, var: variable_sharding(var, mesh, rules, where=".".join(map(str, path)))
+    if shardings is not None:
+        return lambda path, var: shardings(path, tuple(var.get_value().shape))
+    return lambda path, var: None
+
+
+def _place(shape, sharding, read):
+    if sharding is None:
+        return jnp.asarray(read(tuple(slice(None) for _ in shape)))
+    return place_blocks(shape, sharding, read)
+
+
+def _float_shape(target) -> tuple:
+    if isinstance(target, nnx.Variable):
+        return tuple(target.get_value().shape)
+    return tuple(target.spec.shape)                  # QuantizedTensor
+
+
+def _fill_quantized(qtensor, path, read, sharding_of):
+    """Quantize one weight from bounded reads of its output columns; place its storage."""
+    from medjax.quant import quantize_streaming
+    lead = len(qtensor.spec.shape) - 2
+
+    def read_columns(lead_index, cols):
+        index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
+        return read(index)[(0,) * lead].astype(np.float32, copy=False)
+
+    arrays = quantize_streaming(qtensor.spec, read_columns)
+    for name, host in arrays.items():
+        var = getattr(qtensor, name)
+        sub = tuple(path[:-1]) + (name,)
+        var.set_value(_place(host.shape, sharding_of(sub, var), lambda idx, host=host: host[idx]))
+        del host
+
+
+def _init_missing(model, build, sharding_of):
+    """Create the variables no file holds (LoRA adapters, RNG streams) by ``build``'s own init,
+    jitted with ``out_shardings`` so each device makes only its shards."""
+    flat = nnx.to_flat_state(nnx.state(model))
+    missing = {tuple(p) for p, v in flat if isinstance(v.get_value(), jax.ShapeDtypeStruct)}
+    if not missing:
+        return
+    only = lambda path, _: tuple(path) in missing  # noqa: E731
+    targets = [(p, v.replace(sharding_of(tuple(p), v))) for p, v in flat if tuple(p) in missing]
+    shards = None if any(v.get_value() is None for _, v in targets) else nnx.from_flat_state(targets)
+    created = jax.jit(lambda: nnx.state(build(), only), out_shardings=shards)()
+    nnx.update(model, created)
 
 
 def checkpoint_nbytes(directory) -> int:
