@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, apply_transform, param_sources
+from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, param_sources
 from medjax.hf.safetensors_io import CheckpointError, TensorInfo, find_weight_files, index_tensors
-from medjax.models import Decoder, ModelConfig, abstract_decoder
+from medjax.models import Decoder, ModelConfig
 
 ShardingFn = Callable[[tuple, tuple], "jax.sharding.Sharding | None"]
 
@@ -86,33 +86,56 @@ def _whole(index, shape) -> tuple:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
 
-def read_block(src: Source, tensors, index: tuple, shape: tuple, intermediate: int) -> np.ndarray:
-    """``param[index]`` read from disk, touching only the bytes of that block.
+READ_CHUNK_BYTES = 16 * 2 ** 20    # file bytes read at once while filling a block
+
+
+def _fill(out: np.ndarray, info: TensorInfo, rows: slice, cols: slice, *, lead=None,
+          transpose: bool = False) -> None:
+    """``out[...] = W[rows, cols]`` (or its transpose), read in row chunks of bounded size and
+    cast into ``out`` (already in the target dtype, C-contiguous): no full-size raw copy."""
+    width = (cols.stop - cols.start) * info.dtype.itemsize
+    step = max(1, READ_CHUNK_BYTES // max(width, 1))
+    for r0 in range(rows.start, rows.stop, step):
+        r1 = min(r0 + step, rows.stop)
+        w = info.read_region(slice(r0, r1), cols, lead)
+        if transpose:
+            out[:, r0 - rows.start:r1 - rows.start] = w.T
+        else:
+            out[r0 - rows.start:r1 - rows.start] = w
+
+
+def read_block(src: Source, tensors, index: tuple, shape: tuple, intermediate: int,
+               dtype=np.float32) -> np.ndarray:
+    """``param[index]`` in ``dtype`` read from disk, touching only the bytes of that block.
 
     Every transform of ``names.py`` maps a block of the medjax param to a rectangle of a 2-D HF
     matrix (per expert for stacked weights), which ``TensorInfo.read_region`` reads alone.
     """
     idx = _whole(index, shape)
+    out = np.empty(tuple(s.stop - s.start for s in idx), dtype)
     parts = src.parts
     if parts[0].expert is not None:                 # stacked experts [E, in, out], each HF [out, in]
-        return np.stack([tensors[parts[e].hf_name].read_region(rows=idx[2], cols=idx[1]).T
-                         for e in range(idx[0].start, idx[0].stop)])
+        for j, e in enumerate(range(idx[0].start, idx[0].stop)):
+            _fill(out[j], tensors[parts[e].hf_name], idx[2], idx[1], transpose=True)
+        return out
     part = parts[0]
     info = tensors[part.hf_name]
     if part.transform == "copy":
-        if len(shape) == 1:
-            return info.read(rows=idx[0])
         if len(shape) == 2:
-            return info.read_region(rows=idx[0], cols=idx[1])
-        return info.read()[idx]
+            _fill(out, info, idx[0], idx[1])
+        else:
+            out[...] = info.read(rows=idx[0])[(slice(None),) + idx[1:]]
+        return out
     if part.transform == "t":                       # kernel [in, out] = HF weight [out, in].T
-        return info.read_region(rows=idx[1], cols=idx[0]).T
-    experts = range(idx[0].start, idx[0].stop)
-    if part.transform == "t_last2":                 # down_proj [E, I, H] = HF [E, H, I] swapped
-        return np.stack([info.read_region(rows=idx[2], cols=idx[1], lead=e).T for e in experts])
-    offset = 0 if part.transform == "gate_half" else intermediate   # HF gate_up_proj [E, 2I, H]
+        _fill(out, info, idx[1], idx[0], transpose=True)
+        return out
+    # stacked on disk: down_proj [E, I, H] = HF [E, H, I] swapped; gate/up halves of HF
+    # gate_up_proj [E, 2I, H]
+    offset = {"t_last2": 0, "gate_half": 0, "up_half": intermediate}[part.transform]
     rows = slice(idx[2].start + offset, idx[2].stop + offset)
-    return np.stack([info.read_region(rows=rows, cols=idx[1], lead=e).T for e in experts])
+    for j, e in enumerate(range(idx[0].start, idx[0].stop)):
+        _fill(out[j], info, rows, idx[1], lead=e, transpose=True)
+    return out
 
 
 def place_blocks(shape: tuple, sharding, read: Callable[[tuple], np.ndarray]) -> jax.Array:
@@ -169,7 +192,7 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
                 rules=None, on_tensor=None) -> Decoder:
     """Build a Decoder from an HF directory (config.json + safetensors, single or sharded).
 
-    ``prepare(model)`` transforms the decoder before any weight exists (LoRA wrapping, QLoRA
+    ``prepare(model)`` transforms the decoder in place before any weight exists (LoRA wrapping, QLoRA
     quantization, NEFTune: it runs on the abstract model); quantized targets are quantized
     tensor by tensor as they are read (``quant.quantize_streaming``), so the float model never
     exists. Variables the file does not hold (adapters, RNG state) are created by a jitted init
@@ -197,11 +220,11 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
         shape = _float_shape(target)
         for part in src.parts:
             _part_shape(part, tensors[part.hf_name], shape, I)
-        read = lambda idx, src=src, shape=shape: read_block(src, tensors, idx, shape, I)  # noqa: E731
+        read = lambda idx, dt, src=src, shape=shape: read_block(src, tensors, idx, shape, I, dt)  # noqa: E731
         if isinstance(target, nnx.Variable):
             want = np.dtype(target.get_value().dtype)
             target.set_value(_place(shape, sharding_of(path, target),
-                                    lambda idx, read=read, want=want: read(idx).astype(want, copy=False)))
+                                    lambda idx, read=read, want=want: read(idx, want)))
         else:
             _fill_quantized(target, path, read, sharding_of)
         if on_tensor is not None:
@@ -218,7 +241,7 @@ def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
         model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                         attention_impl=attention_impl)
         if prepare is not None:
-            model = prepare(model) or model
+            prepare(model)                          # in place (its return value is ignored)
         return model
     return build
 
@@ -252,7 +275,7 @@ def _fill_quantized(qtensor, path, read, sharding_of):
 
     def read_columns(lead_index, cols):
         index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
-        return read(index)[(0,) * lead].astype(np.float32, copy=False)
+        return read(index, np.float32)[(0,) * lead]
 
     arrays = quantize_streaming(qtensor.spec, read_columns)
     for name, host in arrays.items():
