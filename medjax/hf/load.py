@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, param_sources
 from medjax.hf.safetensors_io import CheckpointError, TensorInfo, find_weight_files, index_tensors
-from medjax.models import Decoder, ModelConfig
+from medjax.models import Decoder, ModelConfig, abstract_decoder
 
 ShardingFn = Callable[[tuple, tuple], "jax.sharding.Sharding | None"]
 
@@ -237,9 +237,14 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
 
 
 def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
+    """``build()``, called only inside a trace (``eval_shape`` / ``jit``): the decoder with
+    zero weights (free in a trace: no random init to trace), then ``prepare`` on top."""
     def build():
-        model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                        attention_impl=attention_impl)
+        model = abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype,
+                                 attention_impl=attention_impl)
+        for _, var in nnx.to_flat_state(nnx.state(model)):
+            value = var.get_value()
+            var.set_value(jnp.zeros(value.shape, value.dtype))
         if prepare is not None:
             prepare(model)                          # in place (its return value is ignored)
         return model

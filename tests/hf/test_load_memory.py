@@ -16,8 +16,8 @@ from medjax.models import ModelConfig
 # bf16 on disk: 104M params = 208 MB; the fp32 train state (master + AdamW mu, nu) is 1.25 GB
 SHARDED = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=24,
                       num_heads=8, num_kv_heads=4)
-# bf16 on disk: 511M params = 1.02 GB
-QLORA = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=40,
+# bf16 on disk: 536M params = 1.07 GB (few wide layers: the adapters' jitted init compiles per layer)
+QLORA = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=9,
                     num_heads=16, num_kv_heads=4)
 
 _RSS = """
@@ -99,3 +99,54 @@ def test_fsdp8_load_and_sharded_init_stay_within_one_share_plus_one_tensor(tmp_p
     cfg = load_config(None, [f"model.path={ckpt}", "mesh.preset=fsdp", "model.param_dtype=float32"])
     p = planner.plan(cfg, 8)
     assert abs(p.load_peak - r["peak_per_device"]) <= 0.1 * r["peak_per_device"], (p.load_peak, r)
+
+
+# QLoRA nf4 (double quant) on one device: every decoder-layer kernel is quantized as it is read.
+QLORA_CHILD = _RSS + r"""
+import sys, json
+import jax, jax.numpy as jnp
+import medjax
+from medjax.config import LoraSection
+from medjax.lora import apply_lora
+from medjax.quant import QuantizedLinear, quantize_model
+jax.devices()
+base = rss("VmRSS")
+lora = LoraSection(enabled=True, rank=8, quantize="nf4", double_quant=True)
+
+def prepare(model):
+    apply_lora(model, lora)
+    quantize_model(model, "nf4", block=lora.quant_block, double_quant=True)
+
+model, _ = medjax.load(sys.argv[1], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, prepare=prepare,
+                       progress=False)
+peak = rss("VmHWM")
+from flax import nnx
+leaves = jax.tree.leaves(nnx.state(model))
+print(json.dumps({"base": base, "rss_peak": peak, "model": sum(x.nbytes for x in leaves),
+                  "quantized": isinstance(model.model.layers[0].mlp.up_proj.base, QuantizedLinear)}))
+"""
+
+
+@pytest.mark.slow
+def test_qlora_nf4_load_quantizes_while_streaming(tmp_path):
+    import numpy as np
+
+    from medjax import plan as planner
+    from random_checkpoint import hf_shapes
+    ckpt = write_random_checkpoint(QLORA, tmp_path / "ckpt")
+    size = (ckpt / "model.safetensors").stat().st_size
+    largest_bf16 = 2 * max(int(np.prod(s)) for s in hf_shapes(QLORA).values())
+    r = _child(QLORA_CHILD, ckpt)
+    used = r["rss_peak"] - r["base"]
+    print(f"checkpoint {size / 2**30:.2f} GiB bf16, nf4 model {r['model'] / 2**20:.0f} MiB, largest "
+          f"bf16 tensor {largest_bf16 / 2**20:.0f} MiB, import RSS {r['base'] / 2**20:.0f} MiB, "
+          f"peak RSS {r['rss_peak'] / 2**20:.0f} MiB (+{used / 2**20:.0f} MiB)")
+    assert size > 0.95e9 and r["quantized"]
+    assert r["rss_peak"] <= r["model"] + 2 * largest_bf16 + r["base"]
+    cfg = load_config(None, [f"model.path={ckpt}", "mesh.preset=dp", "model.dtype=bfloat16",
+                             "model.param_dtype=bfloat16", "lora.enabled=true", "lora.rank=8",
+                             "lora.quantize=nf4", "lora.double_quant=true"])
+    p = planner.plan(cfg, 1)
+    print(f"planner: params {p.params / 2**20:.0f} MiB + in flight {p.host_load / 2**20:.0f} MiB")
+    assert abs(p.params - r["model"]) <= 0.01 * r["model"]
+    assert abs(p.params + p.host_load - used) <= 0.1 * used, (p.params + p.host_load, used)
