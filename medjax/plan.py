@@ -29,9 +29,10 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
 * load/init  the peak while the checkpoint streams in and the train state is initialised
              (medjax/hf/load.py, training/setup.py): params + optimizer moments (created by a
              jitted init with out_shardings) + the largest tensor's block in flight. ``host``
-             is one process's RAM for the load beyond its baseline: the largest block read
-             (file dtype) and its converted copy, or for a quantized tensor its codes/scales
-             plus the bounded column chunk being quantized.
+             is one process's RAM in flight for the load: the largest block (target dtype) plus
+             the bounded raw chunk being read into it, or for a quantized tensor its
+             codes/scales plus the bounded column chunk being quantized. Not counted: the
+             runtime's own memory (compiled programs, allocator), ~0.3 GB on CPU.
 Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
 printed when the total passes 90% of device memory (XLA needs room for temporaries).
 """
@@ -228,8 +229,10 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
 
 
 def _host_block(n_elements: float, file_bytes: int, target_bytes: int) -> float:
-    """Host bytes of one block in flight: the raw read plus its contiguous converted copy."""
-    return n_elements * (file_bytes + target_bytes)
+    """Host bytes of one block in flight (hf/load.py): the block in its target dtype plus the
+    bounded raw read chunk being converted into it."""
+    from medjax.hf.load import READ_CHUNK_BYTES
+    return n_elements * target_bytes + min(READ_CHUNK_BYTES, n_elements * file_bytes)
 
 
 def moe_dispatch_bytes(cfg: RunConfig, m, sizes) -> float:

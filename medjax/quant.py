@@ -144,7 +144,7 @@ def dequantize(spec: QSpec, arrays, dtype=None):
 
 
 # ------------------------------------------------------------------------------ streaming
-STREAM_CHUNK_ELEMENTS = 4 * 2 ** 20     # float elements quantized at once (16 MiB in fp32)
+STREAM_CHUNK_ELEMENTS = 2 ** 20         # float elements quantized at once (4 MiB in fp32)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block"))
@@ -364,6 +364,17 @@ def quantize_model(model, fmt: str, *, block: int = 64, double_quant: bool = Fal
         _set(model, where, new)
     if not report.tensors:
         raise ValueError("quantize_model: no Linear/Experts module found under model.layers")
+    report.total_params = _total_params(model)
+    report.total_bytes = _total_bytes(model)
+    return report
+
+
+def quant_report(model, lora_cfg) -> "QuantReport":
+    """The :class:`QuantReport` of a model quantized elsewhere (e.g. while streaming in)."""
+    report = QuantReport(lora_cfg.quantize, lora_cfg.quant_block, lora_cfg.double_quant)
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, QuantizedTensor):
+            report.add(".".join(map(str, path)), [module])
     report.total_params = _total_params(model)
     report.total_bytes = _total_bytes(model)
     return report

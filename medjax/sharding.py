@@ -340,4 +340,8 @@ def sharded_init(fn, *args, out_shardings):
     that becomes the master copy) are reused in place: no device holds more than its shard of
     the output plus what XLA needs for one op.
     """
-    return jax.jit(fn, out_shardings=out_shardings, donate_argnums=tuple(range(len(args))))(*args)
+    import warnings
+    with warnings.catch_warnings():     # an input of another dtype (bf16 → fp32 master) is freed,
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return jax.jit(fn, out_shardings=out_shardings,
+                       donate_argnums=tuple(range(len(args))))(*args)

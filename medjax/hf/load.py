@@ -227,6 +227,7 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
                                     lambda idx, read=read, want=want: read(idx, want)))
         else:
             _fill_quantized(target, path, read, sharding_of)
+        _release_freed_memory()
         if on_tensor is not None:
             on_tensor(path)
         bar.update()
@@ -234,6 +235,25 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
     _init_missing(model, build, sharding_of)
     model.source_path = str(directory.resolve())
     return model
+
+
+def _release_freed_memory():
+    """Hand the heap pages freed by the last tensor's buffers back to the OS (glibc keeps
+    mid-size frees in its arenas), so host RSS follows what is live; a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
@@ -262,8 +282,8 @@ def _sharding_fn(shardings, mesh, rules):
 
 
 def _place(shape, sharding, read):
-    if sharding is None:
-        return jnp.asarray(read(tuple(slice(None) for _ in shape)))
+    if sharding is None:      # device_put, not jnp.asarray: on CPU it adopts the host buffer
+        return jax.device_put(read(tuple(slice(None) for _ in shape)))
     return place_blocks(shape, sharding, read)
 
 
