@@ -16,9 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or override; the message names the key."""
+from medjax.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------- sections

@@ -38,6 +38,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from medjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")   # the mesh axes a global batch is split over
 PRESETS = ("dp", "fsdp", "fsdp_tp", "fsdp_ep")
@@ -48,8 +50,7 @@ _PRESET_AXES = {"dp": ("data",), "fsdp": ("data", "fsdp"), "fsdp_tp": ("data", "
                 "fsdp_ep": ("data", "fsdp", "expert")}
 
 
-class ShardingError(ValueError):
-    """A mesh/rules/array combination that cannot be laid out; the message names the array."""
+ShardingError = ConfigError  # a mesh/rules/array combination that cannot be laid out
 
 
 MeshAxes = Optional[tuple]  # None (replicated) or a tuple of mesh axis names

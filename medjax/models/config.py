@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from medjax.errors import CheckpointError
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -14,8 +16,7 @@ _ARCH_FROM_HF = {v: k for k, v in ARCHITECTURES.items()}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture or an option of it is not supported."""
+UnsupportedModelError = CheckpointError  # an architecture or option medjax does not support
 
 
 @dataclass(frozen=True)
