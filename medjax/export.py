@@ -50,8 +50,8 @@ def main(argv=None) -> int:
         out = save_peft(model, args.out, base_model_name_or_path=cfg.model.path)
     else:
         import medjax
-        from medjax.lora import merged_model
-        plain = merged_model(model) if cfg.lora.enabled else model
+        from medjax.training.setup import plain_model
+        plain = plain_model(model)        # QLoRA: adapters merged onto the dequantized trained-on base
         if args.gguf:
             out = medjax.save_gguf(plain, args.out, tokenizer=tokenizer, type=args.gguf)
         else:

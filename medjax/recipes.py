@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from medjax.tokenizer import byte_tokenizer, preset_tokenizer  # noqa: F401  (re-exported)
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ("melt_mixtral_lora", "melt_llama2_lora", "internist_mistral_cpt", "bimedix_mixtral_qlora",
            "med42_llama3_sft", "med42_dpo", "meditron_llama2_cpt")
@@ -42,29 +44,6 @@ ASSET_INSTRUCT = "pkg://medjax/assets/med_instruct.jsonl"
 
 
 # ----------------------------------------------------------------------------- tiny runs
-def byte_tokenizer(add_bos_token: bool = True):
-    """A 259-token byte-level tokenizer (``<pad> <s> </s>`` + 256 bytes) for the tiny presets."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    from medjax.tokenizer import Tokenizer
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
-        vocab[ch] = 3 + i
-    backend = Backend(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<pad>", "<s>", "</s>"])
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=add_bos_token,
-                     source="<medjax byte tokenizer>")
-
-
-def preset_tokenizer(preset: str | None):
-    """The tokenizer a random-init preset trains with: bytes for ``tiny-*``, else None."""
-    return byte_tokenizer() if preset and preset.startswith("tiny") else None
-
-
 def _instruct_rows() -> list[dict]:
     from medjax.training.sft_data import read_jsonl, resolve_data_path
     return read_jsonl(resolve_data_path(ASSET_INSTRUCT))
@@ -187,49 +166,6 @@ def load_recipe(name_or_path, overrides=(), *, check_inputs: bool = True):
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     return load_config(path, expand_overrides(path, overrides, check_inputs=check_inputs))
-
-
-# ----------------------------------------------------------------------------- eval after training
-def evaluate_run(cfg, trainer, name: str = "eval") -> dict | None:
-    """The recipe's eval section on the trainer's current model (adapters merged, base
-    dequantized); writes ``<out_dir>/<name>.json``. None when ``eval.tasks`` is empty; a ``skipped`` note when
-    ``eval.data_dir`` does not exist."""
-    if not cfg.eval.tasks or not cfg.eval.data_dir:
-        return None
-    data_dir = Path(cfg.eval.data_dir).expanduser()
-    if not data_dir.is_dir():
-        return {"skipped": f"eval.data_dir {data_dir} not found"}
-    if trainer.tokenizer is None:
-        return {"skipped": "no tokenizer"}
-    from medjax.eval import readers
-    from medjax.eval.runner import evaluate
-    from medjax.eval.tasks import resolve
-    from medjax.lora import merged_model
-    from medjax.quant import dequantize_model
-    tasks, skipped = [], {}
-    for task in resolve(list(cfg.eval.tasks))[0]:      # the card lists tasks whose data may be absent
-        try:
-            readers.load_docs(task, data_dir)
-            tasks.append(task.name)
-        except readers.DataError as e:
-            skipped[task.name] = str(e)
-    if not tasks:
-        return {"skipped": skipped}
-    model = trainer.model()
-    if trainer.lora:
-        model = merged_model(dequantize_model(model))
-    template = cfg.eval.chat_template
-    result = evaluate(model, trainer.tokenizer, tasks, data_dir, limit=cfg.eval.limit,
-                      num_fewshot=cfg.eval.num_fewshot,
-                      chat_template=True if template == "default" else (template or False),
-                      score=cfg.eval.score, mode=cfg.eval.mode, tokens_per_batch=cfg.eval.batch_tokens)
-    result["skipped_tasks"] = skipped
-    path = Path(cfg.train.out_dir) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return {"results": result.get("results"), "skipped_tasks": skipped, "file": str(path)}
 
 
 # ----------------------------------------------------------------------------- planning

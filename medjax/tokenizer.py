@@ -426,3 +426,22 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
                     chat_template=get("chat_template"), source=source)
     tok.gguf_pre = get("ggml.pre")  # llama.cpp's pre-tokenizer name, kept for GGUF export
     return tok
+
+
+# ------------------------------------------------------------------------------ tiny presets
+def byte_tokenizer(add_bos_token: bool = True):
+    """A 259-token byte-level tokenizer (``<pad> <s> </s>`` + 256 bytes) for the tiny presets."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
+        vocab[ch] = 3 + i
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<pad>", "<s>", "</s>"])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=add_bos_token,
+                     source="<medjax byte tokenizer>")
+
+
+def preset_tokenizer(preset: str | None):
+    """The tokenizer a random-init preset trains with: bytes for ``tiny-*``, else None."""
+    return byte_tokenizer() if preset and preset.startswith("tiny") else None

@@ -2,8 +2,6 @@
 variable that passes through a rematerialised layer — trainable params, frozen LoRA bases,
 quantized codes, dropout/NEFTune RNG state, a DPO reference — the loss and the gradients of the
 trainable variables with remat on equal those with remat off."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +12,8 @@ from medjax.config import LoraSection
 from medjax.lora import apply_lora
 from medjax.models import get_preset, init_decoder
 from medjax.quant import quantize_model
-from medjax.training import dpo
 from medjax.training import step as S
+from medjax.training.objectives import DPO, CausalLM
 from medjax.training.neftune import attach_neftune
 
 POLICIES = ("full", "dots_saveable")
@@ -93,11 +91,11 @@ def test_remat_keeps_causal_lm_loss_and_grads(case, policy):
     lora = kw.get("lora") is not None
     model = _model(**kw)
     batch = _batch()
-    run = jax.jit(S.accumulate_grads, static_argnames=("graphdef", "grad_accum", "aux_coef"))
+    run = jax.jit(S.accumulate_grads, static_argnames=("graphdef", "grad_accum", "objective"))
     results = {}
     for policy, (graphdef, params, rngs, frozen) in _split_each_policy(model, lora, policy).items():
-        grads, _, metrics = run(params, rngs, frozen, batch, graphdef=graphdef,
-                                grad_accum=grad_accum, aux_coef=0.02)
+        grads, _, metrics = run(params, rngs, frozen, {}, batch, graphdef=graphdef,
+                                grad_accum=grad_accum, objective=CausalLM(aux_coef=0.02))
         results[policy] = (metrics["loss"] + 0.02 * metrics["aux_loss"], grads)
     _assert_same(results, policy)
 
@@ -112,11 +110,11 @@ def test_remat_keeps_dpo_loss_and_grads(reference, policy):
     for policy, (graphdef, params, rngs, frozen) in _split_each_policy(model, lora, policy).items():
         # the frozen-copy reference: initial weights, here perturbed so it differs from the policy
         ref = (jax.tree.map(lambda x: x * 0.9, params) if reference == "frozen_copy" else {})
-        fn = functools.partial(dpo.dpo_objective, graphdef=graphdef, beta=0.5, label_smoothing=0.0,
-                               aux_coef=0.0, n_micro=1, reference=reference)
-        (loss, _), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(
-            params, rngs, frozen, ref, batch, 4.0)
-        results[policy] = (loss, grads)
+        # through the product step: the DPO objective under grad accumulation (lax.scan)
+        grads, _, metrics = jax.jit(S.accumulate_grads, static_argnames=("graphdef", "grad_accum", "objective"))(
+            params, rngs, frozen, ref, batch, graphdef=graphdef, grad_accum=2,
+            objective=DPO(beta=0.5, reference_mode=reference))
+        results[policy] = (metrics["loss"], grads)
     _assert_same(results, policy)
 
 

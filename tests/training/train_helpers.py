@@ -6,7 +6,7 @@ VOCAB = 3 + 256          # <pad> <s> </s> + 256 byte symbols
 
 
 def write_byte_tokenizer(out: Path) -> None:
-    from medjax.recipes import byte_tokenizer
+    from medjax.tokenizer import byte_tokenizer
     byte_tokenizer(add_bos_token=False).save(out)
 
 
