@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's options (a function, so other planners can add theirs, e.g. ``--compile``)."""
     ap = argparse.ArgumentParser(prog="python -m medjax.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="run config YAML (model, mesh, train, data, lora, optim)")
+    ap.add_argument("--config", action="append",
+                    help="run config YAML (model, mesh, train, data, lora, optim); repeat to overlay")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.preset=fsdp")
     ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e; TPU "
                                      "slices may add their size (v5p-64 = 32 chips)")
