@@ -85,11 +85,11 @@ device_description_str: "{chip.name}"
 """
 
 
-def _require(module: str, extra: str, venv: str, what: str):
+def _require(module: str, extra: str, what: str):
     import importlib.util
     if importlib.util.find_spec(module) is None:
         raise CompilePlanError(f"{what} needs the '{extra}' extra ({module} is not installed): "
-                               f"`make {venv}` and run with {venv.replace('-venv', '')}/bin/python "
+                               f"`make {extra}-venv` and run with .venv-{extra}/bin/python "
                                f"(or pip install 'medjax[{extra}]' in a venv of its own)")
 
 
@@ -104,12 +104,12 @@ def compile_devices(kind: str, count: int):
         if count not in shapes:
             raise CompilePlanError(f"--device {kind} with {count} chips: unknown topology; "
                                    f"known chip counts {sorted(shapes)}")
-        _require("libtpu", "tpu", ".venv-tpu", f"--compile --device {kind}")
+        _require("libtpu", "tpu", f"--compile --device {kind}")
     else:
         if count < 1 or count > 8:
             raise CompilePlanError(f"--device {kind} --num-devices {count}: unknown topology; "
                                    f"compile-only GPU topologies are one host of 1-8 GPUs")
-        _require("jax_cuda12_plugin", "cuda", ".venv-cuda", f"--compile --device {kind}")
+        _require("jax_cuda12_plugin", "cuda", f"--compile --device {kind}")
     jax.config.update("jax_platforms", "cpu")     # the host runs on CPU; targets are compile-only
     from jax.experimental import topologies
     if chip.platform == "tpu":
@@ -221,7 +221,9 @@ def _kernel_counts(text: str) -> dict:
 
 def _oom_error(e: Exception, chip: Chip, kind: str, n: int) -> Exception:
     msg = " ".join(str(e).split())
-    m = re.search(r"Used ([0-9.]+[KMGT]?i?B?) of ([0-9.]+[KMGT]?i?B?) hbm", msg)
+    m = (re.search(r"Used ([0-9.]+[KMGT]?i?B?) of ([0-9.]+[KMGT]?i?B?) hbm", msg)
+         or re.search(r"required for HLO temporaries \(([^)]+)\) exceeds available HBM \(([^)]+)\)",
+                      msg))
     if m:
         return CompilePlanError(f"{kind} x{n}: does not fit: needs {m.group(1)} per device, "
                                 f"{m.group(2)} HBM available (XLA compile)")

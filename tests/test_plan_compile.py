@@ -65,6 +65,20 @@ def test_tiny_train_step_compiles_for_v5e_2x2_with_fsdp_and_mosaic_kernels():
 
 
 @pytest.mark.slow
+def test_step_libtpu_cannot_fit_is_one_error_line():
+    """32k rows of 512 tokens on 4 v5e chips: libtpu itself refuses (HBM), one line, exit 2."""
+    if not TPU_PY.exists():
+        pytest.skip(f"no {TPU_PY.parent.parent.name}: `make tpu-venv` installs the TPU compiler")
+    res = _run(TPU_PY, "-m", "medjax.plan", "--config", "configs/melt_llama2_lora.yaml",
+               "model.preset=tiny-llama2", "mesh.preset=fsdp", "data.seq_len=512",
+               "train.batch_size=32768", "train.grad_accum=1", "--device", "v5e-4", "--compile")
+    errors = _error_lines(res.stderr)
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert re.search(r"v5e x4: does not fit: needs [0-9.]+G per device, 15.75G HBM available",
+                     errors[0]), errors[0]
+
+
+@pytest.mark.slow
 def test_cudnn_is_dispatched_when_compiled_for_a_deviceless_h100():
     if not CUDA_PY.exists():
         pytest.skip(f"no {CUDA_PY.parent.parent.name}: `make cuda-venv` installs the CUDA "
@@ -102,7 +116,7 @@ def test_missing_extra_names_the_package(device, package):
     if package == "libtpu" and "libtpu" in sys.modules or not errors and res.returncode == 0:
         pytest.skip("this venv has the extra installed")
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
-    assert package in errors[0] and "make " in errors[0]
+    assert package in errors[0] and f"make {'tpu' if package == 'libtpu' else 'cuda'}-venv" in errors[0]
 
 
 def test_gpu_target_config_matches_xla_h100_spec():
