@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medjax-installed
 
-.PHONY: demo test test-all bench clean-venv tpu-venv
+.PHONY: demo test test-all bench clean-venv tpu-venv cuda-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,19 @@ $(TPU_STAMP): pyproject.toml
 	touch $(TPU_STAMP)
 
 tpu-venv: $(TPU_STAMP)
+
+# Compile-only CUDA tooling (jax[cuda12], ~5.5 GB of NVIDIA wheels) in a venv of its own, never
+# in .venv and not needed by `make test` (the cuDNN dispatch test skips without it). Used by
+# `python -m medjax.plan --device h100 --compile` and tests/test_plan_compile.py.
+CUDA_VENV := .venv-cuda
+CUDA_STAMP := $(CUDA_VENV)/.medjax-cuda-installed
+
+$(CUDA_STAMP): pyproject.toml
+	$(PY) -m venv $(CUDA_VENV)
+	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/pip install -q -e ".[cuda]"
+	touch $(CUDA_STAMP)
+
+cuda-venv: $(CUDA_STAMP)
 
 # Default CI run: everything but GPU tests; slow tests included (they are budgeted).
 test: $(STAMP) $(TPU_STAMP)

@@ -1,7 +1,9 @@
 """Memory planner: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
 
     python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
-                          [--device-memory 80GB] [--num-devices N]
+                          [--device-memory 80GB] [--num-devices N] [--compile]
+
+``--compile`` asks the real TPU / GPU compiler instead (medjax/plan_compile.py).
 
 The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
 ``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
@@ -58,6 +60,7 @@ class Plan:
     trainable: int
     total_params: int
     micro_batch_per_device: float
+    moe: dict | None = None          # one MoE layer's FLOPs/temporaries (models.moe.moe_layer_cost)
 
     @property
     def total(self) -> float:
@@ -98,7 +101,10 @@ def model_config(cfg: RunConfig):
     config_json = path / "config.json" if path.is_dir() else path
     if config_json.suffix != ".json" or not config_json.is_file():
         raise ConfigError(f"model.path: the planner reads an HF config.json; not found at {path}")
-    return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    try:
+        return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{config_json}: {e}") from None
 
 
 def abstract_model(cfg: RunConfig, model_cfg):
@@ -162,7 +168,12 @@ def plan(cfg: RunConfig, num_devices: int) -> Plan:
         else:
             opt += 4 * _factored_elements(var.get_value().shape) * n_local / max(n_global, 1)
     micro, activations = activation_bytes(cfg, model_cfg, sizes)
-    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro)
+    moe = None
+    if model_cfg.is_moe:
+        from medjax.models.moe import moe_layer_cost
+        moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
+                             _DTYPE_BYTES[cfg.model.dtype])
+    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe)
 
 
 def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
@@ -216,6 +227,11 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
         f"  activations (est.)   {g(p.activations)}",
         f"  total                {g(p.total)}",
     ]
+    if p.moe:
+        lines.append(f"  MoE layer fwd+bwd per micro-batch: {p.moe['active_flops'] / 1e12:.3g} TFLOP "
+                     f"active, <= {p.moe['max_flops'] / 1e12:.3g} with block padding "
+                     f"({p.moe['block_rows']}-row blocks); temporaries ~"
+                     f"{p.moe['temp_bytes'] / GiB:.2f} GiB")
     if device_bytes:
         frac = p.total / device_bytes
         if frac > 1:
@@ -243,7 +259,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device-memory", help="memory per device, e.g. 80GB or 96GiB (overrides --device)")
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
                                                     "slice size, else this host's jax.device_count())")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile the real train step for --device (compile-only TPU/GPU, "
+                         "needs the tpu/cuda extra; see medjax/plan_compile.py)")
     args = ap.parse_args(argv)
+    if args.compile:
+        return _compile(args)
     try:
         cfg = load_config(args.config, args.overrides)
         name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
@@ -256,6 +277,20 @@ def main(argv=None) -> int:
         return 2
     print(report(cfg, p, args.device and args.device.lower(), device_bytes))
     return 1 if device_bytes and p.total > device_bytes else 0
+
+
+def _compile(args) -> int:
+    """``--compile``: medjax.plan_compile asks libtpu / XLA:GPU about the real train step."""
+    from medjax import plan_compile
+    try:
+        if not args.device:
+            raise ValueError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
+        cfg = load_config(args.config, args.overrides)
+        memory = parse_memory(args.device_memory) if args.device_memory else None
+        return plan_compile.run(cfg, args.device, args.num_devices, memory)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

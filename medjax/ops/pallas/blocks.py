@@ -60,13 +60,20 @@ class KernelConfig:
         return lax.Precision.HIGHEST if self.fp32 else None
 
 
+PLATFORM_BACKENDS = {"cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu", "cpu": "interpret"}
+
+
+def backend_for(platform: str) -> str:
+    """The Pallas backend that compiles for ``platform`` ('cpu' | 'cuda' | 'rocm' | 'tpu')."""
+    return PLATFORM_BACKENDS.get(platform, "interpret")
+
+
 def default_backend() -> str:
-    platform = jax.default_backend()
-    if platform == "gpu":
-        return "triton"
-    if platform == "tpu":
-        return "mosaic_tpu"
-    return "interpret"
+    """Backend for a kernel called directly, without a target: the host's. Through
+    ``medjax.ops.attention`` the platform the program is compiled for decides instead
+    (``medjax.ops.target.on_target`` + :func:`backend_for`)."""
+    from medjax.ops.target import host_platform
+    return backend_for(host_platform())
 
 
 _POISON_OUTPUTS = [False]

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 # chip name -> (topology for get_topology_desc, tpu_info.ChipVersion member name)
-CHIPS = {"v5e": ("v5e:2x2", "TPU_V5E"), "v5p": ("v5p:2x2x1", "TPU_V5P"),
-         "v6e": ("v6e:2x2", "TPU_V6E")}
+CHIPS = {"v4": ("v4:2x2x1", "TPU_V4"), "v5e": ("v5e:2x2", "TPU_V5E"),
+         "v5p": ("v5p:2x2x1", "TPU_V5P"), "v6e": ("v6e:2x2", "TPU_V6E")}
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TPU_VENV_PYTHON = REPO_ROOT / ".venv-tpu" / "bin" / "python"
 
