@@ -30,11 +30,11 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as BackendTokenizer
 
 from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES, TURN_END_TOKENS, sandbox
+from medjax.errors import CheckpointError
 from medjax.paths import resolve_path
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file or chat template that cannot be used; the message names the file/key."""
+TokenizerError = CheckpointError  # a tokenizer file or chat template that cannot be used
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -140,8 +140,12 @@ class Tokenizer:
         variables = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                          pad_token=self.pad_token or "", unk_token=self.unk_token or "")
         variables.update(kwargs)
-        return self._env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+        from jinja2 import TemplateError
+        try:
+            return self._env.from_string(template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError as e:  # syntax, undefined names, the sandbox refusing an attribute
+            raise TokenizerError(f"{self.source}: chat template: {e}") from e
 
     # ---- files
     def save(self, out_dir) -> Path:

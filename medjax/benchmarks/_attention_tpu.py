@@ -108,15 +108,15 @@ def _reexec(argv) -> int:
 def main(args, argv) -> int:
     from medjax.ops.pallas import tpu_compile
     import importlib.util
-    if (importlib.util.find_spec("libtpu") is None or os.environ.get("TPU_SKIP_MDS_QUERY") != "1"
-            or os.environ.get("JAX_PLATFORMS") != "cpu"):
-        return _reexec(argv)
     chips = [c.strip() for c in args.chips.split(",") if c.strip()]
     unknown = sorted(set(chips) - set(tpu_compile.CHIPS))
     if unknown:
         print(f"error: --chips: unknown chip(s) {unknown}; choose from {sorted(tpu_compile.CHIPS)}",
               file=sys.stderr)
         return 2
+    if (importlib.util.find_spec("libtpu") is None or os.environ.get("TPU_SKIP_MDS_QUERY") != "1"
+            or os.environ.get("JAX_PLATFORMS") != "cpu"):
+        return _reexec(argv)
     import jax
     print(f"# Pallas attention compiled for TPU on {os.uname().machine} CPU (compile-only), "
           f"jax {jax.__version__}, bf16, D=128, fwd+bwd (decode: forward)", flush=True)

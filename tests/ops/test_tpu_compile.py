@@ -33,14 +33,41 @@ def compiled(tmp_path_factory):
                "--json", str(out / f"{chip}.json")]
         procs[chip] = subprocess.Popen(cmd, env=tpu_compile.compile_only_env(),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs["oom"] = subprocess.Popen(
+        [str(tpu_compile.TPU_VENV_PYTHON), "-c", OVERSIZED_BLOCKS, str(out / "oom.json")],
+        env=tpu_compile.compile_only_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     rows = {}
     for chip, proc in procs.items():
+        if chip == "oom":
+            continue
         log, _ = proc.communicate(timeout=900)
         path = out / f"{chip}.json"
         assert path.exists(), f"{chip}: compile run wrote no results:\n{log[-3000:]}"
         for r in json.loads(path.read_text())["rows"]:
             rows[(chip, r["T"], r["mask"])] = r
+    log, _ = procs["oom"].communicate(timeout=900)
+    assert (out / "oom.json").exists(), log[-3000:]
+    rows["oom"] = json.loads((out / "oom.json").read_text())
     return rows
+
+
+# A forward with 2048 x 2048 blocks ([2048, 2048] fp32 scores alone are 16 MiB): the compiler
+# must reject it (v5p: 16 MiB scoped VMEM), so a kernel that does not fit cannot pass unnoticed.
+OVERSIZED_BLOCKS = """
+import json, sys
+import jax, jax.numpy as jnp
+from medjax.ops.pallas import flash_attention, tpu_compile
+q = jax.ShapeDtypeStruct((1, 2048, 32, 128), jnp.bfloat16)
+kv = jax.ShapeDtypeStruct((1, 2048, 8, 128), jnp.bfloat16)
+fn = lambda q, k, v: flash_attention(q, k, v, block_q=2048, block_k=2048, backend="mosaic_tpu")
+json.dump(tpu_compile.compile_for_tpu(fn, [q, kv, kv], "v5p"), open(sys.argv[1], "w"))
+"""
+
+
+def test_compiler_rejects_blocks_that_overflow_vmem(compiled):
+    assert "VMEM overflow in medjax_flash_fwd" in compiled["oom"].get("error", ""), \
+        compiled["oom"]
 
 
 def _visible_pairs(T, mask):

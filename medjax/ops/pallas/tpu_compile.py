@@ -78,7 +78,8 @@ def target_chip(chip: str):
 _KERNEL_NAME = re.compile(r'([A-Za-z_]\w*)\)*/pallas_call"')
 _SCOPED = re.compile(r'"used_scoped_memory_configs":\[([^\]]*)\]')
 _SIZE = re.compile(r'"size":"(\d+)"')
-_VMEM_OOM = re.compile(r"Scoped allocation with size (\S+) and limit (\S+) exceeded")
+_VMEM_OOM = re.compile(r"Scoped allocation with size (\S+) and limit (\S+) exceeded"
+                       r"|Used (\S+) of (\S+) vmem")
 
 
 def mosaic_kernels(hlo_text: str) -> dict:
@@ -116,8 +117,9 @@ def compile_for_tpu(fn, arg_shapes, chip: str) -> dict:
         text = str(e)
         oom, kernel = _VMEM_OOM.search(text), _KERNEL_NAME.search(text)
         if oom:
-            line = (f"scoped VMEM overflow in {kernel.group(1) if kernel else '?'}: "
-                    f"{oom.group(1)} needed, limit {oom.group(2)}")
+            used, limit = oom.group(1) or oom.group(3), oom.group(2) or oom.group(4)
+            line = (f"VMEM overflow in {kernel.group(1) if kernel else '?'}: "
+                    f"{used} needed, limit {limit}")
         else:
             line = text.strip().splitlines()[0] if text.strip() else ""
         return dict(error=f"{type(e).__name__}: {line[:200]}",
