@@ -123,7 +123,7 @@ def compile_devices(kind: str, count: int):
 
 
 # ----------------------------------------------------------------------------- the step
-def abstract_step(cfg, mesh):
+def abstract_step(cfg, model_cfg, mesh):
     """``(jitted_step, abstract_args)``: the step training runs, built by the trainer's own
     ``training.setup.build_trainable(..., abstract=True)`` (LoRA, QLoRA quantization, NEFTune,
     split, optimizer, objective, shardings) on a shape-only model, and ShapeDtypeStructs carrying
@@ -132,9 +132,7 @@ def abstract_step(cfg, mesh):
     from flax import nnx
 
     from medjax.models import Decoder
-    from medjax.plan import model_config
     from medjax.training.setup import build_trainable
-    model_cfg = model_config(cfg)
     model = nnx.eval_shape(lambda: Decoder(
         model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
@@ -165,23 +163,23 @@ def model_flops(cfg, model_cfg, trainable: int, total: int) -> dict:
     return {"matmul": matmul + adapters + reference, "attention": attention}
 
 
-def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> dict:
+def compile_plan(cfg, model_cfg, kind: str, count: int, estimate, hbm_bytes: float | None = None
+                 ) -> dict:
     """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc)."""
     import time
 
     import jax
-    from medjax import plan as planner
     from medjax import sharding
     chip, devices = compile_devices(kind, count)
     if hbm_bytes:                                  # --device-memory: judge against this instead
         chip = dataclasses.replace(chip, hbm_bytes=int(hbm_bytes))
     n = len(devices)
-    estimate = planner.plan(cfg, n)
+    estimate = estimate(n)                         # medjax.plan's arithmetic for n devices
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     t0 = time.perf_counter()
     from medjax.ops.pallas.tpu_compile import target_chip
     with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
-        step, args = abstract_step(cfg, mesh)
+        step, args = abstract_step(cfg, model_cfg, mesh)
         lowered = step.lower(*args)
         try:
             compiled = lowered.compile()
@@ -197,7 +195,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     accum = cfg.train.grad_accum
-    flops = model_flops(cfg, planner.model_config(cfg), estimate.trainable, estimate.total_params)
+    flops = model_flops(cfg, model_cfg, estimate.trainable, estimate.total_params)
     out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
                argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
                alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total,
@@ -276,15 +274,12 @@ def format_report(cfg, r: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, device: str, num_devices: int | None, device_memory: float | None = None) -> int:
-    """The ``--compile`` branch of ``python -m medjax.plan``; returns the exit code (2 when the
-    compiled step does not fit, after the report)."""
+def run(cfg, model_cfg, kind: str, count: int, estimate, device_memory: float | None = None) -> int:
+    """The ``--compile`` branch of ``python -m medjax.plan`` (which passes the model config and
+    its planner as ``estimate(n_devices) -> Plan``); returns the exit code (2 when the compiled
+    step does not fit, after the report)."""
     import sys
-
-    from medjax.plan import parse_device
-    kind, _, slice_count = parse_device(device)
-    count = num_devices or slice_count or 1
-    r = compile_plan(cfg, kind, count, device_memory)
+    r = compile_plan(cfg, model_cfg, kind, count, estimate, device_memory)
     print(format_report(cfg, r))
     if r["total"] > r["chip"].hbm_bytes:
         print(f"medjax.plan: error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
