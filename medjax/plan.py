@@ -1,7 +1,9 @@
 """Memory planner: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
 
     python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
-                          [--device-memory 80GB] [--num-devices N]
+                          [--device-memory 80GB] [--num-devices N] [--compile]
+
+``--compile`` asks the real TPU / GPU compiler instead (medjax/plan_compile.py).
 
 The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
 ``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
@@ -73,6 +75,7 @@ class Plan:
     trainable: int
     total_params: int
     micro_batch_per_device: float
+    moe: dict | None = None          # one MoE layer's FLOPs/temporaries (models.moe.moe_layer_cost)
     temporaries: float = 0.0
     load_peak: float = 0.0        # per device, while loading + initialising the train state
     host_load: float = 0.0        # per process, RAM beyond its baseline for the tensor in flight
@@ -117,7 +120,10 @@ def model_config(cfg: RunConfig):
     config_json = path / "config.json" if path.is_dir() else path
     if config_json.suffix != ".json" or not config_json.is_file():
         raise ConfigError(f"model.path: the planner reads an HF config.json; not found at {path}")
-    return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    try:
+        return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{config_json}: {e}") from None
 
 
 def abstract_model(cfg: RunConfig, model_cfg):
@@ -222,8 +228,13 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
             gathered = q.spec.n_params * codes_used / codes_global   # dequantized where used
             weight_temp = max(weight_temp, gathered * (4 + compute))
     micro, activations = activation_bytes(cfg, model_cfg, sizes)
-    temporaries = weight_temp + moe_dispatch_bytes(cfg, model_cfg, sizes)
-    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro,
+    moe = None
+    if model_cfg.is_moe:
+        from medjax.models.moe import moe_layer_cost
+        moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
+                             _DTYPE_BYTES[cfg.model.dtype])
+    temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
+    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,
                 temporaries=temporaries, load_peak=params + opt + in_flight, host_load=host,
                 quantized=quantized)
 
@@ -233,21 +244,6 @@ def _host_block(n_elements: float, file_bytes: int, target_bytes: int) -> float:
     bounded raw read chunk being converted into it."""
     from medjax.hf.load import READ_CHUNK_BYTES
     return n_elements * target_bytes + min(READ_CHUNK_BYTES, n_elements * file_bytes)
-
-
-def moe_dispatch_bytes(cfg: RunConfig, m, sizes) -> float:
-    """Transient bytes of one MoE layer's token dispatch on one device (models/moe.py)."""
-    if not m.is_moe:
-        return 0.0
-    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    n = cfg.train.batch_size / cfg.train.grad_accum / shards * cfg.data.seq_len
-    e, k, h, i = m.num_experts, m.num_experts_per_tok, m.hidden_size, m.intermediate_size / sizes["tensor"]
-    s = _DTYPE_BYTES[cfg.model.dtype]
-    router = n * e * 8                                   # fp32 logits + probs
-    indices = n * k * 20                                 # top-k weights/ids, flat ids, order, token_of
-    tokens = n * k * h * s * 2 + n * h * 4              # sorted token copy, expert output, fp32 scatter
-    hidden = n * k * i * s * 3                           # gate, up, silu(gate) * up
-    return router + indices + tokens + hidden
 
 
 def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
@@ -304,6 +300,11 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
         f"  load/init peak       {g(p.load_peak)}   (host RAM in flight per process: "
         f"{p.host_load / GiB:.2f} GiB)",
     ]
+    if p.moe:
+        lines.append(f"  MoE layer fwd+bwd per micro-batch: {p.moe['active_flops'] / 1e12:.3g} TFLOP "
+                     f"active, <= {p.moe['max_flops'] / 1e12:.3g} with block padding "
+                     f"({p.moe['block_rows']}-row blocks); temporaries ~"
+                     f"{p.moe['temp_bytes'] / GiB:.2f} GiB")
     if p.quantized:
         lines.insert(5, f"    of which quantized {g(p.quantized)}   ({cfg.lora.quantize} codes + scales)")
     if device_bytes:
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's options (a function, so other planners can add theirs, e.g. ``--compile``)."""
     ap = argparse.ArgumentParser(prog="python -m medjax.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="run config YAML (model, mesh, train, data, lora, optim)")
+    ap.add_argument("--config", action="append",
+                    help="run config YAML (model, mesh, train, data, lora, optim); repeat to overlay")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.preset=fsdp")
     ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e; TPU "
                                      "slices may add their size (v5p-64 = 32 chips)")
@@ -335,11 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
                                                     "slice size, else the devices the config's mesh "
                                                     "asks for: the product of its fixed axis sizes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile the real train step for --device (compile-only TPU/GPU, "
+                         "needs the tpu/cuda extra; see medjax/plan_compile.py)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compile:
+        return _compile(args)
     try:
         cfg = load_config(args.config, args.overrides)
         name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
@@ -351,6 +358,20 @@ def main(argv=None) -> int:
         return 2
     print(report(cfg, p, args.device and args.device.lower(), device_bytes))
     return 1 if device_bytes and max(p.total, p.load_peak) > device_bytes else 0
+
+
+def _compile(args) -> int:
+    """``--compile``: medjax.plan_compile asks libtpu / XLA:GPU about the real train step."""
+    from medjax import plan_compile
+    try:
+        if not args.device:
+            raise ValueError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
+        cfg = load_config(args.config, args.overrides)
+        memory = parse_memory(args.device_memory) if args.device_memory else None
+        return plan_compile.run(cfg, args.device, args.num_devices, memory)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medjax.ops.grouped_matmul import grouped_matmul
+
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero), as
 # published with QLoRA / bitsandbytes.
 NF4_LEVELS = np.array([
@@ -211,8 +213,9 @@ quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def quantized_ragged_dot(spec: QSpec, x_NI, group_sizes_E, arrays):
-    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside."""
-    return jax.lax.ragged_dot(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
+    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside (run by
+    ``grouped_matmul``, whose cost follows the routed rows)."""
+    return grouped_matmul(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
 
 
 def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
@@ -221,8 +224,8 @@ def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
 
 def _qrd_bwd(spec, res, g_NO):
     group_sizes_E, arrays = res
-    w_EOI = jnp.swapaxes(dequantize(spec, arrays, g_NO.dtype), -1, -2)
-    return jax.lax.ragged_dot(g_NO, w_EOI, group_sizes_E), None, None
+    w_EIO = dequantize(spec, arrays, g_NO.dtype)
+    return grouped_matmul(g_NO, w_EIO, group_sizes_E, transpose_rhs=True), None, None
 
 
 quantized_ragged_dot.defvjp(_qrd_fwd, _qrd_bwd)
@@ -283,7 +286,7 @@ class QuantizedLinear(nnx.Module):
 
 
 class QuantizedExperts(nnx.Module):
-    """Quantized stand-in for ``medjax.models.Experts`` (grouped matmuls via ``ragged_dot``)."""
+    """Quantized stand-in for ``medjax.models.Experts`` (grouped matmuls via ``grouped_matmul``)."""
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

@@ -40,7 +40,10 @@ def read_hf_config(directory: Path) -> ModelConfig:
     if hf.get("auto_map"):
         # remote code is never run; the architecture must be one medjax implements itself
         hf = {k: v for k, v in hf.items() if k != "auto_map"}
-    return ModelConfig.from_hf_config(hf)
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except ValueError as e:          # inconsistent values (e.g. num_experts_per_tok > experts)
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _check_names(cfg, sources: Mapping[tuple, Source], tensors: Mapping[str, TensorInfo]):

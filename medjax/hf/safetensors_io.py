@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from medjax.errors import CheckpointError
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES = {
@@ -26,10 +28,6 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match the model; names file and tensor."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import RunConfig
+from medjax.errors import ConfigError
 from medjax.training.checkpoint import Checkpointer
 from medjax.training.metrics import MetricsLogger, plot_run
 from medjax.training.objectives import objective_for
@@ -98,17 +99,13 @@ def _resolve(path) -> str:
 
 
 def data_section(cfg: RunConfig):
-    """``cfg.data`` with paths resolved; without ``data.eval`` the last ``train.heldout_examples``
-    rows of ``data.train`` are the held-out split (``data.heldout_rows``, selected in memory)."""
+    """``cfg.data`` with paths resolved (``pkg://`` included). Without ``data.eval`` the last
+    ``data.heldout_rows`` rows of ``data.train`` are the held-out split (selected in memory)."""
     data = cfg.data
     if data.train is not None:
         data = dataclasses.replace(data, train=_resolve(data.train))
     if data.eval is not None:
         data = dataclasses.replace(data, eval=_resolve(data.eval))
-    if data.eval is None and not data.sources and data.train is not None:
-        data = dataclasses.replace(data, heldout_rows=cfg.train.heldout_examples)
-    if cfg.train.max_examples is not None:
-        data = dataclasses.replace(data, max_rows=cfg.train.max_examples)
     return data
 
 
@@ -116,7 +113,7 @@ def prepare_data(cfg: RunConfig, tokenizer):
     """``(train_iterator, heldout_batches, steps)`` from ``medjax.data.make_dataset``."""
     from medjax.data import make_dataset
     if tokenizer is None:
-        raise ValueError("training on data needs a tokenizer: set model.path to a model with one")
+        raise ConfigError("training on data needs a tokenizer: set model.path to a model with one")
     data = data_section(cfg)
     B = cfg.train.batch_size
     train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed)
