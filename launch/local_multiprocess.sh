@@ -5,7 +5,7 @@
 #   launch/local_multiprocess.sh [-n NUM_PROCESSES] [-d DEVICES_PER_PROCESS] [-p PORT] \
 #       [--gpus-per-process G] -- COMMAND [ARGS...]
 #
-# e.g. launch/local_multiprocess.sh -n 2 -d 4 -- python -m medjax.train --config configs/tiny.yaml mesh.preset=fsdp
+# e.g. launch/local_multiprocess.sh -n 2 -d 4 -- python -m medjax.train --config configs/melt_llama2_lora.yaml model=tiny mesh.preset=fsdp train.batch_size=8
 #
 # Every process runs COMMAND with MEDJAX_COORDINATOR / MEDJAX_NUM_PROCESSES / MEDJAX_PROCESS_ID
 # set, which medjax.distributed.initialize() reads. Output lines are prefixed with [pI].

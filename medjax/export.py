@@ -4,7 +4,9 @@ Rebuilds a trained model from a run's checkpoint directory (``<run>/checkpoints`
 config is stored in each checkpoint) and writes either an HF directory that ``transformers``
 loads (full fine-tunes as they are; LoRA runs with the adapters merged: ``--merge-lora``,
 the default) or a PEFT adapter directory (``--peft``: ``adapter_config.json`` +
-``adapter_model.safetensors`` for ``peft.PeftModel.from_pretrained`` on the HF base).
+``adapter_model.safetensors`` for ``peft.PeftModel.from_pretrained`` on the HF base), or with
+``--gguf TYPE`` one GGUF file at ``--out`` for llama.cpp (TYPE: f32, f16, q8_0, q4_0, q4_1;
+LoRA adapters merged first).
 """
 from __future__ import annotations
 
@@ -18,10 +20,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a run's checkpoint directory (or the run directory containing checkpoints/)")
-    p.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
+    p.add_argument("--out", required=True,
+                   help="output directory (created; must be empty or absent); with --gguf the .gguf file")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--merge-lora", action="store_true", help="merged HF model (default)")
     kind.add_argument("--peft", action="store_true", help="PEFT adapter only (LoRA runs)")
+    kind.add_argument("--gguf", metavar="TYPE", choices=("f32", "f16", "q8_0", "q4_0", "q4_1"),
+                      help="one GGUF file at --out (llama.cpp), weights as TYPE: f32, f16, q8_0, q4_0 "
+                           "or q4_1 (norms and the MoE router stay f32)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the exported HF weights")
@@ -44,9 +50,12 @@ def main(argv=None) -> int:
         out = save_peft(model, args.out, base_model_name_or_path=cfg.model.path)
     else:
         import medjax
-        from medjax.lora import merged_model
-        plain = merged_model(model) if cfg.lora.enabled else model
-        out = medjax.save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype)
+        from medjax.training.setup import plain_model
+        plain = plain_model(model)        # QLoRA: adapters merged onto the dequantized trained-on base
+        if args.gguf:
+            out = medjax.save_gguf(plain, args.out, tokenizer=tokenizer, type=args.gguf)
+        else:
+            out = medjax.save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype)
     print(f"exported step {step} of {ckpt} to {out}")
     return 0
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.config import LoraSection
+from medjax.errors import ConfigError
 from medjax.ops.grouped_matmul import grouped_matmul
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -185,8 +185,11 @@ def _replace(model, path, new):
         setattr(parent, key, new)
 
 
-def apply_lora(model, cfg: LoraSection, *, seed: int = 0):
-    """Wrap every matching projection of ``model`` in place; returns ``(model, wrapped_paths)``."""
+def apply_lora(model, cfg, *, seed: int = 0):
+    """Wrap every matching projection of ``model`` in place; returns ``(model, wrapped_paths)``.
+
+    ``cfg`` has ``rank``, ``alpha``, ``dropout`` and ``targets`` (the run config's ``lora``
+    section; this module does not import the run config, which sits above it)."""
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     found = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
     wrapped = []
@@ -206,7 +209,6 @@ def apply_lora(model, cfg: LoraSection, *, seed: int = 0):
             _replace(model, path, LoRALinear(module, **kw))
             wrapped.append(name)
     if not wrapped:
-        from medjax.config import ConfigError
         raise ConfigError(f"lora.targets {list(cfg.targets)} matched no Linear/Experts module")
     return model, wrapped
 

@@ -30,10 +30,11 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as BackendTokenizer
 
 from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES, TURN_END_TOKENS, sandbox
+from medjax.errors import CheckpointError
+from medjax.paths import resolve_path
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file or chat template that cannot be used; the message names the file/key."""
+TokenizerError = CheckpointError  # a tokenizer file or chat template that cannot be used
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -139,8 +140,12 @@ class Tokenizer:
         variables = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                          pad_token=self.pad_token or "", unk_token=self.unk_token or "")
         variables.update(kwargs)
-        return self._env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+        from jinja2 import TemplateError
+        try:
+            return self._env.from_string(template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError as e:  # syntax, undefined names, the sandbox refusing an attribute
+            raise TokenizerError(f"{self.source}: chat template: {e}") from e
 
     # ---- files
     def save(self, out_dir) -> Path:
@@ -195,8 +200,9 @@ def _write_atomic(path: Path, data) -> None:
 
 # ----------------------------------------------------------------------------- loading files
 def load_tokenizer(path) -> Tokenizer:
-    """Load from an HF model directory, a ``tokenizer.json``, a ``tokenizer.model`` or a ``.gguf``."""
-    p = Path(path)
+    """Load from an HF model directory, a ``tokenizer.json``, a ``tokenizer.model`` or a ``.gguf``
+    (``pkg://package/file`` paths resolve inside an installed package)."""
+    p = resolve_path(path)
     if p.suffix == ".gguf":
         import gguf  # lazy: not on every machine
         reader = gguf.GGUFReader(str(p))
@@ -386,9 +392,8 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
         byte_map = _byte_alphabet()
         alphabet = set(byte_map.values())
         spelled = [t if set(t) <= alphabet else "".join(byte_map[b] for b in t.encode("utf-8")) for t in tokens]
-        if merges is None:
-            raise TokenizerError(f"{source}: byte-level (gpt2) GGUF tokenizer without tokenizer.ggml.merges")
-        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges,
+        # no merges key: a bytes-only vocabulary (GGUF cannot store an empty array)
+        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges or [],
                                               fuse_unk=False, dropout=None))
         split = _GGUF_SPLITS.get(get("ggml.pre"))
         if split is None:
@@ -415,7 +420,28 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
         token_id = get(f"ggml.{key}")
         return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
 
-    return Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
-                     pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
-                     add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
-                     chat_template=get("chat_template"), source=source)
+    tok = Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                    pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
+                    add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
+                    chat_template=get("chat_template"), source=source)
+    tok.gguf_pre = get("ggml.pre")  # llama.cpp's pre-tokenizer name, kept for GGUF export
+    return tok
+
+
+# ------------------------------------------------------------------------------ tiny presets
+def byte_tokenizer(add_bos_token: bool = True):
+    """A 259-token byte-level tokenizer (``<pad> <s> </s>`` + 256 bytes) for the tiny presets."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
+        vocab[ch] = 3 + i
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<pad>", "<s>", "</s>"])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=add_bos_token,
+                     source="<medjax byte tokenizer>")
+
+
+def preset_tokenizer(preset: str | None):
+    """The tokenizer a random-init preset trains with: bytes for ``tiny-*``, else None."""
+    return byte_tokenizer() if preset and preset.startswith("tiny") else None

@@ -83,9 +83,10 @@ def trained_lora(tmp_path_factory):
 
 def _lora_model(model_dir, run_dir, cfg):
     """The trained LoRA model rebuilt from the last checkpoint."""
-    from medjax.training.loop import Trainer, load_model, prepare_data
+    from medjax.training.loop import Trainer, load_model
+    from medjax.training.objectives import objective_for
     model, tok = load_model(cfg)
-    trainer = Trainer(cfg, model, tok, *prepare_data(cfg, tok), show_bar=False)
+    trainer = Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
     assert trainer.resume()
     return nnx.view(trainer.model(), deterministic=True, raise_if_not_found=False)
 

@@ -76,12 +76,10 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype:
     import jax
     import jax.numpy as jnp
     import medjax
-    from medjax.config import LoraSection, MeshSection, OptimSection
-    from medjax.lora import apply_lora
+    from medjax.config import build, RunConfig
     from medjax.models import get_preset, init_decoder
-    from medjax.sharding import make_mesh, rules_for
-    from medjax.training import step as S
-    from medjax.training.optimizer import make_optimizer
+    from medjax.sharding import make_mesh
+    from medjax.training.setup import build_trainable
 
     dt = jnp.dtype(dtype)
     if _preset(model_path):
@@ -89,24 +87,25 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype:
     else:
         model, _ = medjax.load(model_path, dtype=dt, progress=False)
     cfg = model.config
-    if lora:
-        apply_lora(model, LoraSection(enabled=True, rank=rank, alpha=2.0 * rank, targets=TARGETS))
-    tx, sched = make_optimizer(OptimSection(lr=1e-4, schedule="constant", clip_norm=1.0), 100)
-    graphdef, params, rngs, frozen = S.split_model(model, lora)
-    state = S.init_train_state(params, rngs, tx)
-    fn, ssh, fsh = S.jit_train_step(state, frozen, mesh=make_mesh(MeshSection()), rules=rules_for("dp"),
-                                    graphdef=graphdef, tx=tx, schedule=sched, grad_accum=1, aux_coef=0.0)
-    state, frozen = S.place(state, ssh), S.place(frozen, fsh)
-    del model, params
+    run_cfg = build(RunConfig, {
+        "model": {"dtype": dtype, "param_dtype": dtype, **({"preset": _preset(model_path)}
+                                                           if _preset(model_path) else {"path": model_path})},
+        "lora": {"enabled": lora, "rank": rank, "alpha": 2.0 * rank, "targets": list(TARGETS)},
+        "optim": {"lr": 1e-4, "schedule": "constant", "clip_norm": 1.0, "warmup_steps": 0},
+        "train": {"steps": 100, "grad_accum": 1, "aux_loss_coef": 0.0}})
+    trainable = build_trainable(run_cfg, model, make_mesh(run_cfg.mesh))   # wrap, split, init, place
+    fn, state, frozen, reference = (trainable.step_fn, trainable.state, trainable.frozen,
+                                    trainable.reference)
+    del model, trainable
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     t = time.perf_counter()
-    state, m = fn(state, frozen, batch)
+    state, m = fn(state, frozen, reference, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, m = fn(state, frozen, batch)
+        state, m = fn(state, frozen, reference, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     stats = jax.local_devices()[0].memory_stats() or {}

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from medjax.errors import DataError
+
+from medjax.paths import resolve_path
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = (".jsonl", ".json", ".parquet") + TEXT_SUFFIXES
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file, line/row and field."""
 
 
 class Row(NamedTuple):
@@ -44,8 +44,8 @@ class SkipLog:
 
 
 def expand_paths(pattern: str) -> list[Path]:
-    """A file, a directory (all data files below it) or a glob → sorted list of files."""
-    path = Path(pattern).expanduser()
+    """A file, a directory (all data files below it), a glob or a ``pkg://package/file`` → sorted files."""
+    path = resolve_path(pattern)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
     elif path.is_file():

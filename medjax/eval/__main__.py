@@ -1,7 +1,13 @@
-"""``python -m medjax.eval``: medical MCQA benchmarks with lm-evaluation-harness 0.4.13 scoring.
+"""``python -m medjax.eval``: medical MCQA benchmarks with lm-evaluation-harness 0.4.13 scoring,
+and TruthfulQA multiple choice (MC1/MC2/MC3) as its original release scores it.
 
     python -m medjax.eval --model PATH --tasks medqa_4options,medmcqa,pubmedqa,mmlu_medical \\
         --data-dir ../shared/data/benchmarks [--limit N] [--output results.json]
+    python -m medjax.eval --model PATH --tasks truthfulqa_orig_medical --data-dir ../shared/data/benchmarks
+
+--dtype auto (default) follows lm-eval's dtype=auto: an HF directory computes in config.json's
+dtype/torch_dtype, a GGUF file in bfloat16 when quantized (else its own float type), a run
+checkpoint in its run's model.dtype.
 """
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import sys
 import time
 
 from medjax.config import EvalSection
-from medjax.eval import readers
+from medjax.eval import readers, truthfulqa
+from medjax.eval.auto_dtype import DTYPES
 from medjax.eval.tasks import UnknownTaskError, valid_names
 
 
@@ -18,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = EvalSection()
     p = argparse.ArgumentParser(prog="python -m medjax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF model directory (safetensors) or .gguf file")
+    p.add_argument("--model", help="HF model directory (safetensors), .gguf file (pkg://... allowed) "
+                                   "or a training run's directory / checkpoints directory")
     p.add_argument("--tasks", default="multimedqa",
                    help=f"comma-separated tasks/groups (default multimedqa): {', '.join(valid_names())}")
     p.add_argument("--data-dir", default=d.data_dir,
@@ -41,12 +49,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in --mode generate")
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
                    help="padded tokens per scoring batch (default %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="compute and weight dtype; auto (default) = lm-eval's dtype=auto: the "
+                        "checkpoint's own (see above)")
+    p.add_argument("--truthfulqa-primer", choices=sorted(truthfulqa.PRIMERS), default="qa",
+                   help="qa: the release's six QA pairs before each TruthfulQA question (default); "
+                        "none: the bare 'Q: <question>\\nA:'")
     p.add_argument("--output", help="write results (and samples) to this JSON file")
     p.add_argument("--log-samples", action="store_true", default=d.log_samples,
                    help="include per-item prompts and per-choice log-likelihoods in --output")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
     return p
+
+
+def load_model(path: str, requested: str):
+    """``(model, tokenizer, dtype, why)``, or an error message (str) for a dtype a run
+    checkpoint cannot honour."""
+    import jax.numpy as jnp
+
+    import medjax
+    from medjax.eval.auto_dtype import auto_dtype, model_kind
+    from medjax.loading import resolve_path
+
+    resolved = resolve_path(path)
+    if model_kind(resolved) == "run":
+        from medjax.training.loop import restore_trained_model
+        ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
+        model, tokenizer, cfg, step = restore_trained_model(ckpt)
+        if requested not in ("auto", cfg.model.dtype):
+            return (f"--dtype {requested}: the run checkpoint {ckpt} is rebuilt in its run's "
+                    f"model.dtype={cfg.model.dtype}; use --dtype auto, or export it "
+                    f"(python -m medjax.export) and evaluate the HF directory")
+        return model, tokenizer, cfg.model.dtype, f"run model.dtype, step {step}"
+    dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolved)
+    model, tokenizer = medjax.load(resolved, dtype=getattr(jnp, dtype))
+    return model, tokenizer, dtype, why
 
 
 def main(argv=None) -> int:
@@ -68,15 +105,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import jax.numpy as jnp
-
-    import medjax
     from medjax.eval import report
     from medjax.eval.runner import evaluate
 
     t0 = time.perf_counter()
-    model, tokenizer = medjax.load(args.model, dtype=getattr(jnp, args.dtype))
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    loaded = load_model(args.model, args.dtype)
+    if isinstance(loaded, str):
+        print(f"error: {loaded}", file=sys.stderr)
+        return 2
+    model, tokenizer, dtype, why = loaded
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; dtype {dtype} ({why})", file=sys.stderr)
     chat = False if args.chat_template is None else (True if args.chat_template == "default"
                                                      else args.chat_template)
     t0 = time.perf_counter()
@@ -84,8 +122,9 @@ def main(argv=None) -> int:
                       num_fewshot=args.num_fewshot, chat_template=chat,
                       fewshot_as_multiturn=args.fewshot_as_multiturn, score=args.score,
                       mode=args.mode, tokens_per_batch=args.batch_tokens,
-                      max_new_tokens=args.max_new_tokens, log_samples=args.log_samples)
-    result["config"]["model"] = args.model
+                      max_new_tokens=args.max_new_tokens, log_samples=args.log_samples,
+                      truthfulqa_primer=args.truthfulqa_primer)
+    result["config"].update(model=args.model, dtype=dtype, dtype_from=why)
     result["wall_s"] = time.perf_counter() - t0
     print(report.markdown_table(result))
     print(f"\nwall time {result['wall_s']:.1f}s", file=sys.stderr)

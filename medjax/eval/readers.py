@@ -13,6 +13,7 @@ Accepted layouts (first file found wins; see ../shared/data/benchmarks/README.md
 - MMLU: ``mmlu_medical_test.jsonl`` (question, options, answer_idx, subject) or the official
   CSVs ``test/<subject>_test.csv``.
 - PubMedQA: the official ``ori_pqal.json`` + ``test_ground_truth.json``.
+- TruthfulQA: the original release's ``TruthfulQA.csv`` (docs as ``truthfulqa.py`` describes).
 - A TFDS dataset prepared by medjax.data under ``DIR/<tfds name>`` when no file is found.
 """
 from __future__ import annotations
@@ -21,11 +22,10 @@ import csv
 import json
 from pathlib import Path
 
+from medjax.errors import DataError
+
+from medjax.eval import truthfulqa
 from medjax.eval.tasks import LETTERS, Task
-
-
-class DataError(ValueError):
-    """Missing or malformed benchmark data; the message names the file (and line/key)."""
 
 
 OFFICIAL_SOURCES = {
@@ -38,6 +38,8 @@ OFFICIAL_SOURCES = {
             "https://people.eecs.berkeley.edu/~hendrycks/data.tar",
     "pubmedqa": "PubMedQA labelled set: data/ori_pqal.json and data/test_ground_truth.json "
                 "from https://github.com/pubmedqa/pubmedqa",
+    "truthfulqa": "TruthfulQA's original release: TruthfulQA.csv from "
+                  "https://github.com/sylinrl/TruthfulQA",
 }
 
 FILE_CANDIDATES = {
@@ -46,6 +48,7 @@ FILE_CANDIDATES = {
     "medmcqa": ("medmcqa_validation.jsonl", "medmcqa_dev.jsonl", "dev.json"),
     "mmlu": ("mmlu_medical_test.jsonl",),
     "pubmedqa": ("ori_pqal.json",),
+    "truthfulqa": ("TruthfulQA.csv",),
 }
 
 TFDS_NAMES = {"medqa": "medqa", "medmcqa": "medmcqa", "mmlu": "mmlu_medical", "pubmedqa": "pubmedqa"}
@@ -180,6 +183,41 @@ def read_pubmedqa(pqal_path: Path, truth_path: Path) -> list[dict]:
     return docs
 
 
+TRUTHFULQA_COLUMNS = ("Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+
+
+def read_truthfulqa(path: Path) -> list[dict]:
+    """The release's CSV → docs: ``options`` = correct answers then incorrect ones (each
+    closed with a period), ``n_true``, ``label`` = the best answer's index among the correct
+    ones, ``subject`` = the category."""
+    docs = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in TRUTHFULQA_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise DataError(f"{path}:1: header lacks column(s) {missing}; has {reader.fieldnames}")
+        line_no = reader.line_num + 1
+        for row in reader:
+            where = f"{path}:{line_no}"            # the line where this (maybe multi-line) row starts
+            line_no = reader.line_num + 1
+            absent = [c for c in TRUTHFULQA_COLUMNS if row.get(c) is None]
+            if absent:
+                raise DataError(f"{where}: row lacks column(s) {absent} (fewer fields than the header)")
+            true = truthfulqa.split_answers(row["Correct Answers"])
+            false = truthfulqa.split_answers(row["Incorrect Answers"])
+            best = truthfulqa.close_answer(row["Best Answer"])
+            for column, value in (("Question", row["Question"].strip()), ("Best Answer", best),
+                                  ("Correct Answers", true), ("Incorrect Answers", false)):
+                if not value:
+                    raise DataError(f"{where}: column {column!r} is empty")
+            if best not in true:
+                raise DataError(f"{where}: the best answer {best!r} is not among the correct answers")
+            docs.append({"question": row["Question"], "options": true + false, "n_true": len(true),
+                         "label": true.index(best), "subject": row["Category"].strip() or None,
+                         "_where": where, "_key": json.dumps(row, sort_keys=True)})
+    return docs
+
+
 def _missing(dataset: str, data_dir: Path, tried: list[Path]) -> DataError:
     return DataError(
         f"no {dataset} data in {data_dir}: expected one of {[str(p) for p in tried]}. "
@@ -188,8 +226,8 @@ def _missing(dataset: str, data_dir: Path, tried: list[Path]) -> DataError:
 
 def _read_tfds(dataset: str, data_dir: Path) -> list[dict] | None:
     """Docs from a TFDS dataset written by medjax.data's builders, if one is prepared there."""
-    name = TFDS_NAMES[dataset]
-    if not (data_dir / name).is_dir():
+    name = TFDS_NAMES.get(dataset)
+    if name is None or not (data_dir / name).is_dir():
         return None
     from medjax.data import tfds_builders  # registers the builders; imports tfds lazily
 
@@ -220,7 +258,8 @@ def read_dataset(dataset: str, data_dir: str | Path, subject: str | None = None)
     elif dataset == "mmlu" and subject and (data_dir / "test" / f"{subject}_test.csv").is_file():
         return read_mmlu_csv(data_dir / "test" / f"{subject}_test.csv", subject)
     else:
-        reader = {"medqa": read_medqa, "medmcqa": read_medmcqa, "mmlu": read_mmlu_jsonl}[dataset]
+        reader = {"medqa": read_medqa, "medmcqa": read_medmcqa, "mmlu": read_mmlu_jsonl,
+                  "truthfulqa": read_truthfulqa}[dataset]
         for name in FILE_CANDIDATES[dataset]:
             if (data_dir / name).is_file():
                 return reader(data_dir / name)
@@ -234,7 +273,7 @@ def read_dataset(dataset: str, data_dir: str | Path, subject: str | None = None)
 
 
 def load_docs(task: Task, data_dir: str | Path, cache: dict | None = None) -> list[dict]:
-    """All docs of ``task`` (its subject only, for MMLU subsets), in file order."""
+    """All docs of ``task`` (its subject(s) only, for MMLU and TruthfulQA subsets), in file order."""
     cache = {} if cache is None else cache
     key = (task.dataset, task.subject if task.dataset == "mmlu" else None)
     if key not in cache:
@@ -242,4 +281,6 @@ def load_docs(task: Task, data_dir: str | Path, cache: dict | None = None) -> li
     docs = cache[key]
     if task.subject is not None:
         docs = [d for d in docs if d["subject"] == task.subject]
+    if task.subjects:
+        docs = [d for d in docs if d["subject"] in task.subjects]
     return docs

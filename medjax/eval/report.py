@@ -1,4 +1,5 @@
-"""Metrics (acc, acc_norm as lm-eval computes them), size-weighted groups, JSON and Markdown."""
+"""Metrics (acc, acc_norm as lm-eval computes them; TruthfulQA's MC1/MC2/MC3), size-weighted
+groups, per-subject (per-category) breakdowns, JSON and Markdown."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
+from medjax.eval import truthfulqa
 from medjax.eval.requests import Item
+
+METRIC_ORDER = ("acc", "acc_norm", *truthfulqa.METRICS)
 
 
 def item_metrics(item: Item) -> dict:
     """lm_eval/api/task.py::process_results for multiple_choice: argmax of the summed log-probs;
-    acc_norm divides them by each choice's length in characters (first maximum wins)."""
+    acc_norm divides them by each choice's length in characters (first maximum wins).
+    TruthfulQA docs (``n_true``) get the release's MC1/MC2/MC3 instead."""
+    if "n_true" in item.doc:
+        return truthfulqa.item_metrics([r.loglikelihood for r in item.requests], item.doc)
     if item.generated_pred is not None:
         pred = item.generated_pred
         return {"pred": pred, "pred_norm": pred, "acc": float(pred == item.gold),
@@ -52,15 +59,24 @@ def summarize(items_by_task: dict[str, list[Item]], metrics_by_task: dict[str, t
             if it.doc.get("subject"):
                 by_subject[it.doc["subject"]].append(m)
         if len(by_subject) > 1:
-            subjects[task] = {s: {"n": len(ms), "acc": sum(m["acc"] for m in ms) / len(ms),
-                                  "acc_norm": sum(m["acc_norm"] for m in ms) / len(ms)}
+            shown = [k for k in METRIC_ORDER if k in per_item[0]
+                     and (k in metrics_by_task[task] or k == "acc_norm")]
+            subjects[task] = {s: {"n": len(ms), **{k: sum(m[k] for m in ms) / len(ms) for k in shown}}
                               for s, ms in sorted(by_subject.items())}
     group_rows = {}
     for group, members in groups.items():
         present = [t for t in members if t in results]
-        n = sum(results[t]["n"] for t in present)
-        # lm-eval aggregate_metric_list: acc, weight_by_size → item-weighted mean of members.
-        group_rows[group] = {"n": n, "acc": sum(results[t]["acc"] * results[t]["n"] for t in present) / max(n, 1)}
+        row = {"n": 0}
+        # lm-eval aggregate_metric_list: acc, weight_by_size → item-weighted mean of members,
+        # per metric over the members that report it (TruthfulQA: one member per metric, so
+        # n is the items of the members behind one metric, not their sum).
+        for metric in METRIC_ORDER:
+            having = [t for t in present if metric in results[t]]
+            n = sum(results[t]["n"] for t in having)
+            if having and metric != "acc_norm":
+                row[metric] = sum(results[t][metric] * results[t]["n"] for t in having) / max(n, 1)
+                row["n"] = max(row["n"], n)
+        group_rows[group] = row
     return {"results": results, "groups": group_rows, "subjects": subjects}
 
 
@@ -80,19 +96,27 @@ def samples(items: list[Item]) -> list[dict]:
 
 
 def markdown_table(summary: dict) -> str:
-    lines = ["| task | n | acc | acc_norm |", "|---|---:|---:|---:|"]
+    """One row per task (± stderr), its subjects/categories, then the groups; a column per
+    metric any row reports, in METRIC_ORDER (acc, acc_norm for MCQA; mc1..mc3 for TruthfulQA)."""
+    rows = [*summary["results"].values(), *summary["groups"].values()]
+    columns = [k for k in METRIC_ORDER if any(k in r for r in rows)]
+    lines = ["| task | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
 
-    def fmt(v):
-        return "" if v is None else f"{100 * v:.2f}"
+    def cell(row, key, stderr=False):
+        if key not in row:
+            return ""
+        err = row.get(f"{key}_stderr")
+        return f"{100 * row[key]:.2f}" + (f" ± {100 * err:.2f}" if stderr and err is not None else "")
+
+    def line(name, row, stderr=False):
+        return f"| {name} | {row['n']} | " + " | ".join(cell(row, k, stderr) for k in columns) + " |"
 
     for task, row in summary["results"].items():
-        lines.append(f"| {task} | {row['n']} | {fmt(row.get('acc'))} ± {fmt(row.get('acc_stderr'))} "
-                     f"| {fmt(row.get('acc_norm'))} |")
+        lines.append(line(task, row, stderr=True))
         for subject, srow in summary.get("subjects", {}).get(task, {}).items():
-            lines.append(f"| &nbsp;&nbsp;{task}/{subject} | {srow['n']} | {fmt(srow['acc'])} | "
-                         f"{fmt(srow['acc_norm'])} |")
+            lines.append(line(f"&nbsp;&nbsp;{task}/{subject}", srow))
     for group, row in summary["groups"].items():
-        lines.append(f"| **{group}** | {row['n']} | {fmt(row['acc'])} | |")
+        lines.append(line(f"**{group}**", row))
     return "\n".join(lines)
 
 

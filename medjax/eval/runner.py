@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
-from medjax.eval import readers, report
+from medjax.eval import readers, report, truthfulqa
 from medjax.eval.requests import LmEvalEncoder, build_items
 from medjax.eval.scorer import Scorer
 from medjax.eval.tasks import resolve
@@ -33,19 +34,26 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int |
              num_fewshot: int = 0, chat_template: bool | str = False, fewshot_as_multiturn: bool = True,
              score: str = "letter", mode: str = "loglikelihood", tokens_per_batch: int = 4096,
              max_new_tokens: int = 32, log_samples: bool = False, max_length: int | None = None,
-             fewshot_seed: int = 1234) -> dict:
-    """Evaluate ``model`` on medical MCQA tasks; returns the JSON-ready result dict.
+             fewshot_seed: int = 1234, truthfulqa_primer: str = "qa") -> dict:
+    """Evaluate ``model`` on medical MCQA tasks and TruthfulQA; returns the JSON-ready result dict.
 
     ``chat_template``: False (plain prompts), True (the tokenizer's template) or a template
     (jinja string or built-in name). ``score``: "letter" (lm-eval default) or "full_answer"
     (Med42: likelihood of the option text). ``mode``: "loglikelihood" or "generate" (greedy
-    answer, then the first option letter in it).
+    answer, then the first option letter in it). ``truthfulqa_primer``: "qa" (the release's
+    six QA pairs before each TruthfulQA question) or "none" (the bare ``Q: ...\nA:``).
     """
     if score not in ("letter", "full_answer"):
         raise ValueError(f"score must be 'letter' or 'full_answer', got {score!r}")
     if mode not in ("loglikelihood", "generate"):
         raise ValueError(f"mode must be 'loglikelihood' or 'generate', got {mode!r}")
+    if truthfulqa_primer not in truthfulqa.PRIMERS:
+        raise ValueError(f"truthfulqa_primer must be one of {sorted(truthfulqa.PRIMERS)}, got {truthfulqa_primer!r}")
     task_list, groups = resolve(tasks)
+    task_list = [replace(t, description=truthfulqa.PRIMERS[truthfulqa_primer]) if t.dataset == "truthfulqa"
+                 else t for t in task_list]
+    if mode == "generate" and any(t.dataset == "truthfulqa" for t in task_list):
+        raise ValueError("TruthfulQA tasks are scored by log-likelihood only (--mode loglikelihood)")
     chat = None
     if chat_template:
         chat = chat_renderer(tokenizer, None if chat_template is True else chat_template)
@@ -76,7 +84,8 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int |
     summary = report.summarize(items_by_task, {t.name: t.metrics for t in task_list}, groups)
     summary["config"] = dict(tasks=[t.name for t in task_list], limit=limit, num_fewshot=num_fewshot,
                              chat_template=bool(chat_template), fewshot_as_multiturn=fewshot_as_multiturn,
-                             score=score, mode=mode, max_length=max_length)
+                             score=score, mode=mode, max_length=max_length,
+                             truthfulqa_primer=truthfulqa_primer)
     summary["timings"] = timings
     if log_samples:
         summary["samples"] = {name: report.samples(items) for name, items in items_by_task.items()}

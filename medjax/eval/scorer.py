@@ -125,12 +125,10 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
     K, M = cont_BKM.shape[1:]
-    rows_B = jnp.arange(B)
-    if M == 1:
-        last_logits_BV = model.forward(ids_BT, logits_at=(ctx_len_B - 1)[:, None]).logits[:, 0]
-    else:
-        out = model.forward(ids_BT, cache=None if M == 1 else model.init_cache(B, T + M - 1))
-        last_logits_BV = out.logits[rows_B, ctx_len_B - 1]
+    # The output head runs at each context's last position only, with or without a cache.
+    out = model.forward(ids_BT, cache=None if M == 1 else model.init_cache(B, T + M - 1),
+                        logits_at=(ctx_len_B - 1)[:, None])
+    last_logits_BV = out.logits[:, 0]
     last_lp_BV = jax.nn.log_softmax(last_logits_BV, axis=-1)
     first_lp_BK = jnp.take_along_axis(last_lp_BV, cont_BKM[:, :, 0], axis=1)
     first_greedy_BK = jnp.argmax(last_lp_BV, axis=-1)[:, None] == cont_BKM[:, :, 0]
@@ -152,6 +150,10 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     total_BK = first_lp_BK + jnp.sum(jnp.where(mask_BKN, rest_lp_BKN, 0.0), axis=-1)
     greedy_BK = first_greedy_BK & jnp.all(jnp.where(mask_BKN, rest_greedy_BKN, True), axis=-1)
     return total_BK, greedy_BK
+
+
+def _k_max(groups: list[_Group]) -> int:
+    return max((len(g.continuations) for g in groups), default=1)
 
 
 class Scorer:
@@ -190,7 +192,6 @@ class Scorer:
         for g in groups.values():
             cont_len = max(len(c) for c in g.continuations)
             by_cont_len[1 if cont_len == 1 else bucket(cont_len, (4, 8, 16, 32, 64, 128, 256))].append(g)
-        k_max = max((len(g.continuations) for g in groups.values()), default=1)
         bar = tqdm(total=len(items), desc=desc, unit="item", smoothing=0.05)
 
         def finished(batch):
@@ -205,8 +206,9 @@ class Scorer:
         if self.pack_length and by_cont_len.get(1):
             packable = [g for g in by_cont_len[1] if len(g.context) <= self.pack_length]
             by_cont_len[1] = [g for g in by_cont_len[1] if len(g.context) > self.pack_length]
-            self._score_packed(packable, k_max, finished)
+            self._score_packed(packable, _k_max(packable), finished)
         for cont_len, cont_groups in sorted(by_cont_len.items()):
+            k_max = _k_max(cont_groups)     # per continuation bucket: 4 MCQA options need not pay for 20
             plan = plan_buckets([len(g.context) for g in cont_groups], tokens_per_batch=self.tokens_per_batch,
                                 max_batch=self.max_batch, multiple_of=self.n_devices,
                                 compile_cost=self.compile_cost)

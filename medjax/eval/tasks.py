@@ -1,4 +1,5 @@
-"""Declarative medical MCQA tasks, prompts identical to lm-evaluation-harness 0.4.13.
+"""Declarative medical MCQA tasks, prompts identical to lm-evaluation-harness 0.4.13, and
+TruthfulQA's multiple choice as its original release defines it (``truthfulqa.py``).
 
 A task turns a *canonical doc* (the dict the readers in ``readers.py`` produce:
 ``question``, ``options`` (list of option texts), ``label`` (gold index), ``subject``
@@ -13,6 +14,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from typing import Callable
+
+from medjax.errors import ConfigError
+
+from medjax.eval import truthfulqa
 
 LETTERS = ("A", "B", "C", "D", "E")
 
@@ -60,6 +65,7 @@ class Task:
     full_answer_choices: Callable[[dict], list[str]] = lambda doc: list(doc["options"])
     description: str = ""                 # prepended to every prompt (system turn with chat)
     subject: str | None = None            # keep only docs of this subject (MMLU subsets)
+    subjects: tuple[str, ...] = ()        # ... or of these subjects (TruthfulQA categories)
     fewshot_sampler: str = "default"      # lm-eval sampler: "default" (random) | "first_n"
     metrics: tuple[str, ...] = ("acc", "acc_norm")
 
@@ -93,18 +99,33 @@ TASKS: dict[str, Task] = {
     **{f"mmlu_{s}": _mmlu(s) for s in MMLU_MEDICAL_SUBJECTS},
 }
 
+
+def _truthfulqa(metric: str, subset: str = "", subjects: tuple[str, ...] = ()) -> Task:
+    """Every answer is a choice (correct ones first); the primer is the description."""
+    answers = lambda doc: list(doc["options"])  # noqa: E731
+    return Task(name=f"truthfulqa_orig_{subset}{metric}", dataset="truthfulqa", prompt=truthfulqa.prompt,
+                choices=answers, full_answer_choices=answers, description=truthfulqa.PRIMERS["qa"],
+                subjects=subjects, metrics=(metric,))
+
+
+TRUTHFULQA_TASKS = {t.name: t for t in (
+    *(_truthfulqa(m) for m in truthfulqa.METRICS),
+    *(_truthfulqa(m, "medical_", truthfulqa.MEDICAL_CATEGORIES) for m in truthfulqa.METRICS))}
+TASKS.update(TRUTHFULQA_TASKS)
+
 # lm_eval/tasks/benchmarks/multimedqa/multimedqa.yaml lists these members.
 GROUPS: dict[str, tuple[str, ...]] = {
     "mmlu_medical": tuple(f"mmlu_{s}" for s in MMLU_MEDICAL_SUBJECTS),
     "multimedqa": ("pubmedqa", "medmcqa", "medqa_4options",
                    *(f"mmlu_{s}" for s in MMLU_MEDICAL_SUBJECTS)),
+    "truthfulqa_orig": tuple(f"truthfulqa_orig_{m}" for m in truthfulqa.METRICS),
+    "truthfulqa_orig_medical": tuple(f"truthfulqa_orig_medical_{m}" for m in truthfulqa.METRICS),
 }
 
 ALIASES = {"medqa": "medqa_4options"}
 
 
-class UnknownTaskError(ValueError):
-    pass
+UnknownTaskError = ConfigError  # a task or group name that does not exist
 
 
 def valid_names() -> list[str]:

@@ -60,6 +60,33 @@ class DecoderLayer(nnx.Module):
         return h_BTH + mlp_out, kv_cache, router_stats
 
 
+def remat_layer(layer: DecoderLayer, policy: str, h_BTH, positions_BT, inv_freq, segment_ids):
+    """``layer`` under ``jax.checkpoint`` with ``REMAT_POLICIES[policy]``: ``(h_BTH, router_stats)``.
+
+    The layer is split into its graph and ONE state holding every variable — trainable params,
+    frozen LoRA bases, ``QuantizedArray`` codes, a DPO reference's weights, RNG counters — and
+    the checkpointed function is pure in that state: it merges a fresh copy of the layer inside,
+    runs it, and returns the RNG state it advanced (LoRA dropout), which is written back to the
+    caller's layer outside. Gradients reach whichever of those arrays the caller differentiates;
+    the rest are plain inputs. (``nnx.remat`` instead writes every variable back across the
+    checkpoint trace, which raises ``TraceContextError`` for variables created at another trace
+    level than the differentiated ones: frozen bases, quantized codes, reference copies.)
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat {policy!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(layer)
+
+    def run(state, h_BTH, positions_BT, inv_freq, segment_ids):
+        fresh = nnx.merge(graphdef, state)
+        h_BTH, _, stats = fresh(h_BTH, positions_BT, inv_freq, segment_ids, None)
+        return h_BTH, stats, nnx.state(fresh, nnx.RngState)
+
+    h_BTH, stats, rng_state = jax.checkpoint(run, policy=REMAT_POLICIES[policy])(
+        state, h_BTH, positions_BT, inv_freq, segment_ids)
+    nnx.update(layer, rng_state)
+    return h_BTH, stats
+
+
 class Backbone(nnx.Module):
     """HF's ``model.`` prefix: embeddings, layers, final norm."""
 
@@ -110,9 +137,8 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if self.remat != "none" and cache is None:
-                call = nnx.remat(lambda l, h: l(h, positions, inv_freq, segment_ids, None),
-                                 policy=REMAT_POLICIES[self.remat])
-                h_BTH, kv, stats = call(layer, h_BTH)
+                h_BTH, stats = remat_layer(layer, self.remat, h_BTH, positions, inv_freq, segment_ids)
+                kv = None
             else:
                 h_BTH, kv, stats = layer(h_BTH, positions, inv_freq, segment_ids, kv)
             router_stats = router_stats + stats

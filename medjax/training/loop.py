@@ -1,6 +1,8 @@
-"""The training loop: load → (LoRA) → data → jitted steps → checkpoints → eval → plot → export.
+"""The training loop: load → setup → data → jitted steps → checkpoints → eval → plot → export.
 
-``run(cfg, resume=...)`` is everything ``python -m medjax.train`` does. Resuming restores the
+``run(cfg, resume=...)`` is everything ``python -m medjax.train`` does. ONE :class:`Trainer` runs
+every objective (``training/objectives.py``: causal LM, DPO); ``training/setup.py`` builds the
+trainable model (wrap → quantize → NEFTune → split → init → place). Resuming restores the
 train state, the RNG state and the data iterator position from the newest readable checkpoint,
 so the loss sequence continues exactly as an uninterrupted run would have produced it.
 A non-finite loss stops the run (``TrainingDiverged`` names the step and batch); the last
@@ -22,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import RunConfig
-from medjax.training import step as S
+from medjax.errors import ConfigError
 from medjax.training.checkpoint import Checkpointer
 from medjax.training.metrics import MetricsLogger, plot_run
-from medjax.training.optimizer import make_optimizer
+from medjax.training.objectives import objective_for
+from medjax.training.setup import build_trainable, plain_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,9 +68,18 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def load_model(cfg: RunConfig):
-    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset."""
+def load_model(cfg: RunConfig, mesh=None):
+    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset.
+
+    With ``mesh``, an HF checkpoint streams straight into the run's shardings, already wrapped /
+    quantized for training (``setup.load_prepared``)."""
     dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if cfg.model.path is not None and mesh is not None:
+        from medjax.training.setup import load_prepared
+        loaded = load_prepared(cfg, mesh)
+        if loaded is not None:
+            loaded[0].remat = cfg.model.remat
+            return loaded
     if cfg.model.path is not None:
         import medjax
         model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
@@ -76,7 +88,7 @@ def load_model(cfg: RunConfig):
         from medjax.models import get_preset, init_decoder
         model = init_decoder(get_preset(cfg.model.preset), seed=cfg.train.seed, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=cfg.model.attention)
-        from medjax.recipes import preset_tokenizer
+        from medjax.tokenizer import preset_tokenizer
         tokenizer = preset_tokenizer(cfg.model.preset)    # byte-level for tiny-* presets, else None
     model.remat = cfg.model.remat
     return model, tokenizer
@@ -88,17 +100,13 @@ def _resolve(path) -> str:
 
 
 def data_section(cfg: RunConfig):
-    """``cfg.data`` with paths resolved; without ``data.eval`` the last ``train.heldout_examples``
-    rows of ``data.train`` are the held-out split (``data.heldout_rows``, selected in memory)."""
+    """``cfg.data`` with paths resolved (``pkg://`` included). Without ``data.eval`` the last
+    ``data.heldout_rows`` rows of ``data.train`` are the held-out split (selected in memory)."""
     data = cfg.data
     if data.train is not None:
         data = dataclasses.replace(data, train=_resolve(data.train))
     if data.eval is not None:
         data = dataclasses.replace(data, eval=_resolve(data.eval))
-    if data.eval is None and not data.sources and data.train is not None:
-        data = dataclasses.replace(data, heldout_rows=cfg.train.heldout_examples)
-    if cfg.train.max_examples is not None:
-        data = dataclasses.replace(data, max_rows=cfg.train.max_examples)
     return data
 
 
@@ -106,7 +114,7 @@ def prepare_data(cfg: RunConfig, tokenizer):
     """``(train_iterator, heldout_batches, steps)`` from ``medjax.data.make_dataset``."""
     from medjax.data import make_dataset
     if tokenizer is None:
-        raise ValueError("training on data needs a tokenizer: set model.path to a model with one")
+        raise ConfigError("training on data needs a tokenizer: set model.path to a model with one")
     data = data_section(cfg)
     B = cfg.train.batch_size
     train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed)
@@ -120,37 +128,23 @@ def prepare_data(cfg: RunConfig, tokenizer):
 
 
 class Trainer:
-    """Holds the split model, jitted functions and run directory of one training run."""
+    """One training run of any objective: the trainable model (``setup.build_trainable``), its data,
+    jitted step and eval, checkpoints and run directory."""
 
-    def __init__(self, cfg: RunConfig, model, tokenizer, batches, heldout_batches, steps: int, *,
-                 show_bar: bool = True):
-        from medjax.sharding import make_mesh, rules_for
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: RunConfig, objective, model, tokenizer, *, show_bar: bool = True):
+        from medjax.sharding import make_mesh
+        self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lora = cfg.lora.enabled
-        if self.lora:
-            from medjax.lora import apply_lora
-            apply_lora(model, cfg.lora, seed=cfg.train.seed)
-            if cfg.lora.quantize:                     # QLoRA: quantize the wrapped bases (quant.py)
-                from medjax.quant import quantize_model
-                print(quantize_model(model, cfg.lora.quantize, block=cfg.lora.quant_block,
-                                     double_quant=cfg.lora.double_quant).summary())
-        from medjax.training.neftune import attach_neftune
-        attach_neftune(model, cfg.train.neftune_alpha, seed=cfg.train.seed)
-        self.steps = steps
-        self.tx, self.schedule = make_optimizer(cfg.optim, self.steps)
-        self.graphdef, params, rngs, frozen = S.split_model(model, self.lora)
-        self.mesh, self.rules = make_mesh(cfg.mesh), rules_for(cfg.mesh.preset)
-        state = S.init_train_state(params, rngs, self.tx)
-        self.step_fn, self.state_sh, frozen_sh = S.jit_train_step(
-            state, frozen, mesh=self.mesh, rules=self.rules, graphdef=self.graphdef, tx=self.tx,
-            schedule=self.schedule, grad_accum=cfg.train.grad_accum, aux_coef=cfg.train.aux_loss_coef)
-        self.state = S.place(state, self.state_sh)
-        self.frozen = S.place(frozen, frozen_sh)
-        self.eval_fn = S.jit_eval_loss(self.state_sh.params, self.state_sh.rngs, frozen_sh,
-                                       mesh=self.mesh, graphdef=self.graphdef)
-        self.batches, self.heldout = batches, heldout_batches
+        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer)
+        self.trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=objective,
+                                         steps=self.steps)
+        if self.trainable.quant_report is not None:
+            print(self.trainable.quant_report.summary())
+        self.state, self.frozen, self.reference = (self.trainable.state, self.trainable.frozen,
+                                                   self.trainable.reference)
+        self.step_fn = self.trainable.step_fn     # step_fn(state, frozen, reference, batch)
         ckpt_dir = cfg.checkpoint.dir or self.out_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
@@ -163,7 +157,8 @@ class Trainer:
         if restored is None:
             return False
         state, meta, step = restored
-        self.state = S.place(state, self.state_sh)
+        from medjax.sharding import place
+        self.state = place(state, self.trainable.shardings[0])
         self.batches.set_state(meta["data"])
         self.start_step = step
         return True
@@ -175,38 +170,47 @@ class Trainer:
     def model(self):
         """The current model (trained params merged back into the module graph)."""
         from flax import nnx
-        return nnx.merge(self.graphdef, self.state.params, self.state.rngs, self.frozen)
+        return nnx.merge(self.trainable.graphdef, self.state.params, self.state.rngs, self.frozen)
 
     # ------------------------------------------------------------------ eval
-    def heldout_loss(self, max_batches=None) -> float | None:
+    def heldout_metrics(self, max_batches=None) -> dict:
+        """``objective.eval_metrics`` over the held-out batches (``{}`` without held-out data)."""
         batches = self.heldout if max_batches is None else self.heldout[:max_batches]
-        if not batches:
-            return None
-        nll, tokens = 0.0, 0.0
+        total = None
         for b in batches:
-            s, n = self.eval_fn(self.state.params, self.state.rngs, self.frozen, _model_batch(b))
-            nll, tokens = nll + float(s), tokens + float(n)
-        return nll / max(tokens, 1.0)
+            s = self.trainable.eval_fn(self.state.params, self.state.rngs, self.frozen, self.reference,
+                                       self._batch(b))
+            total = s if total is None else jax.tree.map(jnp.add, total, s)
+        return {k: float(v) for k, v in self.objective.eval_metrics(total).items()} if total else {}
+
+    def heldout_loss(self, max_batches=None) -> float | None:
+        return self.heldout_metrics(max_batches).get("loss")
+
+    def _batch(self, batch: dict) -> dict:
+        return {k: jnp.asarray(batch[k]) for k in self.objective.batch_keys}
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         cfg = self.cfg
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
                             show_bar=self.show_bar)
-        summary = {"steps": self.steps, "start_step": self.start_step}
+        summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name}
+        if self.heldout:
+            self.objective.check_batch(self.heldout[0])
         try:
             if self.start_step == 0:
-                summary["heldout_loss_before"] = self.heldout_loss()
-                if summary["heldout_loss_before"] is not None:
-                    log.log(0, {"loss": summary["heldout_loss_before"]}, kind="eval")
-                    log.write(f"held-out loss before training: {summary['heldout_loss_before']:.4f}")
+                summary["heldout_before"] = before = self.heldout_metrics()
+                summary["heldout_loss_before"] = before.get("loss")
+                if before:
+                    log.log(0, before, kind="eval")
+                    log.write(f"held-out loss before training: {before['loss']:.4f}")
             t0, tokens_total, last = time.perf_counter(), 0.0, {}
             stop = self._stop = _StopOnSignal().__enter__()
             skipped, consecutive = 0, 0
             for step in range(self.start_step, self.steps):
                 batch_id = self.batches.get_state()
-                batch = _model_batch(next(self.batches))
-                self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+                batch = self._batch(next(self.batches))
+                self.state, metrics = self.step_fn(self.state, self.frozen, self.reference, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 finite = all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm"))
                 # optax.apply_if_finite dropped this update; it gives up after 5 in a row
@@ -225,12 +229,13 @@ class Trainer:
                         f"step {step + 1}, batch {json.dumps(batch_id)}; last good checkpoint: "
                         f"{good[-1] if good else 'none'} in {self.ckpt.directory}")
                 tokens_total += metrics["tokens"]
-                metrics = log.step(step + 1, metrics, float(np.sum(batch["segment_ids"] > 0)))
+                real_tokens = sum(float(np.sum(batch[k] > 0)) for k in batch if k.endswith("segment_ids"))
+                metrics = log.step(step + 1, metrics, real_tokens)
                 last = metrics
                 if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.steps:
                     log.log(step + 1, metrics)
                 if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
-                    log.log(step + 1, {"loss": self.heldout_loss(cfg.train.eval_batches)}, kind="eval")
+                    log.log(step + 1, self.heldout_metrics(cfg.train.eval_batches), kind="eval")
                 if self.ckpt.should_save(step + 1) or step + 1 == self.steps or stop.signum:
                     self.save(step + 1)
                 if stop.signum:
@@ -241,9 +246,10 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             summary.update(train_seconds=round(elapsed, 2), final_train_loss=last.get("loss"),
                            loss_tokens_per_s=round(tokens_total / max(elapsed, 1e-9), 1))
-            summary["heldout_loss_after"] = self.heldout_loss()
-            if summary["heldout_loss_after"] is not None:
-                log.log(self.steps, {"loss": summary["heldout_loss_after"]}, kind="eval")
+            summary["heldout_after"] = after = self.heldout_metrics()
+            summary["heldout_loss_after"] = after.get("loss")
+            if after:
+                log.log(self.steps, after, kind="eval")
         finally:
             getattr(self, "_stop", _StopOnSignal()).__exit__()
             log.close()
@@ -255,12 +261,10 @@ class Trainer:
     def export(self, kinds) -> dict:
         """Merged HF model (``save_hf``) and/or a PEFT adapter under ``<out_dir>/export``."""
         import medjax
-        from medjax.lora import merged_model
         out = {}
         model = self.model()
         if "hf" in kinds:
-            from medjax.quant import dequantize_model
-            plain = merged_model(dequantize_model(model)) if self.lora else model
+            plain = plain_model(model)
             path = medjax.save_hf(plain, self.out_dir / "export" / "hf", tokenizer=self.tokenizer,
                                   overwrite=True)
             out["hf"] = str(path)
@@ -274,10 +278,6 @@ class Trainer:
         return out
 
 
-def _model_batch(batch: dict) -> dict:
-    return {k: jnp.asarray(batch[k]) for k in S.BATCH_KEYS}
-
-
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
@@ -288,14 +288,17 @@ def _jsonable(x):
 
 def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     """Train per ``cfg``; returns (and writes ``<out_dir>/summary.json``) the run summary."""
+    from medjax.eval.configured import evaluate_section
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg)
-    if cfg.train.objective == "dpo":                  # preference pairs: medjax/training/dpo.py
-        from medjax.training.dpo import DpoTrainer
-        trainer = DpoTrainer(cfg, model, tokenizer, show_bar=show_bar)
-    else:
-        trainer = Trainer(cfg, model, tokenizer, *prepare_data(cfg, tokenizer), show_bar=show_bar)
-    from medjax.recipes import evaluate_run
+    from medjax.sharding import make_mesh
+    model, tokenizer = load_model(cfg, make_mesh(cfg.mesh))
+    trainer = Trainer(cfg, objective_for(cfg), model, tokenizer, show_bar=show_bar)
+    del model                           # consumed: its loaded params were donated to the state
+    out_dir = Path(cfg.train.out_dir)
+
+    def evaluate(name):                 # the config's eval section on the merged, dequantized model
+        return evaluate_section(cfg.eval, lambda: plain_model(trainer.model()), tokenizer,
+                                out_dir / f"{name}.json")
     eval_before = None
     if not resume and trainer.ckpt.steps():
         from medjax.config import ConfigError
@@ -305,15 +308,15 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
         if resume:
             print(f"no checkpoint in {trainer.ckpt.directory}; starting from step 0")
         if cfg.eval.before_training:
-            eval_before = evaluate_run(cfg, trainer, name="eval_before")
+            eval_before = evaluate("eval_before")
     summary = trainer.train()
     summary["exports"] = trainer.export(cfg.train.export)
     if eval_before is not None:
         summary["eval_before"] = eval_before
-    summary["eval"] = evaluate_run(cfg, trainer)     # the config's eval section (None if unset)
+    summary["eval"] = evaluate("eval")     # None if the config has no eval section
     summary["total_seconds"] = round(time.perf_counter() - t0, 2)
     summary["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
-    path = Path(cfg.train.out_dir) / "summary.json"
+    path = out_dir / "summary.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -322,24 +325,26 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
 
 def restore_trained_model(checkpoint_dir, step: int | None = None):
     """``(model, tokenizer, cfg, step)``: the model of a run rebuilt from its checkpoint directory
-    (the run config is read from the checkpoint's metadata; LoRA wrappers included)."""
+    exactly as it trained — the run config is read from the checkpoint's metadata and
+    ``setup.build_trainable`` repeats the run's wrap / quantize / NEFTune / split (so a QLoRA run's
+    adapters sit on the same quantized base). Dropout and NEFTune are off in the returned view."""
     import orbax.checkpoint as ocp
     from flax import nnx
+
     from medjax.config import RunConfig, build
+    from medjax.sharding import make_mesh
     ckpt = Checkpointer(checkpoint_dir)
     steps = ckpt.steps()
     if not steps:
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoints")
     meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg = build(RunConfig, meta["config"])
-    model, tokenizer = load_model(cfg)
-    if cfg.lora.enabled:
-        from medjax.lora import apply_lora
-        apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, params, rngs, frozen = S.split_model(model, cfg.lora.enabled)
-    restored = ckpt.restore(S.init_train_state(params, rngs, tx), step=step)
+    mesh = make_mesh(cfg.mesh)
+    model, tokenizer = load_model(cfg, mesh)
+    from medjax.training.objectives import CausalLM
+    trainable = build_trainable(cfg, model, mesh, objective=CausalLM())
+    restored = ckpt.restore(trainable.state, step=step)
     ckpt.close()
     state, _, got_step = restored
-    model = nnx.merge(graphdef, state.params, state.rngs, frozen)
+    model = trainable.model(state)
     return nnx.view(model, deterministic=True, raise_if_not_found=False), tokenizer, cfg, got_step

@@ -59,6 +59,7 @@ def training_setup(preset: str, mesh, rules, seed: int = 0):
     """
     from medjax.config import OptimSection
     from medjax.sharding import place
+    from medjax.training.objectives import CausalLM
     from medjax.training.optimizer import make_optimizer
     from medjax.training.step import init_train_state, jit_train_step, split_model
 
@@ -67,10 +68,11 @@ def training_setup(preset: str, mesh, rules, seed: int = 0):
     tx, schedule = make_optimizer(OptimSection(lr=LR, schedule="constant", weight_decay=0.01,
                                                clip_norm=1.0), total_steps=100)
     state = init_train_state(params, rngs, tx)
-    step_fn, state_sh, frozen_sh = jit_train_step(
-        state, frozen, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx, schedule=schedule,
-        grad_accum=1, aux_coef=get_preset(preset).router_aux_loss_coef)
-    return step_fn, place(state, state_sh), place(frozen, frozen_sh)
+    step, (state_sh, frozen_sh, _) = jit_train_step(
+        state, frozen, {}, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx, schedule=schedule,
+        grad_accum=1, objective=CausalLM(aux_coef=get_preset(preset).router_aux_loss_coef))
+    return (lambda state, frozen, batch: step(state, frozen, {}, batch),
+            place(state, state_sh), place(frozen, frozen_sh))
 
 
 def lm_batch(tokens_BT1):

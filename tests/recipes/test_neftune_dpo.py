@@ -11,6 +11,7 @@ from medjax.lora import apply_lora
 from medjax.models import get_preset, init_decoder
 from medjax.training import dpo
 from medjax.training import step as S
+from medjax.training.objectives import DPO, CausalLM, token_nll
 from medjax.training.neftune import attach_neftune, neftune_noise, noisy_embeddings
 
 
@@ -39,11 +40,10 @@ def test_neftune_changes_training_forward_only():
     delta = np.asarray(noisy - plain)
     assert 0 < np.abs(delta).max() <= 5.0 / np.sqrt(16 * 64) + 1e-6
     # training objective sees the noise; eval loss (deterministic view) does not
-    train_obj = S.causal_lm_loss(params, rngs, frozen, batch, 32.0, graphdef=graphdef, aux_coef=0.0,
-                                 n_micro=1)[0]
-    nll, n = S.eval_loss(params, rngs, frozen, batch, graphdef=graphdef)
+    train_obj = CausalLM().loss(params, rngs, frozen, {}, batch, 32.0, graphdef=graphdef, n_micro=1)[0]
+    nll = CausalLM().eval_stats(params, rngs, frozen, {}, batch, graphdef=graphdef)["nll_sum"]
     logits = model(ids)
-    clean = float(jnp.sum(S.token_nll(logits, batch["targets"])))
+    clean = float(jnp.sum(token_nll(logits, batch["targets"])))
     np.testing.assert_allclose(float(nll), clean, rtol=1e-5)
     assert abs(float(train_obj) * 32.0 - clean) > 1e-4
     viewed = nnx.view(nnx.merge(graphdef, params, rngs, frozen), deterministic=True,
@@ -106,10 +106,10 @@ def test_dpo_loss_and_grads_match_the_formula_on_a_hand_made_batch():
     graphdef, params, rngs, frozen = S.split_model(model, lora=True)
     batch = _pair_batch()
     beta, ls = 0.3, 0.1
-    kw = dict(graphdef=graphdef, beta=beta, label_smoothing=ls, aux_coef=0.0, n_micro=1,
-              reference="adapters_off")
+    objective = DPO(beta=beta, label_smoothing=ls, reference_mode="adapters_off")
     (obj, (stats, _)), grads = jax.jit(jax.value_and_grad(
-        functools.partial(dpo.dpo_objective, **kw), has_aux=True))(params, rngs, frozen, {}, batch, 4.0)
+        functools.partial(objective.loss, graphdef=graphdef, n_micro=1), has_aux=True))(
+        params, rngs, frozen, {}, batch, 4.0)
     # the batch is closed over as numpy (concrete): the reference slices sequences with masks
     numpy_batch = {k: np.asarray(v) for k, v in batch.items()}
     direct = functools.partial(_direct_loss, graphdef=graphdef, frozen=frozen, rngs=rngs,

@@ -4,12 +4,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medjax.config import ConfigError
 from medjax.recipes import PLANNED_DEVICES, RECIPES, TINY_PRESETS, load_recipe, plan_recipe
 
 FAST = ("melt_llama2_lora", "internist_mistral_cpt", "meditron_llama2_cpt")
+# the 10-step runs above already cover FAST; these are the other mechanisms (remat through
+# a quantized base, DPO's reference) in the default run
+TWO_STEP_FAST = ("bimedix_mixtral_qlora", "med42_dpo")
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -26,6 +30,27 @@ def test_recipe_yaml_validates_and_names_its_base_model(name):
     assert (tiny.lora.enabled, tiny.lora.quantize, tiny.lora.targets, tiny.train.neftune_alpha,
             tiny.train.objective) == (cfg.lora.enabled, cfg.lora.quantize, cfg.lora.targets,
                                       cfg.train.neftune_alpha, cfg.train.objective)
+    # mechanisms are kept too: activation checkpointing and gradient accumulation
+    assert (tiny.model.remat, tiny.train.grad_accum) == (cfg.model.remat, cfg.train.grad_accum)
+    assert tiny.train.batch_size % tiny.train.grad_accum == 0
+
+
+def test_every_config_but_the_demo_is_a_recipe():
+    configs = {p.stem for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")}
+    assert configs - {"demo"} == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in TWO_STEP_FAST else pytest.mark.slow)
+                                  for n in RECIPES])
+def test_recipe_takes_two_optimizer_steps_at_tiny_size(name, tmp_path, monkeypatch):
+    """``python -m medjax.train --config configs/NAME.yaml model=tiny`` with the recipe's own
+    remat / grad_accum / LoRA / QLoRA / NEFTune / DPO settings (2 steps instead of 10)."""
+    from medjax.train import main
+    monkeypatch.chdir(tmp_path)                 # runs/tiny/NAME lands here; no eval data here
+    config = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    assert main(["--config", str(config), "model=tiny", "train.steps=2", "--no-progress"]) == 0
+    losses = _train_losses(tmp_path / "runs" / "tiny" / name)
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_card_settings_are_in_the_configs():

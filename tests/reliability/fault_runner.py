@@ -36,15 +36,15 @@ def install(kind: str, step: int, delay_s: float) -> None:
         real_jit = S.jit_train_step
 
         def jit_train_step(*args, **kwargs):
-            fn, state_sh, frozen_sh = real_jit(*args, **kwargs)
+            fn, shardings = real_jit(*args, **kwargs)
 
-            def step_fn(state, frozen, batch):
+            def step_fn(state, *rest):
                 if int(state.step) == step - 1:
-                    fn(state, frozen, batch)          # dispatched asynchronously: in flight
+                    fn(state, *rest)                  # dispatched asynchronously: in flight
                     time.sleep(delay_s)
                     _die()
-                return fn(state, frozen, batch)
-            return step_fn, state_sh, frozen_sh
+                return fn(state, *rest)
+            return step_fn, shardings
         S.jit_train_step = jit_train_step
     elif kind == "ckpt":
         from medjax.training.checkpoint import Checkpointer

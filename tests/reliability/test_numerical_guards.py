@@ -13,28 +13,29 @@ import pytest
 from flax import nnx
 
 from train_helpers import tiny_config, write_alpaca
-from medjax.training.loop import Trainer, TrainingDiverged, load_model, prepare_data
+from medjax.training.loop import Trainer, TrainingDiverged, load_model
+from medjax.training.objectives import objective_for
 
 
 def _trainer(tmp_path, model_dir, **over):
     data = write_alpaca(tmp_path / "a.jsonl")
     cfg = tiny_config(model_dir, data, tmp_path / "run", **over)
     model, tok = load_model(cfg)
-    return Trainer(cfg, model, tok, *prepare_data(cfg, tok), show_bar=False)
+    return Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
 
 
 def _poison(trainer, bad_steps, record):
     """Wrap the jitted step: on ``bad_steps`` one loss-mask entry is NaN; record params per step."""
     real = trainer.step_fn
 
-    def step_fn(state, frozen, batch):
+    def step_fn(state, frozen, reference, batch):
         step = int(state.step) + 1
         before = [np.array(x) for x in jax.tree.leaves(state.params)]
         if step in bad_steps:
             mask = np.array(batch["loss_mask"], np.float32)
             mask[0, np.argmax(mask[0] > 0)] = np.nan
             batch = dict(batch, loss_mask=jax.numpy.asarray(mask))
-        state, metrics = real(state, frozen, batch)
+        state, metrics = real(state, frozen, reference, batch)
         record[step] = (before, [np.array(x) for x in jax.tree.leaves(state.params)])
         return state, metrics
     trainer.step_fn = step_fn

@@ -7,12 +7,13 @@ import pytest
 from flax import nnx
 
 from train_helpers import tiny_config
-from medjax.training.loop import Trainer, TrainingDiverged, load_model, prepare_data
+from medjax.training.loop import Trainer, TrainingDiverged, load_model
+from medjax.training.objectives import objective_for
 
 
 def _trainer(cfg):
     model, tok = load_model(cfg)
-    return Trainer(cfg, model, tok, *prepare_data(cfg, tok), show_bar=False)
+    return Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
 
 
 def test_full_finetune_loss_decreases_over_30_steps(tiny_llama_dir, tiny_alpaca, tmp_path):
@@ -57,8 +58,8 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(
     trainer = _trainer(cfg)
     real_step = trainer.step_fn
 
-    def poisoned(state, frozen, batch):          # step 5 produces a NaN loss
-        state, metrics = real_step(state, frozen, batch)
+    def poisoned(state, frozen, reference, batch):          # step 5 produces a NaN loss
+        state, metrics = real_step(state, frozen, reference, batch)
         if int(state.step) == 5:
             metrics = dict(metrics, loss=metrics["loss"] * np.nan)
         return state, metrics

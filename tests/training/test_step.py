@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.models import get_preset, init_decoder
+from medjax.training.objectives import CausalLM
 from medjax.training.step import accumulate_grads, split_model
 
 
@@ -22,9 +23,9 @@ def test_grad_accum_4x2_equals_batch_8():
     model = init_decoder(get_preset("tiny-llama"), seed=0, attention_impl="xla")
     graphdef, params, rngs, frozen = split_model(model, lora=False)
     batch = _batch()
-    run = jax.jit(accumulate_grads, static_argnames=("graphdef", "grad_accum", "aux_coef"))
-    g1, _, m1 = run(params, rngs, frozen, batch, graphdef=graphdef, grad_accum=1, aux_coef=0.0)
-    g4, _, m4 = run(params, rngs, frozen, batch, graphdef=graphdef, grad_accum=4, aux_coef=0.0)
+    run = jax.jit(accumulate_grads, static_argnames=("graphdef", "grad_accum", "objective"))
+    g1, _, m1 = run(params, rngs, frozen, {}, batch, graphdef=graphdef, grad_accum=1, objective=CausalLM())
+    g4, _, m4 = run(params, rngs, frozen, {}, batch, graphdef=graphdef, grad_accum=4, objective=CausalLM())
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
     # token-weighted mean NLL, from scratch
     logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
