@@ -10,7 +10,7 @@ A low-rank adapter adds ``(alpha / rank) * dropout(x) @ A @ B`` to a frozen proj
   by ``LoRALinear(base)`` — attention q/k/v/o, MLP gate/up/down, the Mixtral router
   ``block_sparse_moe.gate``;
 * every ``Experts`` module (stacked ``[E, in, out]`` weights used through ``project(name, x,
-  group_sizes)`` and ``jax.lax.ragged_dot``) whose projection names match, by
+  group_sizes)`` and ``medjax.ops.grouped_matmul``) whose projection names match, by
   ``LoRAExperts(base)`` holding one ``[E, in, r]`` / ``[E, r, out]`` adapter pair per projection,
   i.e. a separate adapter for every expert, applied with the same grouped matmul.
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.errors import ConfigError
+from medjax.ops.grouped_matmul import grouped_matmul
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -159,8 +160,8 @@ class LoRAExperts(nnx.Module):
         adapter = getattr(self, name)
         dtype = getattr(self.base, "dtype", x_NI.dtype)
         a, b = adapter.lora_a[...].astype(dtype), adapter.lora_b[...].astype(dtype)
-        h_NR = jax.lax.ragged_dot(adapter._input(x_NI).astype(dtype), a, group_sizes_E)
-        delta = jax.lax.ragged_dot(h_NR, b, group_sizes_E) * adapter.scale
+        h_NR = grouped_matmul(adapter._input(x_NI).astype(dtype), a, group_sizes_E)
+        delta = grouped_matmul(h_NR, b, group_sizes_E) * adapter.scale
         return y + delta.astype(y.dtype)
 
     def __call__(self, x_NH, group_sizes_E):

@@ -332,3 +332,18 @@ def init_sharded(make_model, mesh: Mesh, rules: ShardingRules):
     shardings = param_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def sharded_init(fn, *args, out_shardings):
+    """``fn(*args)`` jitted with ``out_shardings`` and every input donated.
+
+    Each device computes only its shards of the result (e.g. a train state's fp32 master copy
+    and optimizer moments from loaded params), and inputs the result can alias (an fp32 param
+    that becomes the master copy) are reused in place: no device holds more than its shard of
+    the output plus what XLA needs for one op.
+    """
+    import warnings
+    with warnings.catch_warnings():     # an input of another dtype (bf16 → fp32 master) is freed,
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return jax.jit(fn, out_shardings=out_shardings,
+                       donate_argnums=tuple(range(len(args))))(*args)

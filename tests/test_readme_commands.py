@@ -56,6 +56,8 @@ HOW = {
     "python -m medjax.bench train --steps 5 --batch 4": "a benchmark (minutes); its numbers are in the table",
     "python -m medjax.bench eval --output eval_bench.json": "a benchmark (an hour on this CPU)",
     "python -m medjax.bench data": "a benchmark",
+    ".venv-tpu/bin/python -m medjax.plan --config configs/meditron_llama2_cpt.yaml --device v5p-16 --compile":
+        "needs the libtpu venv (`make tpu-venv`); tests/test_plan_compile.py covers --compile",
     "python -m medjax.train": "the full demo (`make demo`, minutes); run here with the tiny overlay",
     "python -m medjax.eval": "names the tool; its command lines are above",
     "python -m medjax.generate": "names the tool; its command line is above",
@@ -73,7 +75,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = " ".join(line.split(" # ", 1)[0].split())     # drop a trailing comment
-            if line.startswith("python -m medjax"):
+            if re.match(r"(\S*/)?python -m medjax", line):       # also .venv-tpu/bin/python
                 commands.append(line)
     for inline in re.findall(r"`(python -m medjax[^`]*)`", text):
         commands.append(" ".join(inline.split()))

@@ -155,8 +155,8 @@ def main(argv=None) -> int:
     ratings = rate(comparisons, names, anchor=args.anchor, rounds=args.bootstrap, seed=args.seed)
     info = {"models": {c.name: c.path for c in contestants}, "judge": args.judge,
             "questions": len(questions), "questions_file": str(args.questions), "rubric": rubric.path,
-            "judgements": len(records), "scoring": args.scoring, "anchor": args.anchor, "bootstrap_rounds": args.bootstrap,
-            "answers": settings.describe(), **J.position_stats(records),
+            "judgements": len(records), "scoring": args.scoring, "anchor": args.anchor,
+            "bootstrap_rounds": args.bootstrap, "answers": settings.describe(), **J.position_stats(records),
             "wall_s": round(time.perf_counter() - t0, 1)}
     paths = leaderboard.write(ratings, info, out)
     print(leaderboard.markdown(ratings, info))

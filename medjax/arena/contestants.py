@@ -81,11 +81,9 @@ def load_model(path, dtype):
     else:
         from medjax.training.loop import restore_trained_model
         ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
-        model, tokenizer, cfg, _ = restore_trained_model(ckpt)      # in the run's model.dtype
-        if cfg.lora.enabled:
-            from medjax.lora import merged_model
-            from medjax.quant import dequantize_model
-            model = merged_model(dequantize_model(model))
+        from medjax.training.setup import plain_model
+        model, tokenizer, _, _ = restore_trained_model(ckpt)      # in the run's model.dtype
+        model = plain_model(model)                                # LoRA merged, as export does
     if tokenizer is None:
         raise ArenaError(f"{path}: no tokenizer files next to the model")
     return model, tokenizer

@@ -7,7 +7,8 @@ generation prompt, and the judge's log-probability of each verdict (``A``, ``B``
 each tokenized on its own after the prompt, so exactly what the judge would generate next)
 is read off one forward pass (``medjax.eval.scorer.score_batch``). No text is generated or
 parsed. The verdict is the most probable label; the first answer scores 1 (A), 0 (B) or
-0.5 (tie). The normalised probabilities are kept in the record for audit.
+0.5 (tie). The probabilities (normalised over the labels) are kept in the record, so the
+``expected`` scoring, P(A) + P(tie)/2, can rate the same judgements without judging again.
 """
 from __future__ import annotations
 
@@ -48,8 +49,7 @@ def pairings(questions: Sequence[Question], names: Sequence[str], *, both_orders
 class Judge:
     """A judge model: chat-wrapped prompt → log-probabilities of the verdict labels."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, verdicts: Sequence[str] = VERDICTS,
-                 chat_template: str | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, chat_template: str | None = None):
         import jax
         from flax import nnx
 
@@ -57,10 +57,9 @@ class Judge:
 
         self.tokenizer, self.batch_size, self.chat_template = tokenizer, batch_size, chat_template
         self.max_length = model.config.max_position_embeddings
-        self.verdicts = tuple(verdicts)
-        self.verdict_ids = [tokenizer.encode(v) for v in self.verdicts]
-        if len({tuple(ids) for ids in self.verdict_ids}) != len(self.verdicts) or not all(self.verdict_ids):
-            raise ArenaError(f"judge tokenizer: the verdict labels {self.verdicts} do not encode to "
+        self.verdict_ids = [tokenizer.encode(v) for v in VERDICTS]
+        if len({tuple(ids) for ids in self.verdict_ids}) != len(VERDICTS) or not all(self.verdict_ids):
+            raise ArenaError(f"judge tokenizer: the verdict labels {VERDICTS} do not encode to "
                              f"distinct token sequences ({self.verdict_ids})")
         graphdef, self.state = nnx.split(model)
         self._score = jax.jit(partial(score_batch, graphdef))
@@ -71,7 +70,7 @@ class Judge:
         return self.tokenizer.encode(chat)
 
     def logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """``[len(prompts), len(verdicts)]`` summed log-probs of each label after each prompt."""
+        """``[len(prompts), len(VERDICTS)]`` summed log-probs of each label after each prompt."""
         from medjax.eval.scorer import bucket
 
         M = max(len(ids) for ids in self.verdict_ids)

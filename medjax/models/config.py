@@ -55,7 +55,8 @@ class ModelConfig:
             if kind not in _ROPE_TYPES:
                 raise UnsupportedModelError(f"rope_type {kind!r} not supported (supported: {_ROPE_TYPES})")
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise CheckpointError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
+            raise CheckpointError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
+                                  f"1..{self.num_experts} (num_local_experts)")
 
     @property
     def is_moe(self) -> bool:

@@ -68,9 +68,18 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def load_model(cfg: RunConfig):
-    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset."""
+def load_model(cfg: RunConfig, mesh=None):
+    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset.
+
+    With ``mesh``, an HF checkpoint streams straight into the run's shardings, already wrapped /
+    quantized for training (``setup.load_prepared``)."""
     dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if cfg.model.path is not None and mesh is not None:
+        from medjax.training.setup import load_prepared
+        loaded = load_prepared(cfg, mesh)
+        if loaded is not None:
+            loaded[0].remat = cfg.model.remat
+            return loaded
     if cfg.model.path is not None:
         import medjax
         model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
@@ -281,8 +290,10 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     """Train per ``cfg``; returns (and writes ``<out_dir>/summary.json``) the run summary."""
     from medjax.eval.configured import evaluate_section
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg)
+    from medjax.sharding import make_mesh
+    model, tokenizer = load_model(cfg, make_mesh(cfg.mesh))
     trainer = Trainer(cfg, objective_for(cfg), model, tokenizer, show_bar=show_bar)
+    del model                           # consumed: its loaded params were donated to the state
     out_dir = Path(cfg.train.out_dir)
 
     def evaluate(name):                 # the config's eval section on the merged, dequantized model
@@ -328,9 +339,10 @@ def restore_trained_model(checkpoint_dir, step: int | None = None):
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoints")
     meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg = build(RunConfig, meta["config"])
-    model, tokenizer = load_model(cfg)
+    mesh = make_mesh(cfg.mesh)
+    model, tokenizer = load_model(cfg, mesh)
     from medjax.training.objectives import CausalLM
-    trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=CausalLM())
+    trainable = build_trainable(cfg, model, mesh, objective=CausalLM())
     restored = ckpt.restore(trainable.state, step=step)
     ckpt.close()
     state, _, got_step = restored

@@ -5,7 +5,7 @@ import pytest
 from medjax.arena import judge as J
 from medjax.arena.questions import Question
 from medjax.arena.ratings import Comparison, rate
-from medjax.arena.rubric import VERDICTS, load_rubric
+from medjax.arena.rubric import load_rubric
 from medjax.arena.store import JsonlStore
 
 
@@ -52,7 +52,7 @@ def test_order_swapping_cancels_an_always_first_judge(tmp_path, both_orders, sco
     names = ["good", "fair", "poor"]
     questions = [Question(f"q{i}", f"question {i}") for i in range(6)]
     pairs = J.pairings(questions, names, both_orders=both_orders)
-    rubric = load_rubric(J.__file__.replace("arena/judge.py", "assets/arena/clinical_rubric.jinja"))
+    rubric = load_rubric()                         # the bundled clinical rubric
     store = JsonlStore(tmp_path / "judgements.jsonl")
     keys, todo = J.pending(pairs, lambda m, q: f"{m} answer to {q.question}", rubric, "judge", store)
     assert J.run_judging(todo, AlwaysFirstJudge(), "judge", store) == len(keys)
