@@ -369,8 +369,8 @@ def _compile(args) -> int:
         cfg = load_config(args.config, args.overrides)
         memory = parse_memory(args.device_memory) if args.device_memory else None
         kind, _, slice_count = parse_device(args.device)
-        return plan_compile.run(cfg, model_config(cfg), kind, args.num_devices or slice_count or 1,
-                                lambda n: plan(cfg, n), memory)
+        return plan_compile.run(cfg, kind, args.num_devices or slice_count or 1, memory,
+                                model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
     except (ConfigError, ValueError, KeyError) as e:
         print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ import re
 os.environ["TPU_SKIP_MDS_QUERY"] = "1"        # before libtpu can be loaded: no metadata server
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip to lock
 
+from medjax.errors import ConfigError  # noqa: E402  (after the environment above)
+
 GiB = 2 ** 30
 
 
@@ -63,8 +65,7 @@ _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128
               256: "16x16"}
 
 
-class CompilePlanError(ValueError):
-    """Bad device / missing extra / does not fit: the CLI prints it as one ``error:`` line."""
+CompilePlanError = ConfigError  # bad device / missing extra / does not fit: one ``error:`` line
 
 
 # ----------------------------------------------------------------------------- devices
@@ -123,7 +124,7 @@ def compile_devices(kind: str, count: int):
 
 
 # ----------------------------------------------------------------------------- the step
-def abstract_step(cfg, model_cfg, mesh):
+def abstract_step(cfg, mesh, model_cfg):
     """``(jitted_step, abstract_args)``: the step training runs, built by the trainer's own
     ``training.setup.build_trainable(..., abstract=True)`` (LoRA, QLoRA quantization, NEFTune,
     split, optimizer, objective, shardings) on a shape-only model, and ShapeDtypeStructs carrying
@@ -163,9 +164,11 @@ def model_flops(cfg, model_cfg, trainable: int, total: int) -> dict:
     return {"matmul": matmul + adapters + reference, "attention": attention}
 
 
-def compile_plan(cfg, model_cfg, kind: str, count: int, estimate, hbm_bytes: float | None = None
-                 ) -> dict:
-    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc)."""
+def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, model_cfg,
+                 estimate_fn) -> dict:
+    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc).
+    ``model_cfg`` is the run's ModelConfig and ``estimate_fn(n)`` ``medjax.plan``'s estimate for
+    n devices, both passed in by ``medjax.plan`` (this module does not import its caller)."""
     import time
 
     import jax
@@ -174,12 +177,12 @@ def compile_plan(cfg, model_cfg, kind: str, count: int, estimate, hbm_bytes: flo
     if hbm_bytes:                                  # --device-memory: judge against this instead
         chip = dataclasses.replace(chip, hbm_bytes=int(hbm_bytes))
     n = len(devices)
-    estimate = estimate(n)                         # medjax.plan's arithmetic for n devices
+    estimate = estimate_fn(n)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     t0 = time.perf_counter()
     from medjax.ops.pallas.tpu_compile import target_chip
     with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
-        step, args = abstract_step(cfg, model_cfg, mesh)
+        step, args = abstract_step(cfg, mesh, model_cfg)
         lowered = step.lower(*args)
         try:
             compiled = lowered.compile()
@@ -274,12 +277,14 @@ def format_report(cfg, r: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, model_cfg, kind: str, count: int, estimate, device_memory: float | None = None) -> int:
-    """The ``--compile`` branch of ``python -m medjax.plan`` (which passes the model config and
-    its planner as ``estimate(n_devices) -> Plan``); returns the exit code (2 when the compiled
-    step does not fit, after the report)."""
+def run(cfg, kind: str, count: int, device_memory: float | None = None, *, model_cfg,
+        estimate_fn) -> int:
+    """The ``--compile`` branch of ``python -m medjax.plan`` (which parses ``--device`` and passes
+    ``model_cfg`` / ``estimate_fn``, see :func:`compile_plan`); returns the exit code (2 when the
+    compiled step does not fit, after the report)."""
     import sys
-    r = compile_plan(cfg, model_cfg, kind, count, estimate, device_memory)
+
+    r = compile_plan(cfg, kind, count, device_memory, model_cfg=model_cfg, estimate_fn=estimate_fn)
     print(format_report(cfg, r))
     if r["total"] > r["chip"].hbm_bytes:
         print(f"medjax.plan: error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "

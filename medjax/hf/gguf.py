@@ -153,20 +153,21 @@ def _dequantize(tensor) -> np.ndarray:
     return np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
-def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto"):
+def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto", prepare=None,
+              sharding_of=None):
+    """``(model, tokenizer)`` from a GGUF file. With ``sharding_of`` / ``prepare`` (see
+    ``hf/load.py``: ``medjax.load(..., mesh=, rules=, prepare=)``) each tensor is dequantized once
+    per process and lands straight in its shardings, or is quantized for QLoRA as it lands."""
     import gguf
+
+    from medjax.hf.load import StreamingLoader
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf raises assorted errors on corrupt files
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     cfg = gguf_config(reader)
-    model = abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype or dtype,
-                             attention_impl=attention_impl)
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    by_path = dict(flat)
-    filled = set()
+    places = {}
     for t in reader.tensors:
         if t.name in _GLOBAL:
             mpath, transpose = _GLOBAL[t.name]
@@ -178,23 +179,29 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
                 raise CheckpointError(f"{path}: unexpected tensor {t.name!r}")
             suffix, transpose = _BLOCK[parts[2]]
             mpath = ("model", "layers", int(parts[1])) + suffix
-        if mpath not in by_path:
+        places[mpath] = (t, transpose)
+    expected = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(abstract_decoder(cfg), nnx.Param))}
+    for mpath, (t, _) in places.items():
+        if mpath not in expected:
             raise CheckpointError(f"{path}: tensor {t.name!r} has no place in the model (config mismatch)")
+    missing = sorted(".".join(map(str, p)) for p in expected - set(places))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor for {missing[0]}")
+    loader = StreamingLoader(cfg, list(places), dtype=dtype, param_dtype=param_dtype or dtype,
+                             attention_impl=attention_impl, prepare=prepare,
+                             sharding_of=sharding_of or (lambda p, v: None))
+    for mpath, (t, transpose) in places.items():
         w = _dequantize(t)
         if t.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
         if transpose:
             w = np.swapaxes(w, -1, -2)
-        var = by_path[mpath]
-        want = tuple(var.get_value().shape)
-        if w.shape != want:
-            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {list(w.shape)}, expected {list(want)}")
-        var.set_value(jnp.asarray(w.astype(np.dtype(var.get_value().dtype))))
-        filled.add(mpath)
-    missing = [".".join(map(str, p)) for p in by_path if p not in filled]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor for {missing[0]}")
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+        if w.shape != loader.shape(mpath):
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {list(w.shape)}, "
+                                  f"expected {list(loader.shape(mpath))}")
+        loader.fill(mpath, lambda idx, dt, w=w: np.ascontiguousarray(w[idx], dtype=dt))
+        del w
+    model = loader.model
     model.source_path = str(path.resolve())
     from medjax.tokenizer import Tokenizer
     try:

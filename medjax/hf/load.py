@@ -208,36 +208,56 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
     tensors = index_tensors(find_weight_files(directory))
     sources = param_sources(cfg, set(tensors))
     _check_names(cfg, sources, tensors)
-    param_dtype = param_dtype or dtype
-    build = _builder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                     prepare=prepare)
-    model = nnx.eval_shape(build)
-    sharding_of = _sharding_fn(shardings, mesh, rules)
+    loader = StreamingLoader(cfg, sources, dtype=dtype, param_dtype=param_dtype or dtype,
+                             attention_impl=attention_impl, prepare=prepare,
+                             sharding_of=sharding_fn(shardings, mesh, rules))
     I = cfg.intermediate_size
     bar = tqdm(total=len(sources), desc=f"loading {directory.name}", unit="tensor",
                disable=not progress, leave=False)
     for path, src in sources.items():
-        target = resolve_target(model, path)
-        if target is None:
-            raise CheckpointError(f"internal: no place for parameter {'.'.join(map(str, path))}")
-        shape = _float_shape(target)
+        shape = loader.shape(path)
         for part in src.parts:
             _part_shape(part, tensors[part.hf_name], shape, I)
-        read = lambda idx, dt, src=src, shape=shape: read_block(src, tensors, idx, shape, I, dt)  # noqa: E731
-        if isinstance(target, nnx.Variable):
-            want = np.dtype(target.get_value().dtype)
-            target.set_value(_place(shape, sharding_of(path, target),
-                                    lambda idx, read=read, want=want: read(idx, want)))
-        else:
-            _fill_quantized(target, path, read, sharding_of)
-        _release_freed_memory()
+        loader.fill(path, lambda idx, dt, src=src, shape=shape: read_block(src, tensors, idx, shape, I, dt))
         if on_tensor is not None:
             on_tensor(path)
         bar.update()
     bar.close()
-    _init_missing(model, build, sharding_of)
-    model.source_path = str(directory.resolve())
-    return model
+    loader.model.source_path = str(directory.resolve())
+    return loader.model
+
+
+class StreamingLoader:
+    """The prepared abstract model and how each checkpoint tensor lands in it (safetensors and
+    GGUF share it): ``fill(path, read)`` with ``read(index, dtype) -> np.ndarray`` of
+    ``param[index]``; a float target is placed block by block, a quantized one quantized in
+    column chunks. The variables no checkpoint tensor fills are created first, by a jitted
+    init with ``out_shardings``, while little else is resident."""
+
+    def __init__(self, cfg, paths, *, dtype, param_dtype, attention_impl, prepare, sharding_of):
+        build = _builder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                         prepare=prepare)
+        self.model, self.sharding_of = nnx.eval_shape(build), sharding_of
+        self.targets = {path: resolve_target(self.model, path) for path in paths}
+        for path, target in self.targets.items():
+            if target is None:
+                raise CheckpointError(f"internal: no place for parameter {'.'.join(map(str, path))}")
+        from_file = {id(v) for t in self.targets.values()
+                     for v in ([t] if isinstance(t, nnx.Variable) else [getattr(t, n) for n in t.names])}
+        _init_missing(self.model, build, sharding_of, lambda var: id(var) not in from_file)
+
+    def shape(self, path) -> tuple:
+        return _float_shape(self.targets[path])
+
+    def fill(self, path, read) -> None:
+        target = self.targets[path]
+        if isinstance(target, nnx.Variable):
+            want = np.dtype(target.get_value().dtype)
+            target.set_value(_place(self.shape(path), self.sharding_of(path, target),
+                                    lambda idx: read(idx, want)))
+        else:
+            _fill_quantized(target, path, read, self.sharding_of)
+        _release_freed_memory()
 
 
 def _release_freed_memory():
@@ -274,7 +294,8 @@ def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
     return build
 
 
-def _sharding_fn(shardings, mesh, rules):
+def sharding_fn(shardings, mesh, rules):
+    """``(path, variable) -> Sharding | None`` from a mesh + rules, or the older per-param callable."""
     if mesh is not None:
         from medjax.sharding import rules_for, variable_sharding
         rules = rules or rules_for("fsdp")
@@ -313,11 +334,11 @@ def _fill_quantized(qtensor, path, read, sharding_of):
         del host
 
 
-def _init_missing(model, build, sharding_of):
+def _init_missing(model, build, sharding_of, is_missing):
     """Create the variables no file holds (LoRA adapters, RNG streams) by ``build``'s own init,
     jitted with ``out_shardings`` so each device makes only its shards."""
     flat = nnx.to_flat_state(nnx.state(model))
-    missing = {tuple(p) for p, v in flat if isinstance(v.get_value(), jax.ShapeDtypeStruct)}
+    missing = {tuple(p) for p, v in flat if is_missing(v)}
     if not missing:
         return
     only = lambda path, _: tuple(path) in missing  # noqa: E731

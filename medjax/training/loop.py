@@ -76,10 +76,9 @@ def load_model(cfg: RunConfig, mesh=None):
     dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
     if cfg.model.path is not None and mesh is not None:
         from medjax.training.setup import load_prepared
-        loaded = load_prepared(cfg, mesh)
-        if loaded is not None:
-            loaded[0].remat = cfg.model.remat
-            return loaded
+        model, tokenizer = load_prepared(cfg, mesh)
+        model.remat = cfg.model.remat
+        return model, tokenizer
     if cfg.model.path is not None:
         import medjax
         model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,

@@ -67,14 +67,11 @@ def load_prepared(cfg, mesh):
     in (the float base never exists), NEFTune — so :func:`build_trainable` only splits and
     initialises. Each process reads each block its devices hold once (medjax/hf/load.py).
     Full fine-tuning reads the weights straight into the fp32 masters the optimizer updates.
-    Returns ``None`` for checkpoints the streaming import does not cover (GGUF)."""
+    Safetensors directories and GGUF files alike."""
     import jax.numpy as jnp
 
     import medjax
-    from medjax.paths import resolve_path
     from medjax.sharding import rules_for
-    if resolve_path(cfg.model.path).suffix == ".gguf":
-        return None
     param_dtype = jnp.dtype(cfg.model.param_dtype) if cfg.lora.enabled else jnp.float32
     model, tokenizer = medjax.load(cfg.model.path, dtype=jnp.dtype(cfg.model.dtype),
                                    param_dtype=param_dtype, attention_impl=cfg.model.attention,

@@ -127,11 +127,13 @@ print(json.dumps({"base": base, "rss_peak": peak, "model": sum(x.nbytes for x in
 """
 
 
-def _qlora_measurement(tmp_path):
+@pytest.fixture(scope="module")
+def qlora_load(tmp_path_factory):
+    """One QLoRA nf4 load of a generated ~1 GB bf16 checkpoint, measured in a fresh process."""
     import numpy as np
 
     from random_checkpoint import hf_shapes
-    ckpt = write_random_checkpoint(QLORA, tmp_path / "ckpt")
+    ckpt = write_random_checkpoint(QLORA, tmp_path_factory.mktemp("qlora") / "ckpt")
     size = (ckpt / "model.safetensors").stat().st_size
     largest_bf16 = 2 * max(int(np.prod(s)) for s in hf_shapes(QLORA).values())
     r = _child(QLORA_CHILD, ckpt)
@@ -147,14 +149,19 @@ def _qlora_measurement(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-30: peak RSS 935 MiB vs the issue's bound "
-                   "892 MiB (nf4 model 460 + 2 x 125 + import 179); the ~0.3 GB beyond the model "
-                   "is XLA's (compiling the adapters' jitted init alone adds ~0.1 GB), which the "
-                   "planner does not model either (planner 601 MiB vs 756 MiB used)")
-def test_qlora_nf4_load_host_rss_within_model_plus_two_tensors(tmp_path):
-    r, largest_bf16, p = _qlora_measurement(tmp_path)
-    used = r["rss_peak"] - r["base"]
-    print(f"planner: params {p.params / 2**20:.0f} MiB + in flight {p.host_load / 2**20:.0f} MiB")
+def test_qlora_nf4_load_host_rss_within_model_plus_two_tensors(qlora_load):
+    r, largest_bf16, p = qlora_load
     assert abs(p.params - r["model"]) <= 0.01 * r["model"]         # the stored bytes: exact
     assert r["rss_peak"] <= r["model"] + 2 * largest_bf16 + r["base"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-30: planner 601 MiB (nf4 model 460 + "
+                   "141 in flight) vs 691 MiB used; the rest is XLA's own memory (compiled "
+                   "programs, ~0.1 GB), which the planner does not model")
+def test_planner_within_ten_percent_of_the_qlora_load(qlora_load):
+    r, _, p = qlora_load
+    used = r["rss_peak"] - r["base"]
+    print(f"planner: params {p.params / 2**20:.0f} MiB + in flight {p.host_load / 2**20:.0f} MiB "
+          f"vs {used / 2**20:.0f} MiB used")
     assert abs(p.params + p.host_load - used) <= 0.1 * used

@@ -114,3 +114,31 @@ def test_mesh_import_reads_each_block_once(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["read"] == r["file"], (d.name, r)      # every byte once, none twice
+
+
+GGUF_CHILD = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from flax import nnx
+import medjax
+from medjax import sharding
+from medjax.config import MeshSection
+model, tok = medjax.load(sys.argv[1], progress=False)
+medjax.save_gguf(model, sys.argv[2], tokenizer=tok, type="f32")
+ref, _ = medjax.load(sys.argv[2])
+mesh = sharding.make_mesh(MeshSection(preset="fsdp"))
+got, _ = medjax.load(sys.argv[2], mesh=mesh, rules=sharding.rules_for("fsdp"))
+q = got.model.layers[0].self_attn.q_proj.kernel[...]
+assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape[0] == q.shape[0] // 8
+for (path, a), b in zip(nnx.to_flat_state(nnx.state(ref)), nnx.to_flat_state(nnx.state(got)).leaves):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+print("ok")
+"""
+
+
+def test_gguf_imports_into_the_mesh(tmp_path):
+    d = make_tiny_hf("llama2", tmp_path / "llama2", seed=6)
+    out = subprocess.run([sys.executable, "-c", GGUF_CHILD, str(d), str(tmp_path / "m.gguf")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
