@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medjax-installed
 
-.PHONY: demo test test-all bench clean-venv
+.PHONY: demo test test-all bench clean-venv tpu-venv cuda-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,34 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m medjax.train
 
+# Compile-only TPU tooling in a venv of its own (never in .venv: with libtpu installed jax probes
+# for a TPU at start). Used only by the TPU compile tests and `medjax.bench attention
+# --compile-only tpu`, which run it with TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu.
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.medjax-tpu-installed
+
+$(TPU_STAMP): pyproject.toml
+	$(PY) -m venv $(TPU_VENV)
+	TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu $(TPU_VENV)/bin/pip install -q -e ".[tpu]"
+	touch $(TPU_STAMP)
+
+tpu-venv: $(TPU_STAMP)
+
+# Compile-only CUDA tooling (jax[cuda12], ~5.5 GB of NVIDIA wheels) in a venv of its own, never
+# in .venv and not needed by `make test` (the cuDNN dispatch test skips without it). Used by
+# `python -m medjax.plan --device h100 --compile` and tests/test_plan_compile.py.
+CUDA_VENV := .venv-cuda
+CUDA_STAMP := $(CUDA_VENV)/.medjax-cuda-installed
+
+$(CUDA_STAMP): pyproject.toml
+	$(PY) -m venv $(CUDA_VENV)
+	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/pip install -q -e ".[cuda]"
+	touch $(CUDA_STAMP)
+
+cuda-venv: $(CUDA_STAMP)
+
 # Default CI run: everything but GPU tests; slow tests included (they are budgeted).
-test: $(STAMP)
+test: $(STAMP) $(TPU_STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

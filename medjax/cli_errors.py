@@ -7,9 +7,9 @@ process exits with status 2, without a traceback: the message is the whole story
 else is a bug in medjax and keeps its traceback. ``MEDJAX_TRACEBACK=1`` shows the traceback
 for user errors too (for bug reports).
 
-The user-error classes are looked up by name in modules that are *already imported* (an
-exception of a class can only be raised after its module was imported), so this module
-imports nothing of medjax and costs nothing at start-up.
+User errors are the ``medjax.errors.UserError`` family (``ConfigError``, ``DataError``,
+``CheckpointError``) plus the ``OSError``s that describe the user's files or machine.
+``medjax.errors`` imports nothing, so this module costs nothing at start-up.
 """
 from __future__ import annotations
 
@@ -18,51 +18,21 @@ import os
 import sys
 from contextlib import contextmanager
 
+from medjax.errors import UserError
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-
-class UserError(Exception):
-    """Base for errors caused by the user's input; new medjax code may raise subclasses."""
-
-
-# "module:Class" of every exception type that reports bad user input.
-USER_ERROR_CLASSES = (
-    "medjax.config:ConfigError",
-    "medjax.hf.safetensors_io:CheckpointError",
-    "medjax.training.checkpoint:CheckpointError",
-    "medjax.models.config:UnsupportedModelError",
-    "medjax.data.sources:DataError",
-    "medjax.data.formats:FieldError",
-    "medjax.training.sft_data:DataError",
-    "medjax.eval.readers:DataError",
-    "medjax.eval.tasks:UnknownTaskError",
-    "medjax.tokenizer:TokenizerError",
-    "medjax.sharding:ShardingError",
-    "medjax.paths:PathError",
-    "jinja2.exceptions:TemplateError",
-)
 
 # OSErrors that describe the user's files or machine rather than a bug.
 _USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOSPC,
                 errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST}
 
 
-def _user_classes() -> tuple[type, ...]:
-    found = [UserError]
-    for spec in USER_ERROR_CLASSES:
-        module_name, _, cls_name = spec.partition(":")
-        module = sys.modules.get(module_name)
-        cls = getattr(module, cls_name, None) if module is not None else None
-        if isinstance(cls, type):
-            found.append(cls)
-    return tuple(found)
-
-
 def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         return True
-    return isinstance(exc, _user_classes())
+    return isinstance(exc, UserError)
 
 
 def one_line(exc: BaseException) -> str:

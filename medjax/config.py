@@ -1,13 +1,18 @@
 """Run configuration: frozen dataclasses, loaded from YAML with dotted ``key=value`` overrides.
 
-Unknown keys are rejected with the closest valid name; values are type-checked against the
-dataclass annotations (``int`` accepted where ``float`` is expected). Each section owns its
-validation in ``__post_init__``.
+One language: YAML files, merged in order (``--config base.yaml --config overlay.yaml``: a later
+file's mappings merge into the earlier ones key by key, its other values replace), then
+``key=value`` overrides. Unknown keys are rejected with the closest valid name, and a key that was
+replaced names its replacement; values are type-checked against the dataclass annotations (``int``
+accepted where ``float`` is expected). Each section validates itself in ``__post_init__``;
+``RunConfig.__post_init__`` checks what spans sections (objective vs data format, DPO reference vs
+LoRA, mesh vs batch). Every error is a ``ConfigError`` naming the dotted key(s).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or override; the message names the key."""
+from medjax.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------- sections
@@ -60,7 +63,7 @@ class DataSection:
     chat_template: Optional[str] = None  # built-in name (alpaca, llama2, llama3, mistral, chatml) or jinja
     system_prompt: Optional[str] = None  # prepended as a system turn when prompt_style=chat
     train_on_prompt: bool = False       # also score prompt tokens (loss mask 1 everywhere)
-    heldout_rows: int = 0               # without data.eval: the last N rows of data.train form the eval split
+    heldout_rows: int = 0               # without data.eval: the last N rows of data.train are held out (eval split)
     max_rows: Optional[int] = None      # cap on training rows (after the held-out rows are set aside)
     seq_len: int = 512
     pack: bool = True
@@ -78,6 +81,13 @@ class DataSection:
         _positive("data.seq_len", self.seq_len)
         if self.pack_bins < 0:
             raise ConfigError(f"data.pack_bins must be >= 0, got {self.pack_bins}")
+        if self.heldout_rows < 0:
+            raise ConfigError(f"data.heldout_rows must be >= 0, got {self.heldout_rows}")
+        if self.max_rows is not None:
+            _positive("data.max_rows", self.max_rows)
+        if self.heldout_rows and self.sources and self.eval is None:
+            raise ConfigError("data.heldout_rows splits a single data.train source; give a mixture "
+                              "(data.sources) its own data.eval instead")
         _check_fields("data.fields", self.fields)
         if self.train is not None and self.sources:
             raise ConfigError("data: set data.train (one source) or data.sources (a mixture), not both")
@@ -192,7 +202,8 @@ class MeshSection:
     process_id: Optional[int] = None
 
     def __post_init__(self):
-        _choice("mesh.preset", self.preset, ("dp", "fsdp", "fsdp_tp", "fsdp_ep"))
+        from medjax.sharding import PRESET_AXES     # the one table of presets
+        _choice("mesh.preset", self.preset, tuple(PRESET_AXES))
         for axis in ("data", "fsdp", "tensor", "expert"):
             size = getattr(self, axis)
             if size is not None and size != -1 and size < 1:
@@ -200,8 +211,7 @@ class MeshSection:
         rest = [a for a in ("data", "fsdp", "tensor", "expert") if getattr(self, a) == -1]
         if len(rest) > 1:
             raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in rest)}")
-        allowed = {"dp": ("data",), "fsdp": ("data", "fsdp"), "fsdp_tp": ("data", "fsdp", "tensor"),
-                   "fsdp_ep": ("data", "fsdp", "expert")}[self.preset]
+        allowed = PRESET_AXES[self.preset]
         for axis in ("fsdp", "tensor", "expert"):
             size = getattr(self, axis)
             if axis not in allowed and size is not None and size != 1:
@@ -264,9 +274,6 @@ class TrainSection:
     eval_every: int = 0                 # held-out loss every N steps (0: only before/after)
     eval_batches: int = 4               # held-out batches per evaluation
     export: tuple = ("hf", "peft")      # written to <out_dir>/export/{hf,peft} at the end
-    eval_mcqa: bool = False             # held-out MCQA accuracy before/after (medjax.eval)
-    max_examples: Optional[int] = None  # cap on training examples (demo / smoke runs)
-    heldout_examples: int = 32          # last N rows of data.train held out when data.eval unset
     objective: str = "sft"              # sft | dpo (preference pairs; medjax/training/dpo.py)
     neftune_alpha: float = 0.0          # NEFTune noise on input embeddings (Internist.ai: 5); 0 = off
     recipe: Optional[str] = None        # the published recipe a config reproduces (docs/RECIPES.md)
@@ -286,8 +293,6 @@ class TrainSection:
             raise ConfigError(f"train.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         for name in self.export:
             _choice("train.export", name, ("hf", "peft"))
-        if self.heldout_examples < 0:
-            raise ConfigError(f"train.heldout_examples must be >= 0, got {self.heldout_examples}")
 
 
 @dataclass(frozen=True)
@@ -316,8 +321,44 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     dpo: DpoSection = field(default_factory=DpoSection)
 
+    def __post_init__(self):
+        """The checks that span sections (each section has already checked itself)."""
+        formats = {self.data.format} | {s["format"] for s in self.data.sources if "format" in s}
+        if self.train.objective == "dpo" and formats != {"preference"}:
+            raise ConfigError(f"train.objective=dpo needs data.format=preference (every source), "
+                              f"got {sorted(formats)}")
+        if self.train.objective != "dpo" and "preference" in formats:
+            raise ConfigError(f"data.format=preference holds chosen/rejected pairs: it needs "
+                              f"train.objective=dpo, got train.objective={self.train.objective}")
+        if self.dpo.reference == "adapters_off" and not self.lora.enabled:
+            raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true (full fine-tuning "
+                              "has no adapters to switch off; use dpo.reference=frozen_copy)")
+        # The global batch is split over data × fsdp × expert (medjax.sharding.BATCH_AXES), and
+        # over processes: sizes fixed in the config must divide it (None / -1 are known only
+        # once the devices are, and are checked then).
+        fixed = {a: getattr(self.mesh, a) for a in ("data", "fsdp", "expert")
+                 if getattr(self.mesh, a) not in (None, -1)}
+        shards = math.prod(fixed.values())
+        if self.train.batch_size % shards:
+            axes = " × ".join(f"mesh.{a}={n}" for a, n in fixed.items())
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "
+                              f"{axes} (the batch is split over these axes)")
+        processes = self.mesh.num_processes
+        if processes and self.train.batch_size % processes:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "
+                              f"mesh.num_processes={processes} (each process loads its share)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Keys that were removed, and what replaced them (None: nothing; the text says what to do).
+REPLACED_KEYS = {
+    "train.heldout_examples": "data.heldout_rows",
+    "train.max_examples": "data.max_rows",
+    "train.eval_mcqa": None,
+}
+_REMOVED_HOW = {"train.eval_mcqa": "list benchmark tasks in eval.tasks (scored after training)"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -379,6 +420,10 @@ def build(cls, data: dict, prefix: str = ""):
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
+        if prefix + k in REPLACED_KEYS:
+            new = REPLACED_KEYS[prefix + k]
+            how = f"use {new!r} instead" if new else _REMOVED_HOW[prefix + k]
+            raise ConfigError(f"config key {prefix + k!r} was removed: {how}")
         raise ConfigError(f"unknown config key {prefix + k!r}{_suggest(k, fields)}")
     kwargs = {}
     for name, value in data.items():
@@ -417,18 +462,46 @@ def _deepcopy(d):
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def load_config(path=None, overrides=(), cls=RunConfig) -> RunConfig:
-    """Load a YAML run config and apply ``key=value`` overrides."""
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` on ``base``: mappings merge key by key, any other value replaces."""
+    out = _deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = _deepcopy(value) if isinstance(value, dict) else value
+    return out
+
+
+def read_yaml(path) -> dict:
+    """One config file as a dict (a ``ConfigError`` naming the file if it is missing or bad)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def config_paths(path) -> list:
+    """``None`` / one path / a list of paths (``--config`` given several times) → a list."""
+    if path is None:
+        return []
+    return list(path) if isinstance(path, (list, tuple)) else [path]
+
+
+def load_dict(path=None, overrides=()) -> dict:
+    """The merged YAML of ``path`` (one file or a list, merged in order) with overrides applied."""
     data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
-    data = apply_overrides(data, overrides)
-    return build(cls, data)
+    for p in config_paths(path):
+        data = merge(data, read_yaml(p))
+    return apply_overrides(data, overrides)
+
+
+def load_config(path=None, overrides=(), cls=RunConfig) -> RunConfig:
+    """Load YAML run config file(s) (merged in order) and apply ``key=value`` overrides."""
+    return build(cls, load_dict(path, overrides))

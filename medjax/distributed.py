@@ -25,6 +25,8 @@ from typing import Mapping, Optional
 
 import jax
 
+from medjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
@@ -45,7 +47,7 @@ def _int(env: Mapping[str, str], key: str) -> Optional[int]:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {key}={raw!r} must be an integer") from None
+        raise ConfigError(f"environment variable {key}={raw!r} must be an integer") from None
 
 
 def _device_ids(raw: Optional[str]) -> Optional[tuple]:
@@ -54,7 +56,7 @@ def _device_ids(raw: Optional[str]) -> Optional[tuple]:
     try:
         return tuple(int(x) for x in raw.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"MEDJAX_LOCAL_DEVICE_IDS={raw!r} must be comma-separated integers") from None
+        raise ConfigError(f"MEDJAX_LOCAL_DEVICE_IDS={raw!r} must be comma-separated integers") from None
 
 
 def plan_launch(mesh_cfg=None, env: Optional[Mapping[str, str]] = None) -> LaunchPlan:
@@ -72,11 +74,11 @@ def plan_launch(mesh_cfg=None, env: Optional[Mapping[str, str]] = None) -> Launc
         missing = [name for name, v in (("coordinator", coordinator), ("num_processes", num),
                                         ("process_id", pid)) if v is None]
         if missing:
-            raise ValueError(f"explicit multi-process launch needs mesh.coordinator, "
+            raise ConfigError(f"explicit multi-process launch needs mesh.coordinator, "
                              f"mesh.num_processes and mesh.process_id (or MEDJAX_COORDINATOR, "
                              f"MEDJAX_NUM_PROCESSES, MEDJAX_PROCESS_ID); missing: {missing}")
         if not 0 <= pid < num:
-            raise ValueError(f"process_id {pid} must be in [0, num_processes={num})")
+            raise ConfigError(f"process_id {pid} must be in [0, num_processes={num})")
         return LaunchPlan("explicit", "config/env", coordinator, num, pid, local_ids)
     if switch == "auto":
         return LaunchPlan("auto", "MEDJAX_DISTRIBUTED=auto", local_device_ids=local_ids)

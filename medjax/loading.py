@@ -11,8 +11,13 @@ from medjax.paths import resolve_path  # noqa: F401  (re-exported: medjax.loadin
 
 
 def load(path, dtype=jnp.float32, *, param_dtype=None, shardings=None, attention_impl="auto",
-         progress=True):
-    """Load ``(model, tokenizer)`` from an HF directory (safetensors) or a ``.gguf`` file."""
+         progress=True, prepare=None, mesh=None, rules=None, on_tensor=None):
+    """Load ``(model, tokenizer)`` from an HF directory (safetensors) or a ``.gguf`` file.
+
+    ``mesh`` + ``rules`` (medjax.sharding) import straight into the training layout, each
+    process reading each block it needs once; ``prepare(model)`` wraps/quantizes the abstract
+    model first (LoRA, QLoRA: weights are quantized as they stream in). See hf/load.py.
+    """
     p = resolve_path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
@@ -23,7 +28,8 @@ def load(path, dtype=jnp.float32, *, param_dtype=None, shardings=None, attention
         raise CheckpointError(f"{p}: expected an HF model directory or a .gguf file")
     from medjax.hf.load import load_hf_dir
     model = load_hf_dir(p, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
-                        attention_impl=attention_impl, progress=progress)
+                        attention_impl=attention_impl, progress=progress, prepare=prepare,
+                        mesh=mesh, rules=rules, on_tensor=on_tensor)
     return model, _load_tokenizer(p)
 
 

@@ -10,7 +10,7 @@ A low-rank adapter adds ``(alpha / rank) * dropout(x) @ A @ B`` to a frozen proj
   by ``LoRALinear(base)`` — attention q/k/v/o, MLP gate/up/down, the Mixtral router
   ``block_sparse_moe.gate``;
 * every ``Experts`` module (stacked ``[E, in, out]`` weights used through ``project(name, x,
-  group_sizes)`` and ``jax.lax.ragged_dot``) whose projection names match, by
+  group_sizes)`` and ``medjax.ops.grouped_matmul``) whose projection names match, by
   ``LoRAExperts(base)`` holding one ``[E, in, r]`` / ``[E, r, out]`` adapter pair per projection,
   i.e. a separate adapter for every expert, applied with the same grouped matmul.
 
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.config import LoraSection
+from medjax.errors import ConfigError
+from medjax.ops.grouped_matmul import grouped_matmul
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -159,8 +160,8 @@ class LoRAExperts(nnx.Module):
         adapter = getattr(self, name)
         dtype = getattr(self.base, "dtype", x_NI.dtype)
         a, b = adapter.lora_a[...].astype(dtype), adapter.lora_b[...].astype(dtype)
-        h_NR = jax.lax.ragged_dot(adapter._input(x_NI).astype(dtype), a, group_sizes_E)
-        delta = jax.lax.ragged_dot(h_NR, b, group_sizes_E) * adapter.scale
+        h_NR = grouped_matmul(adapter._input(x_NI).astype(dtype), a, group_sizes_E)
+        delta = grouped_matmul(h_NR, b, group_sizes_E) * adapter.scale
         return y + delta.astype(y.dtype)
 
     def __call__(self, x_NH, group_sizes_E):
@@ -184,8 +185,11 @@ def _replace(model, path, new):
         setattr(parent, key, new)
 
 
-def apply_lora(model, cfg: LoraSection, *, seed: int = 0):
-    """Wrap every matching projection of ``model`` in place; returns ``(model, wrapped_paths)``."""
+def apply_lora(model, cfg, *, seed: int = 0):
+    """Wrap every matching projection of ``model`` in place; returns ``(model, wrapped_paths)``.
+
+    ``cfg`` has ``rank``, ``alpha``, ``dropout`` and ``targets`` (the run config's ``lora``
+    section; this module does not import the run config, which sits above it)."""
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     found = [(tuple(p), m) for p, m in nnx.iter_modules(model)]
     wrapped = []
@@ -205,7 +209,6 @@ def apply_lora(model, cfg: LoraSection, *, seed: int = 0):
             _replace(model, path, LoRALinear(module, **kw))
             wrapped.append(name)
     if not wrapped:
-        from medjax.config import ConfigError
         raise ConfigError(f"lora.targets {list(cfg.targets)} matched no Linear/Experts module")
     return model, wrapped
 

@@ -12,9 +12,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from medjax.errors import ConfigError
 
-class PathError(ValueError):
-    """A path from user input points where it must not; the message names both paths."""
+
+PathError = ConfigError  # a path from user input points where it must not; names both paths
 
 
 def inside(root: str | os.PathLike, name: str | os.PathLike, *, what: str = "path") -> Path:

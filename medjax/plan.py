@@ -1,14 +1,20 @@
 """Memory planner: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
 
     python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
-                          [--device-memory 80GB] [--num-devices N]
+                          [--device-memory 80GB] [--num-devices N] [--compile]
+
+``--compile`` asks the real TPU / GPU compiler instead (medjax/plan_compile.py).
 
 The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
 ``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
 (medjax/sharding.py), exactly as training will lay it out. Accounting (medjax/training/step.py):
 
-* params     trainable variables in fp32 (the optimizer's master copy); frozen base weights
-             (LoRA) in ``model.param_dtype``, or int8 / nf4 (+ one fp32 scale per 64) for QLoRA;
+* params     trainable variables in fp32 (the optimizer's master copy); frozen base weights in
+             ``model.param_dtype``; with ``lora.quantize`` exactly what medjax/quant.py stores:
+             the codes of each quantized kernel (int8: 1 byte, nf4: 1/2), its scales (int8: one
+             fp32 per output channel; nf4: one fp32 per block, or int8 codes + one fp32 per 256
+             with double quant), while embeddings, norms and lm_head stay in ``param_dtype``
+             (the abstract model is wrapped AND quantized under ``nnx.eval_shape``);
 * grads      fp32, one per trainable element; ``grad_accum > 1`` adds a second fp32 buffer;
 * optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
              (rows + cols per matrix) and no first moment;
@@ -17,7 +23,18 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              none = everything the backward needs (norm inputs, q/k/v, attention output, MLP
              gate/up/act/product, residuals; attention scores too when ``model.attention=xla``),
              dots_saveable = projection outputs only, full = the layer input only, plus one
-             layer's full set while it is recomputed; plus fp32 logits, log-softmax and gradient.
+             layer's full set while it is recomputed; plus fp32 logits, log-softmax and gradient;
+* temporaries the transients of the layer being computed: a MoE layer's dispatch (fp32 router
+             logits/probs, top-k and sort indices, the token copy sorted by expert, the
+             scatter-add accumulator) and, with quantized or non-``dtype`` weights, the largest
+             weight dequantized/cast to ``model.dtype`` (one at a time);
+* load/init  the peak while the checkpoint streams in and the train state is initialised
+             (medjax/hf/load.py, training/setup.py): params + optimizer moments (created by a
+             jitted init with out_shardings) + the largest tensor's block in flight. ``host``
+             is one process's RAM in flight for the load: the largest block (target dtype) plus
+             the bounded raw chunk being read into it, or for a quantized tensor its
+             codes/scales plus the bounded column chunk being quantized. Not counted: the
+             runtime's own memory (compiled programs, allocator), ~0.3 GB on CPU.
 Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
 printed when the total passes 90% of device memory (XLA needs room for temporaries).
 """
@@ -58,10 +75,15 @@ class Plan:
     trainable: int
     total_params: int
     micro_batch_per_device: float
+    moe: dict | None = None          # one MoE layer's FLOPs/temporaries (models.moe.moe_layer_cost)
+    temporaries: float = 0.0
+    load_peak: float = 0.0        # per device, while loading + initialising the train state
+    host_load: float = 0.0        # per process, RAM beyond its baseline for the tensor in flight
+    quantized: float = 0.0        # of ``params``: codes + scales of the quantized kernels
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.temporaries
 
 
 def parse_memory(text: str) -> float:
@@ -98,11 +120,15 @@ def model_config(cfg: RunConfig):
     config_json = path / "config.json" if path.is_dir() else path
     if config_json.suffix != ".json" or not config_json.is_file():
         raise ConfigError(f"model.path: the planner reads an HF config.json; not found at {path}")
-    return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    try:
+        return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{config_json}: {e}") from None
 
 
 def abstract_model(cfg: RunConfig, model_cfg):
-    """Shapes only: the Decoder (and LoRA adapters) under ``nnx.eval_shape``."""
+    """Shapes only: the Decoder with LoRA adapters and QLoRA-quantized bases, exactly as the
+    trainer builds it, under ``nnx.eval_shape``."""
     from medjax.models import Decoder
 
     def build():
@@ -111,18 +137,31 @@ def abstract_model(cfg: RunConfig, model_cfg):
         if cfg.lora.enabled:
             from medjax.lora import apply_lora
             apply_lora(model, cfg.lora)
+            if cfg.lora.quantize:
+                from medjax.quant import quantize_model
+                quantize_model(model, cfg.lora.quantize, block=cfg.lora.quant_block,
+                               double_quant=cfg.lora.double_quant)
         return model
     return nnx.eval_shape(build)
 
 
-def _local_elements(variable, mesh, rules) -> tuple[int, int]:
-    """(global elements, elements on one device) of an abstract variable."""
+def mesh_devices(mesh_cfg) -> int:
+    """The devices a mesh config asks for: the product of its fixed axis sizes (axes left to
+    "the rest" count 1), e.g. ``tensor: 4, data: -1`` → 4."""
+    return math.prod(getattr(mesh_cfg, a) or 1 for a in sharding.MESH_AXES
+                     if (getattr(mesh_cfg, a) or 1) > 0)
+
+
+def _local_elements(variable, mesh, rules, *, gathered: bool = False) -> tuple[int, int]:
+    """(global elements, elements on one device) of an abstract variable; ``gathered``: after
+    the all-gather over ``fsdp`` that precedes its use (weights stay split over tensor/expert)."""
     shape = variable.get_value().shape
     logical = variable.get_metadata().get("logical_axes")
     if logical is None:
         return math.prod(shape), math.prod(shape)
     spec = rules.sharding(mesh, tuple(logical), shape, where="plan").spec
-    parts = [sharding._num_shards(mesh.shape, entry) for entry in spec]
+    sizes = dict(mesh.shape, fsdp=1) if gathered else mesh.shape
+    parts = [sharding._num_shards(sizes, entry) for entry in spec]
     parts += [1] * (len(shape) - len(parts))
     return math.prod(shape), math.prod(d // p for d, p in zip(shape, parts))
 
@@ -135,34 +174,76 @@ def _factored_elements(shape) -> int:
 
 
 # ----------------------------------------------------------------------------- planning
-def plan(cfg: RunConfig, num_devices: int) -> Plan:
+def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
+    """Per-device bytes of ``cfg``'s training run; ``num_devices`` defaults to what the mesh asks."""
+    from medjax.quant import QuantizedArray, QuantizedTensor, STREAM_CHUNK_ELEMENTS
     model_cfg = model_config(cfg)
+    num_devices = num_devices or mesh_devices(cfg.mesh)
     sizes = sharding.axis_sizes(cfg.mesh, num_devices)
     sharding.check_model(model_cfg, sizes)
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     rules = sharding.rules_for(cfg.mesh.preset)
     model = abstract_model(cfg, model_cfg)
     trainable_type = nnx.LoRAParam if cfg.lora.enabled else nnx.Param
-    frozen_bytes = {None: _DTYPE_BYTES[cfg.model.param_dtype], "int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}
-    frozen_per_elem = frozen_bytes[cfg.lora.quantize if cfg.lora.enabled else None]
+    compute = jnp.dtype(cfg.model.dtype).itemsize
+    file_bytes = _DTYPE_BYTES[cfg.model.param_dtype]        # the checkpoint's dtype, as planned
 
-    params = grads = opt = 0.0
+    params = grads = opt = quantized = 0.0
     trainable = total = 0
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    in_flight = host = weight_temp = 0.0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, QuantizedArray))):
         n_global, n_local = _local_elements(var, mesh, rules)
+        itemsize = jnp.dtype(var.get_value().dtype).itemsize
+        if isinstance(var, QuantizedArray):
+            params += n_local * itemsize
+            quantized += n_local * itemsize
+            continue
         total += n_global
         if not isinstance(var, trainable_type):
-            params += n_local * frozen_per_elem
-            continue
-        trainable += n_global
-        params += 4 * n_local
-        grads += 4 * n_local * (2 if cfg.train.grad_accum > 1 else 1)
-        if cfg.optim.name == "adamw":
-            opt += 8 * n_local
+            params += n_local * itemsize
         else:
-            opt += 4 * _factored_elements(var.get_value().shape) * n_local / max(n_global, 1)
+            trainable += n_global
+            params += 4 * n_local
+            grads += 4 * n_local * (2 if cfg.train.grad_accum > 1 else 1)
+            if cfg.optim.name == "adamw":
+                opt += 8 * n_local
+            else:
+                opt += 4 * _factored_elements(var.get_value().shape) * n_local / max(n_global, 1)
+            itemsize = 4
+        if isinstance(var, nnx.LoRAParam):
+            continue                                        # created by init, never read
+        in_flight = max(in_flight, n_local * itemsize)
+        host = max(host, _host_block(n_local, file_bytes, itemsize))
+        if itemsize != compute and var.get_value().ndim >= 2:
+            weight_temp = max(weight_temp, _local_elements(var, mesh, rules, gathered=True)[1] * compute)
+    for _, q in nnx.iter_modules(model):
+        if isinstance(q, QuantizedTensor):
+            total += q.spec.n_params
+            storage = sum(_local_elements(getattr(q, n), mesh, rules)[1] *
+                          jnp.dtype(getattr(q, n).get_value().dtype).itemsize for n in q.names)
+            n_in = q.spec.shape[-2]
+            chunk = min(q.spec.n_params, max(1, STREAM_CHUNK_ELEMENTS // n_in) * n_in)
+            host = max(host, storage + chunk * (file_bytes + 4 + 4 + 4))
+            codes_global, codes_used = _local_elements(q.codes, mesh, rules, gathered=True)
+            gathered = q.spec.n_params * codes_used / codes_global   # dequantized where used
+            weight_temp = max(weight_temp, gathered * (4 + compute))
     micro, activations = activation_bytes(cfg, model_cfg, sizes)
-    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro)
+    moe = None
+    if model_cfg.is_moe:
+        from medjax.models.moe import moe_layer_cost
+        moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
+                             _DTYPE_BYTES[cfg.model.dtype])
+    temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
+    return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,
+                temporaries=temporaries, load_peak=params + opt + in_flight, host_load=host,
+                quantized=quantized)
+
+
+def _host_block(n_elements: float, file_bytes: int, target_bytes: int) -> float:
+    """Host bytes of one block in flight (hf/load.py): the block in its target dtype plus the
+    bounded raw read chunk being converted into it."""
+    from medjax.hf.load import READ_CHUNK_BYTES
+    return n_elements * target_bytes + min(READ_CHUNK_BYTES, n_elements * file_bytes)
 
 
 def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
@@ -214,8 +295,18 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
         f"  grads                {g(p.grads)}",
         f"  optimizer state      {g(p.optimizer)}",
         f"  activations (est.)   {g(p.activations)}",
+        f"  temporaries (est.)   {g(p.temporaries)}",
         f"  total                {g(p.total)}",
+        f"  load/init peak       {g(p.load_peak)}   (host RAM in flight per process: "
+        f"{p.host_load / GiB:.2f} GiB)",
     ]
+    if p.moe:
+        lines.append(f"  MoE layer fwd+bwd per micro-batch: {p.moe['active_flops'] / 1e12:.3g} TFLOP "
+                     f"active, <= {p.moe['max_flops'] / 1e12:.3g} with block padding "
+                     f"({p.moe['block_rows']}-row blocks); temporaries ~"
+                     f"{p.moe['temp_bytes'] / GiB:.2f} GiB")
+    if p.quantized:
+        lines.insert(5, f"    of which quantized {g(p.quantized)}   ({cfg.lora.quantize} codes + scales)")
     if device_bytes:
         frac = p.total / device_bytes
         if frac > 1:
@@ -233,29 +324,54 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options (a function, so other planners can add theirs, e.g. ``--compile``)."""
     ap = argparse.ArgumentParser(prog="python -m medjax.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="run config YAML (model, mesh, train, data, lora, optim)")
+    ap.add_argument("--config", action="append",
+                    help="run config YAML (model, mesh, train, data, lora, optim); repeat to overlay")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.preset=fsdp")
     ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e; TPU "
                                      "slices may add their size (v5p-64 = 32 chips)")
     ap.add_argument("--device-memory", help="memory per device, e.g. 80GB or 96GiB (overrides --device)")
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
-                                                    "slice size, else this host's jax.device_count())")
-    args = ap.parse_args(argv)
+                                                    "slice size, else the devices the config's mesh "
+                                                    "asks for: the product of its fixed axis sizes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile the real train step for --device (compile-only TPU/GPU, "
+                         "needs the tpu/cuda extra; see medjax/plan_compile.py)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.compile:
+        return _compile(args)
     try:
         cfg = load_config(args.config, args.overrides)
         name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
         if args.device_memory:
             device_bytes = parse_memory(args.device_memory)
-        devices = args.num_devices or count or jax.device_count()
-        p = plan(cfg, devices)
+        p = plan(cfg, args.num_devices or count)
     except (ConfigError, ValueError, KeyError) as e:
         print(f"medjax.plan: error: {e}", file=sys.stderr)
         return 2
     print(report(cfg, p, args.device and args.device.lower(), device_bytes))
-    return 1 if device_bytes and p.total > device_bytes else 0
+    return 1 if device_bytes and max(p.total, p.load_peak) > device_bytes else 0
+
+
+def _compile(args) -> int:
+    """``--compile``: medjax.plan_compile asks libtpu / XLA:GPU about the real train step."""
+    from medjax import plan_compile
+    try:
+        if not args.device:
+            raise ValueError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
+        cfg = load_config(args.config, args.overrides)
+        memory = parse_memory(args.device_memory) if args.device_memory else None
+        return plan_compile.run(cfg, args.device, args.num_devices, memory)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medjax.ops.grouped_matmul import grouped_matmul
+
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero), as
 # published with QLoRA / bitsandbytes.
 NF4_LEVELS = np.array([
@@ -44,6 +46,7 @@ NF4_LEVELS = np.array([
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 NF4_MAX_HALF_GAP = float(np.max(np.diff(NF4_LEVELS)) / 2)   # worst rounding error / absmax
 FORMATS = ("int8", "nf4")
 DOUBLE_QUANT_GROUP = 256
@@ -93,7 +96,9 @@ def quantize(w, fmt: str, *, block: int = 64, double_quant: bool = False, dtype=
     absmax = jnp.max(jnp.abs(w_blocks), axis=-2)                          # [..., in/b, out]
     absmax = jnp.where(absmax == 0, 1.0, absmax)
     normed = w_blocks / absmax[..., None, :]
-    idx = jnp.argmin(jnp.abs(normed[..., None] - NF4_LEVELS), axis=-1).astype(jnp.uint8)
+    # nearest level by binary search over the 15 midpoints (ties go to the lower level, as an
+    # argmin would): no [..., 16] distance temporary, which costs 64 bytes per parameter
+    idx = jnp.searchsorted(NF4_MIDPOINTS, normed, side="left", method="scan").astype(jnp.uint8)
     idx = idx.reshape(*lead, n_in // 2, 2, n_out)
     packed = idx[..., 0, :] | (idx[..., 1, :] << 4)                     # [..., in/2, out]
     spec = QSpec("nf4", tuple(w.shape), b, double_quant, jnp.dtype(dtype).name)
@@ -140,6 +145,49 @@ def dequantize(spec: QSpec, arrays, dtype=None):
     return w.reshape(spec.shape).astype(dtype)
 
 
+# ------------------------------------------------------------------------------ streaming
+STREAM_CHUNK_ELEMENTS = 2 ** 20         # float elements quantized at once (4 MiB in fp32)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block"))
+def _quantize_chunk(w, fmt, block):
+    _, arrays = quantize(w, fmt, block=block, double_quant=False)
+    return arrays
+
+
+def quantize_streaming(spec: QSpec, read_columns, *, chunk_elements: int = STREAM_CHUNK_ELEMENTS):
+    """``quantize(W, ...)``'s arrays (numpy, bit-identical) without ever holding W in float.
+
+    ``read_columns(lead_index, cols)`` returns ``W[lead_index][:, cols]`` (``[in, len(cols)]``).
+    int8 scales are per output column and nf4 blocks run along ``in`` inside one column, so a
+    chunk of whole columns quantizes on its own; chunks hold at most ``chunk_elements`` floats.
+    Only the codes and first-level scales of the whole tensor are kept (0.5-1 byte/param);
+    double quant then runs on the complete scales, as :func:`quantize` does.
+    """
+    *lead, n_in, n_out = spec.shape
+    step = max(1, min(n_out, chunk_elements // max(n_in, 1)))
+    codes = scales = None
+    cpu = jax.local_devices(backend="cpu")[0]
+    for lead_index in np.ndindex(*lead):
+        for o0 in range(0, n_out, step):
+            cols = slice(o0, min(o0 + step, n_out))
+            with jax.default_device(cpu):
+                part = _quantize_chunk(jnp.asarray(read_columns(lead_index, cols)), spec.fmt,
+                                       spec.block)
+            c, s = np.asarray(part["codes"]), np.asarray(part["scales"])
+            if codes is None:
+                codes = np.empty((*lead, c.shape[0], n_out), c.dtype)
+                scales = np.empty((*lead, s.shape[0], n_out), s.dtype)
+            codes[lead_index + (slice(None), cols)] = c
+            scales[lead_index + (slice(None), cols)] = s
+            del part, c, s
+    if not spec.double_quant:
+        return {"codes": codes, "scales": scales}
+    with jax.default_device(cpu):
+        second = _quantize_scales(jnp.asarray(scales))
+    return {"codes": codes, **{k: np.asarray(v) for k, v in second.items()}}
+
+
 def storage_bytes(arrays) -> int:
     return int(sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in arrays.values()))
 
@@ -165,8 +213,9 @@ quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def quantized_ragged_dot(spec: QSpec, x_NI, group_sizes_E, arrays):
-    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside."""
-    return jax.lax.ragged_dot(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
+    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside (run by
+    ``grouped_matmul``, whose cost follows the routed rows)."""
+    return grouped_matmul(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
 
 
 def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
@@ -175,8 +224,8 @@ def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
 
 def _qrd_bwd(spec, res, g_NO):
     group_sizes_E, arrays = res
-    w_EOI = jnp.swapaxes(dequantize(spec, arrays, g_NO.dtype), -1, -2)
-    return jax.lax.ragged_dot(g_NO, w_EOI, group_sizes_E), None, None
+    w_EIO = dequantize(spec, arrays, g_NO.dtype)
+    return grouped_matmul(g_NO, w_EIO, group_sizes_E, transpose_rhs=True), None, None
 
 
 quantized_ragged_dot.defvjp(_qrd_fwd, _qrd_bwd)
@@ -237,7 +286,7 @@ class QuantizedLinear(nnx.Module):
 
 
 class QuantizedExperts(nnx.Module):
-    """Quantized stand-in for ``medjax.models.Experts`` (grouped matmuls via ``ragged_dot``)."""
+    """Quantized stand-in for ``medjax.models.Experts`` (grouped matmuls via ``grouped_matmul``)."""
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -318,6 +367,17 @@ def quantize_model(model, fmt: str, *, block: int = 64, double_quant: bool = Fal
         _set(model, where, new)
     if not report.tensors:
         raise ValueError("quantize_model: no Linear/Experts module found under model.layers")
+    report.total_params = _total_params(model)
+    report.total_bytes = _total_bytes(model)
+    return report
+
+
+def quant_report(model, lora_cfg) -> "QuantReport":
+    """The :class:`QuantReport` of a model quantized elsewhere (e.g. while streaming in)."""
+    report = QuantReport(lora_cfg.quantize, lora_cfg.quant_block, lora_cfg.double_quant)
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, QuantizedTensor):
+            report.add(".".join(map(str, path)), [module])
     report.total_params = _total_params(model)
     report.total_bytes = _total_bytes(model)
     return report

@@ -4,15 +4,16 @@
     python -m medjax.recipes list
     python -m medjax.recipes plan [--recipe NAME] [--device h100 --num-devices 8]
 
-``model=tiny`` (an override understood by ``python -m medjax.train`` and :func:`load_recipe`)
-turns a full-size recipe into a CPU-sized run of the SAME family and method: the family's
-``tiny-*`` preset (random init, byte-level tokenizer), fp32, a ``dp`` mesh, 10 steps of about 4
-rows of 128 tokens (at least one row per micro-batch of the recipe's ``train.grad_accum``), a
-larger learning rate without warmup, 2 items of the card's first eval task, and stand-in data
-derived from the bundled medical instruction set (see :func:`tiny_data`). Everything else —
-LoRA targets, quantization, NEFTune, DPO settings, activation checkpointing (``model.remat``),
-gradient accumulation, packing, templates, eval tasks — is the card's. Overrides after
-``model=tiny`` still win (e.g. ``model=tiny train.steps=30``).
+``model=tiny`` (understood by ``python -m medjax.train`` and :func:`load_recipe`) turns a
+full-size recipe into a CPU-sized run of the SAME family and method by adding the family's overlay
+``configs/tiny/<family>.yaml`` as a second ``--config`` (giving that file yourself is the same
+run): the family's ``tiny-*`` preset (random init, byte-level tokenizer), fp32, a ``dp`` mesh, 10
+steps of 128-token rows, a larger learning rate without warmup, 2 eval items. What depends on the
+recipe — stand-in data for its format, about 4 rows per step for its ``train.grad_accum``, its
+first eval task, ``runs/tiny/<recipe>`` — is :func:`tiny_run_parts`. Everything else — LoRA
+targets, quantization, NEFTune, DPO settings, activation checkpointing (``model.remat``),
+gradient accumulation, packing, templates — is the card's. ``key=value`` overrides win (e.g.
+``model=tiny train.steps=30``).
 
 Planned hardware per recipe (``plan``) is what the card describes or what it takes to fit:
 see :data:`PLANNED_DEVICES` and docs/RECIPES.md.
@@ -26,11 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
+from medjax.errors import ConfigError
 from medjax.tokenizer import byte_tokenizer, preset_tokenizer  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TINY_DIR = CONFIG_DIR / "tiny"            # one overlay per family: configs/tiny/<family>.yaml
 RECIPES = ("melt_mixtral_lora", "melt_llama2_lora", "internist_mistral_cpt", "bimedix_mixtral_qlora",
            "med42_llama3_sft", "med42_dpo", "meditron_llama2_cpt")
 TINY_PRESETS = {"llama2-7b": "tiny-llama2", "llama2-70b": "tiny-llama2", "llama3-8b": "tiny-llama3",
@@ -77,73 +78,74 @@ def tiny_data(fmt: str) -> str:
     return str(path)
 
 
-def tiny_overrides(raw: dict, name: str) -> list[str]:
-    """The dotted overrides ``model=tiny`` stands for, given the recipe's YAML dict."""
-    model = raw.get("model") or {}
-    preset = model.get("preset")
-    if preset not in TINY_PRESETS and not str(preset).startswith("tiny"):
-        raise ValueError(f"model=tiny: the config's model.preset {preset!r} names no family "
-                         f"(known: {sorted(TINY_PRESETS)})")
-    tiny = TINY_PRESETS.get(preset, preset)
-    fmt = (raw.get("data") or {}).get("format", "text")
-    lora = raw.get("lora") or {}
-    # Sizes shrink, mechanisms stay: model.remat and train.grad_accum are the recipe's; the batch
-    # keeps one or more rows per micro-batch. fp32 and XLA attention because this is a CPU run
-    # (bf16 matmuls are emulated slowly on CPU; the fused kernels target GPU/TPU).
-    grad_accum = int((raw.get("train") or {}).get("grad_accum", 1))
-    batch = grad_accum * max(1, 4 // grad_accum)
-    out = [f"model.preset={tiny}", "model.path=null", "model.dtype=float32", "model.param_dtype=float32",
-           "model.attention=xla",
-           f"data.train={tiny_data(fmt)}", "data.eval=null", "data.sources=[]", "data.seq_len=128",
-           "data.on_error=skip",
-           "train.steps=10", "train.epochs=null", f"train.batch_size={batch}",
-           "train.heldout_examples=8", "train.max_examples=64", "train.eval_batches=2",
-           f"train.out_dir=runs/tiny/{name}",
-           "optim.lr=0.002", "optim.min_lr=0.0", "optim.warmup_steps=0",
-           "mesh.preset=dp", "mesh.data=null", "mesh.fsdp=null", "mesh.tensor=null", "mesh.expert=null",
-           "checkpoint.every=0", "checkpoint.async_save=false", "eval.limit=2"]
-    tasks = (raw.get("eval") or {}).get("tasks") or []
-    if tasks:                                   # one task of the card's list keeps CPU runs short
-        out.append(f"eval.tasks=[{tasks[0]}]")
-    data_template = (raw.get("data") or {}).get("chat_template")
-    if (raw.get("eval") or {}).get("chat_template") == "default" and data_template:
-        out.append(f"eval.chat_template={data_template}")   # the byte tokenizer ships no template
-    if lora.get("enabled"):
-        out.append("lora.rank=8")
-    if fmt == "preference":                     # a chat-rendered pair in bytes needs more room
-        out.append("data.seq_len=448")
-    return out
+def tiny_overlay(raw: dict) -> Path:
+    """``configs/tiny/<family>.yaml`` for a config whose ``model.preset`` names the family."""
+    preset = (raw.get("model") or {}).get("preset")
+    tiny = TINY_PRESETS.get(preset) or (preset if str(preset).startswith("tiny-") else None)
+    if tiny is None:
+        raise ConfigError(f"model=tiny: the config's model.preset {preset!r} names no family (known: "
+                          f"{sorted(TINY_PRESETS)}); or give --config configs/tiny/<family>.yaml")
+    return TINY_DIR / f"{'llama2' if tiny == 'tiny-llama' else tiny.removeprefix('tiny-')}.yaml"
 
 
-def expand_overrides(config_path, overrides, *, check_inputs: bool = True) -> list[str]:
-    """``overrides`` with ``model=tiny`` replaced (in place) by :func:`tiny_overrides`; for a
-    recipe config (``train.recipe`` set), a missing base-model path or training data is a
+def tiny_run_parts(raw: dict, name: str) -> dict:
+    """What a tiny run takes from the recipe it shrinks, as a config overlay.
+
+    ``raw`` is the recipe's merged YAML (with the overrides), ``name`` the recipe (its file's
+    stem). The family overlay (``configs/tiny/<family>.yaml``) holds everything fixed; this adds
+    the four things that depend on the recipe:
+
+    - ``data.train``: stand-in data for the recipe's ``data.format`` (:func:`tiny_data`); a
+      chat-rendered preference pair in bytes needs ``data.seq_len`` 448;
+    - ``train.batch_size``: about 4 rows, at least one per micro-batch of its ``train.grad_accum``;
+    - ``eval.tasks``: its first task only (``eval.chat_template``: the data's template where the
+      recipe asks for the model's own, which the byte tokenizer does not have);
+    - ``train.out_dir``: ``runs/tiny/<name>``.
+    """
+    data, train, evaluation = (raw.get(k) or {} for k in ("data", "train", "eval"))
+    fmt = data.get("format", "text")
+    grad_accum = int(train.get("grad_accum", 1))
+    parts = {"data": {"train": tiny_data(fmt)},
+             "train": {"batch_size": grad_accum * max(1, 4 // grad_accum), "out_dir": f"runs/tiny/{name}"}}
+    if fmt == "preference":
+        parts["data"]["seq_len"] = 448
+    if evaluation.get("tasks"):
+        parts["eval"] = {"tasks": list(evaluation["tasks"][:1])}
+    if evaluation.get("chat_template") == "default" and data.get("chat_template"):
+        parts.setdefault("eval", {})["chat_template"] = data["chat_template"]
+    return parts
+
+
+def load_run_config(config=None, overrides=(), *, check_inputs: bool = True):
+    """The ``RunConfig`` of ``--config`` file(s) (merged in order) and ``key=value`` overrides, as
+    ``python -m medjax.train`` reads it.
+
+    ``model=tiny`` among the overrides adds the family's tiny overlay after the files. With a
+    tiny overlay among the files (added so, or given), :func:`tiny_run_parts` of the recipe (the
+    first file) goes on top of them; the overrides come last and win. For a recipe config
+    (``train.recipe`` set, not tiny), a missing base-model path or training data is a
     ``ConfigError`` saying what to set (instead of a random full-size init)."""
-    overrides = list(overrides)
-    if config_path is None:
-        if "model=tiny" in overrides:
-            raise ValueError("model=tiny needs --config (a recipe whose model.preset names the family)")
-        return overrides
-    if not Path(config_path).is_file():
-        return overrides                        # load_config reports the missing file
-    try:
-        raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        from medjax.config import ConfigError
-        raise ConfigError(f"{config_path}: invalid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        return overrides                        # load_config reports the bad top level
+    from medjax.config import RunConfig, apply_overrides, build, config_paths, merge, read_yaml
+    paths, overrides = config_paths(config), list(overrides)
+    raw: dict = {}
+    for path in paths:
+        raw = merge(raw, read_yaml(path))
     if "model=tiny" in overrides:
-        i = overrides.index("model=tiny")
-        overrides = overrides[:i] + tiny_overrides(raw, Path(config_path).stem) + overrides[i + 1:]
-    if check_inputs:
-        _check_recipe_inputs(raw, overrides, config_path)
-    return overrides
-
-
-def _check_recipe_inputs(raw: dict, overrides, config_path) -> None:
-    from medjax.config import ConfigError, apply_overrides
+        overrides.remove("model=tiny")
+        if not paths:
+            raise ConfigError("model=tiny needs --config (a recipe whose model.preset names the family)")
+        overlay = tiny_overlay(raw)
+        paths.append(overlay)
+        raw = merge(raw, read_yaml(overlay))
+    if any(Path(p).resolve().parent == TINY_DIR for p in paths):
+        raw = merge(raw, tiny_run_parts(apply_overrides(raw, overrides), Path(paths[0]).stem))
     final = apply_overrides(raw, overrides)
+    if check_inputs and paths:
+        _check_recipe_inputs(final, paths[0])
+    return build(RunConfig, final)
+
+
+def _check_recipe_inputs(final: dict, config_path) -> None:
     if not (final.get("train") or {}).get("recipe"):
         return
     model, data = final.get("model") or {}, final.get("data") or {}
@@ -161,11 +163,10 @@ def _check_recipe_inputs(raw: dict, overrides, config_path) -> None:
 def load_recipe(name_or_path, overrides=(), *, check_inputs: bool = True):
     """A recipe's RunConfig (``name`` = configs/<name>.yaml), ``model=tiny`` understood;
     ``check_inputs=False`` skips the model-path / data checks (planning needs shapes only)."""
-    from medjax.config import load_config
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
-    return load_config(path, expand_overrides(path, overrides, check_inputs=check_inputs))
+    return load_run_config(path, overrides, check_inputs=check_inputs)
 
 
 # ----------------------------------------------------------------------------- planning

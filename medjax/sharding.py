@@ -38,18 +38,20 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from medjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")   # the mesh axes a global batch is split over
-PRESETS = ("dp", "fsdp", "fsdp_tp", "fsdp_ep")
-# The axis that takes "the rest" of the devices when the config leaves sizes unset.
-_REST_AXIS = {"dp": "data", "fsdp": "fsdp", "fsdp_tp": "fsdp", "fsdp_ep": "fsdp"}
-# Mesh axes (besides data) a preset may give size > 1.
-_PRESET_AXES = {"dp": ("data",), "fsdp": ("data", "fsdp"), "fsdp_tp": ("data", "fsdp", "tensor"),
-                "fsdp_ep": ("data", "fsdp", "expert")}
+# The mesh presets, the one table of them (medjax.config validates mesh.* against it): the mesh
+# axes a preset may give size > 1, the first being the one that takes "the rest" of the devices
+# when the config leaves sizes unset.
+PRESET_AXES = {"dp": ("data",), "fsdp": ("fsdp", "data"), "fsdp_tp": ("fsdp", "data", "tensor"),
+               "fsdp_ep": ("fsdp", "data", "expert")}
+PRESETS = tuple(PRESET_AXES)
+_REST_AXIS = {preset: axes[0] for preset, axes in PRESET_AXES.items()}
 
 
-class ShardingError(ValueError):
-    """A mesh/rules/array combination that cannot be laid out; the message names the array."""
+ShardingError = ConfigError  # a mesh/rules/array combination that cannot be laid out
 
 
 MeshAxes = Optional[tuple]  # None (replicated) or a tuple of mesh axis names
@@ -155,7 +157,7 @@ def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
         raise ShardingError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
                             f"but there are {num_devices} devices")
     for axis, size in sizes.items():
-        if size > 1 and axis not in _PRESET_AXES[preset]:
+        if size > 1 and axis not in PRESET_AXES[preset]:
             raise ShardingError(f"mesh.{axis}={size} is unused by preset {preset!r}; use "
                                 f"{'fsdp_tp' if axis == 'tensor' else 'fsdp_ep'} or set it to 1")
     dcn = getattr(mesh_cfg, "dcn_data", 1)
@@ -330,3 +332,18 @@ def init_sharded(make_model, mesh: Mesh, rules: ShardingRules):
     shardings = param_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def sharded_init(fn, *args, out_shardings):
+    """``fn(*args)`` jitted with ``out_shardings`` and every input donated.
+
+    Each device computes only its shards of the result (e.g. a train state's fp32 master copy
+    and optimizer moments from loaded params), and inputs the result can alias (an fp32 param
+    that becomes the master copy) are reused in place: no device holds more than its shard of
+    the output plus what XLA needs for one op.
+    """
+    import warnings
+    with warnings.catch_warnings():     # an input of another dtype (bf16 → fp32 master) is freed,
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return jax.jit(fn, out_shardings=out_shardings,
+                       donate_argnums=tuple(range(len(args))))(*args)

@@ -30,11 +30,11 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as BackendTokenizer
 
 from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES, TURN_END_TOKENS, sandbox
+from medjax.errors import CheckpointError
 from medjax.paths import resolve_path
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file or chat template that cannot be used; the message names the file/key."""
+TokenizerError = CheckpointError  # a tokenizer file or chat template that cannot be used
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -140,8 +140,12 @@ class Tokenizer:
         variables = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                          pad_token=self.pad_token or "", unk_token=self.unk_token or "")
         variables.update(kwargs)
-        return self._env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+        from jinja2 import TemplateError
+        try:
+            return self._env.from_string(template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError as e:  # syntax, undefined names, the sandbox refusing an attribute
+            raise TokenizerError(f"{self.source}: chat template: {e}") from e
 
     # ---- files
     def save(self, out_dir) -> Path:
@@ -416,10 +420,12 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
         token_id = get(f"ggml.{key}")
         return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
 
-    return Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
-                     pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
-                     add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
-                     chat_template=get("chat_template"), source=source)
+    tok = Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                    pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
+                    add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
+                    chat_template=get("chat_template"), source=source)
+    tok.gguf_pre = get("ggml.pre")  # llama.cpp's pre-tokenizer name, kept for GGUF export
+    return tok
 
 
 # ------------------------------------------------------------------------------ tiny presets

@@ -17,8 +17,9 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m medjax.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help=f"run config YAML (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])})")
+    p.add_argument("--config", default=None, action="append",
+                   help=f"run config YAML (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])}); "
+                        f"repeat to overlay files, later ones win, e.g. --config configs/tiny/llama2.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.steps=20 lora.rank=16")
     p.add_argument("--resume", action="store_true",
@@ -29,14 +30,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from medjax.config import ConfigError, load_config
+    from medjax.recipes import load_run_config   # understands `model=tiny` (the family overlay)
     from medjax.training.loop import TrainingDiverged, TrainingInterrupted, run
-    try:
-        from medjax.recipes import expand_overrides   # `model=tiny`: CPU-sized run of a recipe
-        cfg = load_config(args.config or DEMO_CONFIG, expand_overrides(args.config, args.overrides))
-    except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config or [DEMO_CONFIG], args.overrides)   # ConfigError: exit 2
     from medjax.distributed import initialize
     initialize(cfg.mesh)   # multi-host: jax.distributed from the launch environment; no-op alone
     try:

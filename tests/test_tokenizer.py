@@ -169,8 +169,9 @@ def test_chat_template_is_sandboxed():
     from jinja2.exceptions import SecurityError
     tok = Tokenizer(tiny_backend(["<s>", "</s>"]), bos_token="<s>", eos_token="</s>")
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(SecurityError):
+    with pytest.raises(TokenizerError, match="chat template: access to attribute") as refused:
         tok.apply_chat_template(CONVERSATIONS[0], chat_template=evil)
+    assert isinstance(refused.value.__cause__, SecurityError)   # jinja2's sandbox refused it
     with pytest.raises(TokenizerError, match="no chat template"):
         tok.apply_chat_template(CONVERSATIONS[0])
     dated = tok.apply_chat_template(CONVERSATIONS[0], chat_template="{{ strftime_now('%Y') }}")

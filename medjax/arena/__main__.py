@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", default=DEFAULT_QUESTIONS,
                    help="JSONL with 'question' and optional 'reference' and 'id' per line "
                         "(default: the 20 bundled clinical questions)")
+    p.add_argument("--chat-template", metavar="NAME=TEMPLATE,...",
+                   help="a built-in chat template (chatml, llama3, llama2, mistral, alpaca) for models "
+                        "that ship none; default: each model's own")
     p.add_argument("--judge", required=True, help="judge model: HF dir, .gguf file or training run")
+    p.add_argument("--judge-chat-template", metavar="TEMPLATE",
+                   help="a built-in chat template for a judge that ships none; default: its own")
     p.add_argument("--out", required=True, help="output directory (reused to resume)")
     p.add_argument("--rubric", default=DEFAULT_RUBRIC,
                    help="jinja2 template of the judge prompt; fields: question, reference, answer_a, "
@@ -50,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message before each question")
     g = p.add_argument_group("judging and ratings")
     g.add_argument("--judge-batch", type=int, default=4, help="judgements per forward pass")
+    g.add_argument("--scoring", choices=("verdict", "expected"), default="verdict",
+                   help="verdict: the most probable label scores 1 / 0.5 (tie) / 0 (default); "
+                        "expected: P(A) + P(tie)/2 (a soft score; re-rates cached judgements)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds over questions")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return p
@@ -73,21 +81,32 @@ def _settings(args):
     return AnswerSettings(sampling, args.max_new_tokens, args.seed, args.batch_size, args.system)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from medjax.arena.contestants import parse_models
+def check_inputs(args):
+    """``(contestants, questions, rubric, settings)``; every input is checked before a model loads."""
+    from medjax.arena.contestants import check_paths, parse_models, with_chat_templates
     from medjax.arena.errors import ArenaError
     from medjax.arena.questions import load_questions
     from medjax.arena.rubric import load_rubric
+    from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
 
-    # Every input is checked before a model loads.
-    contestants = parse_models(args.models)
+    contestants = with_chat_templates(parse_models(args.models), args.chat_template)
     names = [c.name for c in contestants]
     if args.anchor is not None and args.anchor not in names:
         raise ArenaError(f"--anchor {args.anchor!r} is not one of the models ({', '.join(names)})")
+    if args.judge_chat_template is not None and args.judge_chat_template not in BUILTIN_CHAT_TEMPLATES:
+        raise ArenaError(f"--judge-chat-template: unknown template {args.judge_chat_template!r} "
+                         f"(built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
     questions = load_questions(args.questions)[: args.limit]
     rubric = load_rubric(args.rubric)
     settings = _settings(args)
+    check_paths(contestants, args.judge)
+    return contestants, questions, rubric, settings
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    contestants, questions, rubric, settings = check_inputs(args)
+    names = [c.name for c in contestants]
 
     import jax.numpy as jnp
     from tqdm.auto import tqdm
@@ -121,22 +140,23 @@ def main(argv=None) -> int:
 
     judge_store = JsonlStore(out / "judgements.jsonl")
     pairs = J.pairings(questions, names)
-    keys, todo = J.pending(pairs, answer_of, rubric, args.judge, judge_store)
+    keys, todo = J.pending(pairs, answer_of, rubric, args.judge, judge_store, args.judge_chat_template)
     print(f"judgements: {len(keys) - len(todo)} cached, {len(todo)} to judge", file=sys.stderr)
     if todo:
         model, tokenizer = load_model(args.judge, dtype)
-        judge = J.Judge(model, tokenizer, batch_size=args.judge_batch)
+        judge = J.Judge(model, tokenizer, batch_size=args.judge_batch, chat_template=args.judge_chat_template)
         with tqdm(total=len(keys), initial=len(keys) - len(todo), desc="judging", unit="judgement") as bar:
             J.run_judging(todo, judge, args.judge, judge_store, bar=bar)
         del model, judge
 
     records = [judge_store[k] for k in keys]
-    comparisons = [Comparison(r["question_id"], r["first"], r["second"], r["score_first"]) for r in records]
+    comparisons = [Comparison(r["question_id"], r["first"], r["second"], J.first_score(r, args.scoring))
+                   for r in records]
     ratings = rate(comparisons, names, anchor=args.anchor, rounds=args.bootstrap, seed=args.seed)
     info = {"models": {c.name: c.path for c in contestants}, "judge": args.judge,
             "questions": len(questions), "questions_file": str(args.questions), "rubric": rubric.path,
-            "judgements": len(records), "anchor": args.anchor, "bootstrap_rounds": args.bootstrap,
-            "answers": settings.describe(), **J.position_stats(records),
+            "judgements": len(records), "scoring": args.scoring, "anchor": args.anchor,
+            "bootstrap_rounds": args.bootstrap, "answers": settings.describe(), **J.position_stats(records),
             "wall_s": round(time.perf_counter() - t0, 1)}
     paths = leaderboard.write(ratings, info, out)
     print(leaderboard.markdown(ratings, info))

@@ -30,7 +30,8 @@ class AnswerSettings:
 
 
 def answer_key(contestant: Contestant, question: Question, settings: AnswerSettings) -> str:
-    return record_key("answer", contestant.name, contestant.path, question.question,
+    template = [contestant.chat_template] if contestant.chat_template else []   # keys of older runs hold
+    return record_key("answer", contestant.name, contestant.path, *template, question.question,
                       settings.describe())
 
 
@@ -43,10 +44,12 @@ def missing(contestant, questions, settings, store: JsonlStore) -> list[Question
     return [q for q in questions if answer_key(contestant, q, settings) not in store]
 
 
-def chat_prompt(tokenizer, question: Question, settings: AnswerSettings) -> list[int]:
+def chat_prompt(tokenizer, question: Question, settings: AnswerSettings,
+                chat_template: str | None = None) -> list[int]:
     messages = [{"role": "system", "content": settings.system}] if settings.system else []
     messages.append({"role": "user", "content": question.question})
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                          chat_template=chat_template))
 
 
 def generate_answers(contestant: Contestant, model, tokenizer, questions: list[Question],
@@ -61,7 +64,7 @@ def generate_answers(contestant: Contestant, model, tokenizer, questions: list[Q
         keys = [answer_key(contestant, q, settings) for q in batch]
         if all(key in store for key in keys):
             continue
-        prompts = [chat_prompt(tokenizer, q, settings) for q in batch]
+        prompts = [chat_prompt(tokenizer, q, settings, contestant.chat_template) for q in batch]
         prompts += [prompts[-1]] * (settings.batch_size - len(prompts))   # one compiled shape
         outs = generator.generate(prompts, max_new_tokens=settings.max_new_tokens, stop_ids=stop_ids,
                                   seed=settings.seed + k, pad_id=tokenizer.pad_id)
@@ -70,6 +73,7 @@ def generate_answers(contestant: Contestant, model, tokenizer, questions: list[Q
             stopped = bool(ids) and ids[-1] in stop_ids
             records.append({"key": key, "model": contestant.name, "path": contestant.path,
                             "question_id": q.id, "question": q.question,
+                            "chat_template": contestant.chat_template,
                             "answer": tokenizer.decode(strip_stop(ids, stop_ids)).strip(),
                             "new_tokens": len(ids), "stopped": stopped, "batch": k,
                             "batch_seed": settings.seed + k, **settings.describe()})

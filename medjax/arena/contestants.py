@@ -2,13 +2,13 @@
 
 A PATH is an HF directory or a ``.gguf`` file (``medjax.load``), or a training run (its
 directory or its ``checkpoints/`` directory), rebuilt as ``python -m medjax.export`` does
-(``restore_trained_model``) with LoRA adapters merged for generation.
+(``restore_trained_model``, detected by ``medjax.eval.auto_dtype.model_kind`` as
+``python -m medjax.eval`` does) with LoRA adapters merged for generation.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from medjax.arena.errors import ArenaError
 
@@ -19,6 +19,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 class Contestant:
     name: str
     path: str
+    chat_template: str | None = None     # a built-in template name replacing the model's own
 
 
 def parse_models(text: str) -> list[Contestant]:
@@ -41,32 +42,48 @@ def parse_models(text: str) -> list[Contestant]:
     return contestants
 
 
-def run_checkpoint_dir(path) -> Path | None:
-    """The ``checkpoints`` directory when ``path`` is a training run (or that directory)."""
+def with_chat_templates(contestants: list[Contestant], text: str | None) -> list[Contestant]:
+    """``--chat-template NAME=TEMPLATE,...``: a built-in chat template for models that ship none
+    (or to override theirs)."""
+    from dataclasses import replace
+
+    from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
+    chosen = {}
+    for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
+        name, sep, template = (x.strip() for x in part.partition("="))
+        if not sep or name not in {c.name for c in contestants}:
+            raise ArenaError(f"--chat-template: {part!r} is not MODEL=TEMPLATE for one of the models "
+                             f"({', '.join(c.name for c in contestants)})")
+        if template not in BUILTIN_CHAT_TEMPLATES:
+            raise ArenaError(f"--chat-template {name}: unknown template {template!r} "
+                             f"(built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
+        chosen[name] = template
+    return [replace(c, chat_template=chosen.get(c.name)) for c in contestants]
+
+
+def check_paths(contestants: list[Contestant], judge: str) -> None:
+    """Every model path exists (checked before the first model loads)."""
     from medjax.loading import resolve_path
-    p = resolve_path(path)
-    if not p.is_dir() or (p / "config.json").is_file():
-        return None
-    if (p / "checkpoints").is_dir():
-        return p / "checkpoints"
-    if any(child.is_dir() and child.name.isdigit() for child in p.iterdir()):
-        return p
-    return None
+    for option, path in [(f"--models {c.name}", c.path) for c in contestants] + [("--judge", judge)]:
+        if not resolve_path(path).exists():
+            raise ArenaError(f"{option}: {path}: no such file or directory")
 
 
 def load_model(path, dtype):
     """``(model, tokenizer)`` for an HF dir, a GGUF file or a training run."""
-    ckpt = run_checkpoint_dir(path)
-    if ckpt is None:
+    from medjax.eval.auto_dtype import model_kind
+    from medjax.loading import resolve_path
+
+    resolved = resolve_path(path)
+    if model_kind(resolved) != "run":
         import medjax
-        model, tokenizer = medjax.load(path, dtype=dtype)
+        model, tokenizer = medjax.load(resolved, dtype=dtype)
     else:
         from medjax.training.loop import restore_trained_model
-        model, tokenizer, cfg, _ = restore_trained_model(ckpt)
-        if cfg.lora.enabled:
-            from medjax.lora import merged_model
-            from medjax.quant import dequantize_model
-            model = merged_model(dequantize_model(model))
+        ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
+        from medjax.training.setup import plain_model
+        model, tokenizer, _, _ = restore_trained_model(ckpt)      # in the run's model.dtype
+        model = plain_model(model)                                # LoRA merged, as export does
     if tokenizer is None:
         raise ArenaError(f"{path}: no tokenizer files next to the model")
     return model, tokenizer

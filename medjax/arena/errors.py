@@ -1,5 +1,5 @@
 """The arena's user-error class (printed as one ``error:`` line by ``medjax.cli_errors``)."""
-from medjax.cli_errors import UserError
+from medjax.errors import UserError
 
 
 class ArenaError(UserError):

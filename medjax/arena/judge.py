@@ -7,7 +7,8 @@ generation prompt, and the judge's log-probability of each verdict (``A``, ``B``
 each tokenized on its own after the prompt, so exactly what the judge would generate next)
 is read off one forward pass (``medjax.eval.scorer.score_batch``). No text is generated or
 parsed. The verdict is the most probable label; the first answer scores 1 (A), 0 (B) or
-0.5 (tie). The normalised probabilities are kept in the record for audit.
+0.5 (tie). The probabilities (normalised over the labels) are kept in the record, so the
+``expected`` scoring, P(A) + P(tie)/2, can rate the same judgements without judging again.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from medjax.arena.rubric import VERDICTS, Rubric
 from medjax.arena.store import JsonlStore, record_key
 
 SCORE_OF_VERDICT = {"A": 1.0, "B": 0.0, "tie": 0.5}
+SCORING = ("verdict", "expected")
 
 
 @dataclass(frozen=True)
@@ -47,29 +49,28 @@ def pairings(questions: Sequence[Question], names: Sequence[str], *, both_orders
 class Judge:
     """A judge model: chat-wrapped prompt → log-probabilities of the verdict labels."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, verdicts: Sequence[str] = VERDICTS):
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, chat_template: str | None = None):
         import jax
         from flax import nnx
 
         from medjax.eval.scorer import score_batch
 
-        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.tokenizer, self.batch_size, self.chat_template = tokenizer, batch_size, chat_template
         self.max_length = model.config.max_position_embeddings
-        self.verdicts = tuple(verdicts)
-        self.verdict_ids = [tokenizer.encode(v) for v in self.verdicts]
-        if len({tuple(ids) for ids in self.verdict_ids}) != len(self.verdicts) or not all(self.verdict_ids):
-            raise ArenaError(f"judge tokenizer: the verdict labels {self.verdicts} do not encode to "
+        self.verdict_ids = [tokenizer.encode(v) for v in VERDICTS]
+        if len({tuple(ids) for ids in self.verdict_ids}) != len(VERDICTS) or not all(self.verdict_ids):
+            raise ArenaError(f"judge tokenizer: the verdict labels {VERDICTS} do not encode to "
                              f"distinct token sequences ({self.verdict_ids})")
         graphdef, self.state = nnx.split(model)
         self._score = jax.jit(partial(score_batch, graphdef))
 
     def prompt_ids(self, text: str) -> list[int]:
         chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, chat_template=self.chat_template)
         return self.tokenizer.encode(chat)
 
     def logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """``[len(prompts), len(verdicts)]`` summed log-probs of each label after each prompt."""
+        """``[len(prompts), len(VERDICTS)]`` summed log-probs of each label after each prompt."""
         from medjax.eval.scorer import bucket
 
         M = max(len(ids) for ids in self.verdict_ids)
@@ -105,20 +106,21 @@ def verdict_of(logprobs_K: np.ndarray, verdicts: Sequence[str] = VERDICTS) -> tu
     return verdicts[int(np.argmax(logprobs_K))], {v: float(x) for v, x in zip(verdicts, p)}
 
 
-def judge_key(judge_path: str, pair: Pairing, prompt_text: str) -> str:
-    return record_key("judgement", judge_path, pair.question.id, pair.first, pair.second, prompt_text,
-                      list(VERDICTS))
+def judge_key(judge_path: str, pair: Pairing, prompt_text: str, chat_template: str | None = None) -> str:
+    template = [chat_template] if chat_template else []
+    return record_key("judgement", judge_path, *template, pair.question.id, pair.first, pair.second,
+                      prompt_text, list(VERDICTS))
 
 
 def pending(pairs: Sequence[Pairing], answer_of, rubric: Rubric, judge_path: str,
-            store: JsonlStore) -> tuple[list[str], list[tuple[Pairing, str, str]]]:
+            store: JsonlStore, chat_template: str | None = None) -> tuple[list[str], list[tuple[Pairing, str, str]]]:
     """``(keys of all pairings, [(pairing, key, prompt text)] not yet in store)``.
     ``answer_of(model, question) -> str``."""
     keys, todo = [], []
     for pair in pairs:
         text = rubric.render(pair.question.question, pair.question.reference,
                              answer_of(pair.first, pair.question), answer_of(pair.second, pair.question))
-        key = judge_key(judge_path, pair, text)
+        key = judge_key(judge_path, pair, text, chat_template)
         keys.append(key)
         if key not in store:
             todo.append((pair, key, text))
@@ -147,6 +149,16 @@ def run_judging(todo: Sequence[tuple[Pairing, str, str]], judge, judge_path: str
         if bar is not None:
             bar.update(len(part))
     return len(work)
+
+
+def first_score(record: dict, scoring: str = "verdict") -> float:
+    """The first-shown model's score in a judgement record: ``verdict`` = 1 / 0.5 / 0 from the
+    most probable label; ``expected`` = P(A) + P(tie) / 2 (probabilities over the labels)."""
+    if scoring == "verdict":
+        return record["score_first"]
+    if scoring == "expected":
+        return record["probs"]["A"] + 0.5 * record["probs"]["tie"]
+    raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")
 
 
 def position_stats(records: Sequence[dict]) -> dict:

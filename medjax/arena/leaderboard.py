@@ -20,7 +20,7 @@ def markdown(ratings: list[Rating], info: dict) -> str:
     lines += ["", f"Bradley–Terry fit on the Elo scale (400 points = 10:1 odds), {centre}; "
                   f"95% intervals from {info['bootstrap_rounds']} bootstrap resamples of the "
                   f"{info['questions']} questions. {info['judgements']} judgements by "
-                  f"`{info['judge']}` (each pair judged in both orders)."]
+                  f"`{info['judge']}` (each pair judged in both orders; scoring: {info.get('scoring', 'verdict')})."]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ class Comparison:
     question: str
     first: str
     second: str
-    score: float          # of `first`: 1 win, 0.5 tie, 0 loss
+    score: float          # of `first`: 1 win, 0.5 tie, 0 loss (or a fraction: counted a win above 0.5)
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ def rate(comparisons: Iterable[Comparison], names: Sequence[str], *, anchor: str
                                                l2=l2), names, anchor)
         low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     record = {n: [0.0, 0.0, 0.0] for n in names}        # wins, ties, losses
-    for c in comparisons:
-        first = 0 if c.score == 1.0 else 2 if c.score == 0.0 else 1
+    for c in comparisons:                               # a fractional score leans one way or ties
+        first = 0 if c.score > 0.5 else 2 if c.score < 0.5 else 1
         record[c.first][first] += 1
         record[c.second][2 - first] += 1
     out = [Rating(n, float(ratings[k]), float(low[k]), float(high[k]), *record[n])

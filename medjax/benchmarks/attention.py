@@ -1,5 +1,8 @@
 """Attention benchmark: ``python -m medjax.bench attention [--shapes gpu] [--mode fwdbwd] ...``.
 
+``--compile-only tpu`` instead compiles the Pallas kernels for TPU chips on this CPU and
+reports compile time and VMEM per case (``_attention_tpu.py``).
+
 Per shape and implementation it prints the median time, achieved TFLOP/s counting only unmasked
 (query, key) pairs, the compiled peak memory, and the speed relative to cuDNN
 (``jax.nn.dot_product_attention(implementation="cudnn")``) and to jax's shipped Pallas GPU
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -173,7 +177,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=None, help="default: 10 on GPU/TPU, 3 on CPU")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    parser.add_argument("--compile-only", choices=("tpu",), default=None,
+                        help="compile the Pallas kernels for TPU chips on this CPU (needs "
+                             "`make tpu-venv`) and print compile time / VMEM per case")
+    parser.add_argument("--chips", default="v5p,v6e", help="with --compile-only: chip list")
+    parser.add_argument("--cases", choices=("matrix", "ci"), default="matrix",
+                        help="with --compile-only: B x T x heads matrix, or the test's cases")
     args = parser.parse_args(argv)
+    if args.compile_only:
+        from medjax.benchmarks import _attention_tpu
+        return _attention_tpu.main(args, list(argv if argv is not None else sys.argv[2:]))
 
     platform = jax.default_backend()
     preset = args.shapes if args.shapes != "auto" else ("gpu" if platform == "gpu" else "cpu")

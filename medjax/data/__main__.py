@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print rendered, tokenized examples with the loss mask, "
                                        "a length histogram and packing efficiency")
-    p.add_argument("--config", required=True, help="run config YAML (its data: and model: sections are used)")
+    p.add_argument("--config", required=True, action="append",
+                   help="run config YAML (its data: and model: sections are used); repeat to overlay "
+                        "files, later ones win (e.g. --config configs/tiny/llama2.yaml)")
     p.add_argument("--tokenizer", help="tokenizer dir/file/.gguf (default: model.path)")
     p.add_argument("--examples", type=int, default=3, help="examples shown per source")
     p.add_argument("--lengths", type=int, default=2000, help="rows per source measured for the histogram")

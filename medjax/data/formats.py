@@ -16,6 +16,8 @@ from __future__ import annotations
 import string
 from typing import Any, NamedTuple
 
+from medjax.errors import FieldError
+
 DEFAULT_FIELDS = {name: name for name in (
     "text", "instruction", "input", "output", "messages", "role", "content", "question", "options",
     "answer", "contexts", "prompt", "chosen", "rejected", "system")}
@@ -30,10 +32,6 @@ MCQA_INSTRUCTION = "Answer the following multiple-choice question with the lette
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-class FieldError(ValueError):
-    """A record lacks a field or has the wrong type; the message names the field."""
 
 
 class Rendered(NamedTuple):

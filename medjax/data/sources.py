@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from medjax.errors import DataError
+
 from medjax.paths import resolve_path
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = (".jsonl", ".json", ".parquet") + TEXT_SUFFIXES
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file, line/row and field."""
 
 
 class Row(NamedTuple):

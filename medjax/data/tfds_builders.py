@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medjax.data.sources import DataError
+from medjax.errors import DataError
 
 MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
                          "medical_genetics", "professional_medicine")

@@ -22,12 +22,10 @@ import csv
 import json
 from pathlib import Path
 
+from medjax.errors import DataError
+
 from medjax.eval import truthfulqa
 from medjax.eval.tasks import LETTERS, Task
-
-
-class DataError(ValueError):
-    """Missing or malformed benchmark data; the message names the file (and line/key)."""
 
 
 OFFICIAL_SOURCES = {

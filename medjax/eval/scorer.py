@@ -125,12 +125,10 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
     K, M = cont_BKM.shape[1:]
-    rows_B = jnp.arange(B)
-    if M == 1:
-        last_logits_BV = model.forward(ids_BT, logits_at=(ctx_len_B - 1)[:, None]).logits[:, 0]
-    else:
-        out = model.forward(ids_BT, cache=None if M == 1 else model.init_cache(B, T + M - 1))
-        last_logits_BV = out.logits[rows_B, ctx_len_B - 1]
+    # The output head runs at each context's last position only, with or without a cache.
+    out = model.forward(ids_BT, cache=None if M == 1 else model.init_cache(B, T + M - 1),
+                        logits_at=(ctx_len_B - 1)[:, None])
+    last_logits_BV = out.logits[:, 0]
     last_lp_BV = jax.nn.log_softmax(last_logits_BV, axis=-1)
     first_lp_BK = jnp.take_along_axis(last_lp_BV, cont_BKM[:, :, 0], axis=1)
     first_greedy_BK = jnp.argmax(last_lp_BV, axis=-1)[:, None] == cont_BKM[:, :, 0]

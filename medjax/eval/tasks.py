@@ -15,6 +15,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
+from medjax.errors import ConfigError
+
 from medjax.eval import truthfulqa
 
 LETTERS = ("A", "B", "C", "D", "E")
@@ -123,8 +125,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 ALIASES = {"medqa": "medqa_4options"}
 
 
-class UnknownTaskError(ValueError):
-    pass
+UnknownTaskError = ConfigError  # a task or group name that does not exist
 
 
 def valid_names() -> list[str]:

@@ -199,7 +199,6 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
     from medjax.tokenizer import Tokenizer
     try:
         tokenizer = Tokenizer.from_gguf(reader)
-        tokenizer.gguf_pre = _field(reader, "tokenizer.ggml.pre")  # re-export keeps the split name
     except (ValueError, NotImplementedError) as e:
         import warnings
         warnings.warn(f"{path}: tokenizer not built from GGUF metadata: {e}")

@@ -21,6 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -179,7 +180,13 @@ def save_gguf(model, path, *, tokenizer=None, type: str = "f16", name: str | Non
             if value is not None:
                 meta[key] = int(value)
 
+    if jax.process_index() != 0:  # gathering a sharded weight is collective: every process takes part
+        for _, mpath, _ in plan:
+            _host(flat[mpath].get_value())
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])

@@ -9,8 +9,8 @@ Two vocabulary kinds, the two ``Tokenizer.from_gguf`` reads back:
   stored too so that the importer rebuilds the exact BPE.
 * ``gpt2`` (byte-level BPE): tokens as the byte-level alphabet spells them + ``"a b"`` merges.
 
-Token types follow llama.cpp: added special tokens are CONTROL, other added tokens
-USER_DEFINED, ``<0xNN>`` pieces BYTE. A tokenizer smaller than the model's embedding is padded
+Token types follow llama.cpp's converter: added special tokens are CONTROL, other added tokens
+USER_DEFINED, the unknown token (when not an added one) UNKNOWN, ``<0xNN>`` pieces BYTE. A tokenizer smaller than the model's embedding is padded
 with ``[PAD{i}]`` UNUSED tokens (as llama.cpp's converter does) so that ``n_vocab`` matches.
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
         if token is not None:
             meta[f"tokenizer.ggml.{key}"] = tok.token_to_id(token)
     meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos_token)
-    meta["tokenizer.ggml.add_eos_token"] = bool(tok.add_eos_token)
+    if tok.add_eos_token:  # llama.cpp's default is false
+        meta["tokenizer.ggml.add_eos_token"] = True
     if tok.chat_template is not None:
         meta["tokenizer.chat_template"] = BUILTIN_CHAT_TEMPLATES.get(tok.chat_template, tok.chat_template)
     return meta
@@ -75,10 +76,10 @@ def _merges(model: dict) -> list[str]:
 def _types(tok, tokens: list[str], added: dict, kind: str) -> list[int]:
     types = []
     for i, t in enumerate(tokens):
-        if t == tok.unk_token:
-            types.append(UNKNOWN)
-        elif i in added:
+        if i in added:
             types.append(CONTROL if added[i]["special"] else USER_DEFINED)
+        elif t == tok.unk_token:
+            types.append(UNKNOWN)
         elif kind == "llama" and _BYTE_PIECE.fullmatch(t):
             types.append(BYTE)
         else:
@@ -122,6 +123,7 @@ def _from_backend(tok) -> dict:
         from medjax.tokenizer import _LLAMA3_SPLIT
         regexes = [step.get("pattern", {}).get("Regex") for step in _steps(spec.get("pre_tokenizer"))]
         pre = _LLAMA3_PRE if _LLAMA3_SPLIT in regexes else "default"
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.add_space_prefix": False,
+            "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": _types(tok, tokens, added, "gpt2"),
             "tokenizer.ggml.merges": merges}

@@ -1,10 +1,13 @@
 """Streaming import of HF safetensors checkpoints into the medjax Decoder.
 
-The model is first built abstractly (``nnx.eval_shape``, no memory); each parameter is then
-read from disk, transformed (explicit transposes from ``names.py``), checked against the
-expected shape and placed on device before the next one is read, so host memory peaks at about
-one model plus one tensor. With ``shardings``, each parameter is created with
-``jax.make_array_from_callback`` and every device's block reads only the rows it needs.
+The model is first built abstractly (``nnx.eval_shape``, no memory), optionally already wrapped
+(LoRA) and quantized (QLoRA) by ``prepare``; each parameter is then read from disk, transformed
+(explicit transposes from ``names.py``), checked against the expected shape and placed before
+the next one is read. With a sharding, each process computes the distinct blocks its devices
+hold and reads each one once, only its bytes (a rectangle of the HF matrix), copies it to the
+devices that hold it and drops it: no device holds more than its shards plus the tensor in
+flight, and the host at most one block beyond the devices. Quantized targets are quantized as
+they are read, in bounded column chunks; the float weights of a QLoRA base never all exist.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, apply_transform, param_sources
+from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, param_sources
 from medjax.hf.safetensors_io import CheckpointError, TensorInfo, find_weight_files, index_tensors
 from medjax.models import Decoder, ModelConfig, abstract_decoder
 
@@ -37,7 +40,10 @@ def read_hf_config(directory: Path) -> ModelConfig:
     if hf.get("auto_map"):
         # remote code is never run; the architecture must be one medjax implements itself
         hf = {k: v for k, v in hf.items() if k != "auto_map"}
-    return ModelConfig.from_hf_config(hf)
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except ValueError as e:          # inconsistent values (e.g. num_experts_per_tok > experts)
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _check_names(cfg, sources: Mapping[tuple, Source], tensors: Mapping[str, TensorInfo]):
@@ -77,72 +83,248 @@ def _part_shape(part: Part, info: TensorInfo, expected: tuple, intermediate: int
     return want
 
 
-def _read_block(src: Source, tensors, index: tuple, shape: tuple, intermediate: int) -> np.ndarray:
-    """Read ``param[index]`` reading only the rows needed where the layout allows it."""
+def _whole(index, shape) -> tuple:
+    """``index`` as one ``slice(start, stop)`` per dim (what a sharding's device index means)."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+READ_CHUNK_BYTES = 16 * 2 ** 20    # file bytes read at once while filling a block
+
+
+def _fill(out: np.ndarray, info: TensorInfo, rows: slice, cols: slice, *, lead=None,
+          transpose: bool = False) -> None:
+    """``out[...] = W[rows, cols]`` (or its transpose), read in row chunks of bounded size and
+    cast into ``out`` (already in the target dtype, C-contiguous): no full-size raw copy."""
+    width = (cols.stop - cols.start) * info.dtype.itemsize
+    step = max(1, READ_CHUNK_BYTES // max(width, 1))
+    for r0 in range(rows.start, rows.stop, step):
+        r1 = min(r0 + step, rows.stop)
+        w = info.read_region(slice(r0, r1), cols, lead)
+        if transpose:
+            out[:, r0 - rows.start:r1 - rows.start] = w.T
+        else:
+            out[r0 - rows.start:r1 - rows.start] = w
+
+
+def read_block(src: Source, tensors, index: tuple, shape: tuple, intermediate: int,
+               dtype=np.float32) -> np.ndarray:
+    """``param[index]`` in ``dtype`` read from disk, touching only the bytes of that block.
+
+    Every transform of ``names.py`` maps a block of the medjax param to a rectangle of a 2-D HF
+    matrix (per expert for stacked weights), which ``TensorInfo.read_region`` reads alone.
+    """
+    idx = _whole(index, shape)
+    out = np.empty(tuple(s.stop - s.start for s in idx), dtype)
     parts = src.parts
-    if parts[0].expert is not None:                       # stacked per-expert Linear weights
-        experts = range(*index[0].indices(shape[0]))
-        blocks = [tensors[parts[e].hf_name].read(rows=index[2]).T[index[1]] for e in experts]
-        return np.stack(blocks)
+    if parts[0].expert is not None:                 # stacked experts [E, in, out], each HF [out, in]
+        for j, e in enumerate(range(idx[0].start, idx[0].stop)):
+            _fill(out[j], tensors[parts[e].hf_name], idx[2], idx[1], transpose=True)
+        return out
     part = parts[0]
     info = tensors[part.hf_name]
-    if part.transform == "t" and len(shape) == 2:
-        return info.read(rows=index[1]).T[index[0]]
-    if part.transform == "copy" and len(shape) >= 1:
-        return info.read(rows=index[0])[(slice(None),) + index[1:]]
-    return apply_transform(part, info.read(), intermediate)[index]
-
-
-def _read_full(src: Source, tensors, shape, intermediate) -> np.ndarray:
-    if src.parts[0].expert is None:
-        part = src.parts[0]
-        return apply_transform(part, tensors[part.hf_name].read(), intermediate)
-    out = None
-    for part in src.parts:
-        w = apply_transform(part, tensors[part.hf_name].read(), intermediate)
-        if out is None:
-            out = np.empty(shape, w.dtype)
-        out[part.expert] = w
+    if part.transform == "copy":
+        if len(shape) == 2:
+            _fill(out, info, idx[0], idx[1])
+        else:
+            out[...] = info.read(rows=idx[0])[(slice(None),) + idx[1:]]
+        return out
+    if part.transform == "t":                       # kernel [in, out] = HF weight [out, in].T
+        _fill(out, info, idx[1], idx[0], transpose=True)
+        return out
+    # stacked on disk: down_proj [E, I, H] = HF [E, H, I] swapped; gate/up halves of HF
+    # gate_up_proj [E, 2I, H]
+    offset = {"t_last2": 0, "gate_half": 0, "up_half": intermediate}[part.transform]
+    rows = slice(idx[2].start + offset, idx[2].stop + offset)
+    for j, e in enumerate(range(idx[0].start, idx[0].stop)):
+        _fill(out[j], info, rows, idx[1], lead=e, transpose=True)
     return out
 
 
+def place_blocks(shape: tuple, sharding, read: Callable[[tuple], np.ndarray]) -> jax.Array:
+    """A global array from per-device blocks, each distinct block read ONCE per process.
+
+    Devices of this process that hold the same block (replicas over data/tensor axes) share one
+    read; blocks are read, copied to their devices and dropped one at a time, so the host holds
+    at most one block beyond what the devices hold.
+    """
+    by_block: dict[tuple, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop) for s in _whole(index, shape))
+        by_block.setdefault(key, []).append(device)
+    singles = {}
+    for key, devices in by_block.items():
+        block = read(tuple(slice(a, b) for a, b in key))
+        for d in devices:
+            singles[d] = jax.device_put(block, d)
+        del block
+    arrays = [singles[d] for d in sharding.addressable_devices_indices_map(shape)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def resolve_target(model, path: tuple):
+    """The variable (or ``QuantizedTensor``) of a prepared model that HF param ``path`` fills:
+    LoRA wrappers are looked through (``base``) and a quantized Linear's ``kernel`` is its
+    ``weight``; ``None`` when the model has no such place."""
+    from medjax.lora import LoRAExperts, LoRALinear
+    from medjax.quant import QuantizedLinear
+    node = model
+    for i, part in enumerate(path):
+        while isinstance(node, (LoRALinear, LoRAExperts)):
+            node = node.base
+        if isinstance(node, QuantizedLinear) and part == "kernel" and i == len(path) - 1:
+            return node.weight
+        if not _has(node, part):
+            return None
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _has(node, part) -> bool:
+    if isinstance(part, int):
+        try:
+            node[part]
+        except (TypeError, IndexError, KeyError):
+            return False
+        return True
+    return hasattr(node, part)
+
+
 def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: ShardingFn | None = None,
-                attention_impl: str = "auto", progress: bool = True) -> Decoder:
-    """Build a Decoder from an HF directory (config.json + safetensors, single or sharded)."""
+                attention_impl: str = "auto", progress: bool = True, prepare=None, mesh=None,
+                rules=None, on_tensor=None) -> Decoder:
+    """Build a Decoder from an HF directory (config.json + safetensors, single or sharded).
+
+    ``prepare(model)`` transforms the decoder in place before any weight exists (LoRA wrapping, QLoRA
+    quantization, NEFTune: it runs on the abstract model); quantized targets are quantized
+    tensor by tensor as they are read (``quant.quantize_streaming``), so the float model never
+    exists. Variables the file does not hold (adapters, RNG state) are created by a jitted init
+    with ``out_shardings``. ``mesh`` + ``rules`` place every variable by the sharding rules
+    (``shardings`` is the older per-param callable). ``on_tensor(path)`` runs after each
+    tensor lands (memory sampling in tests).
+    """
     directory = Path(directory)
     cfg = read_hf_config(directory)
     tensors = index_tensors(find_weight_files(directory))
     sources = param_sources(cfg, set(tensors))
     _check_names(cfg, sources, tensors)
     param_dtype = param_dtype or dtype
-    model = abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
+    build = _builder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                     prepare=prepare)
+    model = nnx.eval_shape(build)
+    sharding_of = _sharding_fn(shardings, mesh, rules)
     I = cfg.intermediate_size
-    bar = tqdm(total=len(flat), desc=f"loading {directory.name}", unit="tensor", disable=not progress,
-               leave=False)
-    for path, var in flat:
-        src = sources.get(path)
-        if src is None:
-            raise CheckpointError(f"internal: no HF source for parameter {'.'.join(map(str, path))}")
-        abstract = var.get_value()
-        shape, target = tuple(abstract.shape), np.dtype(abstract.dtype)
+    bar = tqdm(total=len(sources), desc=f"loading {directory.name}", unit="tensor",
+               disable=not progress, leave=False)
+    for path, src in sources.items():
+        target = resolve_target(model, path)
+        if target is None:
+            raise CheckpointError(f"internal: no place for parameter {'.'.join(map(str, path))}")
+        shape = _float_shape(target)
         for part in src.parts:
             _part_shape(part, tensors[part.hf_name], shape, I)
-        sharding = shardings(path, shape) if shardings is not None else None
-        if sharding is None:
-            arr = jnp.asarray(_read_full(src, tensors, shape, I).astype(target, copy=False))
+        read = lambda idx, dt, src=src, shape=shape: read_block(src, tensors, idx, shape, I, dt)  # noqa: E731
+        if isinstance(target, nnx.Variable):
+            want = np.dtype(target.get_value().dtype)
+            target.set_value(_place(shape, sharding_of(path, target),
+                                    lambda idx, read=read, want=want: read(idx, want)))
         else:
-            arr = jax.make_array_from_callback(
-                shape, sharding,
-                lambda idx, src=src, shape=shape: _read_block(src, tensors, idx, shape, I).astype(target))
-        var.set_value(arr)
+            _fill_quantized(target, path, read, sharding_of)
+        _release_freed_memory()
+        if on_tensor is not None:
+            on_tensor(path)
         bar.update()
     bar.close()
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    _init_missing(model, build, sharding_of)
     model.source_path = str(directory.resolve())
     return model
+
+
+def _release_freed_memory():
+    """Hand the heap pages freed by the last tensor's buffers back to the OS (glibc keeps
+    mid-size frees in its arenas), so host RSS follows what is live; a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
+    """``build()``, called only inside a trace (``eval_shape`` / ``jit``): the decoder with
+    zero weights (free in a trace: no random init to trace), then ``prepare`` on top."""
+    def build():
+        model = abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype,
+                                 attention_impl=attention_impl)
+        for _, var in nnx.to_flat_state(nnx.state(model)):
+            value = var.get_value()
+            var.set_value(jnp.zeros(value.shape, value.dtype))
+        if prepare is not None:
+            prepare(model)                          # in place (its return value is ignored)
+        return model
+    return build
+
+
+def _sharding_fn(shardings, mesh, rules):
+    if mesh is not None:
+        from medjax.sharding import rules_for, variable_sharding
+        rules = rules or rules_for("fsdp")
+        return lambda path, var: variable_sharding(var, mesh, rules, where=".".join(map(str, path)))
+    if shardings is not None:
+        return lambda path, var: shardings(path, tuple(var.get_value().shape))
+    return lambda path, var: None
+
+
+def _place(shape, sharding, read):
+    if sharding is None:      # device_put, not jnp.asarray: on CPU it adopts the host buffer
+        return jax.device_put(read(tuple(slice(None) for _ in shape)))
+    return place_blocks(shape, sharding, read)
+
+
+def _float_shape(target) -> tuple:
+    if isinstance(target, nnx.Variable):
+        return tuple(target.get_value().shape)
+    return tuple(target.spec.shape)                  # QuantizedTensor
+
+
+def _fill_quantized(qtensor, path, read, sharding_of):
+    """Quantize one weight from bounded reads of its output columns; place its storage."""
+    from medjax.quant import quantize_streaming
+    lead = len(qtensor.spec.shape) - 2
+
+    def read_columns(lead_index, cols):
+        index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
+        return read(index, np.float32)[(0,) * lead]
+
+    arrays = quantize_streaming(qtensor.spec, read_columns)
+    for name, host in arrays.items():
+        var = getattr(qtensor, name)
+        sub = tuple(path[:-1]) + (name,)
+        var.set_value(_place(host.shape, sharding_of(sub, var), lambda idx, host=host: host[idx]))
+        del host
+
+
+def _init_missing(model, build, sharding_of):
+    """Create the variables no file holds (LoRA adapters, RNG streams) by ``build``'s own init,
+    jitted with ``out_shardings`` so each device makes only its shards."""
+    flat = nnx.to_flat_state(nnx.state(model))
+    missing = {tuple(p) for p, v in flat if isinstance(v.get_value(), jax.ShapeDtypeStruct)}
+    if not missing:
+        return
+    only = lambda path, _: tuple(path) in missing  # noqa: E731
+    targets = [(p, v.replace(sharding_of(tuple(p), v))) for p, v in flat if tuple(p) in missing]
+    shards = None if any(v.get_value() is None for _, v in targets) else nnx.from_flat_state(targets)
+    created = jax.jit(lambda: nnx.state(build(), only), out_shardings=shards)()
+    nnx.update(model, created)
 
 
 def checkpoint_nbytes(directory) -> int:

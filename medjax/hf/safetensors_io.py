@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from medjax.errors import CheckpointError
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES = {
@@ -26,10 +28,6 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match the model; names file and tensor."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,40 @@ class TensorInfo:
             f.seek(start)
             if f.readinto(buf) != buf.nbytes:
                 raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
+        return out
+
+    def read_region(self, rows: slice, cols: slice | None = None, lead: int | None = None) -> np.ndarray:
+        """``W[lead][rows, cols]`` of a 2-D tensor (3-D with ``lead``), reading only those bytes.
+
+        Contiguous rows (``cols`` whole) are one read; a column range reads one span per row
+        with ``os.preadv`` straight into the output, so no byte outside the region is read.
+        """
+        shape = self.shape if lead is None else self.shape[1:]
+        if len(shape) != 2:
+            raise ValueError(f"read_region needs a 2-D matrix, {self.name!r} is {list(self.shape)}")
+        (r0, r1, rs), (c0, c1, cs) = rows.indices(shape[0]), (cols or slice(None)).indices(shape[1])
+        if rs != 1 or cs != 1:
+            raise ValueError("regions must be contiguous")
+        itemsize, row_bytes = self.dtype.itemsize, shape[1] * self.dtype.itemsize
+        base = self.start + (0 if lead is None else lead * shape[0] * row_bytes)
+        out = np.empty((r1 - r0, c1 - c0), self.dtype)
+        buf = out.reshape(-1).view(np.uint8)
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            if c0 == 0 and c1 == shape[1]:
+                spans = [(base + r0 * row_bytes, buf)]
+            else:
+                width = (c1 - c0) * itemsize
+                spans = [(base + r * row_bytes + c0 * itemsize, buf[i * width:(i + 1) * width])
+                         for i, r in enumerate(range(r0, r1))]
+            for offset, view in spans:
+                while view.nbytes:            # one call reads at most ~2 GiB on Linux
+                    got = os.preadv(fd, [view], offset)
+                    if got <= 0:
+                        raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
+                    offset, view = offset + got, view[got:]
+        finally:
+            os.close(fd)
         return out
 
 

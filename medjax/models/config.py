@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from medjax.errors import CheckpointError
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -14,8 +16,7 @@ _ARCH_FROM_HF = {v: k for k, v in ARCHITECTURES.items()}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture or an option of it is not supported."""
+UnsupportedModelError = CheckpointError  # an architecture or option medjax does not support
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,14 @@ class ModelConfig:
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+            raise CheckpointError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in _ROPE_TYPES:
                 raise UnsupportedModelError(f"rope_type {kind!r} not supported (supported: {_ROPE_TYPES})")
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
+            raise CheckpointError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
+                                  f"1..{self.num_experts} (num_local_experts)")
 
     @property
     def is_moe(self) -> bool:

@@ -19,9 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-    pass
+from medjax.errors import CheckpointError
 
 
 def _name(path) -> str:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medjax.errors import ConfigError
 from medjax.training.neftune import noisy_embeddings
 
 LM_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
@@ -87,6 +88,6 @@ def resolve_reference(mode: str, lora: bool) -> str:
     if mode == "auto":
         return "adapters_off" if lora else "frozen_copy"
     if mode == "adapters_off" and not lora:
-        raise ValueError("dpo.reference=adapters_off needs lora.enabled=true (full fine-tuning "
+        raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true (full fine-tuning "
                          "has no adapters to switch off; use frozen_copy)")
     return "adapters_off" if lora else mode

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import RunConfig
+from medjax.errors import ConfigError
 from medjax.training.checkpoint import Checkpointer
 from medjax.training.metrics import MetricsLogger, plot_run
 from medjax.training.objectives import objective_for
@@ -67,9 +68,18 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def load_model(cfg: RunConfig):
-    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset."""
+def load_model(cfg: RunConfig, mesh=None):
+    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset.
+
+    With ``mesh``, an HF checkpoint streams straight into the run's shardings, already wrapped /
+    quantized for training (``setup.load_prepared``)."""
     dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if cfg.model.path is not None and mesh is not None:
+        from medjax.training.setup import load_prepared
+        loaded = load_prepared(cfg, mesh)
+        if loaded is not None:
+            loaded[0].remat = cfg.model.remat
+            return loaded
     if cfg.model.path is not None:
         import medjax
         model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
@@ -90,17 +100,13 @@ def _resolve(path) -> str:
 
 
 def data_section(cfg: RunConfig):
-    """``cfg.data`` with paths resolved; without ``data.eval`` the last ``train.heldout_examples``
-    rows of ``data.train`` are the held-out split (``data.heldout_rows``, selected in memory)."""
+    """``cfg.data`` with paths resolved (``pkg://`` included). Without ``data.eval`` the last
+    ``data.heldout_rows`` rows of ``data.train`` are the held-out split (selected in memory)."""
     data = cfg.data
     if data.train is not None:
         data = dataclasses.replace(data, train=_resolve(data.train))
     if data.eval is not None:
         data = dataclasses.replace(data, eval=_resolve(data.eval))
-    if data.eval is None and not data.sources and data.train is not None:
-        data = dataclasses.replace(data, heldout_rows=cfg.train.heldout_examples)
-    if cfg.train.max_examples is not None:
-        data = dataclasses.replace(data, max_rows=cfg.train.max_examples)
     return data
 
 
@@ -108,7 +114,7 @@ def prepare_data(cfg: RunConfig, tokenizer):
     """``(train_iterator, heldout_batches, steps)`` from ``medjax.data.make_dataset``."""
     from medjax.data import make_dataset
     if tokenizer is None:
-        raise ValueError("training on data needs a tokenizer: set model.path to a model with one")
+        raise ConfigError("training on data needs a tokenizer: set model.path to a model with one")
     data = data_section(cfg)
     B = cfg.train.batch_size
     train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed)
@@ -319,9 +325,11 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     from medjax.sharding import make_mesh
     from medjax.training.setup import check_layout
     t0 = time.perf_counter()
-    check_layout(cfg, make_mesh(cfg.mesh))          # before any weights load, on every process
-    model, tokenizer = load_model(cfg)
+    mesh = make_mesh(cfg.mesh)
+    check_layout(cfg, mesh)                         # before any weights load, on every process
+    model, tokenizer = load_model(cfg, mesh)
     trainer = Trainer(cfg, objective_for(cfg), model, tokenizer, show_bar=show_bar)
+    del model                           # consumed: its loaded params were donated to the state
     out_dir = Path(cfg.train.out_dir)
 
     def evaluate(name):                 # the config's eval section on the merged, dequantized model
@@ -370,9 +378,10 @@ def restore_trained_model(checkpoint_dir, step: int | None = None):
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoints")
     meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg = build(RunConfig, meta["config"])
-    model, tokenizer = load_model(cfg)
+    mesh = make_mesh(cfg.mesh)
+    model, tokenizer = load_model(cfg, mesh)
     from medjax.training.objectives import CausalLM
-    trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=CausalLM())
+    trainable = build_trainable(cfg, model, mesh, objective=CausalLM())
     restored = ckpt.restore(trainable.state, step=step)
     ckpt.close()
     state, _, got_step = restored

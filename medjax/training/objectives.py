@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from medjax.errors import DataError
 from medjax.training import dpo
 from medjax.training.neftune import noisy_embeddings
 
@@ -158,15 +159,13 @@ class DPO:
         """A batch where no pair keeps an answer token teaches nothing: say so up front."""
         import numpy as np
         if not (np.asarray(batch["chosen_loss_mask"]).any() and np.asarray(batch["rejected_loss_mask"]).any()):
-            raise ValueError("no preference pair keeps an answer token within data.seq_len "
+            raise DataError("no preference pair keeps an answer token within data.seq_len "
                              "(prompts too long?): DPO would learn nothing")
 
 
 def objective_for(cfg):
     """The objective ``cfg.train.objective`` names (``sft`` → :class:`CausalLM`, ``dpo`` → :class:`DPO`)."""
-    if cfg.train.objective == "dpo":
-        if cfg.data.format != "preference":
-            raise ValueError(f"train.objective=dpo needs data.format=preference, got {cfg.data.format!r}")
+    if cfg.train.objective == "dpo":           # RunConfig checked data.format=preference
         return DPO(beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
                    reference_mode=dpo.resolve_reference(cfg.dpo.reference, cfg.lora.enabled),
                    aux_coef=cfg.train.aux_loss_coef)

@@ -14,8 +14,12 @@ benchmarks all call it; keep it stable):
    ``nnx.Param``), RNG state, frozen rest (``training/step.py``);
 5. **init** — optimizer + schedule (``cfg.optim`` over ``steps``, default ``cfg.train.steps``),
    ``TrainState`` with fp32 masters, and the objective's ``reference`` (DPO frozen copy or ``{}``);
-6. **place** — shardings from ``cfg.mesh.preset``'s rules on ``mesh`` (``medjax.sharding``);
-   arrays are ``device_put`` there (multi-process safe).
+6. **place** — shardings from ``cfg.mesh.preset``'s rules on ``mesh`` (``medjax.sharding``):
+   the train state and reference come out of one jitted init with ``out_shardings`` (inputs
+   donated), so no device holds more than its shards plus one op's temporaries.
+
+A model from :func:`load_prepared` (checkpoint streamed into the mesh, prepared while loading)
+skips steps 1–3.
 
 Steps 1–3 are :func:`prepare_model` (also usable alone inside ``nnx.eval_shape``). ``model`` is
 consumed: after the call use ``trainable.model()``. ``objective`` defaults to
@@ -78,6 +82,29 @@ def prepare_model(cfg, model):
     from medjax.training.neftune import attach_neftune
     attach_neftune(model, cfg.train.neftune_alpha, seed=cfg.train.seed)
     return report
+
+
+def load_prepared(cfg, mesh):
+    """``(model, tokenizer)``: ``model.path`` imported straight into ``mesh``'s shardings with
+    :func:`prepare_model` already applied — LoRA wrappers, QLoRA bases quantized as they stream
+    in (the float base never exists), NEFTune — so :func:`build_trainable` only splits and
+    initialises. Each process reads each block its devices hold once (medjax/hf/load.py).
+    Full fine-tuning reads the weights straight into the fp32 masters the optimizer updates.
+    Returns ``None`` for checkpoints the streaming import does not cover (GGUF)."""
+    import jax.numpy as jnp
+
+    import medjax
+    from medjax.paths import resolve_path
+    from medjax.sharding import rules_for
+    if resolve_path(cfg.model.path).suffix == ".gguf":
+        return None
+    param_dtype = jnp.dtype(cfg.model.param_dtype) if cfg.lora.enabled else jnp.float32
+    model, tokenizer = medjax.load(cfg.model.path, dtype=jnp.dtype(cfg.model.dtype),
+                                   param_dtype=param_dtype, attention_impl=cfg.model.attention,
+                                   mesh=mesh, rules=rules_for(cfg.mesh.preset),
+                                   prepare=lambda m: prepare_model(cfg, m))
+    model.prepared = True
+    return model, tokenizer
 
 
 def plain_model(model):
@@ -187,13 +214,35 @@ def build_trainable(cfg, model, mesh, *, objective=None, steps: int | None = Non
             return state, frozen, reference
         state, frozen, reference = nnx.eval_shape(build, model)
         graphdef, report = out["graphdef"], None
-    else:
-        graphdef, state, frozen, reference, report = split_and_init(model)
-    shardings = tuple(S.tree_shardings(t, mesh, rules) for t in (state, frozen, reference))
-    if abstract:
+        shardings = tuple(S.tree_shardings(t, mesh, rules) for t in (state, frozen, reference))
         state, frozen, reference = (_abstract(t, sh) for t, sh in zip((state, frozen, reference), shardings))
     else:
-        state, frozen, reference = (place(t, sh) for t, sh in zip((state, frozen, reference), shardings))
+        graphdef, state, frozen, reference, shardings, report = _init_sharded(
+            cfg, model, mesh, rules, tx, objective)
     return Trainable(cfg=cfg, graphdef=graphdef, state=state, frozen=frozen, reference=reference,
                      shardings=shardings, tx=tx, schedule=schedule, objective=objective, mesh=mesh,
                      rules=rules, quant_report=report)
+
+
+def _init_sharded(cfg, model, mesh, rules, tx, objective):
+    """prepare (unless :func:`load_prepared` did) → split → the train state (fp32 masters,
+    optimizer moments) and the objective's reference made by ONE jitted init with
+    ``out_shardings``, the loaded params donated: each device creates only its shards, and an
+    fp32 param becomes its master copy in place."""
+    from medjax.quant import quant_report
+    from medjax.sharding import sharded_init
+    if getattr(model, "prepared", False):
+        report = quant_report(model, cfg.lora) if cfg.lora.quantize else None
+    else:
+        report = prepare_model(cfg, model)
+    graphdef, params, rngs, frozen = S.split_model(model, cfg.lora.enabled)
+
+    def init(params, rngs):
+        return S.init_train_state(params, rngs, tx), objective.initial_reference(params)
+    state_sh, reference_sh = (S.tree_shardings(t, mesh, rules) for t in jax.eval_shape(init, params, rngs))
+    frozen_sh = S.tree_shardings(frozen, mesh, rules)
+    frozen = place(frozen, frozen_sh)
+    params = place(params, S.tree_shardings(params, mesh, rules))   # no-op when loaded sharded
+    state, reference = sharded_init(init, params, place(rngs, S.tree_shardings(rngs, mesh, rules)),
+                                    out_shardings=(state_sh, reference_sh))
+    return graphdef, state, frozen, reference, (state_sh, frozen_sh, reference_sh), report

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medjax.errors import DataError
+
 
 def read_jsonl(path) -> list[dict]:
     """Rows of a JSONL file; a bad line is an error naming ``file:line``."""
@@ -15,7 +17,7 @@ def read_jsonl(path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {e}") from None
+                raise DataError(f"{path}:{line_no}: invalid JSON: {e}") from None
     return rows
 
 

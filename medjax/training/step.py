@@ -109,6 +109,17 @@ def tree_shardings(tree, mesh, rules):
         tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def on_mesh(mesh, fn):
+    """``fn`` traced with ``mesh`` as the context mesh: the attention dispatcher then runs its
+    kernels (Mosaic / Triton custom calls, which GSPMD cannot partition) per device shard."""
+    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(abstract):
+            return fn(*args)
+    return traced
+
+
 def jit_train_step(state, frozen, reference, *, mesh, rules, graphdef, tx, schedule, objective,
                    grad_accum):
     """``(step_fn, (state_sh, frozen_sh, reference_sh))``: ``step_fn(state, frozen, reference, batch)``
@@ -118,8 +129,8 @@ def jit_train_step(state, frozen, reference, *, mesh, rules, graphdef, tx, sched
     shardings = (tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules),
                  tree_shardings(reference, mesh, rules))
     batch_sh = {k: batch_sharding(mesh) for k in objective.batch_keys}
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                           objective=objective, grad_accum=grad_accum)
+    fn = on_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                         objective=objective, grad_accum=grad_accum))
     step_fn = jax.jit(fn, in_shardings=(*shardings, batch_sh),
                       out_shardings=(shardings[0], _replicated(mesh)), donate_argnums=(0,))
     return step_fn, shardings
@@ -130,7 +141,7 @@ def jit_eval_stats(params_sh, rngs_sh, frozen_sh, reference_sh, *, mesh, graphde
     with the train state's shardings."""
     from medjax.sharding import batch_sharding
     batch_sh = {k: batch_sharding(mesh) for k in objective.batch_keys}
-    return jax.jit(functools.partial(objective.eval_stats, graphdef=graphdef),
+    return jax.jit(on_mesh(mesh, functools.partial(objective.eval_stats, graphdef=graphdef)),
                    in_shardings=(params_sh, rngs_sh, frozen_sh, reference_sh, batch_sh),
                    out_shardings=_replicated(mesh))
 

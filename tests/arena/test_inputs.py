@@ -69,6 +69,13 @@ def test_duplicate_names_and_unknown_anchor(tmp_path, capsys):
     assert status == 2 and "--anchor 'c'" in err[0]
 
 
+def test_missing_model_path(tmp_path, capsys):
+    status, err = cli(capsys, *base_args(tmp_path, models=f"a={tmp_path},b={tmp_path / 'nope.gguf'}"))
+    assert status == 2 and len(err) == 1
+    assert err[0] == f"error: --models b: {tmp_path / 'nope.gguf'}: no such file or directory"
+    assert not (tmp_path / "out").exists()
+
+
 def test_bundled_questions_and_rubric():
     questions = load_questions(DEFAULT_QUESTIONS)
     assert len(questions) == 20 and len({q.id for q in questions}) == 20
@@ -77,3 +84,28 @@ def test_bundled_questions_and_rubric():
     text = rubric.render(**{f: f"<{f}>" for f in FIELDS})
     assert all(f"<{f}>" in text for f in FIELDS)
     assert text.rstrip().endswith("or tie if they are equally good or equally poor.")
+
+
+def test_chat_template_option(tmp_path, capsys):
+    status, err = cli(capsys, *base_args(tmp_path), "--chat-template", "a=vicuna")
+    assert status == 2 and "--chat-template a: unknown template 'vicuna'" in err[0]
+    status, err = cli(capsys, *base_args(tmp_path), "--chat-template", "c=llama3")
+    assert status == 2 and "'c=llama3' is not MODEL=TEMPLATE" in err[0]
+    status, err = cli(capsys, *base_args(tmp_path), "--judge-chat-template", "vicuna")
+    assert status == 2 and "--judge-chat-template: unknown template 'vicuna'" in err[0]
+
+
+def test_builtin_template_for_a_model_without_one():
+    from medjax.arena.answers import AnswerSettings, chat_prompt
+    from medjax.arena.questions import Question
+    from medjax.recipes import byte_tokenizer
+    from medjax.tokenizer import TokenizerError
+
+    tokenizer, question = byte_tokenizer(), Question("1", "Dose of aspirin?")
+    with pytest.raises(TokenizerError, match="no chat template"):
+        chat_prompt(tokenizer, question, AnswerSettings())
+    text = tokenizer.decode(chat_prompt(tokenizer, question, AnswerSettings(system="Be brief."), "llama3"),
+                            skip_special_tokens=False)
+    assert text == ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nDose of aspirin?<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")

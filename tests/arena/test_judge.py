@@ -5,7 +5,7 @@ import pytest
 from medjax.arena import judge as J
 from medjax.arena.questions import Question
 from medjax.arena.ratings import Comparison, rate
-from medjax.arena.rubric import VERDICTS, load_rubric
+from medjax.arena.rubric import load_rubric
 from medjax.arena.store import JsonlStore
 
 
@@ -47,24 +47,25 @@ class AlwaysFirstJudge:
         return np.tile(np.log([0.98, 0.01, 0.01]), (len(prompts), 1))
 
 
-@pytest.mark.parametrize("both_orders", [True, False])
-def test_order_swapping_cancels_an_always_first_judge(tmp_path, both_orders):
+@pytest.mark.parametrize("both_orders,scoring", [(True, "verdict"), (True, "expected"), (False, "verdict")])
+def test_order_swapping_cancels_an_always_first_judge(tmp_path, both_orders, scoring):
     names = ["good", "fair", "poor"]
     questions = [Question(f"q{i}", f"question {i}") for i in range(6)]
     pairs = J.pairings(questions, names, both_orders=both_orders)
-    rubric = load_rubric(J.__file__.replace("arena/judge.py", "assets/arena/clinical_rubric.jinja"))
+    rubric = load_rubric()                         # the bundled clinical rubric
     store = JsonlStore(tmp_path / "judgements.jsonl")
     keys, todo = J.pending(pairs, lambda m, q: f"{m} answer to {q.question}", rubric, "judge", store)
     assert J.run_judging(todo, AlwaysFirstJudge(), "judge", store) == len(keys)
     records = [store[k] for k in keys]
     assert {r["verdict"] for r in records} == {"A"}
-    ratings = rate([Comparison(r["question_id"], r["first"], r["second"], r["score_first"]) for r in records],
-                   names, rounds=50)
+    ratings = rate([Comparison(r["question_id"], r["first"], r["second"], J.first_score(r, scoring))
+                    for r in records], names, rounds=50)
     spread = max(r.rating for r in ratings) - min(r.rating for r in ratings)
     if both_orders:      # every model won exactly as often as it lost: no preference survives
         assert len(records) == 6 * 3 * 2
         assert spread == pytest.approx(0.0, abs=1e-6)
-        assert all(r.wins == r.losses == 6 * 2 for r in ratings)
+        if scoring == "verdict":
+            assert all(r.wins == r.losses == 6 * 2 for r in ratings)
         assert J.position_stats(records) == {"verdict_share": {"A": 1.0, "B": 0.0, "tie": 0.0},
                                              "orders_agree": 0.0}
     else:                # one order only: the bias becomes a fake ranking (the control)

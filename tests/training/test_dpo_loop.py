@@ -1,5 +1,5 @@
 """DPO runs through the ONE training loop, so it has what the loop has: preemption + identical
-resume, skip-nonfinite, epochs, NEFTune, held-out rows / max_examples, sharded eval."""
+resume, skip-nonfinite, epochs, NEFTune, held-out rows / max_rows, sharded eval."""
 import json
 import os
 import signal
@@ -30,9 +30,9 @@ def write_pairs(path: Path, n: int = 12) -> Path:
 
 
 def dpo_config(model_dir, tmp_path, name, **over):
-    """12 pairs: 4 held out (train.heldout_examples), 8 train rows = 2 batches of 4 per epoch."""
+    """12 pairs: 4 held out (data.heldout_rows), 8 train rows = 2 batches of 4 per epoch."""
     pairs = write_pairs(tmp_path / "pairs.jsonl")
-    kw = dict(data__format="preference", train__objective="dpo", train__heldout_examples=4,
+    kw = dict(data__format="preference", train__objective="dpo", data__heldout_rows=4,
               train__epochs=2, train__neftune_alpha=5.0, lora__enabled=True, lora__rank=4,
               lora__dropout=0.1, optim__lr=5e-3, train__eval_batches=1, data__seq_len=256)
     kw.update(over)

@@ -53,6 +53,21 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_resume_identically(tmp_path):
+    """Both processes stopped after the step-2 checkpoint (what comes later removed), then
+    ``--resume`` in both: every host restores its own iterator position and the steps repeat."""
+    import shutil
+    first = _train(tmp_path / "two", processes=2)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    got = _losses(tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")
+    resumed = _train(tmp_path / "two", processes=2, resume=True)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    again = _losses(tmp_path / "two")
+    assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
+
+
+@pytest.mark.slow
 def test_a_batch_the_mesh_cannot_split_stops_every_process_with_one_error(tmp_path):
     bad = _train(tmp_path / "bad", "train.batch_size=12", "train.grad_accum=1", processes=2)
     assert bad.returncode == 2, (bad.stdout + bad.stderr)[-3000:]

@@ -38,12 +38,11 @@ def tiny_config(model_dir, data, out_dir, **over):
     cfg = {
         "model": {"path": str(model_dir), "dtype": "float32", "param_dtype": "float32",
                   "attention": "xla"},
-        "data": {"train": str(data), "format": "alpaca", "seq_len": 64, "seed": 0},
+        "data": {"train": str(data), "format": "alpaca", "seq_len": 64, "seed": 0, "heldout_rows": 8},
         "optim": {"lr": 1e-2, "schedule": "constant", "warmup_steps": 0, "clip_norm": 1.0},
         "lora": {"enabled": False},
         "checkpoint": {"every": 0, "keep": 2, "async_save": False},
-        "train": {"steps": 10, "batch_size": 4, "out_dir": str(out_dir), "heldout_examples": 8,
-                  "export": []},
+        "train": {"steps": 10, "batch_size": 4, "out_dir": str(out_dir), "export": []},
     }
     for dotted, value in over.items():
         section, key = dotted.split("__")

@@ -26,7 +26,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 INVALID_SEGMENT = jnp.iinfo(jnp.int32).min
-BACKENDS = ("triton", "mosaic_tpu", "interpret")
+# "interpret" runs the Triton-structured kernels on CPU, "mosaic_interpret" the TPU-structured
+# ones (key blocks as a grid axis, VMEM scratch, scalar prefetch); both for tests.
+BACKENDS = ("triton", "mosaic_tpu", "interpret", "mosaic_interpret")
+KV_GRID_BACKENDS = ("mosaic_tpu", "mosaic_interpret")
+
+# (block_q, block_k) per TPU generation, sized so that every kernel's double-buffered blocks,
+# scratch and [bq, bk] fp32 temporaries stay inside the default scoped VMEM (16 MiB v4/v5e/v5p,
+# 32 MiB v6e); checked by the compile-only tests, not tuned on hardware.
+TPU_BLOCKS = {"v4": (512, 512), "v5e": (512, 512), "v5p": (512, 512), "v6e": (512, 1024)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +51,29 @@ class KernelConfig:
     fp32: bool            # fp32 inputs -> full-precision MXU/tensor-core dots
 
     @property
+    def kv_grid(self) -> bool:
+        """True: key blocks are a sequential grid axis (TPU); False: a loop inside the kernel."""
+        return self.backend in KV_GRID_BACKENDS
+
+    @property
     def precision(self):
         return lax.Precision.HIGHEST if self.fp32 else None
 
 
+PLATFORM_BACKENDS = {"cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu", "cpu": "interpret"}
+
+
+def backend_for(platform: str) -> str:
+    """The Pallas backend that compiles for ``platform`` ('cpu' | 'cuda' | 'rocm' | 'tpu')."""
+    return PLATFORM_BACKENDS.get(platform, "interpret")
+
+
 def default_backend() -> str:
-    platform = jax.default_backend()
-    if platform == "gpu":
-        return "triton"
-    if platform == "tpu":
-        return "mosaic_tpu"
-    return "interpret"
+    """Backend for a kernel called directly, without a target: the host's. Through
+    ``medjax.ops.attention`` the platform the program is compiled for decides instead
+    (``medjax.ops.target.on_target`` + :func:`backend_for`)."""
+    from medjax.ops.target import host_platform
+    return backend_for(host_platform())
 
 
 _POISON_OUTPUTS = [False]
@@ -71,8 +91,14 @@ def poisoned_outputs():
 
 
 def pallas_call(kernel, cfg: KernelConfig, *, grid, in_specs, out_specs, out_shape,
-                head_dim: int, name: str):
-    """``pl.pallas_call`` with the backend's compiler params (Triton, Mosaic TPU, interpret)."""
+                head_dim: int, name: str, num_scalar_prefetch: int = 0, scratch_shapes=(),
+                sequential_axes: int = 0, cost=None):
+    """``pl.pallas_call`` with the backend's compiler params (Triton, Mosaic TPU, interpret).
+
+    ``num_scalar_prefetch`` leading arguments go to SMEM before the grid runs and are passed to
+    every index map (TPU); the last ``sequential_axes`` grid axes are "arbitrary" (they carry
+    scratch state from step to step), the others "parallel". ``cost``: ``pl.CostEstimate``.
+    """
     kwargs = {}
     if cfg.backend == "triton":
         from jax.experimental.pallas import triton as plgpu
@@ -80,27 +106,51 @@ def pallas_call(kernel, cfg: KernelConfig, *, grid, in_specs, out_specs, out_sha
             num_warps=4 if head_dim <= 64 else 8, num_stages=2)
     elif cfg.backend == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
-        kwargs["compiler_params"] = pltpu.CompilerParams(
-            dimension_semantics=("parallel",) * len(grid))
-    elif cfg.backend == "interpret":
+        semantics = ("parallel",) * (len(grid) - sequential_axes) + ("arbitrary",) * sequential_axes
+        kwargs["compiler_params"] = pltpu.CompilerParams(dimension_semantics=semantics)
+    elif cfg.backend in ("interpret", "mosaic_interpret"):
         kwargs["interpret"] = True
     else:
         raise ValueError(f"unknown Pallas backend {cfg.backend!r}; choose one of {BACKENDS}")
-    if not _POISON_OUTPUTS[0]:
-        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, name=name, **kwargs)
-
+    if cost is not None:
+        kwargs["cost_estimate"] = cost
+    poison = _POISON_OUTPUTS[0]
     outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
     specs = list(out_specs) if isinstance(out_specs, (list, tuple)) else [out_specs]
-    n_in = len(in_specs)
+    n_in = num_scalar_prefetch + len(in_specs)
+    body = kernel
+    if poison:
+        in_specs = [*in_specs, *specs]
 
-    def kernel_ignoring_poison(*refs):
-        kernel(*refs[:n_in], *refs[n_in + len(outs):])
-
-    call = pl.pallas_call(kernel_ignoring_poison, grid=grid, in_specs=[*in_specs, *specs],
-                          out_specs=out_specs, out_shape=out_shape, name=name,
-                          input_output_aliases={n_in + i: i for i in range(len(outs))}, **kwargs)
+        def body(*refs):   # drop the poisoned input buffers; outputs alias them
+            kernel(*refs[:n_in], *refs[n_in + len(outs):])
+        kwargs["input_output_aliases"] = {n_in + i: i for i in range(len(outs))}
+    if num_scalar_prefetch or scratch_shapes:
+        from jax.experimental.pallas import tpu as pltpu
+        grid_spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=num_scalar_prefetch, grid=grid, in_specs=in_specs,
+            out_specs=out_specs, scratch_shapes=list(scratch_shapes))
+        call = pl.pallas_call(body, grid_spec=grid_spec, out_shape=out_shape, name=name, **kwargs)
+    else:
+        call = pl.pallas_call(body, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, name=name, **kwargs)
+    if not poison:
+        return call
     return lambda *args: call(*args, *[jnp.full(o.shape, jnp.nan, o.dtype) for o in outs])
+
+
+def attention_cost(*, batch, heads, q_rows, keys, head_dim, causal, window, passes,
+                   bytes_accessed) -> pl.CostEstimate:
+    """Cost of an attention kernel for XLA's cost analysis: ``passes`` [rows, keys] x D matmuls
+    over the (statically estimated) visible pairs, one exp per pair."""
+    pairs = q_rows * keys
+    if window is not None:
+        pairs = q_rows * min(keys, window)
+    elif causal and q_rows == keys:
+        pairs = q_rows * (keys + 1) // 2
+    pairs *= batch * heads
+    return pl.CostEstimate(flops=int(2 * passes * pairs * head_dim), transcendentals=int(pairs),
+                           bytes_accessed=int(bytes_accessed))
 
 
 def scalar_table_spec(cfg: KernelConfig):
@@ -109,6 +159,30 @@ def scalar_table_spec(cfg: KernelConfig):
         from jax.experimental.pallas import tpu as pltpu
         return pl.BlockSpec(memory_space=pltpu.SMEM)
     return pl.BlockSpec(memory_space=None)
+
+
+def clamped_block(lo_ref, hi_ref, b, r, t):
+    """Block visited at sequential grid step ``t`` of range ``[lo, hi)`` (row ``(b, r)`` of the
+    prefetched tables): ``lo + t``, clamped to the last needed block. Steps past the range
+    repeat the previous block index, so the pipeline issues no DMA for them."""
+    return jnp.minimum(lo_ref[b, r] + t, jnp.maximum(hi_ref[b, r] - 1, 0))
+
+
+def tpu_generation() -> str | None:
+    """"v5p", "v6e", ... of the TPU Mosaic is compiling for (the real chip, or the compile-only
+    target of ``tpu_compile.target_chip``); None when there is none."""
+    try:
+        from jax._src.pallas.mosaic import tpu_info
+        return "v" + tpu_info.get_tpu_info().chip_version.value
+    except Exception:  # not a TPU (CPU interpret, GPU) or private API moved
+        return None
+
+
+def default_blocks(backend: str) -> tuple[int, int]:
+    """(block_q, block_k) for a backend; on TPU per chip generation (``TPU_BLOCKS``)."""
+    if backend == "mosaic_tpu":
+        return TPU_BLOCKS.get(tpu_generation(), (512, 512))
+    return {"triton": (64, 64)}.get(backend, (32, 32))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -215,6 +289,21 @@ def dot_tn(a_KM, b_KD, cfg):
                            preferred_element_type=jnp.float32, precision=cfg.precision)
 
 
+def softmax_step(carry, q_QD, k_KD, v_KD, mask_QK, cfg: KernelConfig):
+    """One key tile of the online softmax: ``(m, l, acc)`` fp32 -> updated."""
+    m_Q1, l_Q1, acc_QD = carry
+    s_QK = dot_nt(q_QD, k_KD, cfg) * cfg.scale
+    if mask_QK is not None:
+        s_QK = jnp.where(mask_QK, s_QK, -jnp.inf)
+    m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # rows with nothing visible yet
+    p_QK = jnp.exp(s_QK - m_safe)
+    alpha_Q1 = jnp.exp(m_Q1 - m_safe)
+    l_new = alpha_Q1 * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
+    acc_new = alpha_Q1 * acc_QD + dot_nn(p_QK.astype(v_KD.dtype), v_KD, cfg)
+    return m_new, l_new, acc_new
+
+
 def online_softmax(q_QD, qpos_Q1, qseg_Q1, k_ref, v_ref, kvpos_ref, kvseg_ref, lo, hi,
                    cfg: KernelConfig):
     """Flash-attention inner loop over key blocks ``[lo, hi)``: returns (m, l, acc) in fp32.
@@ -225,19 +314,8 @@ def online_softmax(q_QD, qpos_Q1, qseg_Q1, k_ref, v_ref, kvpos_ref, kvseg_ref, l
     bk = cfg.block_k
 
     def step(carry, start, mask_QK):
-        m_Q1, l_Q1, acc_QD = carry
-        k_KD = k_ref[pl.ds(start, bk), :]
-        v_KD = v_ref[pl.ds(start, bk), :]
-        s_QK = dot_nt(q_QD, k_KD, cfg) * cfg.scale
-        if mask_QK is not None:
-            s_QK = jnp.where(mask_QK, s_QK, -jnp.inf)
-        m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # rows with nothing visible yet
-        p_QK = jnp.exp(s_QK - m_safe)
-        alpha_Q1 = jnp.exp(m_Q1 - m_safe)
-        l_new = alpha_Q1 * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
-        acc_new = alpha_Q1 * acc_QD + dot_nn(p_QK.astype(v_KD.dtype), v_KD, cfg)
-        return m_new, l_new, acc_new
+        return softmax_step(carry, q_QD, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :],
+                            mask_QK, cfg)
 
     def body(j, carry):
         start = pl.multiple_of(j * bk, bk)
@@ -247,9 +325,12 @@ def online_softmax(q_QD, qpos_Q1, qseg_Q1, k_ref, v_ref, kvpos_ref, kvseg_ref, l
                             kvseg_ref[:, pl.ds(start, bk)], cfg)
         return skip_if_empty(mask_QK, lambda c: step(c, start, mask_QK), carry)
 
-    init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+    return lax.fori_loop(lo, hi, body, softmax_init(rows, D))
+
+
+def softmax_init(rows, D):
+    return (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, D), jnp.float32))
-    return lax.fori_loop(lo, hi, body, init)
 
 
 def finish_softmax(m_Q1, l_Q1, acc_QD):

@@ -10,6 +10,11 @@ Per-sequence ``kv_lengths`` and ``q_positions`` bound the key blocks visited: bl
 sequence's length (or outside its sliding window) are never loaded. The inner loop is the same
 online softmax as the training kernel (``blocks.online_softmax``).
 
+On TPU ("mosaic_tpu", "mosaic_interpret") the cache is not one VMEM block: the key blocks of a
+split are a sequential grid axis (``(B, Hkv, splits, blocks per split)``) with the running
+softmax state in VMEM scratch, the split's block range scalar-prefetched and the index maps
+clamped to it (the forward kernel of ``flash_attention_tpu``, rows = folded heads).
+
 Forward-only kernel; the ``custom_vjp`` backward re-runs ``flash_attention``'s backward so the
 function stays differentiable.
 """
@@ -25,8 +30,7 @@ from medjax.ops.mask import default_positions, split_segments
 from medjax.ops.pallas import blocks
 from medjax.ops.pallas.blocks import KernelConfig
 from medjax.ops.pallas.flash_attention import flash_attention
-
-DEFAULT_BLOCK_K = {"triton": 64, "mosaic_tpu": 128, "interpret": 32}
+from medjax.ops.pallas.flash_attention_tpu import forward_kernel as _blocked_decode_kernel
 
 
 def _decode_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kvpos_ref,
@@ -47,6 +51,53 @@ def _split_ranges(visible_BJ, num_splits):
     visible_BSJ = visible_BJ[:, None, :] & (split_of_block[None, None, :] ==
                                             jnp.arange(num_splits)[None, :, None])
     return blocks.visible_range(visible_BSJ)
+
+
+def _looped_call(cfg, args, out_shape, cost):
+    """Grid ``(B, Hkv, splits)``; each program loops over its split's blocks (Triton)."""
+    B, Hkv, splits, Rp, D = out_shape[0].shape
+    Sp = args[3].shape[2] if cfg.heads_first else args[3].shape[1]
+    if cfg.heads_first:
+        kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, s: (b, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
+    table = blocks.scalar_table_spec(cfg)
+    row_spec = pl.BlockSpec((None, Rp, 1), lambda b, h, s: (b, 0, 0))
+    key_spec = pl.BlockSpec((None, 1, Sp), lambda b, h, s: (b, 0, 0))
+    return blocks.pallas_call(
+        functools.partial(_decode_kernel, cfg=cfg), cfg, grid=(B, Hkv, splits),
+        in_specs=[table, table, pl.BlockSpec((None, None, Rp, D), lambda b, h, s: (b, h, 0, 0)),
+                  kv_spec, kv_spec, row_spec, row_spec, key_spec, key_spec],
+        out_specs=[pl.BlockSpec((None, None, None, Rp, D), lambda b, h, s: (b, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, Rp, 1), lambda b, h, s: (b, h, s, 0, 0))],
+        out_shape=out_shape, cost=cost, head_dim=D, name="medjax_flash_decode",
+    )(*args)
+
+
+def _blocked_call(cfg, args, out_shape, steps, cost):
+    """Grid ``(B, Hkv, splits, steps)``: key block ``lo + t`` of the split per step (TPU)."""
+    B, Hkv, splits, Rp, D = out_shape[0].shape
+    bk = cfg.block_k
+    blk = lambda b, s, t, lo, hi: blocks.clamped_block(lo, hi, b, s, t)
+    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, s, t, lo, hi:
+                           (b, h, blk(b, s, t, lo, hi), 0))
+    row_spec = pl.BlockSpec((None, Rp, 1), lambda b, h, s, t, lo, hi: (b, 0, 0))
+    key_spec = pl.BlockSpec((None, 1, bk), lambda b, h, s, t, lo, hi: (b, 0, blk(b, s, t, lo, hi)))
+    q_spec = pl.BlockSpec((None, None, Rp, D), lambda b, h, s, t, lo, hi: (b, h, 0, 0))
+    from jax.experimental.pallas import tpu as pltpu
+    return blocks.pallas_call(
+        functools.partial(_blocked_decode_kernel, cfg=cfg), cfg, grid=(B, Hkv, splits, steps),
+        num_scalar_prefetch=2, sequential_axes=1,
+        in_specs=[q_spec, kv_spec, kv_spec, row_spec, row_spec, key_spec, key_spec],
+        out_specs=[pl.BlockSpec((None, None, None, Rp, D), lambda b, h, s, t, lo, hi:
+                                (b, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, Rp, 1), lambda b, h, s, t, lo, hi:
+                                (b, h, s, 0, 0))],
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((Rp, 1), jnp.float32), pltpu.VMEM((Rp, 1), jnp.float32),
+                        pltpu.VMEM((Rp, D), jnp.float32)],
+        cost=cost, head_dim=D, name="medjax_flash_decode",
+    )(*args)
 
 
 def _decode_forward(static, q, k, v, mask_args):
@@ -84,23 +135,17 @@ def _decode_forward(static, q, k, v, mask_args):
     k_p, v_p = blocks.pad_axis(k, 1, Sp), blocks.pad_axis(v, 1, Sp)
     if heads_first:
         k_p, v_p = k_p.transpose(0, 2, 1, 3), v_p.transpose(0, 2, 1, 3)
-        kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, s: (b, h, 0, 0))
+    cost = blocks.attention_cost(batch=B, heads=Hkv, q_rows=Rp, keys=Sp, head_dim=D,
+                                 causal=False, window=window, passes=2,
+                                 bytes_accessed=2 * k_p.size * k_p.dtype.itemsize)
+    args = (lo, hi, q_BKRD, k_p, v_p, row_pos[:, :, None], row_seg[:, :, None],
+            kv_pos[:, None, :], kv_seg[:, None, :])
+    out_shape = [jax.ShapeDtypeStruct((B, Hkv, splits, Rp, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, splits, Rp, 1), jnp.float32)]
+    if cfg.kv_grid:
+        o_parts, lse_parts = _blocked_call(cfg, args, out_shape, -(-nk // splits), cost)
     else:
-        kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
-    table = blocks.scalar_table_spec(cfg)
-    row_spec = pl.BlockSpec((None, Rp, 1), lambda b, h, s: (b, 0, 0))
-    key_spec = pl.BlockSpec((None, 1, Sp), lambda b, h, s: (b, 0, 0))
-    o_parts, lse_parts = blocks.pallas_call(
-        functools.partial(_decode_kernel, cfg=cfg), cfg, grid=(B, Hkv, splits),
-        in_specs=[table, table, pl.BlockSpec((None, None, Rp, D), lambda b, h, s: (b, h, 0, 0)),
-                  kv_spec, kv_spec, row_spec, row_spec, key_spec, key_spec],
-        out_specs=[pl.BlockSpec((None, None, None, Rp, D), lambda b, h, s: (b, h, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, Rp, 1), lambda b, h, s: (b, h, s, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, Hkv, splits, Rp, D), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Hkv, splits, Rp, 1), jnp.float32)],
-        head_dim=D, name="medjax_flash_decode",
-    )(lo, hi, q_BKRD, k_p, v_p, row_pos[:, :, None], row_seg[:, :, None],
-      kv_pos[:, None, :], kv_seg[:, None, :])
+        o_parts, lse_parts = _looped_call(cfg, args, out_shape, cost)
 
     # Merge the splits: weights exp(lse_s - max lse); empty splits have lse = -inf.
     lse_max = jnp.max(lse_parts, axis=2, keepdims=True)
@@ -142,10 +187,10 @@ def decode_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=N
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} not divisible by kv heads {Hkv}")
     backend = backend or blocks.default_backend()
-    heads_first = (backend == "mosaic_tpu") if heads_first is None else heads_first
+    heads_first = True if backend in blocks.KV_GRID_BACKENDS else bool(heads_first)
     static = (bool(causal), None if sliding_window is None else int(sliding_window),
               float(D ** -0.5 if scale is None else scale),
-              int(block_k or DEFAULT_BLOCK_K.get(backend, 32)), int(num_splits), backend,
+              int(block_k or blocks.default_blocks(backend)[1]), int(num_splits), backend,
               bool(heads_first))
     mask_args = dict(segment_ids=segment_ids, q_positions=q_positions,
                      kv_positions=kv_positions, kv_lengths=kv_lengths)

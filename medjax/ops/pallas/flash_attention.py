@@ -16,6 +16,11 @@ Mosaic on TPU, ``interpret=True`` on CPU. The ground truth is
 Only key (or query) blocks that can hold a visible pair are visited; see ``blocks.py``.
 Layouts: ``[B, T, H, D]`` as given on GPU / interpret (no transposes), ``[B, H, T, D]`` on TPU
 (Mosaic tiles the last two dims of a block).
+
+These kernels hold a whole head's K/V (or a group's Q/dO) in one block: right for Triton, where
+a block is a pointer into HBM. On TPU a block is copied into VMEM, so the "mosaic_tpu" and
+"mosaic_interpret" backends run the same math blocked over a grid axis instead
+(``flash_attention_tpu.py``).
 """
 from __future__ import annotations
 
@@ -27,10 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from medjax.ops.mask import default_positions, split_segments
-from medjax.ops.pallas import blocks
+from medjax.ops.pallas import blocks, flash_attention_tpu
 from medjax.ops.pallas.blocks import KernelConfig
-
-DEFAULT_BLOCKS = {"triton": (64, 64), "mosaic_tpu": (128, 128), "interpret": (32, 32)}
 
 
 # ---------------------------------------------------------------- BlockSpecs per layout
@@ -153,7 +156,16 @@ def _metadata_specs(cfg, Tp, Sp, q_tiled: bool):
     return [q_spec, q_spec, kv_spec, kv_spec]
 
 
+def _cost(cfg, q, k, passes):
+    B, Tp, Sp, Hq, Hkv, D = _dims(cfg, q, k)
+    return blocks.attention_cost(batch=B, heads=Hq, q_rows=Tp, keys=Sp, head_dim=D,
+                                 causal=cfg.causal, window=cfg.window, passes=passes,
+                                 bytes_accessed=2 * (q.size + k.size) * q.dtype.itemsize)
+
+
 def _forward(cfg, q, k, v, meta):
+    if cfg.kv_grid:
+        return flash_attention_tpu.forward(cfg, q, k, v, meta)
     q_pos, q_seg, kv_pos, kv_seg, kv_lo, kv_hi, _, _ = meta
     B, Tp, Sp, Hq, Hkv, D = _dims(cfg, q, k)
     G, bq = Hq // Hkv, cfg.block_q
@@ -168,12 +180,14 @@ def _forward(cfg, q, k, v, meta):
         out_specs=[q_tile, lse_tile],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, Hq, Tp, 1), jnp.float32)],
-        head_dim=D, name="medjax_flash_fwd",
+        cost=_cost(cfg, q, k, passes=2), head_dim=D, name="medjax_flash_fwd",
     )(kv_lo, kv_hi, q, k, v, q_pos, q_seg, kv_pos, kv_seg)
     return out, lse
 
 
 def _backward(cfg, q, k, v, meta, out, lse, do):
+    if cfg.kv_grid:
+        return flash_attention_tpu.backward(cfg, q, k, v, meta, out, lse, do)
     q_pos, q_seg, kv_pos, kv_seg, kv_lo, kv_hi, q_lo, q_hi = meta
     B, Tp, Sp, Hq, Hkv, D = _dims(cfg, q, k)
     G, bq, bk = Hq // Hkv, cfg.block_q, cfg.block_k
@@ -189,7 +203,7 @@ def _backward(cfg, q, k, v, meta, out, lse, do):
         in_specs=[table, table, q_tile, kv_whole, kv_whole, q_tile, stat_tile, stat_tile,
                   *_metadata_specs(cfg, Tp, Sp, q_tiled=True)],
         out_specs=q_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        head_dim=D, name="medjax_flash_bwd_dq",
+        cost=_cost(cfg, q, k, passes=3), head_dim=D, name="medjax_flash_bwd_dq",
     )(kv_lo, kv_hi, q, k, v, do, lse, delta_BHT1, q_pos, q_seg, kv_pos, kv_seg)
 
     q_group = _seq_spec(cfg, Tp, G, D, lambda b, h, j: (b, 0, h))
@@ -201,7 +215,7 @@ def _backward(cfg, q, k, v, meta, out, lse, do):
                   *_metadata_specs(cfg, Tp, Sp, q_tiled=False)],
         out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        head_dim=D, name="medjax_flash_bwd_dkdv",
+        cost=_cost(cfg, q, k, passes=4), head_dim=D, name="medjax_flash_bwd_dkdv",
     )(q_lo, q_hi, q, k, v, do, lse, delta_BHT1, q_pos, q_seg, kv_pos, kv_seg)
     return dq, dk, dv
 
@@ -236,8 +250,9 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=No
                     block_q=None, block_k=None, backend=None, heads_first=None):
     """Pallas flash attention with the ``medjax.ops.attention`` signature; differentiable.
 
-    ``backend``: "triton" | "mosaic_tpu" | "interpret" (default: from ``jax.default_backend()``).
-    ``heads_first``: internal layout (default True only on TPU).
+    ``backend``: one of ``blocks.BACKENDS`` (default: from ``jax.default_backend()``).
+    ``heads_first``: internal layout for the Triton-structured kernels (the TPU ones always
+    use ``[B, H, T, D]``). Block sizes default per backend and TPU generation.
     """
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -250,8 +265,10 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=No
     backend = backend or blocks.default_backend()
     if backend == "triton" and D not in (16, 32, 64, 128, 256):
         raise NotImplementedError(f"Triton flash attention needs a power-of-two head_dim, got {D}")
-    heads_first = (backend == "mosaic_tpu") if heads_first is None else heads_first
-    default_q, default_k = DEFAULT_BLOCKS.get(backend, (32, 32))
+    if backend in blocks.KV_GRID_BACKENDS:
+        heads_first = True          # the TPU kernels tile [T, D] per head
+    heads_first = False if heads_first is None else heads_first
+    default_q, default_k = blocks.default_blocks(backend)
     bq = _fit_block(block_q or default_q, T)
     bk = _fit_block(block_k or default_k, S)
     Tp, Sp = blocks.round_up(T, bq), blocks.round_up(S, bk)

@@ -1,0 +1,127 @@
+"""Choose code by the platform a computation is compiled FOR, not the host's default backend.
+
+A train step jitted with shardings on TPU devices must use the Mosaic kernels even when it is
+traced on a CPU host (compile-only devices, ``python -m medjax.plan --compile``); one compiled
+for an H100 must use Triton / cuDNN. ``jax.default_backend()`` names the host, so it cannot
+decide. :func:`on_target` stages out one branch per platform with ``jax.lax.platform_dependent``:
+XLA keeps the branch of the platform it lowers for and drops the others before compiling.
+
+Every branch is traced, so only platforms this jax can compile for get one (the others would
+cost tracing time and can never be selected): ``cpu`` always; ``tpu`` when libtpu is installed;
+``cuda`` when the jax CUDA plugin is; ``rocm`` when the ROCm plugin is. :func:`target_platforms`
+overrides the set (tests lower for platforms whose plugin is absent).
+
+Custom-call kernels (Mosaic, Triton) cannot be partitioned by GSPMD. :func:`per_shard` runs
+one on each device's shard with ``jax.shard_map`` over the context mesh (``jax.set_mesh``):
+rows split over every mesh axis but ``tensor``, heads over ``tensor`` (medjax's mesh axes,
+``medjax.sharding.MESH_AXES``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+from typing import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_OVERRIDE: list[tuple[str, ...] | None] = [None]
+
+
+def _has_module(*names: str) -> bool:
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):
+            continue
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def installed_platforms() -> tuple[str, ...]:
+    """The platforms this installation can compile for (plugins present), host's first."""
+    found = ["cpu"]
+    if _has_module("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
+                   "jax_plugins.xla_cuda13"):
+        found.append("cuda")
+    if _has_module("jax_rocm60_plugin", "jax_rocm7_plugin", "jax_plugins.xla_rocm60",
+                   "jax_plugins.xla_rocm7"):
+        found.append("rocm")
+    if _has_module("libtpu"):
+        found.append("tpu")
+    return tuple(found)
+
+
+def compilable_platforms() -> tuple[str, ...]:
+    return _OVERRIDE[0] or installed_platforms()
+
+
+@contextlib.contextmanager
+def target_platforms(*platforms: str):
+    """Trace branches for exactly these platforms (e.g. to lower for TPU without libtpu)."""
+    unknown = set(platforms) - set(PLATFORMS)
+    if unknown or not platforms:
+        raise ValueError(f"target_platforms: unknown {sorted(unknown)}; choose from {PLATFORMS}")
+    old, _OVERRIDE[0] = _OVERRIDE[0], tuple(platforms)
+    try:
+        yield
+    finally:
+        _OVERRIDE[0] = old
+
+
+def host_platform() -> str:
+    """The platform eager (un-jitted) calls run on: 'cpu' | 'cuda' | 'rocm' | 'tpu'."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = jax.devices()[0].client.platform_version.lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return backend
+
+
+def on_target(branch: Callable[[str], object]):
+    """``branch(platform)`` staged for every compilable platform; the compiler's target picks.
+
+    ``branch`` takes the platform name and returns the result (closing over its arrays). With a
+    single compilable platform it is called directly (no conditional in the program).
+    """
+    platforms = compilable_platforms()
+    if len(platforms) == 1:
+        return branch(platforms[0])
+    per_platform = {p: functools.partial(branch, p) for p in platforms}
+    return jax.lax.platform_dependent(**per_platform, default=per_platform[platforms[0]])
+
+
+HEAD_AXIS = "tensor"
+
+
+def per_shard(fn, rows_first: dict, heads_third: dict):
+    """``fn(**rows_first, **heads_third)`` on each device's shard of the context mesh.
+
+    ``rows_first``: arrays ``[B, ...]`` split by rows; ``heads_third``: ``[B, T, H, D]`` split by
+    rows and heads (output laid out like the first of them). Without a multi-device context
+    mesh, ``fn`` is called as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(**rows_first, **heads_third)
+    B = next(iter(heads_third.values())).shape[0]
+    rows = tuple(a for a in mesh.axis_names if a != HEAD_AXIS and mesh.shape[a] > 1)
+    n_rows = 1
+    for a in rows:
+        n_rows *= mesh.shape[a]
+    if B % n_rows:
+        raise ValueError(f"attention kernel: {B} rows per call cannot split over mesh axes "
+                         f"{rows} ({n_rows} devices); make the micro-batch a multiple of it")
+    heads = HEAD_AXIS if mesh.shape.get(HEAD_AXIS, 1) > 1 else None
+    for name, x in heads_third.items():
+        if heads and x.shape[2] % mesh.shape[HEAD_AXIS]:
+            raise ValueError(f"attention kernel: {name} has {x.shape[2]} heads, not divisible by "
+                             f"mesh axis {HEAD_AXIS}={mesh.shape[HEAD_AXIS]}")
+    row_spec = rows or None
+    in_specs = ({k: P(row_spec) for k in rows_first},
+                {k: P(row_spec, None, heads, None) for k in heads_third})
+    body = lambda r, h: fn(**r, **h)  # noqa: E731
+    return jax.shard_map(body, in_specs=in_specs, out_specs=P(row_spec, None, heads, None),
+                         check_vma=False)(rows_first, heads_third)

@@ -1,0 +1,294 @@
+"""Ask the real TPU / GPU compiler about a training run, from a CPU host (``plan --compile``).
+
+    python -m medjax.plan --config F --device v5p-64 --compile
+    python -m medjax.plan --config F --device h100 --num-devices 8 --compile
+
+The run's jitted train step — built by the same code training uses (``medjax.training``) — is
+lowered with abstract inputs (``jax.ShapeDtypeStruct`` carrying their shardings) on
+compile-only devices from ``jax.experimental.topologies`` and compiled by libtpu (TPU) or XLA's
+GPU pipeline (CUDA). Nothing is allocated. Reported per device:
+
+* XLA's argument, output and temp bytes; total = argument + output - aliased (the donated train
+  state) + temp, against the chip's HBM, beside ``medjax.plan``'s estimate;
+* TPU: compiled FLOPs per step against the model FLOPs (6·N per token trained, 4·N per token
+  through a frozen LoRA base, plus causal attention). ``cost_analysis`` counts a loop body
+  once, so the micro-batch scan's FLOPs are multiplied by ``train.grad_accum`` (the optimizer
+  update, outside the loop, is a negligible overcount). The Pallas kernels count by the cost
+  estimates they declare; remat recomputation shows up as a ratio above 1;
+* an estimated step time, a LOWER BOUND: the compiler's ``optimal_seconds`` (TPU) times the
+  trip count, else a roofline from FLOPs and peak bf16 throughput.
+
+The compile-only TPU needs libtpu (``make tpu-venv``), the GPU one the CUDA jaxlib plugin
+(``make cuda-venv``); each lives in its own venv. ``TPU_SKIP_MDS_QUERY=1`` is forced here so
+libtpu never asks a cloud metadata server for its configuration, and jax stays on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+
+os.environ["TPU_SKIP_MDS_QUERY"] = "1"        # before libtpu can be loaded: no metadata server
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip to lock
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    platform: str           # "tpu" | "cuda"
+    hbm_bytes: int          # per JAX device
+    bf16_flops: float       # dense peak per JAX device
+    hbm_bandwidth: float    # bytes/s per JAX device
+    topology_prefix: str    # topologies.get_topology_desc name prefix / GPU topology name
+    dims: int               # TPU torus dimensions (2 or 3); 0 for GPUs
+
+
+# Public spec sheets; one JAX device = one chip (v4/v5p megacore: two TensorCores per chip).
+CHIPS = {
+    "v4": Chip("TPU v4", "tpu", 32 * GiB, 275e12, 1.2e12, "v4", 3),
+    "v5e": Chip("TPU v5e", "tpu", 16 * GiB, 197e12, 0.82e12, "v5e", 2),
+    "v5p": Chip("TPU v5p", "tpu", 95 * GiB, 459e12, 2.76e12, "v5p", 3),
+    "v6e": Chip("TPU v6e", "tpu", 32 * GiB, 918e12, 1.64e12, "v6e", 2),
+    "h100": Chip("NVIDIA H100 80GB HBM3", "cuda", 84_942_979_072, 989e12, 3.35232e12, "h100", 0),
+    "h200": Chip("NVIDIA H200", "cuda", 150_754_820_096, 989e12, 4.8e12, "h200", 0),
+}
+# Torus shapes by chip count (what a slice of that size is built as).
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+
+
+class CompilePlanError(ValueError):
+    """Bad device / missing extra / does not fit: the CLI prints it as one ``error:`` line."""
+
+
+# ----------------------------------------------------------------------------- devices
+def gpu_target_config(chip: Chip) -> str:
+    """XLA's GpuTargetConfigProto (text) for a Hopper GPU: the facts the compiler needs."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {int(chip.hbm_bandwidth)} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {chip.hbm_bytes}
+  shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 1 }}
+device_description_str: "{chip.name}"
+"""
+
+
+def _require(module: str, extra: str, what: str):
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise CompilePlanError(f"{what} needs the '{extra}' extra ({module} is not installed): "
+                               f"`make {extra}-venv` and run with .venv-{extra}/bin/python "
+                               f"(or pip install 'medjax[{extra}]' in a venv of its own)")
+
+
+def compile_devices(kind: str, count: int):
+    """``(chip, devices)``: ``count`` compile-only devices of ``kind`` (v5p, h100, ...)."""
+    import jax
+    if kind not in CHIPS:
+        raise CompilePlanError(f"--compile --device {kind}: unknown chip; known {sorted(CHIPS)}")
+    chip = CHIPS[kind]
+    if chip.platform == "tpu":
+        shapes = _SHAPES_3D if chip.dims == 3 else _SHAPES_2D
+        if count not in shapes:
+            raise CompilePlanError(f"--device {kind} with {count} chips: unknown topology; "
+                                   f"known chip counts {sorted(shapes)}")
+        _require("libtpu", "tpu", f"--compile --device {kind}")
+    else:
+        if count < 1 or count > 8:
+            raise CompilePlanError(f"--device {kind} --num-devices {count}: unknown topology; "
+                                   f"compile-only GPU topologies are one host of 1-8 GPUs")
+        _require("jax_cuda12_plugin", "cuda", f"--compile --device {kind}")
+    jax.config.update("jax_platforms", "cpu")     # the host runs on CPU; targets are compile-only
+    from jax.experimental import topologies
+    if chip.platform == "tpu":
+        name = f"{chip.topology_prefix}:{shapes[count]}"
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    else:
+        devices = topologies.get_topology_desc(
+            platform="cuda", topology_name=chip.topology_prefix, topology=f"1x1x{count}",
+            target_config=gpu_target_config(chip)).devices
+    return chip, list(devices)
+
+
+# ----------------------------------------------------------------------------- the step
+def abstract_step(cfg, mesh):
+    """``(jitted_step, abstract_args)``: the step training runs, built by the trainer's own
+    ``training.setup.build_trainable(..., abstract=True)`` (LoRA, QLoRA quantization, NEFTune,
+    split, optimizer, objective, shardings) on a shape-only model, and ShapeDtypeStructs carrying
+    the shardings training uses to lower it on."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from medjax.models import Decoder
+    from medjax.plan import model_config
+    from medjax.training.setup import build_trainable
+    model_cfg = model_config(cfg)
+    model = nnx.eval_shape(lambda: Decoder(
+        model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
+        remat=cfg.model.remat))
+    t = build_trainable(cfg, model, mesh, abstract=True)
+    return t.step_fn, (t.state, t.frozen, t.reference,
+                       t.batch_spec(cfg.train.batch_size, cfg.data.seq_len))
+
+
+def model_flops(cfg, model_cfg, trainable: int, total: int) -> dict:
+    """Model FLOPs per optimizer step (all devices): matmuls and attention, forward+backward."""
+    m = model_cfg
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    dpo = cfg.train.objective == "dpo"
+    if dpo:
+        tokens *= 2                                              # chosen + rejected
+    H, D, L = m.hidden_size, m.head_dim, m.num_layers
+    experts = m.num_experts_per_tok if m.is_moe else 1
+    attn_proj = H * (m.num_heads + 2 * m.num_kv_heads) * D + m.num_heads * D * H
+    mlp = experts * 3 * H * m.intermediate_size + (H * m.num_experts if m.is_moe else 0)
+    dense = L * (attn_proj + mlp) + H * m.vocab_size             # per token, weights touched
+    base_trainable = not cfg.lora.enabled
+    # forward 2P; backward 2P for activations + 2P for weights (only when the base trains)
+    matmul = tokens * 2 * dense * (3 if base_trainable else 2)
+    adapters = 0 if base_trainable else tokens * 6 * trainable * min(1.0, dense / max(total, 1))
+    reference = tokens * 2 * dense if dpo else 0                  # frozen DPO reference forward
+    attention = tokens * 3 * L * 2 * cfg.data.seq_len * m.num_heads * D   # causal: half of 4·T·H·D
+    return {"matmul": matmul + adapters + reference, "attention": attention}
+
+
+def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> dict:
+    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc)."""
+    import time
+
+    import jax
+    from medjax import plan as planner
+    from medjax import sharding
+    chip, devices = compile_devices(kind, count)
+    if hbm_bytes:                                  # --device-memory: judge against this instead
+        chip = dataclasses.replace(chip, hbm_bytes=int(hbm_bytes))
+    n = len(devices)
+    estimate = planner.plan(cfg, n)
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    t0 = time.perf_counter()
+    from medjax.ops.pallas.tpu_compile import target_chip
+    with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
+        step, args = abstract_step(cfg, mesh)
+        lowered = step.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:       # XLA's out-of-memory at compile time: one line
+            raise _oom_error(e, chip, kind, n) from e
+    kernels = _kernel_counts(compiled.as_text())
+    sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                  for x in jax.tree.leaves(args))
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    accum = cfg.train.grad_accum
+    flops = model_flops(cfg, planner.model_config(cfg), estimate.trainable, estimate.total_params)
+    out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
+               argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
+               alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total,
+               sharded_arguments=sharded,
+               model_matmul_flops=flops["matmul"] / n, model_attention_flops=flops["attention"] / n,
+               kernels=kernels, grad_accum=accum,
+               compiled_flops=None, optimal_seconds=None)
+    if cost:
+        out["compiled_flops"] = float(cost.get("flops", 0.0)) * accum
+        if cost.get("optimal_seconds", 0) > 0:
+            out["optimal_seconds"] = float(cost["optimal_seconds"]) * accum
+    model_total = out["model_matmul_flops"] + out["model_attention_flops"]
+    out["roofline_seconds"] = max(out["compiled_flops"] or 0.0, model_total) / chip.bf16_flops
+    return out
+
+
+def _kernel_counts(text: str) -> dict:
+    return {"mosaic": text.count("tpu_custom_call"), "triton": text.count("__gpu$xla.gpu.triton"),
+            "cudnn": len(re.findall(r"__cudnn\$fmha", text))}
+
+
+def _oom_error(e: Exception, chip: Chip, kind: str, n: int) -> Exception:
+    msg = " ".join(str(e).split())
+    m = (re.search(r"Used ([0-9.]+[KMGT]?i?B?) of ([0-9.]+[KMGT]?i?B?) hbm", msg)
+         or re.search(r"required for HLO temporaries \(([^)]+)\) exceeds available HBM \(([^)]+)\)",
+                      msg))
+    if m:
+        return CompilePlanError(f"{kind} x{n}: does not fit: needs {m.group(1)} per device, "
+                                f"{m.group(2)} HBM available (XLA compile)")
+    if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+        return CompilePlanError(f"{kind} x{n}: does not fit ({chip.hbm_bytes / GiB:.1f} GiB per "
+                                f"device): {msg[:300]}")
+    return e
+
+
+# ----------------------------------------------------------------------------- report
+def format_report(cfg, r: dict) -> str:
+    chip, est = r["chip"], r["estimate"]
+    g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
+    what = cfg.model.preset or cfg.model.path
+    lines = [
+        f"medjax.plan --compile: {what} · {r['devices']} × {chip.name} · mesh {cfg.mesh.preset} "
+        f"[{' '.join(f'{a}={v}' for a, v in est.axis_sizes.items())}] · compiled in "
+        f"{r['compile_seconds']:.0f} s",
+        f"  kernels in the compiled step: {r['kernels']['mosaic']} Mosaic, "
+        f"{r['kernels']['triton']} Triton, {r['kernels']['cudnn']} cuDNN attention calls",
+        "  per device (GiB)        compiled   planner",
+        f"  arguments              {g(r['argument'])}   {g(r['sharded_arguments'])} (by shardings, "
+        f"unpadded)",
+        f"  outputs                {g(r['output'])}",
+        f"  aliased (donated)      {g(r['alias'])}",
+        f"  temporaries            {g(r['temp'])}   {g(est.activations)} (activations est.)",
+        f"  total                  {g(r['total'])}   {g(est.total)}",
+        f"  HBM                    {g(chip.hbm_bytes)}   -> {r['total'] / chip.hbm_bytes:.0%} used",
+    ]
+    matmul, attn = r["model_matmul_flops"], r["model_attention_flops"]
+    if r["compiled_flops"] is not None:
+        model = matmul + attn
+        lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} (loop body x "
+                     f"grad_accum {r['grad_accum']}; Pallas kernels by their cost estimates) vs "
+                     f"model {model:.3e} (matmuls {matmul:.3e} + attention {attn:.3e}) -> "
+                     f"{r['compiled_flops'] / max(model, 1):.2f}x")
+    else:
+        lines.append(f"  FLOPs per step per device: model {matmul + attn:.3e} (matmuls {matmul:.3e}"
+                     f", attention {attn:.3e}); this compiler reports no cost analysis")
+    lines.append(f"  bytes per device: argument={r['argument']} output={r['output']} "
+                 f"alias={r['alias']} temp={r['temp']} total={r['total']} "
+                 f"sharded_arguments={r['sharded_arguments']} "
+                 f"planner_params={int(est.params)} planner_grads={int(est.grads)} "
+                 f"planner_optimizer={int(est.optimizer)} planner_total={int(est.total)}")
+    if r["optimal_seconds"]:
+        lines.append(f"  est. step time >= {r['optimal_seconds']:.3g} s (lower bound: compiler's "
+                     f"optimal_seconds x grad_accum)")
+    lines.append(f"  est. step time >= {r['roofline_seconds']:.3g} s (lower bound: roofline, FLOPs "
+                 f"/ {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak)")
+    return "\n".join(lines)
+
+
+def run(cfg, device: str, num_devices: int | None, device_memory: float | None = None) -> int:
+    """The ``--compile`` branch of ``python -m medjax.plan``; returns the exit code (2 when the
+    compiled step does not fit, after the report)."""
+    import sys
+
+    from medjax.plan import parse_device
+    kind, _, slice_count = parse_device(device)
+    count = num_devices or slice_count or 1
+    r = compile_plan(cfg, kind, count, device_memory)
+    print(format_report(cfg, r))
+    if r["total"] > r["chip"].hbm_bytes:
+        print(f"medjax.plan: error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
+              f"({r['total'] / GiB:.2f} GiB) per device, {r['chip'].hbm_bytes:,} bytes "
+              f"({r['chip'].hbm_bytes / GiB:.2f} GiB) available (compiled)", file=sys.stderr)
+        return 2
+    return 0

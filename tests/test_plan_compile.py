@@ -1,0 +1,129 @@
+"""``python -m medjax.plan --compile``: the real train step compiled for compile-only TPU / GPU
+devices from this CPU (medjax/plan_compile.py).
+
+The compiles run in the extra venvs (``make tpu-venv`` / ``make cuda-venv``; libtpu and the
+CUDA plugin never go into .venv) as subprocesses; without the venv the test skips and says so.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medjax.plan import main as plan_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU_PY = ROOT / ".venv-tpu" / "bin" / "python"
+CUDA_PY = ROOT / ".venv-cuda" / "bin" / "python"
+H100_SPEC = ROOT.parent / "shared" / "data" / "gpu_specs" / "h100_sxm.txtpb"
+ENV = dict(os.environ, TPU_SKIP_MDS_QUERY="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+
+
+def _run(python, *args, timeout=900):
+    return subprocess.run([str(python), *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
+@pytest.mark.slow
+def test_tiny_train_step_compiles_for_v5e_2x2_with_fsdp_and_mosaic_kernels():
+    """The LoRA recipe's real train step (tiny Llama, fsdp over 4 v5e chips, 2 micro-batches,
+    the recipe's full remat) compiled by libtpu: the attention is Mosaic (forward, its remat
+    recomputation, dQ, dK/dV per layer), the memory is XLA's,
+    and the planner's exact part (params + optimizer state) equals the bytes the step's input
+    shardings hold. ``--device-memory`` below the compiled total gives the one-line error."""
+    if not TPU_PY.exists():
+        pytest.skip(f"no {TPU_PY.parent.parent.name}: `make tpu-venv` installs the TPU compiler")
+    res = _run(TPU_PY, "-m", "medjax.plan", "--config", "configs/melt_llama2_lora.yaml",
+               "model.preset=tiny-llama2", "mesh.preset=fsdp", "data.seq_len=256",
+               "train.batch_size=8", "train.grad_accum=2",
+               "--device", "v5e-4", "--compile", "--device-memory", "1MiB")
+    out = res.stdout
+    assert "4 × TPU v5e" in out and "fsdp=4" in out, res.stdout + res.stderr[-3000:]
+    layers = 2                                                     # tiny-llama2
+    assert f"{4 * layers} Mosaic, 0 Triton, 0 cuDNN" in out, out
+    b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
+    assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"]
+    assert b["temp"] > 0 and 0 < b["alias"] <= min(b["output"], b["argument"])  # state donated
+    batch = 8 * 256 * 4 * 5 // 4                                    # 5 int32/fp32 [B,T] per device
+    state = b["planner_params"] + b["planner_optimizer"]
+    assert abs(b["sharded_arguments"] - batch - state) < 1024, b  # step counter, RNG keys
+    assert b["argument"] >= b["sharded_arguments"]                 # + TPU tile padding
+    assert re.search(r"FLOPs per step per device: compiled \d", out)
+    assert "est. step time >=" in out and "lower bound" in out
+    # does not fit in 1 MiB: exit 2, one error line naming device, bytes needed and available
+    assert res.returncode == 2
+    errors = _error_lines(res.stderr)
+    assert len(errors) == 1 and "does not fit" in errors[0], res.stderr[-2000:]
+    assert f"needs {b['total']:,} bytes" in errors[0] and "1,048,576 bytes" in errors[0]
+
+
+@pytest.mark.slow
+def test_step_libtpu_cannot_fit_is_one_error_line():
+    """32k rows of 512 tokens on 4 v5e chips: libtpu itself refuses (HBM), one line, exit 2."""
+    if not TPU_PY.exists():
+        pytest.skip(f"no {TPU_PY.parent.parent.name}: `make tpu-venv` installs the TPU compiler")
+    res = _run(TPU_PY, "-m", "medjax.plan", "--config", "configs/melt_llama2_lora.yaml",
+               "model.preset=tiny-llama2", "mesh.preset=fsdp", "data.seq_len=512",
+               "train.batch_size=32768", "train.grad_accum=1", "--device", "v5e-4", "--compile")
+    errors = _error_lines(res.stderr)
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert re.search(r"v5e x4: does not fit: needs [0-9.]+G per device, 15.75G HBM available",
+                     errors[0]), errors[0]
+
+
+@pytest.mark.slow
+def test_cudnn_is_dispatched_when_compiled_for_a_deviceless_h100():
+    if not CUDA_PY.exists():
+        pytest.skip(f"no {CUDA_PY.parent.parent.name}: `make cuda-venv` installs the CUDA "
+                    f"compiler (optional, ~5.5 GB)")
+    res = _run(CUDA_PY, "tests/compile_only/cudnn_dispatch_check.py")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    layers = 2
+    # the model's causal call: cuDNN flash attention in every layer, no other kernel
+    assert got["causal"] == {"mosaic": 0, "triton": 0, "cudnn": layers}
+    # training's call (positions + segment ids, unknown until run time): cuDNN for right
+    # padding and the Triton kernel for packed rows, both in the program
+    assert got["training"] == {"mosaic": 0, "triton": layers, "cudnn": layers}
+
+
+@pytest.mark.parametrize("device, extra, message", [
+    (["--device", "v5p-6"], [], "v5p with 3 chips: unknown topology"),
+    (["--device", "h100", "--num-devices", "16"], [], "unknown topology"),
+    (["--device", "a100"], [], "a100: unknown chip"),
+    ([], [], "--compile needs --device"),
+])
+def test_bad_device_is_one_error_line(capsys, device, extra, message):
+    rc = plan_main(["--config", "configs/melt_llama2_lora.yaml", *device, "--compile", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("medjax.plan: error:"), err
+    assert message in err[0]
+
+
+@pytest.mark.parametrize("device, package", [("v5p-8", "libtpu"), ("h100", "jax_cuda12_plugin")])
+def test_missing_extra_names_the_package(device, package):
+    """In .venv (no libtpu, no CUDA plugin, by design) the compile asks for the extra."""
+    res = _run(sys.executable, "-m", "medjax.plan", "--config", "configs/melt_llama2_lora.yaml",
+               "--device", device, "--compile", timeout=300)
+    errors = _error_lines(res.stderr)
+    if package == "libtpu" and "libtpu" in sys.modules or not errors and res.returncode == 0:
+        pytest.skip("this venv has the extra installed")
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert package in errors[0] and f"make {'tpu' if package == 'libtpu' else 'cuda'}-venv" in errors[0]
+
+
+def test_gpu_target_config_matches_xla_h100_spec():
+    """The H100 description compiled against is XLA's published H100 SXM spec."""
+    if not H100_SPEC.exists():
+        pytest.skip(f"{H100_SPEC} not present")
+    from medjax.plan_compile import CHIPS, gpu_target_config
+    fields = lambda text: dict(re.findall(r'(\w+): ("[^"]*"|[^\s}]+)', text))  # noqa: E731
+    ours, xla = fields(gpu_target_config(CHIPS["h100"])), fields(H100_SPEC.read_text())
+    assert ours == xla
