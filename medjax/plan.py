@@ -363,7 +363,9 @@ def _compile(args) -> int:
             raise ValueError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
         cfg = load_config(args.config, args.overrides)
         memory = parse_memory(args.device_memory) if args.device_memory else None
-        return plan_compile.run(cfg, args.device, args.num_devices, memory)
+        kind, _, slice_count = parse_device(args.device)
+        return plan_compile.run(cfg, kind, args.num_devices or slice_count or 1, memory,
+                                model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
     except (ConfigError, ValueError, KeyError) as e:
         print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ import re
 os.environ["TPU_SKIP_MDS_QUERY"] = "1"        # before libtpu can be loaded: no metadata server
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip to lock
 
+from medjax.errors import ConfigError  # noqa: E402  (after the environment above)
+
 GiB = 2 ** 30
 
 
@@ -63,8 +65,7 @@ _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128
               256: "16x16"}
 
 
-class CompilePlanError(ValueError):
-    """Bad device / missing extra / does not fit: the CLI prints it as one ``error:`` line."""
+CompilePlanError = ConfigError  # bad device / missing extra / does not fit: one ``error:`` line
 
 
 # ----------------------------------------------------------------------------- devices
@@ -123,7 +124,7 @@ def compile_devices(kind: str, count: int):
 
 
 # ----------------------------------------------------------------------------- the step
-def abstract_step(cfg, mesh):
+def abstract_step(cfg, mesh, model_cfg):
     """``(jitted_step, abstract_args)``: the step training runs, built by the trainer's own
     ``training.setup.build_trainable(..., abstract=True)`` (LoRA, QLoRA quantization, NEFTune,
     split, optimizer, objective, shardings) on a shape-only model, and ShapeDtypeStructs carrying
@@ -132,9 +133,7 @@ def abstract_step(cfg, mesh):
     from flax import nnx
 
     from medjax.models import Decoder
-    from medjax.plan import model_config
     from medjax.training.setup import build_trainable
-    model_cfg = model_config(cfg)
     model = nnx.eval_shape(lambda: Decoder(
         model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
@@ -165,23 +164,25 @@ def model_flops(cfg, model_cfg, trainable: int, total: int) -> dict:
     return {"matmul": matmul + adapters + reference, "attention": attention}
 
 
-def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> dict:
-    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc)."""
+def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, model_cfg,
+                 estimate_fn) -> dict:
+    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc).
+    ``model_cfg`` is the run's ModelConfig and ``estimate_fn(n)`` ``medjax.plan``'s estimate for
+    n devices, both passed in by ``medjax.plan`` (this module does not import its caller)."""
     import time
 
     import jax
-    from medjax import plan as planner
     from medjax import sharding
     chip, devices = compile_devices(kind, count)
     if hbm_bytes:                                  # --device-memory: judge against this instead
         chip = dataclasses.replace(chip, hbm_bytes=int(hbm_bytes))
     n = len(devices)
-    estimate = planner.plan(cfg, n)
+    estimate = estimate_fn(n)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     t0 = time.perf_counter()
     from medjax.ops.pallas.tpu_compile import target_chip
     with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
-        step, args = abstract_step(cfg, mesh)
+        step, args = abstract_step(cfg, mesh, model_cfg)
         lowered = step.lower(*args)
         try:
             compiled = lowered.compile()
@@ -197,7 +198,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None) -> 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     accum = cfg.train.grad_accum
-    flops = model_flops(cfg, planner.model_config(cfg), estimate.trainable, estimate.total_params)
+    flops = model_flops(cfg, model_cfg, estimate.trainable, estimate.total_params)
     out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
                argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
                alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total,
@@ -276,15 +277,14 @@ def format_report(cfg, r: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, device: str, num_devices: int | None, device_memory: float | None = None) -> int:
-    """The ``--compile`` branch of ``python -m medjax.plan``; returns the exit code (2 when the
+def run(cfg, kind: str, count: int, device_memory: float | None = None, *, model_cfg,
+        estimate_fn) -> int:
+    """The ``--compile`` branch of ``python -m medjax.plan`` (which parses ``--device`` and passes
+    ``model_cfg`` / ``estimate_fn``, see :func:`compile_plan`); returns the exit code (2 when the
     compiled step does not fit, after the report)."""
     import sys
 
-    from medjax.plan import parse_device
-    kind, _, slice_count = parse_device(device)
-    count = num_devices or slice_count or 1
-    r = compile_plan(cfg, kind, count, device_memory)
+    r = compile_plan(cfg, kind, count, device_memory, model_cfg=model_cfg, estimate_fn=estimate_fn)
     print(format_report(cfg, r))
     if r["total"] > r["chip"].hbm_bytes:
         print(f"medjax.plan: error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "

@@ -65,26 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args):
     from medjax.arena.answers import AnswerSettings
-    from medjax.arena.errors import ArenaError
+    from medjax.errors import ConfigError
     from medjax.eval.generate import MED42_SAMPLING, SamplingParams
 
     for name in ("max_new_tokens", "batch_size", "judge_batch"):
         if getattr(args, name) < 1:
-            raise ArenaError(f"--{name.replace('_', '-')} must be at least 1")
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.bootstrap < 0 or (args.limit is not None and args.limit < 1):
-        raise ArenaError("--bootstrap must be >= 0 and --limit >= 1")
+        raise ConfigError("--bootstrap must be >= 0 and --limit >= 1")
     try:
         sampling = (MED42_SAMPLING if args.med42_sampling
                     else SamplingParams(args.temperature, args.top_k, args.top_p))
     except ValueError as e:
-        raise ArenaError(str(e)) from None
+        raise ConfigError(str(e)) from None
     return AnswerSettings(sampling, args.max_new_tokens, args.seed, args.batch_size, args.system)
 
 
 def check_inputs(args):
     """``(contestants, questions, rubric, settings)``; every input is checked before a model loads."""
     from medjax.arena.contestants import check_paths, parse_models, with_chat_templates
-    from medjax.arena.errors import ArenaError
+    from medjax.errors import ConfigError
     from medjax.arena.questions import load_questions
     from medjax.arena.rubric import load_rubric
     from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
@@ -92,9 +92,9 @@ def check_inputs(args):
     contestants = with_chat_templates(parse_models(args.models), args.chat_template)
     names = [c.name for c in contestants]
     if args.anchor is not None and args.anchor not in names:
-        raise ArenaError(f"--anchor {args.anchor!r} is not one of the models ({', '.join(names)})")
+        raise ConfigError(f"--anchor {args.anchor!r} is not one of the models ({', '.join(names)})")
     if args.judge_chat_template is not None and args.judge_chat_template not in BUILTIN_CHAT_TEMPLATES:
-        raise ArenaError(f"--judge-chat-template: unknown template {args.judge_chat_template!r} "
+        raise ConfigError(f"--judge-chat-template: unknown template {args.judge_chat_template!r} "
                          f"(built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
     questions = load_questions(args.questions)[: args.limit]
     rubric = load_rubric(args.rubric)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from medjax.arena.errors import ArenaError
+from medjax.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -29,15 +29,15 @@ def parse_models(text: str) -> list[Contestant]:
         name, sep, path = part.partition("=")
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
-            raise ArenaError(f"--models: {part!r} is not NAME=PATH")
+            raise ConfigError(f"--models: {part!r} is not NAME=PATH")
         if not _NAME.match(name):
-            raise ArenaError(f"--models: name {name!r} may hold only letters, digits and _ . + -")
+            raise ConfigError(f"--models: name {name!r} may hold only letters, digits and _ . + -")
         if any(c.name == name for c in contestants):
-            raise ArenaError(f"--models: the name {name!r} is given twice")
+            raise ConfigError(f"--models: the name {name!r} is given twice")
         contestants.append(Contestant(name, path))
     if len(contestants) < 2:
         got = ", ".join(c.name for c in contestants) or "none"
-        raise ArenaError(f"--models: an arena needs at least two models to compare, got "
+        raise ConfigError(f"--models: an arena needs at least two models to compare, got "
                          f"{len(contestants)} ({got})")
     return contestants
 
@@ -52,10 +52,10 @@ def with_chat_templates(contestants: list[Contestant], text: str | None) -> list
     for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
         name, sep, template = (x.strip() for x in part.partition("="))
         if not sep or name not in {c.name for c in contestants}:
-            raise ArenaError(f"--chat-template: {part!r} is not MODEL=TEMPLATE for one of the models "
+            raise ConfigError(f"--chat-template: {part!r} is not MODEL=TEMPLATE for one of the models "
                              f"({', '.join(c.name for c in contestants)})")
         if template not in BUILTIN_CHAT_TEMPLATES:
-            raise ArenaError(f"--chat-template {name}: unknown template {template!r} "
+            raise ConfigError(f"--chat-template {name}: unknown template {template!r} "
                              f"(built-in: {', '.join(BUILTIN_CHAT_TEMPLATES)})")
         chosen[name] = template
     return [replace(c, chat_template=chosen.get(c.name)) for c in contestants]
@@ -66,7 +66,7 @@ def check_paths(contestants: list[Contestant], judge: str) -> None:
     from medjax.loading import resolve_path
     for option, path in [(f"--models {c.name}", c.path) for c in contestants] + [("--judge", judge)]:
         if not resolve_path(path).exists():
-            raise ArenaError(f"{option}: {path}: no such file or directory")
+            raise ConfigError(f"{option}: {path}: no such file or directory")
 
 
 def load_model(path, dtype):
@@ -85,5 +85,5 @@ def load_model(path, dtype):
         model, tokenizer, _, _ = restore_trained_model(ckpt)      # in the run's model.dtype
         model = plain_model(model)                                # LoRA merged, as export does
     if tokenizer is None:
-        raise ArenaError(f"{path}: no tokenizer files next to the model")
+        raise ConfigError(f"{path}: no tokenizer files next to the model")
     return model, tokenizer

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medjax.arena.errors import ArenaError
+from medjax.errors import CheckpointError, ConfigError
 from medjax.arena.questions import Question
 from medjax.arena.rubric import VERDICTS, Rubric
 from medjax.arena.store import JsonlStore, record_key
@@ -59,7 +59,7 @@ class Judge:
         self.max_length = model.config.max_position_embeddings
         self.verdict_ids = [tokenizer.encode(v) for v in VERDICTS]
         if len({tuple(ids) for ids in self.verdict_ids}) != len(VERDICTS) or not all(self.verdict_ids):
-            raise ArenaError(f"judge tokenizer: the verdict labels {VERDICTS} do not encode to "
+            raise CheckpointError(f"judge tokenizer: the verdict labels {VERDICTS} do not encode to "
                              f"distinct token sequences ({self.verdict_ids})")
         graphdef, self.state = nnx.split(model)
         self._score = jax.jit(partial(score_batch, graphdef))
@@ -84,7 +84,7 @@ class Judge:
             chunk = list(prompts[start:start + self.batch_size])
             longest = max(len(p) for p in chunk)
             if longest + M > self.max_length:
-                raise ArenaError(f"judge prompt of {longest} tokens exceeds the judge's context of "
+                raise ConfigError(f"judge prompt of {longest} tokens exceeds the judge's context of "
                                  f"{self.max_length}; lower --max-new-tokens")
             T = min(bucket(longest), self.max_length)
             B = self.batch_size

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medjax.arena.errors import ArenaError
+from medjax.errors import ConfigError
 
 DEFAULT_RUBRIC = "pkg://medjax/assets/arena/clinical_rubric.jinja"
 FIELDS = ("question", "reference", "answer_a", "answer_b")
@@ -38,19 +38,19 @@ def load_rubric(path=DEFAULT_RUBRIC) -> Rubric:
 
     file = resolve_path(path)
     if not file.is_file():
-        raise ArenaError(f"{file}: no such rubric template")
+        raise ConfigError(f"{file}: no such rubric template")
     source = file.read_text(encoding="utf-8")
-    env = sandbox(ArenaError)
+    env = sandbox(ConfigError)
     env.undefined = jinja2.StrictUndefined
     try:
         tree = env.parse(source, filename=str(file))
     except jinja2.TemplateSyntaxError as e:
-        raise ArenaError(f"{file}:{e.lineno}: template syntax error: {e.message}") from None
+        raise ConfigError(f"{file}:{e.lineno}: template syntax error: {e.message}") from None
     unknown = meta.find_undeclared_variables(tree) - set(FIELDS) - set(env.globals)
     if unknown:
         # The first line that reads an unknown name (the set holds no line numbers).
         line, name = min((n.lineno, n.name) for n in tree.find_all(nodes.Name)
                          if n.ctx == "load" and n.name in unknown)
-        raise ArenaError(f"{file}:{line}: unknown template field {name!r} "
+        raise ConfigError(f"{file}:{line}: unknown template field {name!r} "
                          f"(the rubric can use {', '.join(FIELDS)})")
     return Rubric(str(file), source, env.from_string(source))

@@ -43,8 +43,8 @@ class JsonlStore:
                 record = json.loads(line)
                 self.records[record["key"]] = record
             except (json.JSONDecodeError, KeyError, TypeError):
-                from medjax.arena.errors import ArenaError
-                raise ArenaError(f"{self.path}:{line_no}: not a record this tool wrote; "
+                from medjax.errors import DataError
+                raise DataError(f"{self.path}:{line_no}: not a record this tool wrote; "
                                  "choose another --out or delete the file") from None
 
     def __contains__(self, key: str) -> bool:

@@ -13,6 +13,11 @@ of ``--steps`` timed calls after a warm-up, all in the same run:
   (a loaded JAX runtime slows torch down), torch's own threads.
 
 ``x dense`` is each row's time over the dense row's. FLOPs counted: 3 × forward (backward = 2×).
+
+``--tpu-compile v5p:2x2x1`` instead compiles one Mixtral-8x7B layer (bf16, 2048 tokens, fwd+bwd)
+for a compile-only TPU device (needs ``jax[tpu]`` and ``TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu``;
+docs/SCALE.md) and prints its compiled FLOPs over the active FLOPs. XLA counts a loop body once:
+the dw loops' bodies (one ``[b, H] x [b, I]`` product each) are added for the remaining trips.
 """
 from __future__ import annotations
 
@@ -105,6 +110,39 @@ def bench_transformers(args: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def tpu_compile(topology: str, tokens: int = 2048) -> int:
+    from flax import nnx
+    from jax.experimental import topologies
+
+    from medjax.models import get_preset
+    from medjax.models.moe import SparseMoE, moe_layer_cost
+    device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    cfg = get_preset("mixtral-8x7b")
+    moe = nnx.eval_shape(lambda: SparseMoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                           param_dtype=jnp.bfloat16))
+    graph, state = nnx.split(moe)
+    on = jax.sharding.SingleDeviceSharding(device)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), state)
+
+    def loss(state, x):
+        y, stats = nnx.merge(graph, state)(x)
+        return jnp.sum(y.astype(jnp.float32)) + stats[0]
+
+    x = jax.ShapeDtypeStruct((1, tokens, cfg.hidden_size), jnp.bfloat16, sharding=on)
+    compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(state, x).compile()
+    cost = moe_layer_cost(cfg, tokens)
+    b, loops = cost["block_rows"], compiled.as_text().count(" while(")
+    trips = cost["padded_rows"] // b
+    body = 2 * b * cfg.hidden_size * cfg.intermediate_size
+    flops = compiled.cost_analysis()["flops"] + loops * (trips - 1) * body
+    print(f"{device.device_kind} · Mixtral-8x7B MoE layer fwd+bwd · {tokens} tokens · bf16\n"
+          f"compiled {flops / 1e12:.3f} TFLOP ({loops} dw loops × {trips} worst-case trips of "
+          f"{b}-row blocks) / active {cost['active_flops'] / 1e12:.3f} = "
+          f"{flops / cost['active_flops']:.3f}; temporaries "
+          f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.bench moe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true", help="skip the torch row")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--tpu-compile", metavar="TOPOLOGY", help="compile for a TPU (see above)")
     args = p.parse_args(argv)
+    if args.tpu_compile:
+        return tpu_compile(args.tpu_compile)
     rows = bench_jax(args)
     if not args.no_transformers:
         from medjax.benchmarks.train import isolated

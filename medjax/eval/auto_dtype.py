@@ -67,4 +67,7 @@ def gguf_dtype(path: Path) -> tuple[str, str]:
 
 def auto_dtype(path: Path) -> tuple[str, str]:
     """``(dtype name, why)`` for an HF directory or a GGUF file."""
+    if not Path(path).exists():
+        from medjax.errors import CheckpointError
+        raise CheckpointError(f"{path}: no such file or directory")   # as medjax.load says it
     return gguf_dtype(path) if model_kind(path) == "gguf" else hf_dtype(path)

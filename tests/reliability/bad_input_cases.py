@@ -50,7 +50,7 @@ def _train(ctx, *overrides, data=None, model=None, raw_yaml=None, **sections) ->
 
 def _data(ctx, path: Path, fmt: str, *overrides) -> Call:
     cfg = tiny_run_config(ctx.model_dir, path, ctx.tmp / "run")
-    cfg["data"].update(format=fmt, seq_len=64)
+    cfg["data"].update(format=fmt, seq_len=64, heldout_rows=0)   # inspect every row of the file
     cfg_path = ctx.tmp / "data.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     return Call("data", ["inspect", "--config", str(cfg_path), "--tokenizer", str(ctx.model_dir),
