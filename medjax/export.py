@@ -33,6 +33,8 @@ def main(argv=None) -> int:
                    help="dtype of the exported HF weights")
     args = p.parse_args(argv)
 
+    from medjax.distributed import initialize
+    initialize()   # under launch/*: jax.distributed from the environment; no-op for one process
     from medjax.paths import separate_output
     from medjax.training.loop import restore_trained_model
     ckpt = Path(args.checkpoint)

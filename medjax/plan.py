@@ -134,13 +134,8 @@ def abstract_model(cfg: RunConfig, model_cfg):
     def build():
         model = Decoder(model_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.model.param_dtype),
                         dtype=jnp.dtype(cfg.model.dtype))
-        if cfg.lora.enabled:
-            from medjax.lora import apply_lora
-            apply_lora(model, cfg.lora)
-            if cfg.lora.quantize:
-                from medjax.quant import quantize_model
-                quantize_model(model, cfg.lora.quantize, block=cfg.lora.quant_block,
-                               double_quant=cfg.lora.double_quant)
+        from medjax.training.setup import prepare_model
+        prepare_model(cfg, model)       # the trainer's wrap → quantize → NEFTune, one copy
         return model
     return nnx.eval_shape(build)
 

@@ -281,14 +281,6 @@ def make_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = 
     return DataIterator(dataset, skips, local, seq_len or data_cfg.seq_len)
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding) -> dict:
-    """Assemble host-local batches into global ``jax.Array``s laid out by ``sharding`` (e.g. the
-    batch sharding from medjax.sharding); every host calls this with its own rows."""
-    import jax
-
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
     """Fraction of positions that hold a real token (segment id > 0)."""
     segments = batch.get("segment_ids", batch.get("chosen_segment_ids"))

@@ -156,14 +156,15 @@ class Trainer:
         if restored is None:
             return False
         state, meta, step = restored
-        from medjax.sharding import place
+        from medjax.training.setup import place
         self.state = place(state, self.trainable.shardings[0])
-        self.batches.set_state(meta["data"])
+        self.batches.set_state(_this_host(meta["data"]))
         self.start_step = step
         return True
 
     def save(self, step: int) -> None:
-        meta = {"data": self.batches.get_state(), "step": step, "config": _jsonable(self.cfg.to_dict())}
+        meta = {"data": _every_host(self.batches.get_state()), "step": step,
+                "config": _jsonable(self.cfg.to_dict())}
         self.ckpt.save(step, self.state, meta)
 
     def model(self):
@@ -186,13 +187,17 @@ class Trainer:
         return self.heldout_metrics(max_batches).get("loss")
 
     def _batch(self, batch: dict) -> dict:
-        return {k: jnp.asarray(batch[k]) for k in self.objective.batch_keys}
+        """This host's rows → global arrays on the batch sharding (``make_array_from_process_local_data``)."""
+        from medjax.sharding import global_batch
+        return global_batch({k: np.asarray(batch[k]) for k in self.objective.batch_keys},
+                            self.trainable.mesh)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         cfg = self.cfg
+        from medjax.distributed import is_main_process
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
-                            show_bar=self.show_bar)
+                            show_bar=self.show_bar, writer=is_main_process())
         summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name}
         if self.heldout:
             self.objective.check_batch(self.heldout[0])
@@ -208,7 +213,8 @@ class Trainer:
             skipped, consecutive = 0, 0
             for step in range(self.start_step, self.steps):
                 batch_id = self.batches.get_state()
-                batch = self._batch(next(self.batches))
+                local = next(self.batches)
+                batch = self._batch(local)
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.reference, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 finite = all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm"))
@@ -228,7 +234,8 @@ class Trainer:
                         f"step {step + 1}, batch {json.dumps(batch_id)}; last good checkpoint: "
                         f"{good[-1] if good else 'none'} in {self.ckpt.directory}")
                 tokens_total += metrics["tokens"]
-                real_tokens = sum(float(np.sum(batch[k] > 0)) for k in batch if k.endswith("segment_ids"))
+                real_tokens = jax.process_count() * sum(float(np.sum(np.asarray(local[k]) > 0))
+                                                        for k in batch if k.endswith("segment_ids"))
                 metrics = log.step(step + 1, metrics, real_tokens)
                 last = metrics
                 if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.steps:
@@ -253,7 +260,8 @@ class Trainer:
             getattr(self, "_stop", _StopOnSignal()).__exit__()
             log.close()
             self.ckpt.close()
-        summary["plot"] = str(plot_run(log.jsonl_path, self.out_dir / "loss_lr.png"))
+        if is_main_process():
+            summary["plot"] = str(plot_run(log.jsonl_path, self.out_dir / "loss_lr.png"))
         return summary
 
     # ------------------------------------------------------------------ export
@@ -277,6 +285,31 @@ class Trainer:
         return out
 
 
+def _every_host(data_state: dict) -> list:
+    """Every process's iterator state, in process order (each host reads its own rows; the
+    checkpoint's JSON metadata is written by the primary host only, so it must hold them all)."""
+    if jax.process_count() == 1:
+        return [data_state]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def _this_host(saved):
+    """This process's iterator state from a checkpoint (a list per host; a dict from older runs)."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != jax.process_count():
+        from medjax.config import ConfigError
+        raise ConfigError(f"the checkpoint holds iterator states of {len(saved)} processes; this run "
+                          f"has {jax.process_count()}: resume with the same number of processes")
+    return saved[jax.process_index()]
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
@@ -288,9 +321,12 @@ def _jsonable(x):
 def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     """Train per ``cfg``; returns (and writes ``<out_dir>/summary.json``) the run summary."""
     from medjax.eval.configured import evaluate_section
-    t0 = time.perf_counter()
     from medjax.sharding import make_mesh
-    model, tokenizer = load_model(cfg, make_mesh(cfg.mesh))
+    from medjax.training.setup import check_layout
+    t0 = time.perf_counter()
+    mesh = make_mesh(cfg.mesh)
+    check_layout(cfg, mesh)                         # before any weights load, on every process
+    model, tokenizer = load_model(cfg, mesh)
     trainer = Trainer(cfg, objective_for(cfg), model, tokenizer, show_bar=show_bar)
     del model                           # consumed: its loaded params were donated to the state
     out_dir = Path(cfg.train.out_dir)
@@ -315,6 +351,9 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     summary["eval"] = evaluate("eval")     # None if the config has no eval section
     summary["total_seconds"] = round(time.perf_counter() - t0, 2)
     summary["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
+    from medjax.distributed import is_main_process
+    if not is_main_process():                 # one process writes the run's files
+        return summary
     path = out_dir / "summary.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -11,26 +11,32 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    """One line per logged step to ``<run_dir>/metrics.jsonl`` (appended on resume) and TensorBoard."""
+    """One line per logged step to ``<run_dir>/metrics.jsonl`` (appended on resume) and TensorBoard.
+    ``writer=False`` (every process but the main one of a multi-process run) writes nothing."""
 
-    def __init__(self, run_dir, *, total_steps: int, start_step: int = 0, show_bar: bool = True):
+    def __init__(self, run_dir, *, total_steps: int, start_step: int = 0, show_bar: bool = True,
+                 writer: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        except ImportError:  # the GPU image may lack tensorboardX
-            self._tb = None
+        self._jsonl = self._tb = None
+        if writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:  # the GPU image may lack tensorboardX
+                self._tb = None
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                         dynamic_ncols=True, disable=not show_bar)
+                         dynamic_ncols=True, disable=not (show_bar and writer))
         self._t_last = time.perf_counter()
         self._tokens_since = 0.0
 
     def log(self, step: int, metrics: dict, *, kind: str = "train") -> None:
         record = {"step": step, "kind": kind, "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
+        if self._jsonl is None:
+            return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -50,11 +56,13 @@ class MetricsLogger:
         return metrics
 
     def write(self, text: str) -> None:
-        self._bar.write(text)
+        if self._jsonl is not None:
+            self._bar.write(text)
 
     def close(self) -> None:
         self._bar.close()
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -47,8 +47,10 @@ def _training_model(graphdef, params, rngs, frozen):
 
 
 def _eval_model(graphdef, params, rngs, frozen):
-    return nnx.view(nnx.merge(graphdef, params, rngs, frozen), deterministic=True,
-                    raise_if_not_found=False)
+    # RNG variables rebuilt at this trace level too: a rematerialised layer writes its RNG state
+    # back even when dropout is off (DPO's reference runs inside the policy's grad and scan)
+    return nnx.view(nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rngs), frozen),
+                    deterministic=True, raise_if_not_found=False)
 
 
 @dataclasses.dataclass(frozen=True)

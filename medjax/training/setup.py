@@ -45,6 +45,29 @@ from medjax.training.objectives import objective_for
 from medjax.training.optimizer import make_optimizer
 
 
+def check_layout(cfg, mesh) -> None:
+    """Errors that would otherwise fail mid-run or hang a process at a barrier, raised on EVERY
+    process before any weights load: a global batch the mesh's batch shards cannot split
+    (``ShardingError``), processes started with different configs (``ConfigError``)."""
+    from medjax.sharding import local_batch_rows
+    local_batch_rows(mesh, cfg.train.batch_size)
+    if jax.process_count() > 1:
+        import hashlib
+        import json
+
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        from medjax.config import ConfigError
+        text = json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
+        digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8)
+        every = multihost_utils.process_allgather(digest).reshape(jax.process_count(), -1)
+        differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+        if differ:
+            raise ConfigError(f"processes {differ} were started with a different config than process 0 "
+                              f"(same --config and key=value overrides needed on every process)")
+
+
 def prepare_model(cfg, model):
     """Wrap (LoRA), quantize (QLoRA) and attach NEFTune, in place, as ``cfg`` says.
     Returns the quantization report (None without quantization)."""
@@ -140,6 +163,26 @@ class Trainable:
         return nnx.merge(self.graphdef, state.params, state.rngs, self.frozen)
 
 
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def place(tree, shardings):
+    """Every leaf of ``tree`` on its (global) sharding, in any number of processes — typed PRNG
+    keys (LoRA dropout / NEFTune streams) included: their raw ``uint32`` data is placed and the
+    key rewrapped on the devices. Each process must hold the same full value (a seeded init, a
+    checkpoint read)."""
+    from medjax.sharding import place as place_array
+
+    def one(x, sharding):
+        if not _is_key(x):
+            return place_array(x, sharding)
+        impl = jax.random.key_impl(x)
+        data = place_array(jax.random.key_data(x), sharding)
+        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
+    return jax.tree.map(one, tree, shardings)
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -147,7 +190,7 @@ def _abstract(tree, shardings):
 def build_trainable(cfg, model, mesh, *, objective=None, steps: int | None = None,
                     abstract: bool = False) -> Trainable:
     """wrap → quantize → NEFTune → split → init → place (see the module docstring)."""
-    from medjax.sharding import place, rules_for
+    from medjax.sharding import rules_for
     objective = objective if objective is not None else objective_for(cfg)
     tx, schedule = make_optimizer(cfg.optim, steps if steps is not None else cfg.train.steps)
     rules = rules_for(cfg.mesh.preset)
@@ -184,7 +227,7 @@ def _init_sharded(cfg, model, mesh, rules, tx, objective):
     ``out_shardings``, the loaded params donated: each device creates only its shards, and an
     fp32 param becomes its master copy in place."""
     from medjax.quant import quant_report
-    from medjax.sharding import place, sharded_init
+    from medjax.sharding import sharded_init
     if getattr(model, "prepared", False):
         report = quant_report(model, cfg.lora) if cfg.lora.quantize else None
     else:
