@@ -78,8 +78,8 @@ def _select_rows(rows: list[Row], data_cfg, split: str, name: str) -> list[Row]:
     held = data_cfg.heldout_rows if data_cfg.eval is None else 0
     if held and held >= len(rows):
         raise DataError(f"{name}: data.heldout_rows={held} leaves no training rows ({len(rows)} total)")
-    if split == "eval":
-        return rows[len(rows) - held:]
+    if split == "eval":                      # a separate data.eval file is read whole
+        return rows[len(rows) - held:] if held else rows
     rows = rows[:len(rows) - held]
     return rows if data_cfg.max_rows is None else rows[:data_cfg.max_rows]
 

@@ -128,8 +128,10 @@ class Generator:
 class TextStreamer:
     """Prints row 0's new text as tokens arrive (decodes the whole tail to keep UTF-8 intact)."""
 
-    def __init__(self, tokenizer, stop_ids: Sequence[int] = (), stream=sys.stdout):
-        self.tokenizer, self.stop_ids, self.stream = tokenizer, set(stop_ids), stream
+    def __init__(self, tokenizer, stop_ids: Sequence[int] = (), stream=None):
+        # None = the sys.stdout of the moment, not the one bound when this module was imported
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.stream = stream if stream is not None else sys.stdout
         self.ids: list[int] = []
         self.printed = 0
         self.finished = False

