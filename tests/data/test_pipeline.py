@@ -166,3 +166,18 @@ def test_heldout_rows_split_in_memory(tmp_path, tokenizer, write_jsonl):
     assert sorted(held) == list(range(34, 40))
     assert sorted(train) == list(range(20))
     assert sorted(tmp_path.iterdir()) == [tmp_path / "texts.jsonl"]  # nothing written
+
+
+def test_eval_file_is_read_whole_while_max_rows_caps_training(tmp_path, tokenizer, write_jsonl):
+    """``data.eval`` is its own split: ``max_rows``/``heldout_rows`` select training rows only."""
+    train_file = texts_file(tmp_path, write_jsonl, 30)
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    cfg = DataSection(train=str(train_file), eval=str(texts_file(eval_dir, write_jsonl, 10)),
+                      seq_len=64, heldout_rows=6, max_rows=20)
+    train = record_ids(tokenizer, make_dataset(cfg, tokenizer, batch_size=4, seed=1, num_epochs=1,
+                                               process_index=0, process_count=1))
+    held = record_ids(tokenizer, make_dataset(cfg, tokenizer, batch_size=4, split="eval",
+                                              process_index=0, process_count=1))
+    assert sorted(held) == list(range(10))
+    assert sorted(train) == list(range(20))
