@@ -46,8 +46,9 @@ ASSET_INSTRUCT = "pkg://medjax/assets/med_instruct.jsonl"
 
 # ----------------------------------------------------------------------------- tiny runs
 def _instruct_rows() -> list[dict]:
-    from medjax.training.sft_data import read_jsonl, resolve_data_path
-    return read_jsonl(resolve_data_path(ASSET_INSTRUCT))
+    from medjax.paths import resolve_path
+    from medjax.training.sft_data import read_jsonl
+    return read_jsonl(resolve_path(ASSET_INSTRUCT))
 
 
 def tiny_data(fmt: str) -> str:

@@ -94,7 +94,7 @@ def load_model(cfg: RunConfig, mesh=None):
 
 
 def _resolve(path) -> str:
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
     return str(resolve_path(path))
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from medjax.errors import DataError
 
@@ -20,8 +19,3 @@ def read_jsonl(path) -> list[dict]:
                 raise DataError(f"{path}:{line_no}: invalid JSON: {e}") from None
     return rows
 
-
-def resolve_data_path(path) -> Path:
-    """``pkg://package/relative/file`` (e.g. ``pkg://medjax/assets/med_instruct.jsonl``) or a path."""
-    from medjax.loading import resolve_path
-    return resolve_path(path)
