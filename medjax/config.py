@@ -33,6 +33,8 @@ class ModelSection:
     param_dtype: str = "float32"        # storage dtype of frozen/base params
     attention: str = "auto"             # auto | xla | pallas | cudnn
     remat: str = "none"                 # none | full | dots_saveable
+    scan_layers: bool = False           # stacked layer weights run by a scan (compile time flat
+                                        # in depth); false: a Python loop over N layers (debugging)
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))

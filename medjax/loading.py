@@ -11,12 +11,13 @@ from medjax.paths import resolve_path  # noqa: F401  (re-exported: medjax.loadin
 
 
 def load(path, dtype=jnp.float32, *, param_dtype=None, shardings=None, attention_impl="auto",
-         progress=True, prepare=None, mesh=None, rules=None, on_tensor=None):
+         progress=True, prepare=None, mesh=None, rules=None, on_tensor=None, scan_layers=False):
     """Load ``(model, tokenizer)`` from an HF directory (safetensors) or a ``.gguf`` file.
 
     ``mesh`` + ``rules`` (medjax.sharding) import straight into the training layout, each
     process reading each block it needs once; ``prepare(model)`` wraps/quantizes the abstract
     model first (LoRA, QLoRA: weights are quantized as they stream in). See hf/load.py.
+    ``scan_layers`` builds the stacked-layer layout (models/stack.py).
     """
     p = resolve_path(path)
     if not p.exists():
@@ -25,13 +26,14 @@ def load(path, dtype=jnp.float32, *, param_dtype=None, shardings=None, attention
         from medjax.hf.gguf import load_gguf
         from medjax.hf.load import sharding_fn
         return load_gguf(p, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                         prepare=prepare, sharding_of=sharding_fn(shardings, mesh, rules))
+                         prepare=prepare, sharding_of=sharding_fn(shardings, mesh, rules),
+                         scan_layers=scan_layers)
     if p.is_file():
         raise CheckpointError(f"{p}: expected an HF model directory or a .gguf file")
     from medjax.hf.load import load_hf_dir
     model = load_hf_dir(p, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
                         attention_impl=attention_impl, progress=progress, prepare=prepare,
-                        mesh=mesh, rules=rules, on_tensor=on_tensor)
+                        mesh=mesh, rules=rules, on_tensor=on_tensor, scan_layers=scan_layers)
     return model, _load_tokenizer(p)
 
 

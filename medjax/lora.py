@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.errors import ConfigError
+from medjax.models.stack import num_stacked
 from medjax.ops.grouped_matmul import grouped_matmul
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -55,8 +56,9 @@ def matches(path: str, patterns) -> bool:
 
 
 def _is_linear(module) -> bool:
+    """A module with ``kernel [in, out]`` (``[L, in, out]`` in stacked layers)."""
     kernel = getattr(module, "kernel", None)
-    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2
+    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2 + num_stacked(kernel)
 
 
 def _is_experts(module) -> bool:
@@ -102,7 +104,8 @@ def _logical(var, index):
 
 
 class _Adapter(nnx.Module):
-    """``A [..., in, r]``, ``B [..., r, out]`` (leading dims: experts), dropout on the input."""
+    """``A [..., in, r]``, ``B [..., r, out]`` (leading dims: stacked layers, experts), dropout on
+    the input. Under the layer scan each layer sees its own slice ``A[i]``, ``B[i]``."""
 
     def __init__(self, base_weight: nnx.Variable, *, rank, alpha, dropout, rngs):
         *lead, d_in, d_out = base_weight[...].shape

@@ -133,7 +133,7 @@ def abstract_model(cfg: RunConfig, model_cfg):
 
     def build():
         model = Decoder(model_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.model.param_dtype),
-                        dtype=jnp.dtype(cfg.model.dtype))
+                        dtype=jnp.dtype(cfg.model.dtype), scan_layers=cfg.model.scan_layers)
         from medjax.training.setup import prepare_model
         prepare_model(cfg, model)       # the trainer's wrap → quantize → NEFTune, one copy
         return model
@@ -213,7 +213,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
             weight_temp = max(weight_temp, _local_elements(var, mesh, rules, gathered=True)[1] * compute)
     for _, q in nnx.iter_modules(model):
         if isinstance(q, QuantizedTensor):
-            total += q.spec.n_params
+            total += q.n_params
             storage = sum(_local_elements(getattr(q, n), mesh, rules)[1] *
                           jnp.dtype(getattr(q, n).get_value().dtype).itemsize for n in q.names)
             n_in = q.spec.shape[-2]

@@ -13,7 +13,10 @@ GPU pipeline (CUDA). Nothing is allocated. Reported per device:
 * TPU: compiled FLOPs per step against the model FLOPs (6·N per token trained, 4·N per token
   through a frozen LoRA base, plus causal attention). ``cost_analysis`` counts a loop body
   once, so the micro-batch scan's FLOPs are multiplied by ``train.grad_accum`` (the optimizer
-  update, outside the loop, is a negligible overcount). The Pallas kernels count by the cost
+  update, outside the loop, is a negligible overcount); with ``model.scan_layers`` the layer
+  scan's body is counted once too, so FLOPs and ``optimal_seconds`` are scaled by the model's
+  FLOPs with all layers over those with one (exact when each layer costs what the model
+  formula says). The Pallas kernels count by the cost
   estimates they declare; remat recomputation shows up as a ratio above 1;
 * an estimated step time, a LOWER BOUND: the compiler's ``optimal_seconds`` (TPU) times the
   trip count, else a roofline from FLOPs and peak bf16 throughput.
@@ -137,7 +140,7 @@ def abstract_step(cfg, mesh, model_cfg):
     model = nnx.eval_shape(lambda: Decoder(
         model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,
-        remat=cfg.model.remat))
+        remat=cfg.model.remat, scan_layers=cfg.model.scan_layers))
     t = build_trainable(cfg, model, mesh, abstract=True)
     return t.step_fn, (t.state, t.frozen, t.reference,
                        t.batch_spec(cfg.train.batch_size, cfg.data.seq_len))
@@ -207,12 +210,22 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
                kernels=kernels, grad_accum=accum,
                compiled_flops=None, optimal_seconds=None)
     if cost:
-        out["compiled_flops"] = float(cost.get("flops", 0.0)) * accum
+        scale = accum * _layer_scan_scale(cfg, model_cfg, estimate, flops)
+        out["compiled_flops"] = float(cost.get("flops", 0.0)) * scale
         if cost.get("optimal_seconds", 0) > 0:
-            out["optimal_seconds"] = float(cost["optimal_seconds"]) * accum
+            out["optimal_seconds"] = float(cost["optimal_seconds"]) * scale
     model_total = out["model_matmul_flops"] + out["model_attention_flops"]
     out["roofline_seconds"] = max(out["compiled_flops"] or 0.0, model_total) / chip.bf16_flops
     return out
+
+
+def _layer_scan_scale(cfg, model_cfg, estimate, flops) -> float:
+    """1, or (model FLOPs with all L layers) / (with one) when the layers run under a scan
+    whose body ``cost_analysis`` counts once."""
+    if not getattr(cfg.model, "scan_layers", False) or model_cfg.num_layers <= 1:
+        return 1.0
+    one = model_flops(cfg, model_cfg.replace(num_layers=1), estimate.trainable, estimate.total_params)
+    return sum(flops.values()) / sum(one.values())
 
 
 def _kernel_counts(text: str) -> dict:

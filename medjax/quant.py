@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medjax.models.stack import LAYERS_AXIS, num_stacked
 from medjax.ops.grouped_matmul import grouped_matmul
 
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero), as
@@ -232,33 +233,57 @@ quantized_ragged_dot.defvjp(_qrd_fwd, _qrd_bwd)
 
 
 # ------------------------------------------------------------------------------ modules
-def _axes_for(name: str, kernel_axes, fmt: str):
-    """Logical axes of a storage array: codes keep the weight's; scales keep all but ``in``."""
+def _axes_for(name: str, kernel_axes, ndim: int, stacked: bool):
+    """Logical axes of a storage array: codes keep the weight's; scales keep all but ``in``;
+    double-quant pieces only the stacked ``layers`` axis (when there is one)."""
     if kernel_axes is None:
         return None
     if name == "codes":
         return tuple(kernel_axes)
     if name == "scales":
         return tuple(kernel_axes[:-2]) + (None, kernel_axes[-1])
-    return None                                                          # double-quant pieces
+    return (LAYERS_AXIS,) + (None,) * (ndim - 1) if stacked else None   # double-quant pieces
 
 
 class QuantizedTensor(nnx.Module):
-    """One quantized weight: static ``spec`` + ``QuantizedArray`` storage."""
+    """One quantized weight: static ``spec`` + ``QuantizedArray`` storage.
+
+    A stacked weight ``[L, ...]`` (scanned layers) is quantized layer by layer: ``spec``
+    describes ONE layer (the same blocks as in the loop layout, double quant included) and every
+    storage array gets a leading ``L`` axis, so the scan body sees a per-layer tensor."""
 
     def __init__(self, weight: nnx.Variable, fmt: str, *, block: int, double_quant: bool, dtype):
-        self.spec, arrays = quantize(weight[...], fmt, block=block, double_quant=double_quant,
-                                     dtype=dtype)
+        w = weight[...]
+        self.layers = w.shape[0] if num_stacked(weight) else 0
+        kw = dict(block=block, double_quant=double_quant, dtype=dtype)
+        if self.layers:
+            specs = []
+
+            def one(w_layer):
+                spec, arrays = quantize(w_layer, fmt, **kw)
+                specs.append(spec)
+                return arrays
+            arrays = jax.vmap(one)(w)
+            self.spec = specs[0]
+        else:
+            self.spec, arrays = quantize(w, fmt, **kw)
         axes = weight.get_metadata().get("logical_axes")
         self.names = tuple(sorted(arrays))
         for name, value in arrays.items():
-            setattr(self, name, QuantizedArray(value, logical_axes=_axes_for(name, axes, fmt)))
+            setattr(self, name, QuantizedArray(value, logical_axes=_axes_for(
+                name, axes, value.ndim, bool(self.layers))))
         self.logical_axes = axes
+
+    @property
+    def n_params(self) -> int:
+        return self.spec.n_params * max(self.layers, 1)
 
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in self.names}
 
     def dequantize(self, dtype=None):
+        if self.layers:
+            return jax.vmap(lambda a: dequantize(self.spec, a, dtype))(self.arrays())
         return dequantize(self.spec, self.arrays(), dtype)
 
 
@@ -266,7 +291,7 @@ class QuantizedLinear(nnx.Module):
     """``y = x @ dequantize(W)`` standing in for ``medjax.models.Linear``."""
 
     def __init__(self, base, fmt: str, *, block: int = 64, double_quant: bool = False):
-        self.in_features, self.out_features = base.kernel[...].shape
+        self.in_features, self.out_features = base.kernel[...].shape[-2:]
         self.dtype = getattr(base, "dtype", jnp.float32)
         self.weight = QuantizedTensor(base.kernel, fmt, block=block, double_quant=double_quant,
                                       dtype=self.dtype)
@@ -333,7 +358,7 @@ def _set(model, path, new):
 
 def _is_plain_linear(m) -> bool:
     kernel = getattr(m, "kernel", None)
-    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2
+    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2 + num_stacked(kernel)
 
 
 def _is_plain_experts(m) -> bool:
@@ -393,7 +418,7 @@ def dequantize_model(model, param_dtype=jnp.float32):
 
 def _total_params(model) -> int:
     n = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return n + sum(q.spec.n_params for _, q in nnx.iter_modules(model)
+    return n + sum(q.n_params for _, q in nnx.iter_modules(model)
                    if isinstance(q, QuantizedTensor))
 
 
@@ -415,7 +440,7 @@ class QuantReport:
 
     def add(self, path, qtensors):
         for q in qtensors:
-            self.tensors.append((path, q.spec.n_params, storage_bytes(q.arrays())))
+            self.tensors.append((path, q.n_params, storage_bytes(q.arrays())))
 
     @property
     def quantized_params(self) -> int:

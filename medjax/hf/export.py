@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 from medjax.hf.names import export_tensors
 from medjax.hf.safetensors_io import CheckpointError
+from medjax.models.stack import per_layer_flat
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -49,7 +50,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
     if dtype not in _NP_DTYPES:
         raise ValueError(f"export dtype {dtype!r} not in {list(_NP_DTYPES)}")
     cfg = model.config
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    flat = per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     np_dtype = _NP_DTYPES[dtype]
     is_writer = jax.process_index() == 0
 

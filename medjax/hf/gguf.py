@@ -153,8 +153,23 @@ def _dequantize(tensor) -> np.ndarray:
     return np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
+def _host_weight(t, transpose: bool, cfg) -> np.ndarray:
+    """Tensor ``t`` dequantized, un-permuted (q/k) and transposed to the medjax layout; the
+    last one is kept, so the blocks of one tensor cost one dequantization."""
+    if _LAST[0] is not t:
+        _LAST[:] = [None, None]              # drop the previous tensor before making the next
+        w = _dequantize(t)
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
+        _LAST[:] = [t, np.swapaxes(w, -1, -2) if transpose else w]
+    return _LAST[1]
+
+
+_LAST = [None, None]
+
+
 def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto", prepare=None,
-              sharding_of=None):
+              sharding_of=None, scan_layers=False):
     """``(model, tokenizer)`` from a GGUF file. With ``sharding_of`` / ``prepare`` (see
     ``hf/load.py``: ``medjax.load(..., mesh=, rules=, prepare=)``) each tensor is dequantized once
     per process and lands straight in its shardings, or is quantized for QLoRA as it lands."""
@@ -181,6 +196,7 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
             mpath = ("model", "layers", int(parts[1])) + suffix
         places[mpath] = (t, transpose)
     expected = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(abstract_decoder(cfg), nnx.Param))}
+    # (per-layer paths: the loop layout's; the loader maps them onto stacked layers)
     for mpath, (t, _) in places.items():
         if mpath not in expected:
             raise CheckpointError(f"{path}: tensor {t.name!r} has no place in the model (config mismatch)")
@@ -189,18 +205,16 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
         raise CheckpointError(f"{path}: missing tensor for {missing[0]}")
     loader = StreamingLoader(cfg, list(places), dtype=dtype, param_dtype=param_dtype or dtype,
                              attention_impl=attention_impl, prepare=prepare,
-                             sharding_of=sharding_of or (lambda p, v: None))
+                             sharding_of=sharding_of or (lambda p, v: None), scan_layers=scan_layers)
     for mpath, (t, transpose) in places.items():
-        w = _dequantize(t)
-        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = _unpermute(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
-        if transpose:
-            w = np.swapaxes(w, -1, -2)
-        if w.shape != loader.shape(mpath):
-            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {list(w.shape)}, "
+        shape = tuple(int(d) for d in reversed(t.shape))
+        shape = shape[:-2] + shape[:-3:-1] if transpose else shape
+        if shape != loader.shape(mpath):
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {list(shape)}, "
                                   f"expected {list(loader.shape(mpath))}")
-        loader.fill(mpath, lambda idx, dt, w=w: np.ascontiguousarray(w[idx], dtype=dt))
-        del w
+        loader.fill(mpath, lambda idx, dt, t=t, transpose=transpose: np.ascontiguousarray(
+            _host_weight(t, transpose, cfg)[idx], dtype=dt))
+    _LAST[:] = [None, None]
     model = loader.model
     model.source_path = str(path.resolve())
     from medjax.tokenizer import Tokenizer

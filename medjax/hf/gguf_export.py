@@ -28,6 +28,7 @@ from flax import nnx
 from medjax.hf.export import _host
 from medjax.hf.gguf import _BLOCK, _GLOBAL
 from medjax.hf.safetensors_io import CheckpointError
+from medjax.models.stack import per_layer_flat
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # gguf.LlamaFileType values
@@ -156,7 +157,7 @@ def save_gguf(model, path, *, tokenizer=None, type: str = "f16", name: str | Non
     if source is not None and Path(source).resolve() == out:
         raise CheckpointError(f"refusing to export over {out}: the model was loaded from there")
     cfg = model.config
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    flat = per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     plan = _tensor_plan(cfg, flat)
     factors = rope_freq_factors(cfg)
     shapes = {}

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, param_sources
 from medjax.hf.safetensors_io import CheckpointError, TensorInfo, find_weight_files, index_tensors
 from medjax.models import Decoder, ModelConfig, abstract_decoder
+from medjax.models.stack import split_layer_path
 
 ShardingFn = Callable[[tuple, tuple], "jax.sharding.Sharding | None"]
 
@@ -192,7 +193,7 @@ def _has(node, part) -> bool:
 
 def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: ShardingFn | None = None,
                 attention_impl: str = "auto", progress: bool = True, prepare=None, mesh=None,
-                rules=None, on_tensor=None) -> Decoder:
+                rules=None, on_tensor=None, scan_layers: bool = False) -> Decoder:
     """Build a Decoder from an HF directory (config.json + safetensors, single or sharded).
 
     ``prepare(model)`` transforms the decoder in place before any weight exists (LoRA wrapping, QLoRA
@@ -201,7 +202,8 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
     exists. Variables the file does not hold (adapters, RNG state) are created by a jitted init
     with ``out_shardings``. ``mesh`` + ``rules`` place every variable by the sharding rules
     (``shardings`` is the older per-param callable). ``on_tensor(path)`` runs after each
-    tensor lands (memory sampling in tests).
+    tensor lands (memory sampling in tests). ``scan_layers``: the stacked-layer layout, each
+    layer's tensor read into index ``i`` of its stacked variable (models/stack.py).
     """
     directory = Path(directory)
     cfg = read_hf_config(directory)
@@ -210,7 +212,7 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
     _check_names(cfg, sources, tensors)
     loader = StreamingLoader(cfg, sources, dtype=dtype, param_dtype=param_dtype or dtype,
                              attention_impl=attention_impl, prepare=prepare,
-                             sharding_of=sharding_fn(shardings, mesh, rules))
+                             sharding_of=sharding_fn(shardings, mesh, rules), scan_layers=scan_layers)
     I = cfg.intermediate_size
     bar = tqdm(total=len(sources), desc=f"loading {directory.name}", unit="tensor",
                disable=not progress, leave=False)
@@ -232,13 +234,21 @@ class StreamingLoader:
     GGUF share it): ``fill(path, read)`` with ``read(index, dtype) -> np.ndarray`` of
     ``param[index]``; a float target is placed block by block, a quantized one quantized in
     column chunks. The variables no checkpoint tensor fills are created first, by a jitted
-    init with ``out_shardings``, while little else is resident."""
+    init with ``out_shardings``, while little else is resident.
 
-    def __init__(self, cfg, paths, *, dtype, param_dtype, attention_impl, prepare, sharding_of):
+    Paths are per layer (``("model", "layers", i, ...)``) in both layouts. With stacked layers
+    the reads of a variable's L layers are collected (they are lazy) and the variable is placed
+    once all are known: each device block ``[l0:l1, ...]`` is read as layers ``l0..l1-1``'s
+    blocks, layer ``i`` into index ``i``, so sharded import still reads only a device's bytes."""
+
+    def __init__(self, cfg, paths, *, dtype, param_dtype, attention_impl, prepare, sharding_of,
+                 scan_layers=False):
         build = _builder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                         prepare=prepare)
+                         prepare=prepare, scan_layers=scan_layers)
         self.model, self.sharding_of = nnx.eval_shape(build), sharding_of
-        self.targets = {path: resolve_target(self.model, path) for path in paths}
+        self.scan_layers, self.num_layers, self.pending = scan_layers, cfg.num_layers, {}
+        keys = {self._key(p)[0] for p in paths}
+        self.targets = {path: resolve_target(self.model, path) for path in keys}
         for path, target in self.targets.items():
             if target is None:
                 raise CheckpointError(f"internal: no place for parameter {'.'.join(map(str, path))}")
@@ -246,18 +256,49 @@ class StreamingLoader:
                      for v in ([t] if isinstance(t, nnx.Variable) else [getattr(t, n) for n in t.names])}
         _init_missing(self.model, build, sharding_of, lambda var: id(var) not in from_file)
 
+    def _key(self, path):
+        return split_layer_path(path) if self.scan_layers else (tuple(path), None)
+
     def shape(self, path) -> tuple:
-        return _float_shape(self.targets[path])
+        key, i = self._key(path)
+        shape = _float_shape(self.targets[key])
+        return shape if i is None else shape[1:]
 
     def fill(self, path, read) -> None:
-        target = self.targets[path]
+        key, i = self._key(path)
+        if i is None:
+            return self._fill(key, read, None)
+        reads = self.pending.setdefault(key, {})
+        reads[i] = read
+        if len(reads) == self.num_layers:
+            del self.pending[key]
+            self._fill(key, _stacked_read([reads[j] for j in range(self.num_layers)]),
+                       [reads[j] for j in range(self.num_layers)])
+
+    def _fill(self, key, read, layer_reads) -> None:
+        target = self.targets[key]
         if isinstance(target, nnx.Variable):
             want = np.dtype(target.get_value().dtype)
-            target.set_value(_place(self.shape(path), self.sharding_of(path, target),
+            target.set_value(_place(_float_shape(target), self.sharding_of(key, target),
                                     lambda idx: read(idx, want)))
         else:
-            _fill_quantized(target, path, read, self.sharding_of)
+            _fill_quantized(target, key, layer_reads or [read], self.sharding_of)
         _release_freed_memory()
+
+
+def _stacked_read(layer_reads):
+    """``read(index, dtype)`` of a stacked ``[L, ...]`` variable from its layers' reads."""
+    def read(index, dtype):
+        rows = range(*index[0].indices(len(layer_reads))[:2]) if index else range(len(layer_reads))
+        out = None
+        for j, i in enumerate(rows):
+            block = layer_reads[i](tuple(index[1:]), dtype)
+            if out is None:
+                out = np.empty((len(rows),) + block.shape, block.dtype)
+            out[j] = block
+            del block
+        return out
+    return read
 
 
 def _release_freed_memory():
@@ -279,12 +320,12 @@ def _release_freed_memory():
 _LIBC = None
 
 
-def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare):
+def _builder(cfg, *, dtype, param_dtype, attention_impl, prepare, scan_layers=False):
     """``build()``, called only inside a trace (``eval_shape`` / ``jit``): the decoder with
     zero weights (free in a trace: no random init to trace), then ``prepare`` on top."""
     def build():
         model = abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype,
-                                 attention_impl=attention_impl)
+                                 attention_impl=attention_impl, scan_layers=scan_layers)
         for _, var in nnx.to_flat_state(nnx.state(model)):
             value = var.get_value()
             var.set_value(jnp.zeros(value.shape, value.dtype))
@@ -314,19 +355,28 @@ def _place(shape, sharding, read):
 def _float_shape(target) -> tuple:
     if isinstance(target, nnx.Variable):
         return tuple(target.get_value().shape)
-    return tuple(target.spec.shape)                  # QuantizedTensor
+    layers = (target.layers,) if target.layers else ()     # QuantizedTensor
+    return layers + tuple(target.spec.shape)
 
 
-def _fill_quantized(qtensor, path, read, sharding_of):
-    """Quantize one weight from bounded reads of its output columns; place its storage."""
+def _fill_quantized(qtensor, path, layer_reads, sharding_of):
+    """Quantize one weight (each stacked layer on its own) from bounded reads of its output
+    columns; place its storage."""
     from medjax.quant import quantize_streaming
     lead = len(qtensor.spec.shape) - 2
 
-    def read_columns(lead_index, cols):
-        index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
-        return read(index, np.float32)[(0,) * lead]
+    def quantized(read):
+        def read_columns(lead_index, cols):
+            index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
+            return read(index, np.float32)[(0,) * lead]
+        return quantize_streaming(qtensor.spec, read_columns)
 
-    arrays = quantize_streaming(qtensor.spec, read_columns)
+    if qtensor.layers:
+        parts = [quantized(r) for r in layer_reads]
+        arrays = {name: np.stack([p[name] for p in parts]) for name in parts[0]}
+        del parts
+    else:
+        arrays = quantized(layer_reads[0])
     for name, host in arrays.items():
         var = getattr(qtensor, name)
         sub = tuple(path[:-1]) + (name,)

@@ -2,6 +2,9 @@
 
 embed → N × (RMSNorm → attention → residual, RMSNorm → MLP | sparse MoE → residual) → RMSNorm → head.
 Submodule names follow HF (``model.layers.3.self_attn.q_proj``) so import/export is a name table.
+With ``scan_layers`` the N layers are ONE module of stacked weights ``[N, ...]`` run by a scan
+(``models/stack.py``; params ``model.layers.self_attn.q_proj.kernel [N, in, out]``); without it,
+an ``nnx.List`` of N layers run by a Python loop.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from medjax.models.attention import Attention
 from medjax.models.config import ModelConfig
 from medjax.models.layers import MLP, Embed, Linear, RMSNorm, rope_inv_freq
 from medjax.models.moe import SparseMoE, load_balancing_loss
+from medjax.models.stack import scan_layers, stack_modules
 
 REMAT_POLICIES = {
     "full": None,
@@ -90,29 +94,37 @@ def remat_layer(layer: DecoderLayer, policy: str, h_BTH, positions_BT, inv_freq,
 class Backbone(nnx.Module):
     """HF's ``model.`` prefix: embeddings, layers, final norm."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, attention_impl):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, attention_impl,
+                 scan_layers=False):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype)
-        self.layers = nnx.List([
-            DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                         attention_impl=attention_impl) for _ in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                               attention_impl=attention_impl) for _ in range(cfg.num_layers)]
+        # the same random draws in both layouts: a seed gives the same weights either way
+        self.layers = stack_modules(layers) if scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, attention_impl: str = "auto", remat: str = "none"):
+                 param_dtype=jnp.float32, attention_impl: str = "auto", remat: str = "none",
+                 scan_layers: bool = False):
         self.config = cfg
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
         self.model = Backbone(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                              attention_impl=attention_impl)
+                              attention_impl=attention_impl, scan_layers=scan_layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, logical_axes=("embed", "vocab"),
                                   rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
+    def layer_modules(self) -> list:
+        """The layer module(s): one stacked module with ``scan_layers``, else N."""
+        return [self.model.layers] if self.scan_layers else list(self.model.layers)
+
     def set_attention_impl(self, impl: str) -> None:
-        for layer in self.model.layers:
+        for layer in self.layer_modules():
             layer.self_attn.attention_impl = impl
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -132,6 +144,9 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         inv_freq = rope_inv_freq(self.config)
+        if self.scan_layers:
+            return self._finish(*self._scan(h_BTH, positions, inv_freq, segment_ids, cache),
+                                logits_at)
         router_stats = 0.0
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
@@ -145,6 +160,20 @@ class Decoder(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
+        new_cache = None if cache is None else KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        return self._finish(h_BTH, new_cache, router_stats, logits_at)
+
+    def _scan(self, h_BTH, positions, inv_freq, segment_ids, cache):
+        if self.remat != "none" and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat {self.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+        remat = self.remat != "none" and cache is None
+        kv = None if cache is None else (cache.k, cache.v)
+        h_BTH, kv, router_stats = scan_layers(
+            self.model.layers, h_BTH, positions, inv_freq, segment_ids, kv, remat=remat,
+            policy=REMAT_POLICIES.get(self.remat))
+        return h_BTH, (None if cache is None else KVCache(k=kv[0], v=kv[1])), router_stats
+
+    def _finish(self, h_BTH, new_cache, router_stats, logits_at) -> DecoderOutput:
         if logits_at is not None:
             h_BTH = jnp.take_along_axis(h_BTH, logits_at[..., None].astype(jnp.int32), axis=1)
         h_BTH = self.model.norm(h_BTH)
@@ -152,7 +181,6 @@ class Decoder(nnx.Module):
             logits = self.model.embed_tokens.attend(h_BTH)
         else:
             logits = self.lm_head(h_BTH).astype(jnp.float32)
-        new_cache = None if cache is None else KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
         aux_loss = (load_balancing_loss(router_stats, self.config.num_experts)
                     if self.config.is_moe else jnp.zeros((), jnp.float32))
         return DecoderOutput(logits.astype(jnp.float32), new_cache, aux_loss)

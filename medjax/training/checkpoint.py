@@ -43,12 +43,34 @@ def flatten_state(state) -> dict:
     return out
 
 
+_LAYER_INDEX = re.compile(r"\.layers\.\d+\.")
+
+
+def _scan_layers_of(names) -> bool | None:
+    """Which layer layout tensor names come from: False for per-layer ``layers.<i>.`` names
+    (the loop), True for stacked ``layers.`` names (``model.scan_layers``), None without layers."""
+    names = [n for n in names if ".layers." in f".{n}"]
+    if not names:
+        return None
+    return not any(_LAYER_INDEX.search(f".{n}") for n in names)
+
+
+def _missing_error(where: str, missing: list, template_names, saved_names) -> CheckpointError:
+    ours, theirs = _scan_layers_of(template_names), _scan_layers_of(saved_names)
+    if ours is not None and theirs is not None and ours != theirs:
+        layout = lambda scan: "stacked layers (scan)" if scan else "one entry per layer (loop)"  # noqa: E731
+        return CheckpointError(
+            f"{where} holds {layout(theirs)} but this run uses {layout(ours)}: set "
+            f"model.scan_layers={'true' if theirs else 'false'} to resume it")
+    return CheckpointError(f"{where} lacks {missing[0]!r} (and {len(missing) - 1} more): was it "
+                           "written by a different model / LoRA config?")
+
+
 def unflatten_state(template, flat: dict):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     missing = [_name(p) for p, _ in leaves if _name(p) not in flat]
     if missing:
-        raise CheckpointError(f"checkpoint lacks {missing[0]!r} (and {len(missing) - 1} more): "
-                              "was it written by a different model / LoRA config?")
+        raise _missing_error("checkpoint", missing, [_name(p) for p, _ in leaves], list(flat))
     restored = []
     for path, leaf in leaves:
         value = flat[_name(path)]
@@ -155,9 +177,8 @@ class Checkpointer:
             return
         missing = sorted(set(flat_template) - set(saved))
         if missing:
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} lacks {missing[0]!r} "
-                                  f"(and {len(missing) - 1} more): was it written by a different "
-                                  "model / LoRA config?")
+            raise _missing_error(f"checkpoint {self.directory / str(step)}", missing,
+                                 list(flat_template), list(saved))
         for k, spec in flat_template.items():
             if tuple(np.shape(saved[k])) != tuple(spec.shape):
                 raise CheckpointError(f"checkpoint tensor {k!r} has shape {np.shape(saved[k])}, "

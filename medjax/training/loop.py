@@ -82,11 +82,13 @@ def load_model(cfg: RunConfig, mesh=None):
     if cfg.model.path is not None:
         import medjax
         model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
-                                       attention_impl=cfg.model.attention)
+                                       attention_impl=cfg.model.attention,
+                                       scan_layers=cfg.model.scan_layers)
     else:
         from medjax.models import get_preset, init_decoder
         model = init_decoder(get_preset(cfg.model.preset), seed=cfg.train.seed, dtype=dtype,
-                             param_dtype=param_dtype, attention_impl=cfg.model.attention)
+                             param_dtype=param_dtype, attention_impl=cfg.model.attention,
+                             scan_layers=cfg.model.scan_layers)
         from medjax.tokenizer import preset_tokenizer
         tokenizer = preset_tokenizer(cfg.model.preset)    # byte-level for tiny-* presets, else None
     model.remat = cfg.model.remat

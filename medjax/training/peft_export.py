@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from medjax.lora import LoRAExperts, LoRALinear, lora_modules
+from medjax.models.stack import num_stacked, unstack_module
 
 
 def _np(var) -> np.ndarray:
@@ -80,6 +81,21 @@ def _fused_gate_up(wrapper: LoRAExperts):
     return a_EHR, b_ERO, scales.pop()
 
 
+def _per_layer_wrappers(model):
+    """``[(dotted path, wrapper)]`` with stacked-layer wrappers (``model.layers.x``, adapters
+    ``[L, ...]``) split into one per layer (``model.layers.{i}.x``): PEFT names are per layer."""
+    out = []
+    for path, wrapper in lora_modules(model):
+        adapter = wrapper.adapter if isinstance(wrapper, LoRALinear) else getattr(
+            wrapper, wrapper.projections[0])
+        if not num_stacked(adapter.lora_a):
+            out.append((path, wrapper))
+            continue
+        head, tail = path.split(".layers.", 1)
+        out.extend((f"{head}.layers.{i}.{tail}", w) for i, w in enumerate(unstack_module(wrapper)))
+    return out
+
+
 def peft_tensors(model) -> tuple[dict, dict]:
     """``({peft_name: np.ndarray}, info)``; info holds the LoraConfig fields to write."""
     tensors = {}
@@ -91,7 +107,7 @@ def peft_tensors(model) -> tuple[dict, dict]:
         tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = factors
         shapes[key] = (int(rank), float(scale * rank))
 
-    for path, wrapper in lora_modules(model):
+    for path, wrapper in _per_layer_wrappers(model):
         moe = ".block_sparse_moe." in f".{path}."
         hf = path.replace(".block_sparse_moe.", ".mlp.")   # transformers 5 module path
         prefix = f"base_model.model.{hf}"

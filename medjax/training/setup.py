@@ -99,7 +99,8 @@ def load_prepared(cfg, mesh):
     model, tokenizer = medjax.load(cfg.model.path, dtype=jnp.dtype(cfg.model.dtype),
                                    param_dtype=param_dtype, attention_impl=cfg.model.attention,
                                    mesh=mesh, rules=rules_for(cfg.mesh.preset),
-                                   prepare=lambda m: prepare_model(cfg, m))
+                                   prepare=lambda m: prepare_model(cfg, m),
+                                   scan_layers=cfg.model.scan_layers)
     model.prepared = True
     return model, tokenizer
 

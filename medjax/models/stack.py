@@ -1,0 +1,110 @@
+"""Stacked decoder layers (``model.scan_layers``): one layer module whose every weight has a
+leading ``layers`` axis ``[L, ...]``, run by ``jax.lax.scan`` so the program (and its compile
+time) holds ONE layer body whatever the depth.
+
+The scan body is pure in the layer's state, as ``decoder.remat_layer`` is: the stacked state
+(weights, frozen LoRA bases, ``QuantizedArray`` codes, adapters: everything but RNG streams)
+is scanned over as ``xs``; the RNG streams (LoRA dropout) ride in the carry, so each layer
+advances them as the loop does, and are written back afterwards. Per-layer outputs (KV cache
+slices, router statistics) come back as ``ys``.
+
+Per-layer paths ``("model", "layers", i, ...)`` stay the one naming of layer weights outside
+the model (HF/GGUF names, PEFT files): :func:`split_layer_path` maps one to its stacked
+variable ``("model", "layers", ...)`` and index ``i``, and :func:`per_layer_flat` views either
+layout's flat state by per-layer paths.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LAYERS_AXIS = "layers"            # logical axis of the stacked dim; sharding never splits it
+
+
+def stack_modules(modules):
+    """``modules[0]`` with every non-RNG variable replaced by the stack of all ``modules``'
+    values (leading axis ``L``) and ``"layers"`` prepended to its ``logical_axes``."""
+    first = modules[0]
+    states = [nnx.state(m, nnx.Not(nnx.RngState)) for m in modules]
+    nnx.update(first, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    for _, var in nnx.iter_graph(first):
+        if isinstance(var, nnx.Variable) and not isinstance(var, nnx.RngState):
+            axes = var.get_metadata().get("logical_axes")
+            if axes is not None:
+                var.set_metadata("logical_axes", (LAYERS_AXIS,) + tuple(axes))
+    return first
+
+
+def num_stacked(var) -> int:
+    """1 when ``var`` carries the stacked ``layers`` axis first, else 0."""
+    axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+    return int(bool(axes) and axes[0] == LAYERS_AXIS)
+
+
+def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat=False,
+                policy=None):
+    """Run the stacked ``layers`` over ``h_BTH``: ``(h_BTH, kv, router_stats summed)``.
+
+    ``kv`` is ``(k, v)`` ``[L, B, S, Hkv, D]`` or ``None``; with ``remat`` the body runs under
+    ``jax.checkpoint(policy=policy)`` (one layer's activations recomputed in the backward).
+    """
+    graphdef, rng_state, weights = nnx.split(layers, nnx.RngState, ...)
+
+    def body(carry, xs):
+        h, rng = carry
+        w, kv_i = xs
+        layer = nnx.merge(graphdef, rng, w)
+        h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
+        return (h, nnx.state(layer, nnx.RngState)), (kv_i, stats)
+
+    if remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    (h_BTH, rng_state), (kv, stats) = jax.lax.scan(body, (h_BTH, rng_state), (weights, kv))
+    nnx.update(layers, rng_state)
+    return h_BTH, kv, jnp.sum(stats, axis=0)
+
+
+# ------------------------------------------------------------------------------ per-layer names
+def split_layer_path(path: tuple):
+    """``("model", "layers", i, *rest)`` → ``(("model", "layers", *rest), i)``; other paths →
+    ``(path, None)``."""
+    path = tuple(path)
+    for j in range(len(path) - 1):
+        if path[j] == "layers" and isinstance(path[j + 1], int):
+            return path[:j + 1] + path[j + 2:], path[j + 1]
+    return path, None
+
+
+def unstack_module(module) -> list:
+    """The per-layer modules of a stacked module: module ``i`` holds slice ``[i]`` of every
+    stacked variable (RNG streams shared)."""
+    graphdef, rng, rest = nnx.split(module, nnx.RngState, ...)
+    n = jax.tree.leaves(rest)[0].shape[0]
+    return [nnx.merge(graphdef, rng, jax.tree.map(lambda x, i=i: x[i], rest)) for i in range(n)]
+
+
+class LayerSlice:
+    """Layer ``i`` of a stacked variable, sliced when read (``get_value()``), so a per-layer
+    view of a model copies one layer at a time."""
+
+    def __init__(self, var, i: int):
+        self.var, self.i = var, i
+
+    def get_value(self):
+        return self.var.get_value()[self.i]
+
+
+def per_layer_flat(flat) -> dict:
+    """``{per-layer path: variable | LayerSlice}`` from a model's flat state in either layout:
+    stacked ``("model", "layers", *rest)`` becomes ``("model", "layers", i, *rest)``."""
+    out = {}
+    for path, var in dict(flat).items():
+        path = tuple(path)
+        if LAYERS_AXIS in path and not any(isinstance(x, int) for x in path) and num_stacked(var):
+            j = path.index(LAYERS_AXIS) + 1
+            for i in range(var.get_value().shape[0]):
+                out[path[:j] + (i,) + path[j:]] = LayerSlice(var, i)
+        else:
+            out[path] = var
+    return out

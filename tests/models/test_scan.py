@@ -1,0 +1,133 @@
+"""Stacked layers under a scan (``scan_layers=True``) compute what the layer loop computes:
+logits, loss and gradients (through the product train step), with LoRA, QLoRA and remat, and
+greedy decoding with the KV cache."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medjax.config import LoraSection
+from medjax.lora import apply_lora
+from medjax.models import get_preset, init_decoder
+from medjax.models.stack import per_layer_flat, split_layer_path
+from medjax.quant import quantize_model
+from medjax.training import step as S
+from medjax.training.objectives import CausalLM
+
+MIXTRAL_TARGETS = ("q_proj", "v_proj", "o_proj", "experts", "block_sparse_moe.gate")
+LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def _batch(B=2, T=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 512, (B, T + 1))
+    lengths = rng.integers(T // 2, T + 1, B)
+    seg = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int32)
+    b = {"input_ids": ids[:, :-1] * seg, "targets": ids[:, 1:] * seg,
+         "positions": np.broadcast_to(np.arange(T), (B, T)), "segment_ids": seg,
+         "loss_mask": (seg * (np.arange(T)[None, :] >= 3)).astype(np.float32)}
+    return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def copy_into_stacked(loop_model, scan_model):
+    """Every per-layer value of ``loop_model`` written to index ``i`` of ``scan_model``'s stack."""
+    dst = dict(nnx.to_flat_state(nnx.state(scan_model, nnx.Not(nnx.RngState))))
+    for path, var in nnx.to_flat_state(nnx.state(loop_model, nnx.Not(nnx.RngState))):
+        key, i = split_layer_path(tuple(path))
+        target = dst[key]
+        value = var.get_value()
+        target.set_value(value if i is None else target.get_value().at[i].set(value))
+    nnx.update(scan_model, nnx.from_flat_state(list(dst.items())))
+
+
+def _pair(preset, lora=None, quantize=None):
+    """(loop model, scan model) with the same weights (random non-zero adapters with LoRA)."""
+    models = []
+    for scan in (False, True):
+        m = init_decoder(get_preset(preset), seed=0, attention_impl="xla", scan_layers=scan)
+        if lora is not None:
+            apply_lora(m, LoraSection(enabled=True, rank=4, targets=lora, dropout=0.0))
+        models.append(m)
+    loop, scan = models
+    if lora is not None:
+        leaves, treedef = jax.tree.flatten(nnx.state(loop, nnx.LoRAParam))
+        keys = jax.random.split(jax.random.key(3), len(leaves))
+        nnx.update(loop, jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                                      for x, k in zip(leaves, keys)]))
+    copy_into_stacked(loop, scan)
+    if quantize:
+        for m in (loop, scan):
+            quantize_model(m, quantize, block=32)
+    return loop, scan
+
+
+def test_same_seed_gives_the_same_weights_in_both_layouts():
+    loop = init_decoder(get_preset("tiny-mixtral"), seed=0)
+    scan = init_decoder(get_preset("tiny-mixtral"), seed=0, scan_layers=True)
+    flat_loop = dict(nnx.to_flat_state(nnx.state(loop, nnx.Param)))
+    flat_scan = dict(nnx.to_flat_state(nnx.state(scan, nnx.Param)))
+    assert sorted(per_layer_flat(flat_scan), key=str) == sorted(flat_loop, key=str)
+    q = flat_scan[("model", "layers", "self_attn", "q_proj", "kernel")]
+    assert q.get_value().shape == (2, 64, 64)
+    assert q.get_metadata()["logical_axes"] == ("layers", "embed", "q_heads")
+    for path, var in flat_loop.items():
+        key, i = split_layer_path(path)
+        got = flat_scan[key].get_value() if i is None else flat_scan[key].get_value()[i]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(var.get_value()), err_msg=str(path))
+
+
+CASES = {
+    "llama": dict(preset="tiny-llama2"),
+    "llama_lora_remat": dict(preset="tiny-llama2", lora=LLAMA_TARGETS, remat="full"),
+    "mixtral": dict(preset="tiny-mixtral"),
+    "mixtral_lora_remat": dict(preset="tiny-mixtral", lora=MIXTRAL_TARGETS, remat="full"),
+    "mixtral_qlora_nf4": dict(preset="tiny-mixtral", lora=MIXTRAL_TARGETS, quantize="nf4"),
+}
+SLOW = ("llama", "mixtral", "mixtral_qlora_nf4")     # covered by the LoRA + remat cases' paths
+
+
+@nnx.jit
+def _logits(model, ids, segment_ids):
+    return model.forward(ids, segment_ids=segment_ids).logits
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+                                  for c in CASES])
+def test_scan_matches_loop_logits_loss_and_grads(case):
+    kw = dict(CASES[case])
+    remat = kw.pop("remat", "none")
+    lora = kw.get("lora") is not None
+    loop, scan = _pair(**kw)
+    batch = _batch()
+    logits = [_logits(m, batch["input_ids"], batch["segment_ids"]) for m in (loop, scan)]
+    np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(logits[0]), rtol=1e-5, atol=1e-5)
+    run = jax.jit(S.accumulate_grads, static_argnames=("graphdef", "grad_accum", "objective"))
+    results = []
+    for m in (loop, scan):
+        m.remat = remat
+        graphdef, params, rngs, frozen = S.split_model(m, lora)
+        grads, _, metrics = run(params, rngs, frozen, {}, batch, graphdef=graphdef, grad_accum=1,
+                                objective=CausalLM(aux_coef=0.02))
+        results.append((float(metrics["loss"] + 0.02 * metrics["aux_loss"]), grads))
+    (loss0, g0), (loss1, g1) = results
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    flat0 = dict(nnx.to_flat_state(g0))
+    flat1 = dict(nnx.to_flat_state(g1))
+    assert sorted(per_layer_flat(nnx.to_flat_state(g1)), key=str) == sorted(flat0, key=str)
+    for path, g in flat0.items():
+        key, i = split_layer_path(path)
+        got = flat1[key].get_value() if i is None else flat1[key].get_value()[i]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(g.get_value()), rtol=1e-5, atol=1e-5,
+                                   err_msg=str(path))
+    assert any(float(jnp.abs(g.get_value()).max()) > 0 for g in flat0.values())
+
+
+def test_scan_decoding_with_kv_cache_matches_loop():
+    from medjax.eval.generate import Generator
+    loop, scan = _pair("tiny-mistral")          # sliding window 8 < the 23 positions decoded
+    prompts = np.random.default_rng(0).integers(3, 512, (2, 11)).tolist()
+    prompts[1] = prompts[1][:7]
+    outs = [Generator(m).generate(prompts, max_new_tokens=12, return_logits=True) for m in (loop, scan)]
+    assert outs[1][0] == outs[0][0]
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
