@@ -171,6 +171,7 @@ def _factored_elements(shape) -> int:
 # ----------------------------------------------------------------------------- planning
 def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     """Per-device bytes of ``cfg``'s training run; ``num_devices`` defaults to what the mesh asks."""
+    from medjax.models.stack import num_stacked
     from medjax.quant import QuantizedArray, QuantizedTensor, STREAM_CHUNK_ELEMENTS
     model_cfg = model_config(cfg)
     num_devices = num_devices or mesh_devices(cfg.mesh)
@@ -209,8 +210,11 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
             continue                                        # created by init, never read
         in_flight = max(in_flight, n_local * itemsize)
         host = max(host, _host_block(n_local, file_bytes, itemsize))
-        if itemsize != compute and var.get_value().ndim >= 2:
-            weight_temp = max(weight_temp, _local_elements(var, mesh, rules, gathered=True)[1] * compute)
+        if itemsize != compute and var.get_value().ndim >= 2 + num_stacked(var):
+            # one layer's weight at a time under the layer scan
+            layers = var.get_value().shape[0] if num_stacked(var) else 1
+            weight_temp = max(weight_temp,
+                              _local_elements(var, mesh, rules, gathered=True)[1] * compute / layers)
     for _, q in nnx.iter_modules(model):
         if isinstance(q, QuantizedTensor):
             total += q.n_params
