@@ -52,7 +52,7 @@ def batches(num_steps: int, batch: int, vocab: int, seed: int = 1):
 
 
 # ----------------------------------------------------------------------------- medjax.training
-def training_setup(preset: str, mesh, rules, seed: int = 0):
+def training_setup(preset: str, mesh, rules, seed: int = 0, scan_layers: bool = False):
     """The project's own jitted train step (medjax.training.step) on ``mesh``.
 
     Returns ``(step_fn, state, frozen)``; ``step_fn(state, frozen, batch) -> (state, metrics)``.
@@ -63,7 +63,7 @@ def training_setup(preset: str, mesh, rules, seed: int = 0):
     from medjax.training.optimizer import make_optimizer
     from medjax.training.step import init_train_state, jit_train_step, split_model
 
-    model = init_decoder(get_preset(preset), seed=seed)
+    model = init_decoder(get_preset(preset), seed=seed, scan_layers=scan_layers)
     graphdef, params, rngs, frozen = split_model(model, lora=False)
     tx, schedule = make_optimizer(OptimSection(lr=LR, schedule="constant", weight_decay=0.01,
                                                clip_norm=1.0), total_steps=100)

@@ -132,6 +132,28 @@ def test_preset_trains_like_single_device(model_name, preset, reference_losses):
     assert params >= 10
 
 
+@pytest.mark.parametrize("model_name, preset", [("tiny-llama", "fsdp_tp"), ("tiny-mixtral", "fsdp_ep")])
+def test_scanned_layers_train_like_single_device_loop(model_name, preset, reference_losses):
+    """Stacked layers (``scan_layers``): the same losses as the 1-device loop run, and every
+    stacked parameter has the preset's sharding with its leading ``layers`` axis whole."""
+    mesh = sharding.make_mesh(MeshSection(preset=preset, **MESHES[preset]))
+    step, state, frozen = common.training_setup(model_name, mesh, sharding.rules_for(preset),
+                                                scan_layers=True)
+    losses = []
+    for tokens in common.batches(STEPS, BATCH, get_preset(model_name).vocab_size):
+        state, metrics = step(state, frozen, sharding.global_batch(common.lm_batch(tokens), mesh))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, reference_losses[model_name], rtol=0, atol=1e-5)
+    stacked = 0
+    for path, variable in nnx.to_flat_state(state.params):
+        name, value = ".".join(map(str, path)), variable.get_value()
+        lead = (None,) if ".layers." in f".{name}." else ()
+        stacked += bool(lead)
+        want = _normalise(P(*lead, *_expected_spec(preset, name, value.ndim - len(lead))), value.ndim)
+        assert _normalise(value.sharding.spec, value.ndim) == want, f"{preset} {name}"
+    assert stacked >= 5
+
+
 def test_init_sharded_materialises_only_shards():
     cfg = get_preset("tiny-mixtral")
     mesh = sharding.make_mesh(MeshSection(preset="fsdp_ep", fsdp=2, expert=4))
