@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="full", help="model.remat (default: full)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="fresh processes per cell; each column keeps its minimum (a shared, "
+                        "loaded machine only ever adds time)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)        # internal: LAYERS,LAYOUT in this process
     return p
@@ -83,9 +86,13 @@ def main(argv=None) -> int:
     for L in depths:
         row = {"layers": L}
         for lay in layouts:
-            out = subprocess.run([sys.executable, "-m", "medjax.bench", "compile", f"--one={L},{lay}",
-                                  *passthrough], capture_output=True, text=True, check=True)
-            row[lay] = json.loads(out.stdout.strip().splitlines()[-1])
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                out = subprocess.run([sys.executable, "-m", "medjax.bench", "compile",
+                                      f"--one={L},{lay}", *passthrough],
+                                     capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            row[lay] = {k: min(r[k] for r in runs) for k in runs[0]}
         rows.append(row)
         print(f"{L:>6} " + " ".join(
             f"{row[lay]['build_s']:>11.2f} {row[lay]['lower_s']:>11.2f} {row[lay]['compile_s']:>13.2f} "

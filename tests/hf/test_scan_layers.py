@@ -98,7 +98,7 @@ def test_stacked_mesh_import_reads_each_block_once(tmp_path):
         assert r["read"] == r["file"], (d.name, r)      # every byte once, none twice
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_stacked_qlora_streaming_quantizes_each_layer_as_the_loop(fmt, tmp_path):
     from medjax.config import LoraSection
     from medjax.lora import apply_lora
