@@ -54,7 +54,7 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     def body(carry, xs):
         h, rng = carry
         w, kv_i = xs
-        layer = nnx.merge(graphdef, rng, w)
+        layer = _unstacked_metadata(nnx.merge(graphdef, rng, w))
         h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
         return (h, nnx.state(layer, nnx.RngState)), (kv_i, stats)
 
@@ -63,6 +63,16 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     (h_BTH, rng_state), (kv, stats) = jax.lax.scan(body, (h_BTH, rng_state), (weights, kv))
     nnx.update(layers, rng_state)
     return h_BTH, kv, jnp.sum(stats, axis=0)
+
+
+def _unstacked_metadata(layer):
+    """``layer`` (merged from one slice) with ``"layers"`` dropped from its variables'
+    ``logical_axes``, so code inside a layer that reads them (sharding constraints, expert
+    parallelism's specs) sees what a loop-layout layer has."""
+    for _, var in nnx.iter_graph(layer):
+        if isinstance(var, nnx.Variable) and num_stacked(var):
+            var.set_metadata("logical_axes", tuple(var.get_metadata()["logical_axes"][1:]))
+    return layer
 
 
 # ------------------------------------------------------------------------------ per-layer names
