@@ -33,7 +33,7 @@ class ModelSection:
     param_dtype: str = "float32"        # storage dtype of frozen/base params
     attention: str = "auto"             # auto | xla | pallas | cudnn
     remat: str = "none"                 # none | full | dots_saveable
-    scan_layers: bool = False           # stacked layer weights run by a scan (compile time flat
+    scan_layers: bool = True            # stacked layer weights run by a scan (compile time flat
                                         # in depth); false: a Python loop over N layers (debugging)
 
     def __post_init__(self):

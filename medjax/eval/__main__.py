@@ -82,7 +82,7 @@ def load_model(path: str, requested: str):
                     f"(python -m medjax.export) and evaluate the HF directory")
         return model, tokenizer, cfg.model.dtype, f"run model.dtype, step {step}"
     dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolved)
-    model, tokenizer = medjax.load(resolved, dtype=getattr(jnp, dtype))
+    model, tokenizer = medjax.load(resolved, dtype=getattr(jnp, dtype), scan_layers=True)
     return model, tokenizer, dtype, why
 
 

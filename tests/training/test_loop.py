@@ -36,7 +36,8 @@ def test_lora_changes_only_adapters_and_base_is_bit_identical(tiny_llama_dir, ti
     base_before = {k: np.array(v.get_value()) for k, v in nnx.to_flat_state(trainer.frozen)}
     adapters_before = {k: np.array(v.get_value()) for k, v in nnx.to_flat_state(trainer.state.params)}
     assert all("lora_" in ".".join(map(str, k)) for k in adapters_before)
-    assert len(adapters_before) == 2 * 7 * 2            # (a, b) x 7 targets x 2 layers
+    from medjax.models.stack import per_layer_flat        # stacked layers: one entry per layer
+    assert len(per_layer_flat(nnx.to_flat_state(trainer.state.params))) == 2 * 7 * 2  # (a, b) x 7 targets x 2 layers
     trainer.train()
     model = trainer.model()
     after = dict(nnx.to_flat_state(nnx.state(model)))
