@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medjax.ops.grouped_matmul import grouped_matmul
+from medjax.ops.grouped_matmul import GroupWeights, grouped_matmul
 
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero), as
 # published with QLoRA / bitsandbytes.
@@ -131,18 +131,21 @@ def _nf4_scales(spec: QSpec, arrays):
     return (flat[:n] + arrays["scale_offset"]).reshape(*lead, n_in // spec.block, n_out)
 
 
-def dequantize(spec: QSpec, arrays, dtype=None):
-    """The float weight ``[..., in, out]`` in ``dtype`` (default: the spec's compute dtype)."""
+def dequantize(spec: QSpec, arrays, dtype=None, *, expert: bool = False):
+    """The float weight ``[..., in, out]`` in ``dtype`` (default: the spec's compute dtype).
+    ``expert=True``: ``arrays`` hold one expert of a stacked ``[E, in, out]`` spec, whose
+    scales are already plain (:func:`_expert_arrays`); the result is ``[in, out]``."""
     dtype = jnp.dtype(dtype or spec.dtype)
     if spec.fmt == "int8":
         return (arrays["codes"].astype(jnp.float32) * arrays["scales"]).astype(dtype)
-    *lead, n_in, n_out = spec.shape
+    shape = spec.shape[1:] if expert else spec.shape
+    *lead, n_in, n_out = shape
     packed = arrays["codes"]
     idx = jnp.stack([packed & 0xF, packed >> 4], axis=-2).reshape(*lead, n_in, n_out)
     values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
     values = values.reshape(*lead, n_in // spec.block, spec.block, n_out)
-    w = values * _nf4_scales(spec, arrays)[..., None, :]
-    return w.reshape(spec.shape).astype(dtype)
+    scales = arrays["scales"] if expert else _nf4_scales(spec, arrays)
+    return (values * scales[..., None, :]).reshape(shape).astype(dtype)
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -211,24 +214,46 @@ def _qmm_bwd(spec, arrays, g):
 quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def quantized_ragged_dot(spec: QSpec, x_NI, group_sizes_E, arrays):
-    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside (run by
-    ``grouped_matmul``, whose cost follows the routed rows)."""
-    return grouped_matmul(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
+@jax.tree_util.register_pytree_node_class
+class QuantizedGroups(GroupWeights):
+    """Stacked quantized weights ``[E, in, out]`` as a ``grouped_matmul`` weight source: the
+    grouped matmul's loop dequantizes ONE expert (codes and, with double quant, its slice of the
+    scale codes) when it reaches that expert's rows, forward and backward. So a QLoRA MoE layer
+    never holds more than one expert's float weight, and no dequantized weight depends on the
+    frozen codes alone (XLA could otherwise hoist it out of the micro-batch loop and keep every
+    layer's copy alive)."""
+
+    def __init__(self, spec: QSpec, arrays: dict):
+        self.spec, self.arrays, self.shape = spec, arrays, spec.shape
+
+    def tree_flatten(self):
+        names = tuple(sorted(self.arrays))
+        return tuple(self.arrays[n] for n in names), (self.spec, names)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        spec, names = aux
+        return cls(spec, dict(zip(names, children)))
+
+    def group(self, g, dtype):
+        return dequantize(self.spec, _expert_arrays(self.spec, self.arrays, g), dtype, expert=True)
 
 
-def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
-    return quantized_ragged_dot(spec, x_NI, group_sizes_E, arrays), (group_sizes_E, arrays)
-
-
-def _qrd_bwd(spec, res, g_NO):
-    group_sizes_E, arrays = res
-    w_EIO = dequantize(spec, arrays, g_NO.dtype)
-    return grouped_matmul(g_NO, w_EIO, group_sizes_E, transpose_rhs=True), None, None
-
-
-quantized_ragged_dot.defvjp(_qrd_fwd, _qrd_bwd)
+def _expert_arrays(spec: QSpec, arrays, g) -> dict:
+    """Expert ``g``'s storage: its codes and first-level scales (double-quant scale codes are
+    sliced out of the flat array they share, each element with its own group's fp32 scale)."""
+    take = functools.partial(jax.lax.dynamic_index_in_dim, index=g, keepdims=False)
+    out = {"codes": take(arrays["codes"])}
+    if spec.fmt == "int8" or not spec.double_quant:
+        out["scales"] = take(arrays["scales"])
+        return out
+    _, n_in, n_out = spec.shape
+    n = (n_in // spec.block) * n_out                                   # scales per expert
+    flat = arrays["scale_codes"].reshape(-1)
+    codes = jax.lax.dynamic_slice_in_dim(flat, g * n, n).astype(jnp.float32)
+    group_scale = arrays["scale_scales"].reshape(-1)[(g * n + jnp.arange(n)) // DOUBLE_QUANT_GROUP]
+    out["scales"] = (codes * group_scale + arrays["scale_offset"]).reshape(n_in // spec.block, n_out)
+    return out
 
 
 # ------------------------------------------------------------------------------ modules
@@ -298,7 +323,8 @@ class QuantizedExperts(nnx.Module):
 
     def project(self, name, x_NI, group_sizes_E):
         q = getattr(self, name)
-        return quantized_ragged_dot(q.spec, x_NI.astype(self.dtype), group_sizes_E, q.arrays())
+        return grouped_matmul(x_NI.astype(self.dtype), QuantizedGroups(q.spec, q.arrays()),
+                              group_sizes_E)
 
     def __call__(self, x_NH, group_sizes_E):
         h = jax.nn.silu(self.project("gate_proj", x_NH, group_sizes_E)) * \

@@ -123,10 +123,39 @@ def block_layout(group_sizes_G, rows: int, block_rows: int | None = None) -> Blo
     return BlockLayout(src_P, jnp.minimum(dst_M, nb * b - 1), group_P[::b], used, padded)
 
 
-def _group_weight(w, group):
-    """``w[group]`` read inside the loop. The barrier keeps XLA:CPU from hoisting its bf16->f32
-    dot upcast out of the loop, which would copy ALL of ``w`` to f32 (a [G, K, N] temporary)."""
-    return jax.lax.optimization_barrier(jax.lax.dynamic_index_in_dim(w, group, keepdims=False))
+class GroupWeights:
+    """Frozen ``[G, K, N]`` weights held in another form (e.g. nf4 codes) and materialised ONE
+    group at a time inside the grouped matmul's loop over groups, so no ``[G, K, N]`` float copy
+    ever exists (and none can be hoisted out of an outer loop: each fetch depends on the loop's
+    group index). Subclasses are pytrees, set ``shape`` (the dense ``[G, K, N]``) and implement
+    :meth:`group`. No gradient flows to them (QLoRA's frozen base)."""
+
+    shape: tuple
+
+    def group(self, g, dtype):
+        """Group ``g``'s weight ``[K, N]`` (``[N, K]`` for ``transpose_rhs``) in ``dtype``."""
+        raise NotImplementedError
+
+
+def _group_weight(w, group, dtype):
+    """``w[group]`` in ``dtype``. For an array, the barrier keeps XLA:CPU from hoisting its
+    bf16->f32 dot upcast out of the loop, which would copy ALL of ``w`` to f32 (a [G, K, N]
+    temporary)."""
+    if isinstance(w, GroupWeights):
+        return w.group(group, dtype)
+    w_g = jax.lax.dynamic_index_in_dim(w, group, keepdims=False)
+    return jax.lax.optimization_barrier(w_g).astype(dtype)
+
+
+def _weight_per_group(w, g, dtype):
+    """A :class:`GroupWeights` source is materialised once per group (one dequantization per
+    expert, live over the group's blocks); an array is read per block instead (:func:`_block_weight`):
+    a short-lived slice then shares its memory with the block's ``dw`` product."""
+    return w.group(g, dtype) if isinstance(w, GroupWeights) else None
+
+
+def _block_weight(w, w_g, layout, i, dtype):
+    return w_g if w_g is not None else _group_weight(w, layout.group_of_block[i], dtype)
 
 
 def _fresh_zeros(shape, dtype, tie):
@@ -143,57 +172,93 @@ def _dot(a, b, contract_b: int):
 
 
 # ------------------------------------------------------------------------------ blocked path
+def _over_groups(layout, carry, start_group, block, end_group):
+    """Nested loops: over the groups holding rows, then over each one's consecutive blocks.
+
+    ``fixed, acc = start_group(g, carry)`` once per used group (fetch its weight, zero an
+    accumulator); ``acc, carry = block(i, g, fixed, acc, carry)`` per block ``i`` of the group;
+    ``carry = end_group(g, acc, carry)`` after its last block. Both trip counts are dynamic:
+    empty groups cost nothing, and the inner loops run ``layout.used_blocks`` times in all."""
+    b, nb = layout.block_rows, layout.group_of_block.shape[0]
+    blocks_G = layout.padded_sizes_G // b
+    starts_G = jnp.cumsum(blocks_G) - blocks_G
+    used_U = jnp.nonzero(blocks_G > 0, size=blocks_G.shape[0], fill_value=0)[0]
+
+    def one_group(u, carry):
+        g = used_U[u]
+        start = jnp.minimum(starts_G[g], nb)
+        stop = jnp.minimum(start + blocks_G[g], nb)
+        fixed, acc = start_group(g, carry)           # fixed: read by the blocks, not carried
+        acc, carry = jax.lax.fori_loop(start, stop, lambda i, ac: block(i, g, fixed, *ac),
+                                       (acc, carry))
+        return end_group(g, acc, carry)
+
+    return jax.lax.fori_loop(0, jnp.sum(blocks_G > 0), one_group, carry)
+
+
 def _blocked_forward(x_PK, w, layout, transpose_rhs):
     b = layout.block_rows
     N = w.shape[1] if transpose_rhs else w.shape[2]
 
-    def body(i, y_PN):
+    def block(i, g, w_g, acc, y_PN):
         x_bK = jax.lax.dynamic_slice_in_dim(x_PK, i * b, b)
-        w_g = _group_weight(w, layout.group_of_block[i])
-        y_bN = _dot(x_bK, w_g, 1 if transpose_rhs else 0).astype(x_PK.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(y_PN, y_bN, i * b, 0)
+        w_b = _block_weight(w, w_g, layout, i, x_PK.dtype)
+        y_bN = _dot(x_bK, w_b, 1 if transpose_rhs else 0).astype(x_PK.dtype)
+        return acc, jax.lax.dynamic_update_slice_in_dim(y_PN, y_bN, i * b, 0)
 
-    return jax.lax.fori_loop(0, layout.used_blocks, body, _fresh_zeros((x_PK.shape[0], N), x_PK.dtype, w))
+    return _over_groups(layout, _fresh_zeros((x_PK.shape[0], N), x_PK.dtype, x_PK),
+                        lambda g, _: (_weight_per_group(w, g, x_PK.dtype), None), block,
+                        lambda g, acc, y_PN: y_PN)
 
 
-def _blocked_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw):
-    """``(dx, dw)``; either is None when not wanted. One loop over the used blocks.
+def _blocked_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw, dtype):
+    """``(dx, dw)``; either is None when not wanted (``x_PK`` may then be None: frozen ``w``).
 
-    fp32 ``w``: each block adds into ``dw[group]`` in place. Other dtypes: a group's blocks are
-    consecutive, so its ``dw`` is summed in one fp32 ``[K, N]`` accumulator that restarts at each
-    new group and is written (in ``w``'s dtype) into ``dw[group]`` after every block: the
-    group's last write holds its full sum. No ``[G, K, N]`` fp32 buffer either way."""
+    One pass over the used blocks, group by group. ``dw[g]`` is summed over the group's blocks in
+    fp32: in ``dw`` itself for fp32 weights, else in one fp32 ``[K, N]`` accumulator written (in
+    ``w``'s dtype) after the group's last block. No ``[G, K, N]`` fp32 buffer either way."""
     b = layout.block_rows
-    g_PN = g_PN.astype(x_PK.dtype)
-    dx_PK = _fresh_zeros(x_PK.shape, x_PK.dtype, g_PN) if want_dx else None
+    g_PN = g_PN.astype(dtype)
+    P = g_PN.shape[0]
+    K = w.shape[2] if transpose_rhs else w.shape[1]
+    dx_PK = _fresh_zeros((P, K), dtype, g_PN) if want_dx else None
     dw = _fresh_zeros(w.shape, w.dtype, g_PN) if want_dw else None
-    direct = w.dtype == jnp.float32          # fp32 weights: add into dw[group] in place
-    acc = _fresh_zeros(w.shape[1:], jnp.float32, x_PK) if want_dw and not direct else None
+    direct = want_dw and w.dtype == jnp.float32      # fp32 weights: add into dw[g] in place
 
-    def body(i, carry):
-        dx_PK, dw, acc = carry
-        grp = layout.group_of_block[i]
+    def start_group(g, carry):
+        w_g = _weight_per_group(w, g, dtype) if want_dx else None
+        acc = None if not want_dw or direct else _fresh_zeros(w.shape[1:], jnp.float32, g_PN)
+        return w_g, acc
+
+    def block(i, g, w_g, acc, carry):
+        dx_PK, dw = carry
         g_bN = jax.lax.dynamic_slice_in_dim(g_PN, i * b, b)
         if want_dx:       # dx = g @ w.T   (w [K, N]; or w [N, K] when transposed)
-            w_g = _group_weight(w, grp)
-            dx_bK = _dot(g_bN, w_g, 0 if transpose_rhs else 1).astype(x_PK.dtype)
+            w_b = _block_weight(w, w_g, layout, i, dtype)
+            dx_bK = _dot(g_bN, w_b, 0 if transpose_rhs else 1).astype(dtype)
             dx_PK = jax.lax.dynamic_update_slice_in_dim(dx_PK, dx_bK, i * b, 0)
-        if want_dw:       # dw[grp] += x.T @ g   (or g.T @ x when transposed)
+        if want_dw:       # dw[g] += x.T @ g   (or g.T @ x when transposed)
             x_bK = jax.lax.dynamic_slice_in_dim(x_PK, i * b, b)
             lhs, rhs = (g_bN, x_bK) if transpose_rhs else (x_bK, g_bN)
             d = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)
-            if direct:
-                d = jax.lax.dynamic_index_in_dim(dw, grp, keepdims=True) + d[None]
+            if direct:    # the block's own group index (not the outer loop's g, which XLA
+                #  hoists as two separate invariants): the read and write then share one
+                #  index, and XLA updates dw[g] in place instead of copying the slice first
+                gb = layout.group_of_block[i]
+                dw = jax.lax.dynamic_update_index_in_dim(
+                    dw, jax.lax.dynamic_index_in_dim(dw, gb, keepdims=True) + d[None], gb, 0)
             else:
-                first = (i == 0) | (grp != layout.group_of_block[jnp.maximum(i - 1, 0)])
-                acc = jnp.where(first, 0.0, acc) + d
-                d = acc.astype(w.dtype)[None]
-            dw = jax.lax.dynamic_update_index_in_dim(dw, d, grp, 0)
-        return dx_PK, dw, acc
+                acc = acc + d
+        return acc, (dx_PK, dw)
 
-    dx_PK, dw, _ = jax.lax.fori_loop(0, layout.used_blocks, body, (dx_PK, dw, acc))
-    return dx_PK, dw
+    def end_group(g, acc, carry):
+        dx_PK, dw = carry
+        if want_dw and not direct:
+            dw = jax.lax.dynamic_update_index_in_dim(dw, acc.astype(w.dtype)[None], g, 0)
+        return dx_PK, dw
+
+    return _over_groups(layout, (dx_PK, dw), start_group, block, end_group)
 
 
 # ------------------------------------------------------------------------------ ragged_dot path
@@ -203,12 +268,13 @@ def _ragged(x_PK, w, layout, transpose_rhs):
     return jax.lax.ragged_dot(x_PK, w, layout.padded_sizes_G)
 
 
-def _ragged_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw):
+def _ragged_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw, dtype):
     """dx is a ``ragged_dot`` against the transposed weights (native on TPU); dw is not: XLA:TPU
     (jax 0.10.2) computes ``ragged_dot``'s weight transpose densely over all groups (8× the
     FLOPs at E = 8), so dw takes the blocked loop."""
-    dx = _ragged(g_PN.astype(x_PK.dtype), w, layout, not transpose_rhs) if want_dx else None
-    dw = _blocked_backward(x_PK, w, layout, g_PN, transpose_rhs, False, True)[1] if want_dw else None
+    dx = _ragged(g_PN.astype(dtype), w, layout, not transpose_rhs) if want_dx else None
+    dw = (_blocked_backward(x_PK, w, layout, g_PN, transpose_rhs, False, True, dtype)[1]
+          if want_dw else None)
     return dx, dw
 
 
@@ -230,43 +296,71 @@ def _gmm(x_PK, w, layout, transpose_rhs, impl):
 def _gmm_fwd(x_PK, w, layout, transpose_rhs, impl):
     layout = jax.tree.map(lambda v: v.value, layout)
     y = _gmm(x_PK.value, w.value, layout, transpose_rhs, impl)
-    return y, (x_PK.value, w.value, layout, x_PK.perturbed, w.perturbed)
+    x_res = x_PK.value if w.perturbed else None          # x is needed only for dw
+    return y, (x_res, w.value, layout, x_PK.perturbed, w.perturbed)
 
 
 def _gmm_bwd(transpose_rhs, impl, res, g_PN):
-    x_PK, w, layout, want_dx, want_dw = res
-    kw = dict(transpose_rhs=transpose_rhs, want_dx=want_dx, want_dw=want_dw)
+    x_PK, w, layout, want_dx, want_dw = res          # g has y's dtype = x's dtype
+    kw = dict(transpose_rhs=transpose_rhs, want_dx=want_dx, want_dw=want_dw, dtype=g_PN.dtype)
     dx, dw = _by_platform(impl, functools.partial(_blocked_backward, **kw),
                           functools.partial(_ragged_backward, **kw), x_PK, w, layout, g_PN)
-    dx = jnp.zeros_like(x_PK) if dx is None else dx
-    dw = jnp.zeros_like(w) if dw is None else dw
-    return dx, dw, jax.tree.map(lambda _: None, layout)
+    return dx, dw, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm_frozen(x_PK, w, layout, transpose_rhs):
+    """A :class:`GroupWeights` source: the blocked loops on every platform (the TPU's native
+    ``ragged_dot`` would need all groups' weights at once); gradient to ``x`` only, and only
+    ``w`` (not ``x``) kept for the backward."""
+    return _blocked_forward(x_PK, w, layout, transpose_rhs)
+
+
+def _gmm_frozen_fwd(x_PK, w, layout, transpose_rhs):
+    return _gmm_frozen(x_PK, w, layout, transpose_rhs), (w, layout)
+
+
+def _gmm_frozen_bwd(transpose_rhs, res, g_PN):
+    w, layout = res
+    dx, _ = _blocked_backward(None, w, layout, g_PN, transpose_rhs, True, False, g_PN.dtype)
+    return dx, None, None
+
+
+_gmm_frozen.defvjp(_gmm_frozen_fwd, _gmm_frozen_bwd)
 
 
 def grouped_matmul(x, w, groups, *, transpose_rhs=False, block_rows=None, implementation="auto"):
     """``ragged_dot(x, w, group_sizes)`` (``w.swapaxes(1, 2)`` with ``transpose_rhs``) whose
     cost follows the rows; differentiable in ``x`` and ``w``. See the module docstring.
 
-    ``groups`` is either ``group_sizes [G]`` (``x [M, K]`` sorted by group; padded and unpadded
-    here) or a :class:`BlockLayout` (``x [P, K]`` already in that padded layout; so is the
-    result)."""
+    ``w`` is an array ``[G, K, N]`` or a frozen :class:`GroupWeights` source (e.g. QLoRA's nf4
+    experts: dequantized one group at a time inside the loop). ``groups`` is either
+    ``group_sizes [G]`` (``x [M, K]`` sorted by group; padded and unpadded here) or a
+    :class:`BlockLayout` (``x [P, K]`` already in that padded layout; so is the result)."""
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown grouped_matmul implementation {implementation!r}; "
                          f"choose one of {_IMPLEMENTATIONS}")
     G = w.shape[0]
     padded = isinstance(groups, BlockLayout)
     sizes_shape = groups.padded_sizes_G.shape if padded else groups.shape
-    if x.ndim != 2 or w.ndim != 3 or sizes_shape != (G,):
+    if x.ndim != 2 or len(w.shape) != 3 or sizes_shape != (G,):
         raise ValueError(f"grouped_matmul: x [M, K], w [G, K, N], groups [G]; got {x.shape}, "
-                         f"{w.shape}, {sizes_shape}")
+                         f"{tuple(w.shape)}, {sizes_shape}")
     K = w.shape[2] if transpose_rhs else w.shape[1]
     if x.shape[1] != K:
         raise ValueError(f"grouped_matmul: x has {x.shape[1]} columns, w contracts {K}")
-    w = w.astype(x.dtype)
+    if isinstance(w, GroupWeights):
+        def matmul(x_PK, layout):
+            return _gmm_frozen(x_PK, w, layout, bool(transpose_rhs))
+    else:
+        w = w.astype(x.dtype)
+
+        def matmul(x_PK, layout):
+            return _gmm(x_PK, w, layout, bool(transpose_rhs), implementation)
     if padded:
-        return _gmm(x, w, groups, bool(transpose_rhs), implementation)
+        return matmul(x, groups)
     layout = block_layout(groups, x.shape[0], block_rows)
-    return layout.unpad(_gmm(layout.pad(x), w, layout, bool(transpose_rhs), implementation))
+    return layout.unpad(matmul(layout.pad(x), layout))

@@ -149,3 +149,31 @@ def test_quantize_errors():
         quant.quantize(W, "int4")
     with pytest.raises(ValueError, match="even"):
         quant.quantize(jnp.ones((3, 4)), "nf4")
+
+
+@pytest.mark.parametrize("fmt,double_quant", [("int8", False), ("nf4", False), ("nf4", True)])
+def test_quantized_groups_dequantize_one_expert_inside_the_grouped_matmul(fmt, double_quant):
+    """QLoRA experts reach ``grouped_matmul`` as codes (``QuantizedGroups``), each expert
+    dequantized inside the loop: equal to the whole stack dequantized at once, forward and dx.
+    40 scales per expert with double quant: experts straddle the 256-scale groups."""
+    from medjax.ops.grouped_matmul import grouped_matmul
+    E, n_in, n_out = 3, 64, 40
+    w = jax.random.normal(jax.random.key(5), (E, n_in, n_out))
+    spec, arrays = quant.quantize(w, fmt, block=16, double_quant=double_quant, dtype=jnp.float32)
+    groups = quant.QuantizedGroups(spec, arrays)
+    dense = quant.dequantize(spec, arrays, jnp.float32)
+    for g in range(E):
+        one = jax.jit(groups.group, static_argnums=1)(g, jnp.float32)    # (fused FMA: 1 ulp)
+        np.testing.assert_allclose(np.asarray(one), np.asarray(dense[g]), rtol=1e-6, atol=1e-7)
+    sizes = jnp.array([7, 0, 12], jnp.int32)
+    x = jax.random.normal(jax.random.key(6), (19, n_in))
+    ct = jax.random.normal(jax.random.key(7), (19, n_out))
+
+    def loss(x, w):
+        y = grouped_matmul(x, w, sizes, block_rows=4)
+        return jnp.sum(y * ct), y
+
+    (_, y_q), dx_q = jax.jit(jax.value_and_grad(loss, has_aux=True))(x, groups)
+    (_, y_d), dx_d = jax.jit(jax.value_and_grad(loss, has_aux=True))(x, dense)
+    np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_d), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx_q), np.asarray(dx_d), rtol=1e-6, atol=1e-6)
