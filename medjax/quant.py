@@ -17,6 +17,9 @@ whose backward dequantizes again to form ``dx = dy @ W^T``: autodiff therefore n
 dequantized copy of a weight as a residual (which would cost the full bf16 model in memory),
 and no gradient flows to the frozen codes. The dequantize is plain jnp, so XLA materialises
 one weight at a time (a fused dequant-matmul kernel would avoid even that; not written yet).
+Stacked experts go to ``medjax.ops.grouped_matmul`` as codes (:class:`QuantizedGroups`), whose
+loop over experts dequantizes one expert at a time, forward and backward: never the whole
+``[E, in, out]`` stack, and nothing XLA could hoist out of the micro-batch loop.
 
 QLoRA = :func:`medjax.lora.apply_lora` first, then :func:`quantize_model`, which swaps the
 ``base`` of every LoRA wrapper (and every other ``Linear`` / ``Experts`` in the decoder

@@ -9,23 +9,34 @@ Implementations, chosen by the platform the call is LOWERED for (``lax.platform_
 so a CPU host compiling for TPU devices takes the TPU branch):
 
 * ``"ragged_dot"`` (TPU): ``jax.lax.ragged_dot`` for the forward and dx (XLA:TPU has a native
-  grouped matmul); dw uses the blocked loop below (XLA:TPU's ragged weight transpose is dense).
+  grouped matmul), on the routed rows only (the padded layout is undone around it, so the padding
+  rows cost no FLOPs); dw uses the blocked loops below (XLA:TPU's ragged weight transpose is dense).
 * ``"blocked"`` (CPU, GPU): XLA elsewhere rewrites ``ragged_dot`` into a dense contraction over
   all G groups (G× the useful FLOPs). Instead, each group is padded to a multiple of
-  ``block_rows`` (a gather into a ``[P, K]`` buffer, ``P`` a static bound), and a ``while`` loop
-  runs over the blocks actually used, ``sum(ceil(group_sizes / block_rows))`` of them: block
-  ``b`` is one ``[block_rows, K] @ [K, N]`` dot against ``w[group_of_block[b]]`` read in place
-  (a dynamic index, no ``[blocks, K, N]`` copy of the weights). Empty groups cost nothing, and a
+  ``block_rows`` (a gather into a ``[P, K]`` buffer, ``P`` a static bound), and two nested
+  ``while`` loops run over the groups that hold rows and over each one's blocks,
+  ``sum(ceil(group_sizes / block_rows))`` blocks in all: block ``b`` is one
+  ``[block_rows, K] @ [K, N]`` dot against its group's weight read in place (a dynamic index, no
+  ``[blocks, K, N]`` copy of the weights), in column chunks of at most ``CHUNK_ELEMENTS`` (a
+  third, static loop: XLA:CPU copies the slice a dot reads). Empty groups cost nothing, and a
   few decode rows pay one small block per *used* group. The backward (``custom_vjp``) runs one
-  loop over the same blocks computing ``dx`` (``g @ w.T``) and ``dw`` (``x_blk.T @ g_blk``
-  summed in fp32 over the group's consecutive blocks), each only when its input is being differentiated.
+  pass over the same blocks computing ``dx`` (``g @ w.T``) and ``dw`` (``x_blk.T @ g_blk``
+  summed in fp32 over the group's blocks), each only when its input is being differentiated.
   (jax 0.10.2's ``jax_ragged_dot_use_gpu_pallas_triton_lowering`` flag imports a module the
   wheel does not ship, so the GPU takes this path too.)
 
+Frozen weights held in another form — QLoRA's nf4/int8 expert codes — are passed as a
+:class:`GroupWeights` source: the loop over groups materialises ONE group's weight (dequantizes
+one expert) before running its blocks, forward and dx, on every platform. A QLoRA MoE layer thus
+never holds the ``[G, K, N]`` float weights, and no dequantized weight depends on the frozen
+codes alone, which XLA would otherwise hoist out of the micro-batch loop (measured on a
+compile-only H100: 8.3 GiB of temporaries for a 2-layer Mixtral QLoRA step before, 3.6 after).
+
 Cost: ``2 * M * K * N`` useful FLOPs; the blocked path executes ``2 * R * K * N`` with
 ``R = sum(ceil(group_sizes / b) * b) <= M + min(G, M) * (b - 1)`` rows (:func:`padded_rows`),
-plus the padded buffers ``[P, K]`` and ``[P, N]`` as temporaries. An XLA cost analysis counts the
-loop body once; multiply it by :func:`num_blocks` to get the executed FLOPs.
+plus the padded buffers ``[P, K]`` and ``[P, N]`` as temporaries. An XLA cost analysis counts a
+loop body once; multiply the block loops by :func:`num_blocks` (and the chunk loops by their
+static count) to get the executed FLOPs.
 """
 from __future__ import annotations
 
@@ -38,8 +49,9 @@ import jax.numpy as jnp
 _IMPLEMENTATIONS = ("auto", "blocked", "ragged_dot")
 MAX_BLOCK_ROWS = 64
 
-__all__ = ["BlockLayout", "block_layout", "grouped_matmul", "grouped_matmul_reference",
-           "default_block_rows", "max_blocks", "num_blocks", "padded_rows"]
+__all__ = ["BlockLayout", "GroupWeights", "block_layout", "column_chunks", "grouped_matmul",
+           "grouped_matmul_reference", "default_block_rows", "max_blocks", "num_blocks",
+           "padded_rows"]
 
 
 def default_block_rows(rows: int, groups: int) -> int:
@@ -85,6 +97,7 @@ class BlockLayout(NamedTuple):
     group_of_block: jax.Array    # [max_blocks] group each block belongs to
     used_blocks: jax.Array       # scalar: blocks holding rows (the loop's trip count)
     padded_sizes_G: jax.Array    # [G] group sizes rounded up to whole blocks
+    sizes_G: jax.Array           # [G] group sizes (rows actually routed)
 
     @property
     def block_rows(self) -> int:
@@ -120,7 +133,7 @@ def block_layout(group_sizes_G, rows: int, block_rows: int | None = None) -> Blo
     offset_P = p_P - padded_starts[group_P]
     src_P = jnp.where(offset_P < sizes[group_P], starts[group_P] + offset_P, rows)
     used = jnp.minimum(padded_ends[-1] // b, nb)
-    return BlockLayout(src_P, jnp.minimum(dst_M, nb * b - 1), group_P[::b], used, padded)
+    return BlockLayout(src_P, jnp.minimum(dst_M, nb * b - 1), group_P[::b], used, padded, sizes)
 
 
 class GroupWeights:
@@ -149,13 +162,56 @@ def _group_weight(w, group, dtype):
 
 def _weight_per_group(w, g, dtype):
     """A :class:`GroupWeights` source is materialised once per group (one dequantization per
-    expert, live over the group's blocks); an array is read per block instead (:func:`_block_weight`):
-    a short-lived slice then shares its memory with the block's ``dw`` product."""
+    expert, live over the group's blocks); an array is read per block, in column chunks
+    (:func:`_over_chunks`)."""
     return w.group(g, dtype) if isinstance(w, GroupWeights) else None
 
 
-def _block_weight(w, w_g, layout, i, dtype):
-    return w_g if w_g is not None else _group_weight(w, layout.group_of_block[i], dtype)
+CHUNK_ELEMENTS = 1 << 23          # a weight chunk read per block: 32 MiB in fp32
+
+
+def column_chunks(K: int, N: int) -> tuple[int, int]:
+    """``(count, width)``: a ``[K, N]`` weight's ``N`` columns in ``count`` equal chunks of at
+    most ``CHUNK_ELEMENTS`` (XLA:CPU copies the slice a dot reads, and a block's ``dw`` product is
+    as large: chunks keep both small next to the layer's activations); one chunk when ``N`` has no
+    divisor that fits in 16 chunks."""
+    for count in range(1, 17):
+        if N % count == 0 and K * (N // count) <= CHUNK_ELEMENTS:
+            return count, N // count
+    return 1, N
+
+
+def _column_chunks(w, w_g, transpose_rhs) -> tuple[int, int]:
+    """:func:`column_chunks` of ``w``; one chunk for a group's materialised weight ``w_g``."""
+    K, N = (w.shape[2], w.shape[1]) if transpose_rhs else (w.shape[1], w.shape[2])
+    return (1, N) if w_g is not None else column_chunks(K, N)
+
+
+def _over_chunks(w, w_g, layout, i, transpose_rhs, dtype, carry, fn):
+    """``carry = fn(n0, width, w_c, carry)`` for each column chunk ``w_c`` of block ``i``'s
+    weight (``[K, width]``, or ``[width, K]`` transposed) from column ``n0``. Several chunks run
+    as a loop, so only one chunk (and one ``dw`` product) is ever live."""
+    count, width = _column_chunks(w, w_g, transpose_rhs)
+    if count == 1:
+        w_c = w_g if w_g is not None else _group_weight(w, layout.group_of_block[i], dtype)
+        return fn(0, width, w_c, carry)
+    K = w.shape[2] if transpose_rhs else w.shape[1]
+
+    def chunk(j, carry):
+        n0 = j * width
+        start, size = ((layout.group_of_block[i], n0, 0), (1, width, K)) if transpose_rhs else \
+            ((layout.group_of_block[i], 0, n0), (1, K, width))
+        w_c = jax.lax.optimization_barrier(jax.lax.dynamic_slice(w, start, size))[0]
+        return fn(n0, width, w_c.astype(dtype), carry)
+
+    return jax.lax.fori_loop(0, count, chunk, carry)
+
+
+def _unsigned(index):
+    """Unsigned start indices for a read-modify-write of ``dw``: jax then adds no negative-index
+    wrapping, which XLA would hoist out of the loop separately for the read and the write; with
+    one shared index XLA adds into ``dw`` in place instead of copying the slice first."""
+    return tuple(jnp.asarray(v).astype(jnp.uint32) for v in index)
 
 
 def _fresh_zeros(shape, dtype, tie):
@@ -202,11 +258,18 @@ def _blocked_forward(x_PK, w, layout, transpose_rhs):
 
     def block(i, g, w_g, acc, y_PN):
         x_bK = jax.lax.dynamic_slice_in_dim(x_PK, i * b, b)
-        w_b = _block_weight(w, w_g, layout, i, x_PK.dtype)
-        y_bN = _dot(x_bK, w_b, 1 if transpose_rhs else 0).astype(x_PK.dtype)
-        return acc, jax.lax.dynamic_update_slice_in_dim(y_PN, y_bN, i * b, 0)
 
-    return _over_groups(layout, _fresh_zeros((x_PK.shape[0], N), x_PK.dtype, x_PK),
+        def columns(n0, width, w_c, y_PN):
+            y_bn = _dot(x_bK, w_c, 1 if transpose_rhs else 0).astype(x_PK.dtype)
+            return jax.lax.dynamic_update_slice(y_PN, y_bn, (i * b, n0))
+
+        return acc, _over_chunks(w, w_g, layout, i, transpose_rhs, x_PK.dtype, y_PN, columns)
+
+    # tied to the weight: gate and up read the same x, and one shared zero buffer would be
+    # copied into each of their loops (an extra [P, N] temporary)
+    tie = w if not isinstance(w, GroupWeights) else next(
+        a for a in jax.tree.leaves(w) if jnp.issubdtype(a.dtype, jnp.floating))
+    return _over_groups(layout, _fresh_zeros((x_PK.shape[0], N), x_PK.dtype, tie),
                         lambda g, _: (_weight_per_group(w, g, x_PK.dtype), None), block,
                         lambda g, acc, y_PN: y_PN)
 
@@ -233,23 +296,33 @@ def _blocked_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw, dt
     def block(i, g, w_g, acc, carry):
         dx_PK, dw = carry
         g_bN = jax.lax.dynamic_slice_in_dim(g_PN, i * b, b)
-        if want_dx:       # dx = g @ w.T   (w [K, N]; or w [N, K] when transposed)
-            w_b = _block_weight(w, w_g, layout, i, dtype)
-            dx_bK = _dot(g_bN, w_b, 0 if transpose_rhs else 1).astype(dtype)
-            dx_PK = jax.lax.dynamic_update_slice_in_dim(dx_PK, dx_bK, i * b, 0)
-        if want_dw:       # dw[g] += x.T @ g   (or g.T @ x when transposed)
-            x_bK = jax.lax.dynamic_slice_in_dim(x_PK, i * b, b)
-            lhs, rhs = (g_bN, x_bK) if transpose_rhs else (x_bK, g_bN)
-            d = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-            if direct:    # the block's own group index (not the outer loop's g, which XLA
-                #  hoists as two separate invariants): the read and write then share one
-                #  index, and XLA updates dw[g] in place instead of copying the slice first
-                gb = layout.group_of_block[i]
-                dw = jax.lax.dynamic_update_index_in_dim(
-                    dw, jax.lax.dynamic_index_in_dim(dw, gb, keepdims=True) + d[None], gb, 0)
-            else:
-                acc = acc + d
+        x_bK = jax.lax.dynamic_slice_in_dim(x_PK, i * b, b) if want_dw else None
+        gb = layout.group_of_block[i]
+
+        def columns(n0, width, w_c, carry):
+            dx_bK, dw, acc = carry
+            g_bn = jax.lax.dynamic_slice_in_dim(g_bN, n0, width, axis=1)
+            if want_dx:       # dx = g @ w.T   (w [K, N]; or w [N, K] when transposed)
+                dx_bK = dx_bK + _dot(g_bn, w_c, 0 if transpose_rhs else 1)
+            if want_dw:       # dw[g] += x.T @ g   (or g.T @ x when transposed)
+                lhs, rhs = (g_bn, x_bK) if transpose_rhs else (x_bK, g_bn)
+                d = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+                at = _unsigned((n0, 0) if transpose_rhs else (0, n0))
+                if direct:
+                    at = _unsigned((gb,)) + at
+                    old = jax.lax.dynamic_slice(dw, at, (1, *d.shape))
+                    dw = jax.lax.dynamic_update_slice(dw, old + d[None], at)
+                else:
+                    old = jax.lax.dynamic_slice(acc, at, d.shape)
+                    acc = jax.lax.dynamic_update_slice(acc, old + d, at)
+            return dx_bK, dw, acc
+
+        dx_bK = jnp.zeros((b, K), jnp.float32) if want_dx else None
+        dx_bK, dw, acc = _over_chunks(w, w_g if want_dx else None, layout, i, transpose_rhs,
+                                      dtype, (dx_bK, dw, acc), columns)
+        if want_dx:
+            dx_PK = jax.lax.dynamic_update_slice_in_dim(dx_PK, dx_bK.astype(dtype), i * b, 0)
         return acc, (dx_PK, dw)
 
     def end_group(g, acc, carry):
@@ -263,9 +336,10 @@ def _blocked_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw, dt
 
 # ------------------------------------------------------------------------------ ragged_dot path
 def _ragged(x_PK, w, layout, transpose_rhs):
-    # Padding rows are zero and rows past the used blocks belong to no group: both give zeros.
+    """``ragged_dot`` on the routed rows only: the padded layout is undone (gathers, no FLOPs)
+    around it, so the native grouped matmul multiplies M rows, not the P >= M padded ones."""
     w = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
-    return jax.lax.ragged_dot(x_PK, w, layout.padded_sizes_G)
+    return layout.pad(jax.lax.ragged_dot(layout.unpad(x_PK), w, layout.sizes_G))
 
 
 def _ragged_backward(x_PK, w, layout, g_PN, transpose_rhs, want_dx, want_dw, dtype):
