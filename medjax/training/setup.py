@@ -163,24 +163,12 @@ class Trainable:
         return nnx.merge(self.graphdef, state.params, state.rngs, self.frozen)
 
 
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def place(tree, shardings):
-    """Every leaf of ``tree`` on its (global) sharding, in any number of processes — typed PRNG
-    keys (LoRA dropout / NEFTune streams) included: their raw ``uint32`` data is placed and the
-    key rewrapped on the devices. Each process must hold the same full value (a seeded init, a
-    checkpoint read)."""
-    from medjax.sharding import place as place_array
-
-    def one(x, sharding):
-        if not _is_key(x):
-            return place_array(x, sharding)
-        impl = jax.random.key_impl(x)
-        data = place_array(jax.random.key_data(x), sharding)
-        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
-    return jax.tree.map(one, tree, shardings)
+    """Every leaf of ``tree`` on its (global) sharding, in any number of processes, typed PRNG
+    keys included (``medjax.sharding.place``). Each process must hold the same full value (a
+    seeded init, a checkpoint read)."""
+    from medjax.sharding import place as place_tree
+    return place_tree(tree, shardings)
 
 
 def _abstract(tree, shardings):
