@@ -177,7 +177,7 @@ class Trainer:
         if restored is None:
             return False
         state, meta, step = restored
-        from medjax.training.setup import place
+        from medjax.sharding import place
         self.state = place(state, self.trainable.shardings[0])
         self.batches.set_state(_this_host(meta["data"]))
         self.start_step = step

@@ -163,14 +163,6 @@ class Trainable:
         return nnx.merge(self.graphdef, state.params, state.rngs, self.frozen)
 
 
-def place(tree, shardings):
-    """Every leaf of ``tree`` on its (global) sharding, in any number of processes, typed PRNG
-    keys included (``medjax.sharding.place``). Each process must hold the same full value (a
-    seeded init, a checkpoint read)."""
-    from medjax.sharding import place as place_tree
-    return place_tree(tree, shardings)
-
-
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -215,7 +207,7 @@ def _init_sharded(cfg, model, mesh, rules, tx, objective):
     ``out_shardings``, the loaded params donated: each device creates only its shards, and an
     fp32 param becomes its master copy in place."""
     from medjax.quant import quant_report
-    from medjax.sharding import sharded_init
+    from medjax.sharding import place, sharded_init
     if getattr(model, "prepared", False):
         report = quant_report(model, cfg.lora) if cfg.lora.quantize else None
     else:
