@@ -155,8 +155,10 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lora = cfg.lora.enabled
-        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer)
-        self.heldout = _pad_heldout(self.heldout, objective.batch_keys,
+        self.batches, heldout, self.steps = prepare_data(cfg, tokenizer)
+        if heldout:
+            objective.check_batch(heldout[0])      # a real batch (padding ones are appended next)
+        self.heldout = _pad_heldout(heldout, objective.batch_keys,
                                     cfg.train.batch_size // jax.process_count(), cfg.data.seq_len)
         self.trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=objective,
                                          steps=self.steps)
@@ -220,8 +222,6 @@ class Trainer:
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
                             show_bar=self.show_bar, writer=is_main_process())
         summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name}
-        if self.heldout:
-            self.objective.check_batch(self.heldout[0])
         try:
             if self.start_step == 0:
                 summary["heldout_before"] = before = self.heldout_metrics()
