@@ -275,19 +275,22 @@ def expert_parallel_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict
     """All-to-all bytes one device sends per optimizer step under expert parallelism
     (medjax/models/moe_dispatch.py), for both transports: per MoE layer and micro-batch the rows
     go out and the results come back in the forward, again in the backward (the transposed
-    all-to-alls), and once more when ``model.remat`` recomputes the layer."""
-    from medjax.models.moe_dispatch import all_to_all_bytes
+    all-to-alls), and once more when ``model.remat`` recomputes the layer. Also the MoE
+    temporaries of that layout (its receive buffer holds ``ep · C`` rows; moe_dispatch.py)."""
+    from medjax.models.moe_dispatch import all_to_all_bytes, expert_parallel_temp_bytes
     ep = sizes["expert"]
     if ep <= 1:
         return {}
     tokens = max(1, round(micro_rows * cfg.data.seq_len))
     passes = 2 + (cfg.model.remat != "none")
     per_step = m.num_layers * cfg.train.grad_accum * passes
-    out = {"expert_parallel": ep}
+    dtype = _DTYPE_BYTES[cfg.model.dtype]
+    out = {"expert_parallel": ep, "temp_bytes": expert_parallel_temp_bytes(
+        tokens, m.hidden_size, m.intermediate_size, m.num_experts_per_tok, m.num_experts, ep, dtype)}
     for transport in ("ragged", "padded"):
         out[f"all_to_all_{transport}_bytes"] = per_step * all_to_all_bytes(
             tokens, m.hidden_size, m.num_experts_per_tok, m.num_experts, ep,
-            _DTYPE_BYTES[cfg.model.dtype], transport)
+            dtype, transport)
     return out
 
 

@@ -85,6 +85,19 @@ def all_to_all_bytes(tokens: int, hidden: int, top_k: int, num_experts: int, ep:
     return int(2 * rows * hidden * dtype_bytes)
 
 
+def expert_parallel_temp_bytes(tokens: int, hidden: int, ffn: int, top_k: int, num_experts: int,
+                               ep: int, dtype_bytes: int) -> int:
+    """One device's MoE temporaries under expert parallelism (fwd + bwd peak, as
+    ``moe.moe_layer_cost`` counts them, for the receive buffer's ``ep · C`` rows in its block
+    layout over the ``E / ep`` local experts) plus the send and receive buffers."""
+    from medjax.ops.grouped_matmul import default_block_rows, max_blocks
+    local = num_experts // ep
+    rows = ep * receive_slot_rows(tokens, top_k, local)
+    b = default_block_rows(rows, local)
+    padded = max_blocks(rows, local, b) * b
+    return dtype_bytes * (padded * hidden + 4 * padded * ffn + 2 * hidden * ffn + 2 * rows * hidden)
+
+
 # ------------------------------------------------------------------------------ shared pieces
 def _combine(y_RH, token_R, weight_R, tokens: int):
     """``out[t] = Σ weight · y`` over the rows of token ``t`` (fp32); token ``tokens`` = dropped."""
@@ -155,7 +168,11 @@ def moe_layer_expert_parallel(moe, x_NH, mask_N, transport: str = "auto"):
         def exchange(platform):
             kind = transport_for(platform) if transport == "auto" else transport
             return _exchange(fresh.experts, x_nH, experts_nK, weights_nK, E, ep, kind)
-        return on_target(exchange), stats[None], nnx.state(fresh, nnx.RngState)
+        # The mesh's devices name the platform (a module's dropout cannot advance its RNG
+        # inside lax.platform_dependent's branches); a device-less mesh stages both.
+        device = getattr(mesh, "abstract_device", None)
+        out = exchange(device.platform) if device is not None else on_target(exchange)
+        return out, stats[None], nnx.state(fresh, nnx.RngState)
 
     out, stats, rng_state = jax.shard_map(
         local, in_specs=(P(rows), P(rows), [_spec_of(v) for v in variables]),
