@@ -9,7 +9,9 @@ router, QLoRA nf4 + double quant and int8, remat; both transports; the planner's
 against the compiled HLO) are tests/distributed/expert_parallel_checks.py, run below as ``slow``.
 """
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EP_MESH = ["mesh.preset=fsdp_ep", "mesh.fsdp=2", "mesh.expert=4"]
 MESH_SHAPE = (1, 2, 1, 4)          # (data, fsdp, tensor, expert), medjax.sharding.MESH_AXES
 EXPERT_AXIS = 3
+RUN = ["lora.dropout=0", "train.steps=3", "train.batch_size=8", "train.grad_accum=1",
+       "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32"]
 
 
 def _train(out_dir, devices: int, *extra, dump: Path | None = None):
@@ -30,11 +34,8 @@ def _train(out_dir, devices: int, *extra, dump: Path | None = None):
         flags += f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*traced.*"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     cmd = [sys.executable, "-m", "medjax.train", "--no-progress",
-           "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"), "model=tiny",
-           "lora.dropout=0", "train.steps=3", "train.batch_size=8", "train.grad_accum=1",
-           "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32",
-           f"train.out_dir={out_dir}",
-           *extra]
+           "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"), "model=tiny", *RUN,
+           f"train.out_dir={out_dir}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -58,7 +59,8 @@ def _same_losses_as_one_device(tmp_path, *extra, dump=None):
 def test_lora_on_experts_trains_like_one_device_and_moves_tokens_by_all_to_all(tmp_path):
     """MELT's LoRA on every expert (+ attention): 3 steps on expert=4 × fsdp=2 equal one device
     within 1e-5; the compiled step (XLA's own dump) has all-to-alls and no all-gather whose
-    replica groups span the expert axis (fsdp gathers of the embed dim remain)."""
+    replica groups span the expert axis (fsdp gathers of the embed dim remain), and its
+    all-to-alls move the bytes ``python -m medjax.plan`` states."""
     _same_losses_as_one_device(tmp_path, dump=tmp_path / "hlo")
     dumps = sorted((tmp_path / "hlo").glob("*jit_traced*after_optimizations.txt"))
     steps = [p.read_text() for p in dumps if "all-to-all" in p.read_text()]
@@ -66,6 +68,25 @@ def test_lora_on_experts_trains_like_one_device_and_moves_tokens_by_all_to_all(t
     for hlo in steps:
         assert not hlo_groups.groups_spanning(hlo, "all-gather", MESH_SHAPE, EXPERT_AXIS)
         assert hlo_groups.collectives(hlo, "all-gather")     # the fsdp gathers
+
+    # the planner's all-to-all bytes per step (CPU: padded transport) == the rows the train
+    # step's all-to-alls move off each device (the biggest dump is the train step)
+    from medjax.plan import model_config, plan
+    from medjax.recipes import load_run_config
+    cfg = load_run_config([str(ROOT / "configs" / "melt_mixtral_lora.yaml")],
+                          ["model=tiny", *RUN, *EP_MESH, f"train.out_dir={tmp_path / 'ep'}"])
+    planned, hidden = plan(cfg, 8).moe, model_config(cfg).hidden_size
+    step = max(steps, key=len)
+    moved = 0
+    for line in hlo_groups.collectives(step, "all-to-all"):
+        if "shard_map" not in line:
+            continue
+        result = line.split(" all-to-all", 1)[0]
+        for dims in re.findall(r"f32\[([\d,]+)\]", result):
+            shape = [int(d) for d in dims.split(",")]
+            moved += math.prod(shape) * 4 if shape[-1] == hidden else 0
+    ep = planned["expert_parallel"]
+    assert moved > 0 and moved * (ep - 1) / ep == planned["all_to_all_padded_bytes"], (moved, planned)
 
 
 @pytest.mark.slow
