@@ -32,8 +32,9 @@ over the blocks that hold rows).
 **Transports.** ``"ragged"`` sends exactly the routed rows with ``jax.lax.ragged_all_to_all``
 (``k · n · H`` elements per device each way). ``"padded"`` sends every slot whole with
 ``jax.lax.all_to_all`` (``ep · C · H`` elements per device each way). XLA:CPU (jax 0.10.2) has no
-ragged-all-to-all, so CPU takes ``"padded"``; GPU and TPU take ``"ragged"``
-(``medjax.ops.target.on_target`` picks by the platform compiled for). :func:`all_to_all_bytes`
+ragged-all-to-all, so CPU takes ``"padded"``; GPU and TPU take ``"ragged"`` (the platform of the
+mesh's devices; ``medjax.ops.target.on_target`` stages both for a device-less mesh; a LoRA
+dropout inside cannot run there). :func:`all_to_all_bytes`
 gives the bytes per device and layer (the planner prints them per step).
 
 **No weight gather over ``expert``.** Expert weights enter the ``shard_map`` split over
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from medjax.ops.grouped_matmul import block_layout
+from medjax.ops.grouped_matmul import block_layout, default_block_rows, max_blocks
 from medjax.ops.target import EXPERT_AXIS, context_mesh, on_target
 
 EXPERTS_LOGICAL = "experts"      # the logical name of a weight's expert dim
@@ -90,7 +91,6 @@ def expert_parallel_temp_bytes(tokens: int, hidden: int, ffn: int, top_k: int, n
     """One device's MoE temporaries under expert parallelism (fwd + bwd peak, as
     ``moe.moe_layer_cost`` counts them, for the receive buffer's ``ep · C`` rows in its block
     layout over the ``E / ep`` local experts) plus the send and receive buffers."""
-    from medjax.ops.grouped_matmul import default_block_rows, max_blocks
     local = num_experts // ep
     rows = ep * receive_slot_rows(tokens, top_k, local)
     b = default_block_rows(rows, local)
