@@ -48,9 +48,14 @@ from medjax.training.optimizer import make_optimizer
 def check_layout(cfg, mesh) -> None:
     """Errors that would otherwise fail mid-run or hang a process at a barrier, raised on EVERY
     process before any weights load: a global batch the mesh's batch shards cannot split
-    (``ShardingError``), processes started with different configs (``ConfigError``)."""
-    from medjax.sharding import local_batch_rows
+    (``ShardingError``), heads / experts the tensor / expert axes cannot split (checked here for a
+    preset's shapes; a checkpoint's are checked by the sharded load), processes started with
+    different configs (``ConfigError``)."""
+    from medjax.sharding import check_model, local_batch_rows
     local_batch_rows(mesh, cfg.train.batch_size)
+    if cfg.model.preset:
+        from medjax.models import get_preset
+        check_model(get_preset(cfg.model.preset), dict(mesh.shape))
     if jax.process_count() > 1:
         import hashlib
         import json
