@@ -142,8 +142,9 @@ def _tensors(directory):
 @pytest.mark.slow
 def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
     """A 2-process LoRA run exports (in the run, and by ``python -m medjax.export`` in 2 processes)
-    what a 1-process export of its checkpoint on another mesh writes; eval during training writes
-    its result once. Only process 0 writes: no temporary directories are left beside the exports."""
+    what a 1-process export of its checkpoint on another mesh writes; ``python -m medjax.eval`` of
+    the run checkpoint scores alike in 2 processes and in 1; eval during training writes its result
+    once. Only process 0 writes: no temporary files are left beside the outputs."""
     import json
 
     import numpy as np
@@ -158,7 +159,14 @@ def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
                 "mesh.preset=dp", devices=1))
     _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf1"), "mesh.preset=dp",
                 devices=1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf1", "peft1", "peft2", "run"]
+    for name, where in (("eval2", dict(processes=2, devices=4)), ("eval1", dict(devices=1))):
+        flags = () if name == "eval2" else ("mesh.preset=dp",)    # the run's fsdp mesh / one device
+        _ok(_module("medjax.eval", "--model", ckpt, "--data-dir", str(benchmarks_dir), "--tasks", "medmcqa",
+                    "--limit", "4", "--log-samples", "--output", str(tmp_path / f"{name}.json"), *flags, **where))
+    one, two = (json.loads((tmp_path / f"eval{n}.json").read_text())["samples"]["medmcqa"] for n in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-5, rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval1.json", "eval2.json", "hf1", "peft1", "peft2", "run"]
     assert sorted(p.name for p in (run / "export").iterdir()) == ["hf", "peft"]
     ref = _tensors(tmp_path / "peft1")
     assert len(ref) == 2 * 7 * 2          # lora_A/B on q,k,v,o,gate,up,down of 2 layers
