@@ -113,12 +113,27 @@ def quantize(w, fmt: str, *, block: int = 64, double_quant: bool = False, dtype=
     return spec, arrays
 
 
+def _dq_group(per_lead: int) -> int:
+    """Second-level group of a stacked ``[E, ...]`` weight: the largest divisor of one expert's
+    scale count up to ``DOUBLE_QUANT_GROUP``, so each expert owns whole groups and the expert dim
+    can be split across devices (expert parallelism); 0 when no divisor >= 32 exists."""
+    group = max(d for d in range(1, min(DOUBLE_QUANT_GROUP, per_lead) + 1) if per_lead % d == 0)
+    return group if group >= 32 else 0
+
+
 def _quantize_scales(absmax):
-    """Second-level quantization of the nf4 absmax values: int8 codes around their mean."""
-    flat = absmax.reshape(-1)
-    offset = jnp.mean(flat)
-    pad = (-flat.size) % DOUBLE_QUANT_GROUP
-    groups = jnp.pad(flat - offset, (0, pad)).reshape(-1, DOUBLE_QUANT_GROUP)
+    """Second-level quantization of the nf4 absmax values ``[..., in/b, out]``: int8 codes around
+    their mean, one fp32 scale per group. A 2-D weight's values are grouped flat
+    (``[G, 256]``); a stacked weight's per leading index (``[E, G, group]``, see :func:`_dq_group`)."""
+    *lead, a, b = absmax.shape
+    offset = jnp.mean(absmax)
+    group = _dq_group(a * b) if lead else 0
+    if group:
+        groups = (absmax - offset).reshape(*lead, a * b // group, group)
+    else:
+        flat = absmax.reshape(-1) - offset
+        pad = (-flat.size) % DOUBLE_QUANT_GROUP
+        groups = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_QUANT_GROUP)
     s2 = jnp.max(jnp.abs(groups), axis=-1, keepdims=True) / 127.0
     s2 = jnp.where(s2 == 0, 1.0, s2)
     q = jnp.clip(jnp.round(groups / s2), -127, 127).astype(jnp.int8)
@@ -126,12 +141,23 @@ def _quantize_scales(absmax):
 
 
 def _nf4_scales(spec: QSpec, arrays):
+    """The first-level scales ``[..., in/b, out]`` of the codes held (all experts, or the shard of
+    them one device holds under expert parallelism)."""
     *lead, n_in, n_out = spec.shape
+    local = arrays["codes"].shape[:-2]
     if not spec.double_quant:
         return arrays["scales"]
-    flat = (arrays["scale_codes"].astype(jnp.float32) * arrays["scale_scales"]).reshape(-1)
-    n = math.prod(lead) * (n_in // spec.block) * n_out
-    return (flat[:n] + arrays["scale_offset"]).reshape(*lead, n_in // spec.block, n_out)
+    values = arrays["scale_codes"].astype(jnp.float32) * arrays["scale_scales"]
+    per = (n_in // spec.block) * n_out
+    if lead and values.ndim == len(lead) + 2:                       # grouped per leading index
+        flat = values.reshape(*local, -1)
+    elif tuple(local) == tuple(lead):                               # grouped flat
+        flat = values.reshape(-1)[:math.prod(lead) * per]
+    else:
+        raise NotImplementedError(
+            f"double-quant scales of a {spec.shape} weight are grouped across experts; a shard of "
+            f"its experts ({tuple(local)}) cannot read them: set lora.double_quant=false")
+    return (flat + arrays["scale_offset"]).reshape(*local, n_in // spec.block, n_out)
 
 
 def dequantize(spec: QSpec, arrays, dtype=None, *, expert: bool = False):
@@ -141,14 +167,14 @@ def dequantize(spec: QSpec, arrays, dtype=None, *, expert: bool = False):
     dtype = jnp.dtype(dtype or spec.dtype)
     if spec.fmt == "int8":
         return (arrays["codes"].astype(jnp.float32) * arrays["scales"]).astype(dtype)
-    shape = spec.shape[1:] if expert else spec.shape
-    *lead, n_in, n_out = shape
+    *_, n_in, n_out = spec.shape
     packed = arrays["codes"]
+    lead = packed.shape[:-2]          # all experts, or one device's shard of them
     idx = jnp.stack([packed & 0xF, packed >> 4], axis=-2).reshape(*lead, n_in, n_out)
     values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
     values = values.reshape(*lead, n_in // spec.block, spec.block, n_out)
     scales = arrays["scales"] if expert else _nf4_scales(spec, arrays)
-    return (values * scales[..., None, :]).reshape(shape).astype(dtype)
+    return (values * scales[..., None, :]).reshape(*lead, n_in, n_out).astype(dtype)
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -227,7 +253,12 @@ class QuantizedGroups(GroupWeights):
     layer's copy alive)."""
 
     def __init__(self, spec: QSpec, arrays: dict):
-        self.spec, self.arrays, self.shape = spec, arrays, spec.shape
+        self.spec, self.arrays = spec, arrays
+
+    @property
+    def shape(self):
+        """The experts held (all of them, or one device's shard under expert parallelism)."""
+        return (self.arrays["codes"].shape[0], *self.spec.shape[-2:])
 
     def tree_flatten(self):
         names = tuple(sorted(self.arrays))
@@ -243,8 +274,11 @@ class QuantizedGroups(GroupWeights):
 
 
 def _expert_arrays(spec: QSpec, arrays, g) -> dict:
-    """Expert ``g``'s storage: its codes and first-level scales (double-quant scale codes are
-    sliced out of the flat array they share, each element with its own group's fp32 scale)."""
+    """Expert ``g``'s storage: its codes and first-level scales. Double-quant scale codes are
+    grouped per expert (``[E, groups, group]``, :func:`_dq_group`: index them) or, when one
+    expert's scale count has no usable divisor, flat across experts (slice them out, each
+    element with its own group's fp32 scale; only with every expert held, as in
+    :func:`_nf4_scales`)."""
     take = functools.partial(jax.lax.dynamic_index_in_dim, index=g, keepdims=False)
     out = {"codes": take(arrays["codes"])}
     if spec.fmt == "int8" or not spec.double_quant:
@@ -252,23 +286,34 @@ def _expert_arrays(spec: QSpec, arrays, g) -> dict:
         return out
     _, n_in, n_out = spec.shape
     n = (n_in // spec.block) * n_out                                   # scales per expert
-    flat = arrays["scale_codes"].reshape(-1)
-    codes = jax.lax.dynamic_slice_in_dim(flat, g * n, n).astype(jnp.float32)
-    group_scale = arrays["scale_scales"].reshape(-1)[(g * n + jnp.arange(n)) // DOUBLE_QUANT_GROUP]
-    out["scales"] = (codes * group_scale + arrays["scale_offset"]).reshape(n_in // spec.block, n_out)
+    if arrays["scale_codes"].ndim == len(spec.shape):                  # grouped per expert
+        values = take(arrays["scale_codes"]).astype(jnp.float32) * take(arrays["scale_scales"])
+    elif arrays["codes"].shape[0] == spec.shape[0]:                    # grouped flat
+        flat = arrays["scale_codes"].reshape(-1)
+        codes = jax.lax.dynamic_slice_in_dim(flat, g * n, n).astype(jnp.float32)
+        values = codes * arrays["scale_scales"].reshape(-1)[(g * n + jnp.arange(n))
+                                                            // DOUBLE_QUANT_GROUP]
+    else:
+        raise NotImplementedError(
+            f"double-quant scales of a {spec.shape} weight are grouped across experts; a shard of "
+            f"its experts cannot read them: set lora.double_quant=false")
+    out["scales"] = (values.reshape(-1) + arrays["scale_offset"]).reshape(n_in // spec.block, n_out)
     return out
 
 
 # ------------------------------------------------------------------------------ modules
-def _axes_for(name: str, kernel_axes, fmt: str):
-    """Logical axes of a storage array: codes keep the weight's; scales keep all but ``in``."""
+def _axes_for(name: str, kernel_axes, ndim: int):
+    """Logical axes of a storage array: codes keep the weight's; scales keep all but ``in``;
+    double-quant groups keep the leading (expert) dims when grouped per leading index."""
     if kernel_axes is None:
         return None
     if name == "codes":
         return tuple(kernel_axes)
     if name == "scales":
         return tuple(kernel_axes[:-2]) + (None, kernel_axes[-1])
-    return None                                                          # double-quant pieces
+    if name in ("scale_codes", "scale_scales") and ndim == len(kernel_axes):
+        return tuple(kernel_axes[:-2]) + (None, None)
+    return None                                                          # flat double-quant pieces
 
 
 class QuantizedTensor(nnx.Module):
@@ -280,7 +325,7 @@ class QuantizedTensor(nnx.Module):
         axes = weight.get_metadata().get("logical_axes")
         self.names = tuple(sorted(arrays))
         for name, value in arrays.items():
-            setattr(self, name, QuantizedArray(value, logical_axes=_axes_for(name, axes, fmt)))
+            setattr(self, name, QuantizedArray(value, logical_axes=_axes_for(name, axes, value.ndim)))
         self.logical_axes = axes
 
     def arrays(self) -> dict:

@@ -151,13 +151,15 @@ def test_quantize_errors():
         quant.quantize(jnp.ones((3, 4)), "nf4")
 
 
-@pytest.mark.parametrize("fmt,double_quant", [("int8", False), ("nf4", False), ("nf4", True)])
-def test_quantized_groups_dequantize_one_expert_inside_the_grouped_matmul(fmt, double_quant):
+@pytest.mark.parametrize("fmt,double_quant,n_out", [("int8", False, 40), ("nf4", False, 40),
+                                                    ("nf4", True, 40), ("nf4", True, 7)])
+def test_quantized_groups_dequantize_one_expert_inside_the_grouped_matmul(fmt, double_quant, n_out):
     """QLoRA experts reach ``grouped_matmul`` as codes (``QuantizedGroups``), each expert
     dequantized inside the loop: equal to the whole stack dequantized at once, forward and dx.
-    40 scales per expert with double quant: experts straddle the 256-scale groups."""
+    Double quant: 160 scales per expert are grouped per expert; 28 (n_out=7) have no divisor
+    >= 32, so they are grouped flat and experts straddle the 256-scale groups."""
     from medjax.ops.grouped_matmul import grouped_matmul
-    E, n_in, n_out = 3, 64, 40
+    E, n_in = 3, 64
     w = jax.random.normal(jax.random.key(5), (E, n_in, n_out))
     spec, arrays = quant.quantize(w, fmt, block=16, double_quant=double_quant, dtype=jnp.float32)
     groups = quant.QuantizedGroups(spec, arrays)
