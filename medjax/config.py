@@ -504,6 +504,18 @@ def load_dict(path=None, overrides=()) -> dict:
     return apply_overrides(data, overrides)
 
 
+def mesh_overrides(overrides, base: "MeshSection | None" = None) -> "MeshSection":
+    """The ``mesh.*`` ``key=value`` flags of ``python -m medjax.eval`` / ``export`` (the run
+    config's mesh keys: ``mesh.preset=fsdp mesh.fsdp=4``) applied to ``base`` (default: the
+    ``dp`` preset over every device)."""
+    other = [o for o in overrides if not str(o).startswith("mesh.")]
+    if other:
+        raise ConfigError(f"{other[0]!r}: only mesh.* settings are accepted here "
+                          f"(e.g. mesh.preset=fsdp mesh.fsdp=4)")
+    data = apply_overrides({"mesh": dataclasses.asdict(base or MeshSection())}, overrides)
+    return build(MeshSection, data["mesh"], "mesh.")
+
+
 def load_config(path=None, overrides=(), cls=RunConfig) -> RunConfig:
     """Load YAML run config file(s) (merged in order) and apply ``key=value`` overrides."""
     return build(cls, load_dict(path, overrides))

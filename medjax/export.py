@@ -7,6 +7,9 @@ the default) or a PEFT adapter directory (``--peft``: ``adapter_config.json`` +
 ``adapter_model.safetensors`` for ``peft.PeftModel.from_pretrained`` on the HF base), or with
 ``--gguf TYPE`` one GGUF file at ``--out`` for llama.cpp (TYPE: f32, f16, q8_0, q4_0, q4_1;
 LoRA adapters merged first).
+
+Under ``launch/local_multiprocess.sh`` (or any multi-process launch) every process restores its
+shards and takes part in gathering each tensor; process 0 alone writes the files.
 """
 from __future__ import annotations
 
@@ -31,10 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the exported HF weights")
+    p.add_argument("mesh", nargs="*", metavar="mesh.key=value",
+                   help="lay the model out on another mesh than the run's, e.g. mesh.preset=fsdp "
+                        "mesh.fsdp=4 (default: the run's own mesh section)")
     args = p.parse_args(argv)
 
+    from medjax.config import mesh_overrides
     from medjax.distributed import initialize
-    initialize()   # under launch/*: jax.distributed from the environment; no-op for one process
+    # under launch/*: jax.distributed from the environment (or mesh.coordinator=...); no-op alone
+    initialize(mesh_overrides(args.mesh))
     from medjax.paths import separate_output
     from medjax.training.loop import restore_trained_model
     ckpt = Path(args.checkpoint)
@@ -43,7 +51,7 @@ def main(argv=None) -> int:
     if (ckpt / "checkpoints").is_dir():
         ckpt = ckpt / "checkpoints"
     separate_output(args.out, ckpt)
-    model, tokenizer, cfg, step = restore_trained_model(ckpt, args.step)
+    model, tokenizer, cfg, step = restore_trained_model(ckpt, args.step, args.mesh)
     if args.peft:
         if not cfg.lora.enabled:
             print("error: --peft needs a LoRA run (lora.enabled=true)", file=sys.stderr)

@@ -232,6 +232,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
         from medjax.models.moe import moe_layer_cost
         moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
                              _DTYPE_BYTES[cfg.model.dtype])
+        moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
     temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
     return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,
                 temporaries=temporaries, load_peak=params + opt + in_flight, host_load=host,
@@ -274,6 +275,29 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
     return rows, layers + logits
 
 
+def expert_parallel_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict:
+    """All-to-all bytes one device sends per optimizer step under expert parallelism
+    (medjax/models/moe_dispatch.py), for both transports: per MoE layer and micro-batch the rows
+    go out and the results come back in the forward, again in the backward (the transposed
+    all-to-alls), and once more when ``model.remat`` recomputes the layer. Also the MoE
+    temporaries of that layout (its receive buffer holds ``ep · C`` rows; moe_dispatch.py)."""
+    from medjax.models.moe_dispatch import all_to_all_bytes, expert_parallel_temp_bytes
+    ep = sizes["expert"]
+    if ep <= 1:
+        return {}
+    tokens = max(1, round(micro_rows * cfg.data.seq_len))
+    passes = 2 + (cfg.model.remat != "none")
+    per_step = m.num_layers * cfg.train.grad_accum * passes
+    dtype = _DTYPE_BYTES[cfg.model.dtype]
+    out = {"expert_parallel": ep, "temp_bytes": expert_parallel_temp_bytes(
+        tokens, m.hidden_size, m.intermediate_size, m.num_experts_per_tok, m.num_experts, ep, dtype)}
+    for transport in ("ragged", "padded"):
+        out[f"all_to_all_{transport}_bytes"] = per_step * all_to_all_bytes(
+            tokens, m.hidden_size, m.num_experts_per_tok, m.num_experts, ep,
+            dtype, transport)
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float | None) -> str:
     g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
@@ -304,6 +328,10 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
                      f"active, <= {p.moe['max_flops'] / 1e12:.3g} with block padding "
                      f"({p.moe['block_rows']}-row blocks); temporaries ~"
                      f"{p.moe['temp_bytes'] / GiB:.2f} GiB")
+        if p.moe.get("expert_parallel"):
+            lines.append(f"  all-to-all per step per device (expert={p.moe['expert_parallel']}): "
+                         f"{p.moe['all_to_all_ragged_bytes'] / GiB:.3g} GiB ragged (GPU/TPU), "
+                         f"{p.moe['all_to_all_padded_bytes'] / GiB:.3g} GiB padded (CPU)")
     if p.quantized:
         lines.insert(5, f"    of which quantized {g(p.quantized)}   ({cfg.lora.quantize} codes + scales)")
     if device_bytes:

@@ -17,6 +17,9 @@ whose backward dequantizes again to form ``dx = dy @ W^T``: autodiff therefore n
 dequantized copy of a weight as a residual (which would cost the full bf16 model in memory),
 and no gradient flows to the frozen codes. The dequantize is plain jnp, so XLA materialises
 one weight at a time (a fused dequant-matmul kernel would avoid even that; not written yet).
+Stacked experts go to ``medjax.ops.grouped_matmul`` as codes (:class:`QuantizedGroups`), whose
+loop over experts dequantizes one expert at a time, forward and backward: never the whole
+``[E, in, out]`` stack, and nothing XLA could hoist out of the micro-batch loop.
 
 QLoRA = :func:`medjax.lora.apply_lora` first, then :func:`quantize_model`, which swaps the
 ``base`` of every LoRA wrapper (and every other ``Linear`` / ``Experts`` in the decoder
@@ -38,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from medjax.models.stack import LAYERS_AXIS, num_stacked
-from medjax.ops.grouped_matmul import grouped_matmul
+from medjax.ops.grouped_matmul import GroupWeights, grouped_matmul
 
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1], with an exact zero), as
 # published with QLoRA / bitsandbytes.
@@ -111,12 +114,27 @@ def quantize(w, fmt: str, *, block: int = 64, double_quant: bool = False, dtype=
     return spec, arrays
 
 
+def _dq_group(per_lead: int) -> int:
+    """Second-level group of a stacked ``[E, ...]`` weight: the largest divisor of one expert's
+    scale count up to ``DOUBLE_QUANT_GROUP``, so each expert owns whole groups and the expert dim
+    can be split across devices (expert parallelism); 0 when no divisor >= 32 exists."""
+    group = max(d for d in range(1, min(DOUBLE_QUANT_GROUP, per_lead) + 1) if per_lead % d == 0)
+    return group if group >= 32 else 0
+
+
 def _quantize_scales(absmax):
-    """Second-level quantization of the nf4 absmax values: int8 codes around their mean."""
-    flat = absmax.reshape(-1)
-    offset = jnp.mean(flat)
-    pad = (-flat.size) % DOUBLE_QUANT_GROUP
-    groups = jnp.pad(flat - offset, (0, pad)).reshape(-1, DOUBLE_QUANT_GROUP)
+    """Second-level quantization of the nf4 absmax values ``[..., in/b, out]``: int8 codes around
+    their mean, one fp32 scale per group. A 2-D weight's values are grouped flat
+    (``[G, 256]``); a stacked weight's per leading index (``[E, G, group]``, see :func:`_dq_group`)."""
+    *lead, a, b = absmax.shape
+    offset = jnp.mean(absmax)
+    group = _dq_group(a * b) if lead else 0
+    if group:
+        groups = (absmax - offset).reshape(*lead, a * b // group, group)
+    else:
+        flat = absmax.reshape(-1) - offset
+        pad = (-flat.size) % DOUBLE_QUANT_GROUP
+        groups = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_QUANT_GROUP)
     s2 = jnp.max(jnp.abs(groups), axis=-1, keepdims=True) / 127.0
     s2 = jnp.where(s2 == 0, 1.0, s2)
     q = jnp.clip(jnp.round(groups / s2), -127, 127).astype(jnp.int8)
@@ -124,26 +142,40 @@ def _quantize_scales(absmax):
 
 
 def _nf4_scales(spec: QSpec, arrays):
+    """The first-level scales ``[..., in/b, out]`` of the codes held (all experts, or the shard of
+    them one device holds under expert parallelism)."""
     *lead, n_in, n_out = spec.shape
+    local = arrays["codes"].shape[:-2]
     if not spec.double_quant:
         return arrays["scales"]
-    flat = (arrays["scale_codes"].astype(jnp.float32) * arrays["scale_scales"]).reshape(-1)
-    n = math.prod(lead) * (n_in // spec.block) * n_out
-    return (flat[:n] + arrays["scale_offset"]).reshape(*lead, n_in // spec.block, n_out)
+    values = arrays["scale_codes"].astype(jnp.float32) * arrays["scale_scales"]
+    per = (n_in // spec.block) * n_out
+    if lead and values.ndim == len(lead) + 2:                       # grouped per leading index
+        flat = values.reshape(*local, -1)
+    elif tuple(local) == tuple(lead):                               # grouped flat
+        flat = values.reshape(-1)[:math.prod(lead) * per]
+    else:
+        raise NotImplementedError(
+            f"double-quant scales of a {spec.shape} weight are grouped across experts; a shard of "
+            f"its experts ({tuple(local)}) cannot read them: set lora.double_quant=false")
+    return (flat + arrays["scale_offset"]).reshape(*local, n_in // spec.block, n_out)
 
 
-def dequantize(spec: QSpec, arrays, dtype=None):
-    """The float weight ``[..., in, out]`` in ``dtype`` (default: the spec's compute dtype)."""
+def dequantize(spec: QSpec, arrays, dtype=None, *, expert: bool = False):
+    """The float weight ``[..., in, out]`` in ``dtype`` (default: the spec's compute dtype).
+    ``expert=True``: ``arrays`` hold one expert of a stacked ``[E, in, out]`` spec, whose
+    scales are already plain (:func:`_expert_arrays`); the result is ``[in, out]``."""
     dtype = jnp.dtype(dtype or spec.dtype)
     if spec.fmt == "int8":
         return (arrays["codes"].astype(jnp.float32) * arrays["scales"]).astype(dtype)
-    *lead, n_in, n_out = spec.shape
+    *_, n_in, n_out = spec.shape
     packed = arrays["codes"]
+    lead = packed.shape[:-2]          # all experts, or one device's shard of them
     idx = jnp.stack([packed & 0xF, packed >> 4], axis=-2).reshape(*lead, n_in, n_out)
     values = jnp.asarray(NF4_LEVELS)[idx.astype(jnp.int32)]
     values = values.reshape(*lead, n_in // spec.block, spec.block, n_out)
-    w = values * _nf4_scales(spec, arrays)[..., None, :]
-    return w.reshape(spec.shape).astype(dtype)
+    scales = arrays["scales"] if expert else _nf4_scales(spec, arrays)
+    return (values * scales[..., None, :]).reshape(*lead, n_in, n_out).astype(dtype)
 
 
 # ------------------------------------------------------------------------------ streaming
@@ -212,37 +244,78 @@ def _qmm_bwd(spec, arrays, g):
 quantized_matmul.defvjp(_qmm_fwd, _qmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def quantized_ragged_dot(spec: QSpec, x_NI, group_sizes_E, arrays):
-    """``ragged_dot(x, W[E, in, out], group_sizes)`` with W dequantized inside (run by
-    ``grouped_matmul``, whose cost follows the routed rows)."""
-    return grouped_matmul(x_NI, dequantize(spec, arrays, x_NI.dtype), group_sizes_E)
+@jax.tree_util.register_pytree_node_class
+class QuantizedGroups(GroupWeights):
+    """Stacked quantized weights ``[E, in, out]`` as a ``grouped_matmul`` weight source: the
+    grouped matmul's loop dequantizes ONE expert (codes and, with double quant, its slice of the
+    scale codes) when it reaches that expert's rows, forward and backward. So a QLoRA MoE layer
+    never holds more than one expert's float weight, and no dequantized weight depends on the
+    frozen codes alone (XLA could otherwise hoist it out of the micro-batch loop and keep every
+    layer's copy alive)."""
+
+    def __init__(self, spec: QSpec, arrays: dict):
+        self.spec, self.arrays = spec, arrays
+
+    @property
+    def shape(self):
+        """The experts held (all of them, or one device's shard under expert parallelism)."""
+        return (self.arrays["codes"].shape[0], *self.spec.shape[-2:])
+
+    def tree_flatten(self):
+        names = tuple(sorted(self.arrays))
+        return tuple(self.arrays[n] for n in names), (self.spec, names)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        spec, names = aux
+        return cls(spec, dict(zip(names, children)))
+
+    def group(self, g, dtype):
+        return dequantize(self.spec, _expert_arrays(self.spec, self.arrays, g), dtype, expert=True)
 
 
-def _qrd_fwd(spec, x_NI, group_sizes_E, arrays):
-    return quantized_ragged_dot(spec, x_NI, group_sizes_E, arrays), (group_sizes_E, arrays)
-
-
-def _qrd_bwd(spec, res, g_NO):
-    group_sizes_E, arrays = res
-    w_EIO = dequantize(spec, arrays, g_NO.dtype)
-    return grouped_matmul(g_NO, w_EIO, group_sizes_E, transpose_rhs=True), None, None
-
-
-quantized_ragged_dot.defvjp(_qrd_fwd, _qrd_bwd)
+def _expert_arrays(spec: QSpec, arrays, g) -> dict:
+    """Expert ``g``'s storage: its codes and first-level scales. Double-quant scale codes are
+    grouped per expert (``[E, groups, group]``, :func:`_dq_group`: index them) or, when one
+    expert's scale count has no usable divisor, flat across experts (slice them out, each
+    element with its own group's fp32 scale; only with every expert held, as in
+    :func:`_nf4_scales`)."""
+    take = functools.partial(jax.lax.dynamic_index_in_dim, index=g, keepdims=False)
+    out = {"codes": take(arrays["codes"])}
+    if spec.fmt == "int8" or not spec.double_quant:
+        out["scales"] = take(arrays["scales"])
+        return out
+    _, n_in, n_out = spec.shape
+    n = (n_in // spec.block) * n_out                                   # scales per expert
+    if arrays["scale_codes"].ndim == len(spec.shape):                  # grouped per expert
+        values = take(arrays["scale_codes"]).astype(jnp.float32) * take(arrays["scale_scales"])
+    elif arrays["codes"].shape[0] == spec.shape[0]:                    # grouped flat
+        flat = arrays["scale_codes"].reshape(-1)
+        codes = jax.lax.dynamic_slice_in_dim(flat, g * n, n).astype(jnp.float32)
+        values = codes * arrays["scale_scales"].reshape(-1)[(g * n + jnp.arange(n))
+                                                            // DOUBLE_QUANT_GROUP]
+    else:
+        raise NotImplementedError(
+            f"double-quant scales of a {spec.shape} weight are grouped across experts; a shard of "
+            f"its experts cannot read them: set lora.double_quant=false")
+    out["scales"] = (values.reshape(-1) + arrays["scale_offset"]).reshape(n_in // spec.block, n_out)
+    return out
 
 
 # ------------------------------------------------------------------------------ modules
 def _axes_for(name: str, kernel_axes, ndim: int, stacked: bool):
     """Logical axes of a storage array: codes keep the weight's; scales keep all but ``in``;
-    double-quant pieces only the stacked ``layers`` axis (when there is one)."""
+    double-quant groups keep the leading (stacked layers, expert) dims when grouped per leading
+    index; the other double-quant pieces only the stacked ``layers`` axis (when there is one)."""
     if kernel_axes is None:
         return None
     if name == "codes":
         return tuple(kernel_axes)
     if name == "scales":
         return tuple(kernel_axes[:-2]) + (None, kernel_axes[-1])
-    return (LAYERS_AXIS,) + (None,) * (ndim - 1) if stacked else None   # double-quant pieces
+    if name in ("scale_codes", "scale_scales") and ndim == len(kernel_axes):
+        return tuple(kernel_axes[:-2]) + (None, None)
+    return (LAYERS_AXIS,) + (None,) * (ndim - 1) if stacked else None  # flat double-quant pieces
 
 
 class QuantizedTensor(nnx.Module):
@@ -323,7 +396,8 @@ class QuantizedExperts(nnx.Module):
 
     def project(self, name, x_NI, group_sizes_E):
         q = getattr(self, name)
-        return quantized_ragged_dot(q.spec, x_NI.astype(self.dtype), group_sizes_E, q.arrays())
+        return grouped_matmul(x_NI.astype(self.dtype), QuantizedGroups(q.spec, q.arrays()),
+                              group_sizes_E)
 
     def __call__(self, x_NH, group_sizes_E):
         h = jax.nn.silu(self.project("gate_proj", x_NH, group_sizes_E)) * \

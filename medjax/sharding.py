@@ -301,7 +301,7 @@ def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
 def place(state, shardings):
     """``device_put`` of a pytree onto shardings; also works across processes (each process
     holding the full value, e.g. the same seeded init or a checkpoint read)."""
-    return jax.tree.map(_place, state, shardings)
+    return jax.tree.map(place_array, state, shardings)
 
 
 def shard_model(model, mesh: Mesh, rules: ShardingRules):
@@ -311,14 +311,34 @@ def shard_model(model, mesh: Mesh, rules: ShardingRules):
     return model
 
 
-def _place(value, sharding: NamedSharding):
-    """device_put that also works across processes (every process holds the full value)."""
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def place_array(value, sharding: NamedSharding):
+    """device_put that also works across processes (every process holds the full value), typed
+    PRNG keys (LoRA dropout / NEFTune streams) included: their raw ``uint32`` data is placed and
+    the key rewrapped on the devices."""
     if isinstance(value, jax.Array) and value.sharding == sharding:
         return value
+    if _is_key(value):
+        impl = jax.random.key_impl(value)
+        data = place_array(jax.random.key_data(value), sharding)
+        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
     if jax.process_count() == 1:
         return jax.device_put(value, sharding)
     host = np.asarray(jax.device_get(value))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def host_value(x) -> np.ndarray:
+    """The whole value of ``x`` as numpy on every process. An array spread over several
+    processes is gathered (``process_allgather``): a collective, so every process must call it,
+    in the same order, even those that then write nothing."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
 
 
 def init_sharded(make_model, mesh: Mesh, rules: ShardingRules):

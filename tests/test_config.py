@@ -99,3 +99,30 @@ def test_a_config_mistake_at_the_command_line_is_one_error_line(tmp_path, capsys
     assert run_cli(main, ["--config", config, *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
+
+
+def test_eval_and_export_take_the_mesh_from_mesh_flags():
+    from medjax.config import MeshSection, mesh_overrides
+    assert mesh_overrides([]) == MeshSection()
+    assert mesh_overrides(["mesh.preset=fsdp", "mesh.fsdp=4"]) == MeshSection(preset="fsdp", fsdp=4)
+    run_mesh = MeshSection(preset="fsdp_tp", tensor=2)      # a run checkpoint's own mesh, changed
+    assert mesh_overrides(["mesh.tensor=1"], run_mesh) == MeshSection(preset="fsdp_tp", tensor=1)
+
+
+@pytest.mark.parametrize("module", ["eval", "export"])
+@pytest.mark.parametrize("flag, line", [
+    ("train.steps=3", "error: 'train.steps=3': only mesh.* settings are accepted here"),
+    ("mesh.preset=zero3", "error: mesh.preset"),
+    ("mesh.tensor=2", "error: mesh.tensor=2 is unused by mesh.preset='dp'"),
+])
+def test_a_bad_mesh_flag_of_eval_or_export_is_one_error_line(tmp_path, capsys, module, flag, line):
+    """Checked before any device is touched, the model loaded or the checkpoint read."""
+    if module == "eval":
+        from medjax.eval.__main__ import main
+        argv = ["--model", str(tmp_path / "absent"), "--data-dir", str(tmp_path), "--tasks", "medqa", flag]
+    else:
+        from medjax.export import main
+        argv = ["--checkpoint", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), flag]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err

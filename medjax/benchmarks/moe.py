@@ -17,7 +17,8 @@ of ``--steps`` timed calls after a warm-up, all in the same run:
 ``--tpu-compile v5p:2x2x1`` instead compiles one Mixtral-8x7B layer (bf16, 2048 tokens, fwd+bwd)
 for a compile-only TPU device (needs ``jax[tpu]`` and ``TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu``;
 docs/SCALE.md) and prints its compiled FLOPs over the active FLOPs. XLA counts a loop body once:
-the dw loops' bodies (one ``[b, H] x [b, I]`` product each) are added for the remaining trips.
+the dw loops' bodies (one ``[b, K] x [b, width]`` product per block and weight column chunk) are added
+for the remaining trips.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def tpu_compile(topology: str, tokens: int = 2048) -> int:
 
     from medjax.models import get_preset
     from medjax.models.moe import SparseMoE, moe_layer_cost
+    from medjax.ops.grouped_matmul import column_chunks
     device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
     cfg = get_preset("mixtral-8x7b")
     moe = nnx.eval_shape(lambda: SparseMoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
@@ -131,13 +133,17 @@ def tpu_compile(topology: str, tokens: int = 2048) -> int:
     x = jax.ShapeDtypeStruct((1, tokens, cfg.hidden_size), jnp.bfloat16, sharding=on)
     compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(state, x).compile()
     cost = moe_layer_cost(cfg, tokens)
-    b, loops = cost["block_rows"], compiled.as_text().count(" while(")
-    trips = cost["padded_rows"] // b
-    body = 2 * b * cfg.hidden_size * cfg.intermediate_size
-    flops = compiled.cost_analysis()["flops"] + loops * (trips - 1) * body
+    # XLA counts each loop body once. The dw of each projection is the blocked loop: per block
+    # and column chunk one [b, K] x [b, width] product; add its remaining trips (worst-case
+    # routing: every padded row) for gate/up (K=H, N=I) and down (K=I, N=H).
+    b, H, I = cost["block_rows"], cfg.hidden_size, cfg.intermediate_size
+    dw_total = 2 * cost["padded_rows"] * H * I
+    missing = sum(dw_total - 2 * b * K * column_chunks(K, N)[1]
+                  for K, N in ((H, I), (H, I), (I, H)))
+    flops = compiled.cost_analysis()["flops"] + missing
     print(f"{device.device_kind} · Mixtral-8x7B MoE layer fwd+bwd · {tokens} tokens · bf16\n"
-          f"compiled {flops / 1e12:.3f} TFLOP ({loops} dw loops × {trips} worst-case trips of "
-          f"{b}-row blocks) / active {cost['active_flops'] / 1e12:.3f} = "
+          f"compiled {flops / 1e12:.3f} TFLOP (3 dw loops over {cost['padded_rows']} worst-case "
+          f"padded rows in {b}-row blocks) / active {cost['active_flops'] / 1e12:.3f} = "
           f"{flops / cost['active_flops']:.3f}; temporaries "
           f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB")
     return 0

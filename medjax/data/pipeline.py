@@ -1,8 +1,10 @@
 """``make_dataset``: sources → shuffle/mix/epochs → host shard → tokenize → fit length → pack → batch.
 
-The order is global and deterministic (a function of the seed), and each host takes every
-``process_count``-th element of it starting at ``process_index`` BEFORE tokenizing and packing,
-so hosts see disjoint examples that together cover each epoch. Everything after the host slice
+The order is global and deterministic (a function of the seed), and each host takes its block of
+every global batch of it (host p: examples ``p·b .. p·b + b - 1`` of each run of ``b × process_count``,
+``b`` = rows per host) BEFORE tokenizing and packing, so hosts see disjoint examples that together
+cover each epoch, and without packing a host's rows sit at the global-batch rows a 1-process run
+gives them (LoRA dropout masks, drawn by global row, are then the same). Everything after the host slice
 is a grain ``IterDataset`` whose iterator state (a small dict of counters) is the resume point.
 """
 from __future__ import annotations
@@ -145,6 +147,42 @@ class _Flatten(grain.experimental.FlatMapTransform):
         return element
 
 
+class HostShare(grain.MapDataset):
+    """Host ``index`` of ``count``: the ``index``-th block of ``rows`` consecutive elements in every
+    run of ``rows × count`` (the host's rows of each global batch, in global order). With a
+    finite parent the last run may leave a host a shorter block or none."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, index, count
+        self._parent_length = n = len(parent)
+        full, stride = divmod(n, rows * count)[0], rows * count
+        self._length = full * rows + min(max(n - full * stride - index * rows, 0), rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        epoch, index = divmod(index, self._length)
+        block, row = divmod(index, self._rows)
+        return epoch * self._parent_length + (block * self._count + self._index) * self._rows + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    @property
+    def _element_spec(self):
+        from grain._src.python.dataset import dataset as grain_dataset
+        return grain_dataset.get_element_spec(self._parent)
+
+    def __str__(self) -> str:
+        return f"HostShare(rows={self._rows}, index={self._index}, count={self._count})"
+
+
 class _Tag:
     def __init__(self, index):
         self.index = index
@@ -200,7 +238,7 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
         ds = grain.MapDataset.mix([p.repeat() for p in parts], [s.weight for s in sources])
         if num_epochs is not None:
             ds = ds[: num_epochs * sum(len(s.rows) for s in sources)]
-    ds = ds[process_index::process_count]
+    ds = HostShare(ds, batch_size, process_index, process_count) if process_count > 1 else ds
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
     _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
            limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))

@@ -8,6 +8,12 @@ and TruthfulQA multiple choice (MC1/MC2/MC3) as its original release scores it.
 --dtype auto (default) follows lm-eval's dtype=auto: an HF directory computes in config.json's
 dtype/torch_dtype, a GGUF file in bfloat16 when quantized (else its own float type), a run
 checkpoint in its run's model.dtype.
+
+Trailing ``mesh.key=value`` flags lay the model out on a device mesh (``mesh.preset=fsdp``:
+each device holds 1/N of every matrix); the weights load straight into it. Under
+``launch/local_multiprocess.sh -n 2 -d 4 -- python -m medjax.eval ...`` the mesh spans both
+processes: every process builds the same batches, each feeds its devices' rows, and the scores
+come back to all; process 0 prints and writes ``--output``.
 """
 from __future__ import annotations
 
@@ -59,30 +65,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", action="store_true", default=d.log_samples,
                    help="include per-item prompts and per-choice log-likelihoods in --output")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
+    p.add_argument("mesh", nargs="*", metavar="mesh.key=value",
+                   help="device mesh, as in a run config: e.g. mesh.preset=fsdp mesh.fsdp=4 (default: "
+                        "mesh.preset=dp, the weights on every device, the batch split over them; a run "
+                        "checkpoint defaults to its run's mesh). Under launch/local_multiprocess.sh the "
+                        "mesh spans every process's devices")
     return p
 
 
-def load_model(path: str, requested: str):
+def load_model(path: str, requested: str, mesh_flags=()):
     """``(model, tokenizer, dtype, why)``, or an error message (str) for a dtype a run
-    checkpoint cannot honour."""
+    checkpoint cannot honour. The weights are read straight into their shardings on the mesh
+    ``mesh_flags`` describe (each process reading only the blocks its devices hold)."""
     import jax.numpy as jnp
 
     import medjax
+    from medjax.config import mesh_overrides
     from medjax.eval.auto_dtype import auto_dtype, model_kind
     from medjax.loading import resolve_path
+    from medjax.sharding import make_mesh, rules_for
 
     resolved = resolve_path(path)
     if model_kind(resolved) == "run":
         from medjax.training.loop import restore_trained_model
         ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
-        model, tokenizer, cfg, step = restore_trained_model(ckpt)
+        model, tokenizer, cfg, step = restore_trained_model(ckpt, mesh_overrides=mesh_flags)
         if requested not in ("auto", cfg.model.dtype):
             return (f"--dtype {requested}: the run checkpoint {ckpt} is rebuilt in its run's "
                     f"model.dtype={cfg.model.dtype}; use --dtype auto, or export it "
                     f"(python -m medjax.export) and evaluate the HF directory")
         return model, tokenizer, cfg.model.dtype, f"run model.dtype, step {step}"
     dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolved)
-    model, tokenizer = medjax.load(resolved, dtype=getattr(jnp, dtype), scan_layers=True)
+    mesh_cfg = mesh_overrides(mesh_flags)
+    model, tokenizer = medjax.load(resolved, dtype=getattr(jnp, dtype), mesh=make_mesh(mesh_cfg),
+                                   rules=rules_for(mesh_cfg.preset), scan_layers=True)
     return model, tokenizer, dtype, why
 
 
@@ -95,6 +111,8 @@ def main(argv=None) -> int:
         print("error: --model and --data-dir are required", file=sys.stderr)
         return 2
     try:
+        from medjax.config import mesh_overrides
+        mesh_cfg = mesh_overrides(args.mesh)
         EvalSection(limit=args.limit, num_fewshot=args.num_fewshot, score=args.score, mode=args.mode,
                     batch_tokens=args.batch_tokens)
         from medjax.eval.tasks import resolve
@@ -105,11 +123,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from medjax.distributed import initialize, is_main_process
+    initialize(mesh_cfg)   # under launch/*: jax.distributed from the environment; no-op alone
     from medjax.eval import report
     from medjax.eval.runner import evaluate
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.dtype)
+    loaded = load_model(args.model, args.dtype, args.mesh)
     if isinstance(loaded, str):
         print(f"error: {loaded}", file=sys.stderr)
         return 2
@@ -126,6 +146,8 @@ def main(argv=None) -> int:
                       truthfulqa_primer=args.truthfulqa_primer)
     result["config"].update(model=args.model, dtype=dtype, dtype_from=why)
     result["wall_s"] = time.perf_counter() - t0
+    if not is_main_process():       # every process scored the same items; process 0 reports
+        return 0
     print(report.markdown_table(result))
     print(f"\nwall time {result['wall_s']:.1f}s", file=sys.stderr)
     if args.output:

@@ -37,8 +37,10 @@ def evaluate_section(eval_cfg, model_fn, tokenizer, out_path) -> dict | None:
                       score=eval_cfg.score, mode=eval_cfg.mode, tokens_per_batch=eval_cfg.batch_tokens)
     result["skipped_tasks"] = skipped
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from medjax.distributed import is_main_process
+    if is_main_process():       # every process holds the same scores; one writes them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+        tmp.replace(path)
     return {"results": result.get("results"), "skipped_tasks": skipped, "file": str(path)}

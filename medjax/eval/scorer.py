@@ -15,8 +15,11 @@ question is run through the model ONCE:
 Contexts too long to pack, and those with longer continuations, are sorted by length and
 cut into (length, batch) buckets by :func:`plan_buckets`, a small dynamic programme that
 trades padding against compiled shapes (each new shape costs an XLA compile, about as long
-as running one batch); batches are right-padded. Every batch is split over the devices when
-there are several (plain data parallelism).
+as running one batch); batches are right-padded. Every batch is split over the batch axes of
+the model's mesh (the mesh its weights were loaded onto; without one, every device holds the
+weights and takes a share of the rows). In several processes each one builds the same batches
+(the request list is the same everywhere), feeds its devices' rows, and gets every score back
+(replicated outputs), so all processes hold identical results.
 """
 from __future__ import annotations
 
@@ -152,6 +155,23 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     return total_BK, greedy_BK
 
 
+def _mesh_of(state):
+    """The mesh the model's weights were placed on (``medjax.sharding`` axes), else a ``dp``
+    mesh over every device."""
+    from medjax.sharding import MESH_AXES, make_mesh
+    for x in jax.tree.leaves(state):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.axis_names == MESH_AXES:
+            return sharding.mesh
+    from medjax.config import MeshSection
+    return make_mesh(MeshSection(preset="dp"))
+
+
+def _on(mesh, x) -> bool:
+    sharding = getattr(x, "sharding", None)
+    return isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
+
+
 def _k_max(groups: list[_Group]) -> int:
     return max((len(g.continuations) for g in groups), default=1)
 
@@ -161,23 +181,27 @@ class Scorer:
 
     def __init__(self, model, *, tokens_per_batch: int = 4096, pad_id: int = 0, max_batch: int = 64,
                  compile_cost: int | None = None, pack_length: int | None = 384):
-        graphdef, self.state = nnx.split(model)
+        from medjax.sharding import batch_sharding, batch_shards, place_array
+        graphdef, state = nnx.split(model)
+        mesh = _mesh_of(state)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # weights not on the mesh (loaded unsharded) are replicated onto it
+        self.state = jax.tree.map(lambda x: x if _on(mesh, x) else place_array(x, replicated), state)
+        self.batch_sharding = batch_sharding(mesh)
         # The graphdef is static; it is bound here (not hashed) because model configs hold dicts.
-        self._score_fn = jax.jit(partial(score_batch, graphdef))
-        self._packed_fn = jax.jit(partial(score_packed, graphdef))
+        self._score_fn = jax.jit(partial(score_batch, graphdef), out_shardings=replicated)
+        self._packed_fn = jax.jit(partial(score_packed, graphdef), out_shardings=replicated)
         self.pack_length = pack_length
         self.tokens_per_batch = tokens_per_batch
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.compile_cost = compile_cost
-        self.n_devices = jax.device_count()
-        self.batch_sharding = None
-        if self.n_devices > 1:
-            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-            self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            if all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(self.state)):
-                self.state = jax.device_put(self.state, replicated)
+        self.n_devices = batch_shards(mesh)     # batches are a multiple of the batch shards
+
+    def _on_mesh(self, *arrays) -> tuple:
+        """Host batches (the same on every process) → global arrays split over the batch axes."""
+        from medjax.sharding import place_array
+        return tuple(place_array(a, self.batch_sharding) for a in arrays)
 
     def score(self, items: list[Item], desc: str = "scoring") -> None:
         groups: dict[tuple[int, ...], _Group] = {}
@@ -245,9 +269,7 @@ class Scorer:
                     last_BP[b, p] = at - 1
                     for k, cont in enumerate(groups[i].continuations):
                         cont_BPK[b, p, k] = cont[0]
-            arrays = (ids_BT, pos_BT, seg_BT, last_BP, cont_BPK)
-            if self.batch_sharding is not None:
-                arrays = jax.device_put(arrays, self.batch_sharding)
+            arrays = self._on_mesh(ids_BT, pos_BT, seg_BT, last_BP, cont_BPK)
             lp_BPK, greedy_BPK = jax.device_get(self._packed_fn(self.state, *arrays))
             for b, row in enumerate(chunk):
                 for p, i in enumerate(row):
@@ -268,9 +290,7 @@ class Scorer:
             for k, cont in enumerate(g.continuations):
                 cont_BKM[b, k, : len(cont)] = cont
                 cont_len_BK[b, k] = len(cont)
-        arrays = (ids_BT, ctx_len_B, cont_BKM, cont_len_BK)
-        if self.batch_sharding is not None:
-            arrays = jax.device_put(arrays, self.batch_sharding)
+        arrays = self._on_mesh(ids_BT, ctx_len_B, cont_BKM, cont_len_BK)
         total_BK, greedy_BK = jax.device_get(self._score_fn(self.state, *arrays))
         for b, g in enumerate(batch):
             for k, reqs in enumerate(g.continuations.values()):

@@ -22,15 +22,11 @@ from safetensors.numpy import save_file
 from medjax.hf.names import export_tensors
 from medjax.hf.safetensors_io import CheckpointError
 from medjax.models.stack import per_layer_flat
+from medjax.sharding import host_value
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
 
 
 def _generation_config(cfg) -> dict:
@@ -71,7 +67,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
             shard, shard_bytes = {}, 0
 
         total = 0
-        for name, arr in export_tensors(cfg, lambda p: _host(flat[p].get_value())):
+        for name, arr in export_tensors(cfg, lambda p: host_value(flat[p].get_value())):
             arr = np.ascontiguousarray(arr.astype(np_dtype))
             if shard and shard_bytes + arr.nbytes > max_shard_bytes:
                 flush()

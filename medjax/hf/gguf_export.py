@@ -25,10 +25,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from medjax.hf.export import _host
 from medjax.hf.gguf import _BLOCK, _GLOBAL
 from medjax.hf.safetensors_io import CheckpointError
 from medjax.models.stack import per_layer_flat
+from medjax.sharding import host_value
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # gguf.LlamaFileType values
@@ -183,7 +183,7 @@ def save_gguf(model, path, *, tokenizer=None, type: str = "f16", name: str | Non
 
     if jax.process_index() != 0:  # gathering a sharded weight is collective: every process takes part
         for _, mpath, _ in plan:
-            _host(flat[mpath].get_value())
+            host_value(flat[mpath].get_value())
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
@@ -207,7 +207,7 @@ def save_gguf(model, path, *, tokenizer=None, type: str = "f16", name: str | Non
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tname, mpath, transposed in plan:
-            w = np.asarray(_host(flat[mpath].get_value()), np.float32)
+            w = np.asarray(host_value(flat[mpath].get_value()), np.float32)
             if transposed:
                 w = np.swapaxes(w, -1, -2)
             if tname.endswith("attn_q.weight"):

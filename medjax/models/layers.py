@@ -9,8 +9,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medjax.models.config import ModelConfig
+from medjax.ops.target import EXPERT_AXIS, context_mesh
 
 
 def _init(key, shape, dtype, std=0.02):
@@ -51,7 +54,14 @@ class Embed(nnx.Module):
                                    logical_axes=("vocab", "embed"))
 
     def __call__(self, ids_BT):
-        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
+        table = self.embedding[...]
+        mesh = context_mesh()
+        if mesh is not None and dict(mesh.shape).get(EXPERT_AXIS, 1) > 1:
+            # Expert parallelism (mesh.preset=fsdp_ep, vocab whole): gather the table's
+            # fsdp-split columns like any fsdp weight, so the lookup stays on each batch shard.
+            # GSPMD otherwise gathers the looked-up rows across the `expert` axis.
+            table = jax.lax.with_sharding_constraint(table, NamedSharding(mesh, P()))
+        return jnp.take(table, ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):
         """Tied output head: logits against the embedding table."""

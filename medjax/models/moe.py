@@ -8,7 +8,9 @@ projections and their backward pass run without further padding copies.
 
 Cost of one layer (N tokens, k experts each, hidden H, ffn I, E experts; :func:`moe_layer_cost`):
 forward 2·N·H·E (router) + 3·2·N·k·H·I (experts), backward twice that; the expert matmuls run
-on at most N·k + min(E, N·k)·(b − 1) padded rows (b = block rows). The router statistics let the decoder compute HF's ``load_balancing_loss_func`` over all layers.
+on at most N·k + min(E, N·k)·(b − 1) padded rows (b = block rows). With an ``expert`` mesh axis
+> 1 the rows travel to the devices holding their experts and back (``moe_dispatch.py``).
+The router statistics let the decoder compute HF's ``load_balancing_loss_func`` over all layers.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from flax import nnx
 
 from medjax.models.config import ModelConfig
 from medjax.models.layers import Linear, _init
-from medjax.ops.grouped_matmul import block_layout, grouped_matmul
+from medjax.models.moe_dispatch import moe_layer
+from medjax.ops.grouped_matmul import grouped_matmul
 
 
 class Experts(nnx.Module):
@@ -56,34 +59,24 @@ class SparseMoE(nnx.Module):
     def __call__(self, x_BTH, token_mask_BT=None):
         """Returns ``(out_BTH, router_stats [2E + 1])``."""
         B, T, H = x_BTH.shape
+        mask_N = (jnp.ones((B * T,), jnp.float32) if token_mask_BT is None
+                  else token_mask_BT.reshape(-1).astype(jnp.float32))
+        # Route, send the rows to their experts and back: on this device, or (with an `expert`
+        # mesh axis > 1) each device routes its own tokens and exchanges rows with all-to-alls.
+        out_NH, stats = moe_layer(self, x_BTH.reshape(B * T, H), mask_N)
+        return out_NH.reshape(B, T, H).astype(x_BTH.dtype), stats
+
+    def route(self, x_NH, mask_N):
+        """``(weights_NK, experts_NK, router_stats [2E + 1])``: fp32 softmax → top-k → renormalise.
+        The statistics feed HF's load_balancing_loss_func (aggregated over layers by the
+        decoder): routed-slot counts per expert, summed probabilities per expert, token count."""
         E, K = self.num_experts, self.top_k
-        x_NH = x_BTH.reshape(B * T, H)
         probs_NE = jax.nn.softmax(self.gate(x_NH).astype(jnp.float32), axis=-1)
         weights_NK, experts_NK = jax.lax.top_k(probs_NE, K)
         weights_NK = weights_NK / jnp.sum(weights_NK, axis=-1, keepdims=True)
-
-        # Rows = (token, slot) pairs sorted by expert, laid out so each expert fills whole blocks
-        # of the grouped matmul; the SwiGLU runs in that padded layout (padding rows are zero).
-        flat_expert = experts_NK.reshape(-1)                       # [N*K]
-        order = jnp.argsort(flat_expert, stable=True)              # sorted row -> (token, slot)
-        group_sizes_E = jnp.bincount(flat_expert, length=E).astype(jnp.int32)
-        layout = block_layout(group_sizes_E, B * T * K)
-        valid_P = layout.src_P < B * T * K
-        slot_P = order[jnp.minimum(layout.src_P, B * T * K - 1)]
-        token_P = jnp.where(valid_P, slot_P // K, B * T)           # B*T: out of range, dropped
-        weight_P = jnp.where(valid_P, weights_NK.reshape(-1)[slot_P], 0.0)
-        x_PH = jnp.take(x_NH, token_P, axis=0, mode="fill", fill_value=0)
-        y_PH = self.experts(x_PH, layout).astype(jnp.float32) * weight_P[:, None]
-        out_NH = jnp.zeros((B * T, H), jnp.float32).at[token_P].add(y_PH, mode="drop")
-
-        # Router statistics for HF's load_balancing_loss_func (aggregated over layers by the
-        # decoder): routed-slot counts per expert, summed probabilities per expert, token count.
-        mask_N = (jnp.ones((B * T,), jnp.float32) if token_mask_BT is None
-                  else token_mask_BT.reshape(-1).astype(jnp.float32))
         counts_E = jnp.einsum("nke,n->e", jax.nn.one_hot(experts_NK, E, dtype=jnp.float32), mask_N)
         probs_E = jnp.einsum("ne,n->e", probs_NE, mask_N)
-        stats = jnp.concatenate([counts_E, probs_E, jnp.sum(mask_N)[None]])
-        return out_NH.reshape(B, T, H).astype(x_BTH.dtype), stats
+        return weights_NK, experts_NK, jnp.concatenate([counts_E, probs_E, jnp.sum(mask_N)[None]])
 
 
 def load_balancing_loss(stats, num_experts: int):
@@ -97,18 +90,20 @@ def moe_layer_cost(cfg: ModelConfig, tokens: int, dtype_bytes: int = 4) -> dict:
 
     ``active_flops``: router + the k routed experts' three matmuls (backward = 2× forward).
     ``max_flops``: the same with every expert's rows padded to whole blocks (the grouped
-    matmul's worst case). ``temp_bytes``: the gathered input ``[P, H]``, four ``[P, I]`` buffers
-    live at the backward's peak (gate/up/hidden rows and one cotangent) and two ``[H, I]`` block
-    buffers (an expert's weight slice and its ``dw`` product): XLA:CPU's ``memory_analysis``
-    reported 1.58 GB of temporaries for Mixtral-8x7B at 2048 tokens in fp32, this gives 1.59.
+    matmul's worst case). ``temp_bytes``: four ``[P, I]`` buffers live at the backward's peak
+    (gate/up/hidden rows and one cotangent), four ``[P, H]`` ones (gathered input, output rows,
+    dx of gate and up) and two weight column chunks (a block's weight slice and its ``dw``
+    product): XLA:CPU's ``memory_analysis`` reported 1.38 GB of temporaries for Mixtral-8x7B at
+    2048 tokens in fp32, this gives 1.41.
     """
-    from medjax.ops.grouped_matmul import default_block_rows, max_blocks
+    from medjax.ops.grouped_matmul import column_chunks, default_block_rows, max_blocks
     E, k, H, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
     rows = tokens * k
     b = default_block_rows(rows, E)
     padded = max_blocks(rows, E, b) * b
     router = 2 * tokens * H * E
+    chunk = max(H * column_chunks(H, I)[1], I * column_chunks(I, H)[1])
     return {"active_flops": 3 * (router + 3 * 2 * rows * H * I),
             "max_flops": 3 * (router + 3 * 2 * padded * H * I),
             "block_rows": b, "padded_rows": padded,
-            "temp_bytes": dtype_bytes * (padded * H + 4 * padded * I + 2 * H * I)}
+            "temp_bytes": dtype_bytes * (4 * padded * H + 4 * padded * I + 2 * chunk)}

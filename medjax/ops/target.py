@@ -14,7 +14,8 @@ overrides the set (tests lower for platforms whose plugin is absent).
 Custom-call kernels (Mosaic, Triton) cannot be partitioned by GSPMD. :func:`per_shard` runs
 one on each device's shard with ``jax.shard_map`` over the context mesh (``jax.set_mesh``):
 rows split over every mesh axis but ``tensor``, heads over ``tensor`` (medjax's mesh axes,
-``medjax.sharding.MESH_AXES``).
+``medjax.sharding.MESH_AXES``). :func:`context_mesh` is the one lookup of that mesh (the MoE's
+expert-parallel dispatch uses it too).
 """
 from __future__ import annotations
 
@@ -95,6 +96,13 @@ def on_target(branch: Callable[[str], object]):
 
 
 HEAD_AXIS = "tensor"
+EXPERT_AXIS = "expert"      # the mesh axis MoE experts are split over (expert parallelism)
+
+
+def context_mesh():
+    """The multi-device context mesh (``jax.set_mesh`` / ``training.step.on_mesh``), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def per_shard(fn, rows_first: dict, heads_third: dict):
@@ -103,8 +111,8 @@ def per_shard(fn, rows_first: dict, heads_third: dict):
     ``rows_first``: arrays ``[B, ...]`` split by rows; ``heads_third``: ``[B, T, H, D]`` split by
     rows and heads (output laid out like the first of them). Without a multi-device context
     mesh, ``fn`` is called as is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = context_mesh()
+    if mesh is None:
         return fn(**rows_first, **heads_third)
     B = next(iter(heads_third.values())).shape[0]
     rows = tuple(a for a in mesh.axis_names if a != HEAD_AXIS and mesh.shape[a] > 1)

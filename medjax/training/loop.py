@@ -124,8 +124,27 @@ def prepare_data(cfg: RunConfig, tokenizer):
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
         per_epoch = sum(1 for _ in make_dataset(data, tokenizer, batch_size=B, seed=data.seed, num_epochs=1))
-        steps = cfg.train.epochs * max(per_epoch, 1)
+        steps = cfg.train.epochs * max(_most_of_every_process(per_epoch), 1)
     return train, heldout, steps
+
+
+def _most_of_every_process(n: int) -> int:
+    """The largest ``n`` over the processes. Each host counts the batches of its own share of a
+    finite split, and the shares may differ by one example (and so by one batch); every process
+    must run the same number of steps and held-out batches, or one waits forever at a collective."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.array([n], np.int64))))
+
+
+def _pad_heldout(batches: list, keys, rows: int, seq_len: int) -> list:
+    """``batches`` with all-padding batches appended up to the most any process holds (padding
+    rows have no loss tokens, as in a short final batch)."""
+    missing = _most_of_every_process(len(batches)) - len(batches)
+    empty = {k: np.zeros((rows, seq_len), np.float32 if k.endswith("loss_mask") else np.int32)
+             for k in keys}
+    return batches + [empty] * missing
 
 
 class Trainer:
@@ -138,7 +157,11 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lora = cfg.lora.enabled
-        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer)
+        self.batches, heldout, self.steps = prepare_data(cfg, tokenizer)
+        if heldout:
+            objective.check_batch(heldout[0])      # a real batch (padding ones are appended next)
+        self.heldout = _pad_heldout(heldout, objective.batch_keys,
+                                    cfg.train.batch_size // jax.process_count(), cfg.data.seq_len)
         self.trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=objective,
                                          steps=self.steps)
         if self.trainable.quant_report is not None:
@@ -158,7 +181,7 @@ class Trainer:
         if restored is None:
             return False
         state, meta, step = restored
-        from medjax.training.setup import place
+        from medjax.sharding import place
         self.state = place(state, self.trainable.shardings[0])
         self.batches.set_state(_this_host(meta["data"]))
         self.start_step = step
@@ -201,8 +224,6 @@ class Trainer:
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
                             show_bar=self.show_bar, writer=is_main_process())
         summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name}
-        if self.heldout:
-            self.objective.check_batch(self.heldout[0])
         try:
             if self.start_step == 0:
                 summary["heldout_before"] = before = self.heldout_metrics()
@@ -363,11 +384,13 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     return summary
 
 
-def restore_trained_model(checkpoint_dir, step: int | None = None):
+def restore_trained_model(checkpoint_dir, step: int | None = None, mesh_overrides=()):
     """``(model, tokenizer, cfg, step)``: the model of a run rebuilt from its checkpoint directory
     exactly as it trained — the run config is read from the checkpoint's metadata and
     ``setup.build_trainable`` repeats the run's wrap / quantize / NEFTune / split (so a QLoRA run's
-    adapters sit on the same quantized base). Dropout and NEFTune are off in the returned view."""
+    adapters sit on the same quantized base). Dropout and NEFTune are off in the returned view.
+    ``mesh_overrides`` (``mesh.*`` ``key=value`` flags, ``config.mesh_overrides``) change the
+    run's mesh (orbax restores into the new shardings); the returned ``cfg.mesh`` is that one."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -379,6 +402,9 @@ def restore_trained_model(checkpoint_dir, step: int | None = None):
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoints")
     meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg = build(RunConfig, meta["config"])
+    if mesh_overrides:
+        from medjax.config import mesh_overrides as with_mesh_flags
+        cfg = dataclasses.replace(cfg, mesh=with_mesh_flags(mesh_overrides, cfg.mesh))
     mesh = make_mesh(cfg.mesh)
     model, tokenizer = load_model(cfg, mesh)
     from medjax.training.objectives import CausalLM

@@ -43,10 +43,12 @@ import numpy as np
 
 from medjax.lora import LoRAExperts, LoRALinear, lora_modules
 from medjax.models.stack import num_stacked, unstack_module
+from medjax.sharding import host_value
 
 
 def _np(var) -> np.ndarray:
-    return np.asarray(var[...], np.float32)
+    """The whole adapter on every process (gathered when it is sharded over several)."""
+    return np.asarray(host_value(var[...]), np.float32)
 
 
 def _linear_factors(adapter):
@@ -158,10 +160,15 @@ def peft_tensors(model) -> tuple[dict, dict]:
 
 
 def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the PEFT adapter directory atomically (temp dir + rename)."""
+    """Write the PEFT adapter directory atomically (temp dir + rename). In several processes
+    every one gathers the adapters (a collective) and process 0 alone writes."""
+    import jax
     from safetensors.numpy import save_file
 
     tensors, info = peft_tensors(model)
+    out = Path(out_dir).resolve()
+    if jax.process_index() != 0:
+        return out
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(info["rank"]),
         "lora_alpha": float(info["alpha"]), "lora_dropout": float(info["dropout"]),
@@ -171,7 +178,6 @@ def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> 
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path,
     }
-    out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

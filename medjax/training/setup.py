@@ -48,9 +48,14 @@ from medjax.training.optimizer import make_optimizer
 def check_layout(cfg, mesh) -> None:
     """Errors that would otherwise fail mid-run or hang a process at a barrier, raised on EVERY
     process before any weights load: a global batch the mesh's batch shards cannot split
-    (``ShardingError``), processes started with different configs (``ConfigError``)."""
-    from medjax.sharding import local_batch_rows
+    (``ShardingError``), heads / experts the tensor / expert axes cannot split (checked here for a
+    preset's shapes; a checkpoint's are checked by the sharded load), processes started with
+    different configs (``ConfigError``)."""
+    from medjax.sharding import check_model, local_batch_rows
     local_batch_rows(mesh, cfg.train.batch_size)
+    if cfg.model.preset:
+        from medjax.models import get_preset
+        check_model(get_preset(cfg.model.preset), dict(mesh.shape))
     if jax.process_count() > 1:
         import hashlib
         import json
@@ -164,26 +169,6 @@ class Trainable:
         return nnx.merge(self.graphdef, state.params, state.rngs, self.frozen)
 
 
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def place(tree, shardings):
-    """Every leaf of ``tree`` on its (global) sharding, in any number of processes — typed PRNG
-    keys (LoRA dropout / NEFTune streams) included: their raw ``uint32`` data is placed and the
-    key rewrapped on the devices. Each process must hold the same full value (a seeded init, a
-    checkpoint read)."""
-    from medjax.sharding import place as place_array
-
-    def one(x, sharding):
-        if not _is_key(x):
-            return place_array(x, sharding)
-        impl = jax.random.key_impl(x)
-        data = place_array(jax.random.key_data(x), sharding)
-        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
-    return jax.tree.map(one, tree, shardings)
-
-
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -228,7 +213,7 @@ def _init_sharded(cfg, model, mesh, rules, tx, objective):
     ``out_shardings``, the loaded params donated: each device creates only its shards, and an
     fp32 param becomes its master copy in place."""
     from medjax.quant import quant_report
-    from medjax.sharding import sharded_init
+    from medjax.sharding import place, sharded_init
     if getattr(model, "prepared", False):
         report = quant_report(model, cfg.lora) if cfg.lora.quantize else None
     else:

@@ -144,7 +144,3 @@ def jit_eval_stats(params_sh, rngs_sh, frozen_sh, reference_sh, *, mesh, graphde
     return jax.jit(on_mesh(mesh, functools.partial(objective.eval_stats, graphdef=graphdef)),
                    in_shardings=(params_sh, rngs_sh, frozen_sh, reference_sh, batch_sh),
                    out_shardings=_replicated(mesh))
-
-
-def place(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)

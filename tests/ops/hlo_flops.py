@@ -2,8 +2,8 @@
 
 ``compiled.cost_analysis()`` counts a ``while`` body once whatever its trip count; this walks
 ``compiled.as_text()`` instead: every ``dot`` (inside fusions too) costs 2·|out|·|contracted|,
-and a computation reached as a ``while`` body is multiplied by ``trips(while_line, nested)``
-(``nested``: that body holds a loop itself).
+and a computation reached as a ``while`` body is multiplied by ``trips(while_line, inner)``
+(``inner``: the ``while`` lines nested anywhere inside that body).
 """
 import math
 import re
@@ -19,7 +19,7 @@ def _dims(s):
 
 
 def dot_flops(hlo_text: str, trips) -> tuple[int, int]:
-    """``(flops, while_loops_with_dots)``; ``trips(line, nested)`` gives a while's trip count."""
+    """``(flops, while_loops_with_dots)``; ``trips(line, inner)`` gives a while's trip count."""
     comps, entry, cur = {}, None, None
     for line in hlo_text.splitlines():
         m = _HEADER.match(line)
@@ -32,13 +32,18 @@ def dot_flops(hlo_text: str, trips) -> tuple[int, int]:
             cur = None
         elif cur:
             comps[cur]["lines"].append(line)
-    memo, loops, has_loop = {}, [0], {}
+    memo, loops, inner_memo = {}, [0], {}
 
-    def holds_loop(name):
-        if name not in has_loop:
-            has_loop[name] = any(" while(" in ln or any(holds_loop(c) for _, c in _CALL.findall(ln))
-                                 for ln in comps[name]["lines"])
-        return has_loop[name]
+    def inner_whiles(name):
+        if name not in inner_memo:
+            found = []
+            for ln in comps[name]["lines"]:
+                if " while(" in ln:
+                    found.append(ln)
+                for _, c in _CALL.findall(ln):
+                    found += inner_whiles(c)
+            inner_memo[name] = found
+        return inner_memo[name]
 
     def flops(name):
         if name in memo:
@@ -57,7 +62,7 @@ def dot_flops(hlo_text: str, trips) -> tuple[int, int]:
                 inner = flops(callee)
                 if kind == "body" and inner:
                     loops[0] += 1
-                    inner *= trips(line, holds_loop(callee))
+                    inner *= trips(line, inner_whiles(callee))
                 total += inner
         memo[name] = total
         return total

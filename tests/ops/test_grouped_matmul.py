@@ -1,5 +1,6 @@
 """grouped_matmul against jax.lax.ragged_dot (forward and gradients), and its compiled cost."""
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -65,11 +66,18 @@ def _compiled_dot_flops(fn, *args, trips):
     return dot_flops(jax.jit(fn).lower(*args).compile().as_text(), _trips(trips))
 
 
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
 def _trips(blocks):
-    """Every loop here is a grouped matmul's loop over its used blocks (none nested)."""
-    def trips(line, nested):
-        assert not nested, line
-        return blocks
+    """Every grouped matmul is a loop over the used groups holding a loop over each group's
+    blocks (``blocks`` trips in all, so the outer loop counts once), which may hold a loop over
+    the weight's column chunks (a static trip count XLA states)."""
+    def trips(line, inner):
+        if any(not _KNOWN_TRIPS.search(w) for w in inner):
+            return 1                               # the loop over groups
+        known = _KNOWN_TRIPS.search(line)
+        return int(known.group(1)) if known else blocks
     return trips
 
 
@@ -81,7 +89,7 @@ def test_decode_pays_only_the_used_experts():
     assert (b, max_blocks(2, E, b), int(num_blocks(gs, b))) == (8, 2, 2)
     x, w = jnp.ones((2, K)), jnp.ones((E, K, N))
     flops, loops = _compiled_dot_flops(lambda x, w: grouped_matmul(x, w, gs), x, w, trips=2)
-    assert loops == 1 and flops == 2 * (2 * 8) * K * N          # vs E * 8 rows for ragged_dot
+    assert loops == 2 and flops == 2 * (2 * 8) * K * N          # vs E * 8 rows for ragged_dot
     loss = lambda x, w: jnp.sum(grouped_matmul(x, w, gs) ** 2)  # noqa: E731
     frozen, _ = _compiled_dot_flops(jax.value_and_grad(loss), x, w, trips=2)
     full, _ = _compiled_dot_flops(jax.value_and_grad(loss, (0, 1)), x, w, trips=2)
@@ -119,7 +127,8 @@ def test_mixtral_layer_compiled_flops_follow_active(mixtral_layer):
     rows = tokens * cfg.num_experts_per_tok
     trips = max_blocks(rows, cfg.num_experts, default_block_rows(rows, cfg.num_experts))
     flops, loops = dot_flops(layer.as_text(), _trips(trips))   # worst-case routing
-    assert loops == 6                              # 3 projections × (forward, backward)
+    # 3 projections × (forward, backward) × (groups, blocks, column chunks)
+    assert loops == 18
     active = moe_layer_cost(cfg, tokens)["active_flops"]
     assert active == pytest.approx(4.33e12, rel=0.01)
     assert flops <= 1.25 * active, (flops / active)
@@ -128,9 +137,12 @@ def test_mixtral_layer_compiled_flops_follow_active(mixtral_layer):
 
 
 def test_mixtral_layer_temporaries(mixtral_layer):
-    _, _, layer, dense_c = mixtral_layer
-    ratio = layer.memory_analysis().temp_size_in_bytes / dense_c.memory_analysis().temp_size_in_bytes
-    assert ratio <= 2.3, ratio    # measured 2.25: the issue asks <= 2 (docs/SCALE.md#moe-layer)
+    cfg, tokens, layer, dense_c = mixtral_layer
+    temp = layer.memory_analysis().temp_size_in_bytes
+    ratio = temp / dense_c.memory_analysis().temp_size_in_bytes
+    assert ratio <= 2.0, ratio    # measured 1.96 (docs/SCALE.md#moe-layer)
+    # the planner's estimate of the layer's temporaries (medjax.plan's MoE line)
+    assert moe_layer_cost(cfg, tokens)["temp_bytes"] == pytest.approx(temp, rel=0.05)
 
 
 def test_moe_layer_cost_counts(mixtral_layer):
@@ -138,3 +150,23 @@ def test_moe_layer_cost_counts(mixtral_layer):
     c = moe_layer_cost(cfg, 10)
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
     assert c["active_flops"] == 3 * (2 * 10 * H * E + 3 * 2 * 10 * k * H * I)
+
+
+@pytest.mark.slow
+def test_tpu_mixtral_layer_compiled_flops_within_10_percent_of_active():
+    """The product command compiles one Mixtral-8x7B MoE layer (bf16, 2048 tokens, fwd+bwd) for
+    a compile-only v5p with libtpu: forward and dx are native ``ragged_dot``s on the routed rows,
+    dw the blocked loop (its remaining trips added at worst-case routing)."""
+    import subprocess
+
+    from medjax.ops.pallas import tpu_compile
+    if not tpu_compile.TPU_VENV_PYTHON.exists():
+        pytest.skip(f"no {tpu_compile.TPU_VENV_PYTHON}: run `make tpu-venv`")
+    res = subprocess.run([str(tpu_compile.TPU_VENV_PYTHON), "-m", "medjax.bench", "moe",
+                          "--tpu-compile", "v5p:2x2x1"], env=tpu_compile.compile_only_env(),
+                         capture_output=True, text=True, timeout=900)
+    m = re.search(r"compiled ([0-9.]+) TFLOP .* / active ([0-9.]+) = ([0-9.]+);", res.stdout)
+    assert m, res.stdout + res.stderr[-3000:]
+    compiled, active, ratio = map(float, m.groups())
+    assert active == pytest.approx(4.33, rel=0.01)
+    assert 1.0 <= ratio <= 1.10, res.stdout

@@ -3,36 +3,65 @@ python -m medjax.train ...`` against ``python -m medjax.train`` on 8 simulated d
 
 ``data.pack=false`` and ``data.long_examples=truncate``: packing (and splitting a long example
 into several rows) runs per host over that host's examples, so those rows would differ from a
-1-process run's; one row per example, each host's rows are the 1-process batch's rows split by
-process (``make_dataset`` takes every ``process_count``-th example), so the batch — and the
-loss, up to summation order — is the same. ``lora.dropout=0``: dropout masks are drawn by
-position in the GLOBAL batch, and the processes' rows sit there in another order (host 0 holds
-examples 0, 2, 4, ... of a batch, host 1 examples 1, 3, 5, ...), so with dropout each example
-would get another mask than in the 1-process run.
+1-process run's; one row per example, each host's rows are its block of the 1-process batch
+(``make_dataset``: host p takes examples p·b .. p·b+b-1 of every global batch), so the batch, the
+loss up to summation order, and the LoRA dropout masks (drawn by global row; the recipe's
+``lora.dropout=0.05`` is on) are the same.
+
+Also here: the Med42 DPO recipe, a real SIGKILL of both processes mid-run, ``python -m
+medjax.export`` and eval during training in 2 processes, and the two layout errors (a batch the
+mesh cannot split; processes started with different configs).
 """
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SFT = ("--config", str(ROOT / "configs" / "melt_llama2_lora.yaml"), "model=tiny", "mesh.preset=fsdp",
+       "data.pack=false", "data.long_examples=truncate", "lora.dropout=0.05", "train.steps=4",
+       "train.export=[]", "eval.tasks=[]", "checkpoint.every=2")
+# Med42 stage 2 (full fine-tune, frozen-copy reference); 16 pairs in 2 micro-batches of 8
+DPO = ("--config", str(ROOT / "configs" / "med42_dpo.yaml"), "model=tiny", "mesh.preset=fsdp",
+       "data.long_examples=truncate", "train.batch_size=16", "train.grad_accum=2", "train.steps=4",
+       "train.export=[]", "eval.tasks=[]", "checkpoint.every=2")
 
 
-def _train(out_dir, *extra, processes=1, resume=False):
-    args = [sys.executable, "-m", "medjax.train", "--no-progress", *(["--resume"] if resume else []),
-            "--config", str(ROOT / "configs" / "melt_llama2_lora.yaml"), "model=tiny", "mesh.preset=fsdp",
-            "data.pack=false", "data.long_examples=truncate", "lora.dropout=0", "train.steps=4", "train.export=[]", "eval.tasks=[]", "checkpoint.every=2",
-            f"train.out_dir={out_dir}", *extra]
+def _env(processes, devices):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
     if processes == 1:
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-        cmd = args
-    else:
-        env.pop("XLA_FLAGS", None)
-        cmd = [str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(processes), "-d", "4", "--", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _command(module, args, processes=1, devices=8):
+    cmd = [sys.executable, "-m", module, *args]
+    if processes > 1:
+        cmd = [str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(processes), "-d", str(devices),
+               "--", *cmd]
+    return cmd
+
+
+def _module(module, *args, processes=1, devices=8):
+    """``python -m module args`` in one process, or in ``processes`` under the local launcher."""
+    return subprocess.run(_command(module, args, processes, devices), cwd=ROOT,
+                          env=_env(processes, devices), capture_output=True, text=True, timeout=900)
+
+
+def _train(out_dir, *extra, processes=1, resume=False, recipe=SFT):
+    args = ["--no-progress", *(["--resume"] if resume else []), *recipe, f"train.out_dir={out_dir}", *extra]
+    return _module("medjax.train", *args, processes=processes, devices=8 if processes == 1 else 4)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
 
 
 def _losses(run_dir):
@@ -40,16 +69,28 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
-    one = _train(tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _train(tmp_path / "two", processes=2)
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+def _assert_close(ref, got):
+    assert sorted(ref) == sorted(got) and sorted(ref) == list(range(1, len(ref) + 1))
     for s in ref:
         assert abs(ref[s] - got[s]) <= 1e-5 * max(1.0, abs(ref[s])), (s, ref[s], got[s])
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    """One epoch of 65 training rows and 9 held-out rows: the hosts' shares are 33/32 and 5/4
+    rows, so host 0 counts one batch more of each. Every process still runs the 1-process run's
+    9 steps and 2 held-out batches (the other host pads its held-out list and goes on into its
+    next epoch), instead of one of them waiting forever at a collective."""
+    import json
+    uneven = ("data.max_rows=65", "data.heldout_rows=9", "train.epochs=1")
+    _ok(_train(tmp_path / "one", *uneven))
+    _ok(_train(tmp_path / "two", *uneven, processes=2))
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(ref) == sorted(got) == list(range(1, 10))
+    # step 9: one example in 1 process; in 2, host 1 adds rows of its next epoch
+    _assert_close({s: ref[s] for s in range(1, 9)}, {s: got[s] for s in range(1, 9)})
+    before = [json.loads((tmp_path / n / "summary.json").read_text())["heldout_loss_before"] for n in ("one", "two")]
+    assert abs(before[0] - before[1]) <= 1e-5 * max(1.0, abs(before[0])), before
 
 
 @pytest.mark.slow
@@ -73,3 +114,124 @@ def test_a_batch_the_mesh_cannot_split_stops_every_process_with_one_error(tmp_pa
     assert bad.returncode == 2, (bad.stdout + bad.stderr)[-3000:]
     errors = [line for line in (bad.stdout + bad.stderr).splitlines() if "error:" in line]
     assert errors and all("batch size 12" in line for line in errors), errors
+
+
+@pytest.mark.slow
+def test_dpo_two_processes_train_and_resume_like_one(tmp_path):
+    """Med42's DPO stage (full fine-tune against a frozen copy, 2 accumulated micro-batches):
+    2 processes = 1 process; stopped after the step-2 checkpoint and resumed, steps 3-4 repeat."""
+    import shutil
+    _ok(_train(tmp_path / "one", recipe=DPO))
+    _ok(_train(tmp_path / "two", recipe=DPO, processes=2))
+    got = _losses(tmp_path / "two")
+    _assert_close(_losses(tmp_path / "one"), got)
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")
+    _ok(_train(tmp_path / "two", recipe=DPO, processes=2, resume=True))
+    again = _losses(tmp_path / "two")
+    assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
+
+
+def _tensors(directory):
+    from safetensors.numpy import load_file
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
+    """A 2-process LoRA run exports (in the run, and by ``python -m medjax.export`` in 2 processes)
+    what a 1-process export of its checkpoint on another mesh writes; ``python -m medjax.eval`` of
+    the run checkpoint scores alike in 2 processes and in 1; eval during training writes its result
+    once. Only process 0 writes: no temporary files are left beside the outputs."""
+    import json
+
+    import numpy as np
+    run = tmp_path / "run"
+    _ok(_train(run, "train.export=[hf,peft]", "eval.tasks=[medqa_4options]", "eval.limit=4",
+               f"eval.data_dir={benchmarks_dir}", processes=2))
+    assert json.loads((run / "eval.json").read_text())["results"]["medqa_4options"]["n"] == 4
+    ckpt = str(run / "checkpoints")
+    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft2"), "--peft",
+                processes=2, devices=4))
+    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft1"), "--peft",
+                "mesh.preset=dp", devices=1))
+    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf1"), "mesh.preset=dp",
+                devices=1))
+    for name, where in (("eval2", dict(processes=2, devices=4)), ("eval1", dict(devices=1))):
+        flags = () if name == "eval2" else ("mesh.preset=dp",)    # the run's fsdp mesh / one device
+        _ok(_module("medjax.eval", "--model", ckpt, "--data-dir", str(benchmarks_dir), "--tasks", "medmcqa",
+                    "--limit", "4", "--log-samples", "--output", str(tmp_path / f"{name}.json"), *flags, **where))
+    one, two = (json.loads((tmp_path / f"eval{n}.json").read_text())["samples"]["medmcqa"] for n in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-5, rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval1.json", "eval2.json", "hf1", "peft1", "peft2", "run"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["hf", "peft"]
+    ref = _tensors(tmp_path / "peft1")
+    assert len(ref) == 2 * 7 * 2          # lora_A/B on q,k,v,o,gate,up,down of 2 layers
+    for other in (tmp_path / "peft2", run / "export" / "peft"):
+        got = _tensors(other)
+        assert sorted(got) == sorted(ref)
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{other}: {name}")
+        assert (other / "adapter_config.json").read_text() == (tmp_path / "peft1" / "adapter_config.json").read_text()
+    ref, got = _tensors(tmp_path / "hf1"), _tensors(run / "export" / "hf")
+    assert sorted(got) == sorted(ref)
+    for name in ref:      # merged W + s·A·B, computed on the fsdp mesh vs one device
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
+    """A real kill: both processes (and the launcher) SIGKILLed once the step-4 checkpoint is on
+    disk, mid-run (a later checkpoint may be half written); ``--resume`` in both continues from
+    the newest complete checkpoint and every step's loss equals the uninterrupted run's."""
+    steps = ("train.steps=24", "checkpoint.every=4")
+    _ok(_train(tmp_path / "ref", *steps, processes=2))
+    run = tmp_path / "killed"
+    cmd = _command("medjax.train", ["--no-progress", *SFT, f"train.out_dir={run}", *steps], 2, 4)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(2, 4), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "4").is_dir():    # orbax renames a finished step into place
+            assert proc.poll() is None, "the run ended before its step-4 checkpoint"
+            assert time.monotonic() < deadline, "no step-4 checkpoint after 600 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert max(_losses(run)) < 24, "killed after the run had finished: nothing was interrupted"
+    _ok(_train(run, *steps, processes=2, resume=True))
+    ref, got = _losses(tmp_path / "ref"), _losses(run)
+    assert sorted(got) == sorted(ref) == list(range(1, 25))
+    assert [got[s] for s in ref] == [ref[s] for s in ref]
+
+
+@pytest.mark.slow
+def test_processes_started_with_different_configs_stop_with_one_error(tmp_path):
+    """Process 1 gets another ``optim.lr``: both stop with one ``error:`` line, exit 2, before any
+    output is made, and neither waits forever at a barrier."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for i, lr in enumerate(("0.002", "0.003")):
+            env = dict(_env(2, 4), MEDJAX_COORDINATOR=f"127.0.0.1:{port}", MEDJAX_NUM_PROCESSES="2",
+                       MEDJAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "medjax.train", "--no-progress", *SFT,
+                 f"train.out_dir={tmp_path / 'bad'}", f"optim.lr={lr}"],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        errors = [line for line in (out + err).splitlines() if "error:" in line]
+        assert p.returncode == 2 and len(errors) == 1, (out + err)[-3000:]
+        assert errors[0].startswith("error: processes [1] were started with a different config")
+    assert not (tmp_path / "bad").exists()
