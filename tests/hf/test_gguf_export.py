@@ -79,7 +79,10 @@ def sources(tmp_path_factory):
 
 
 def _flat(model):
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """Per-layer paths in either layer layout (a trained run's model has stacked layers)."""
+    from medjax.models.stack import per_layer_flat
+    return {p: np.asarray(v.get_value())
+            for p, v in per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param))).items()}
 
 
 def _assert_within_step(src, got, type):
