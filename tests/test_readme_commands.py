@@ -56,6 +56,8 @@ HOW = {
     "python -m medjax.bench train --steps 5 --batch 4": "a benchmark (minutes); its numbers are in the table",
     "python -m medjax.bench eval --output eval_bench.json": "a benchmark (an hour on this CPU)",
     "python -m medjax.bench data": "a benchmark",
+    "python -m medjax.bench compile": "a benchmark (minutes); tests/benchmarks/test_compile_bench.py "
+                                      "runs it at tiny depths",
     ".venv-tpu/bin/python -m medjax.plan --config configs/meditron_llama2_cpt.yaml --device v5p-16 --compile":
         "needs the libtpu venv (`make tpu-venv`); tests/test_plan_compile.py covers --compile",
     "python -m medjax.train": "the full demo (`make demo`, minutes); run here with the tiny overlay",
