@@ -120,6 +120,7 @@ def test_stacked_qlora_streaming_quantizes_each_layer_as_the_loop(fmt, tmp_path)
         (b.quantized_params, b.total_params, b.total_bytes)
 
 
+@pytest.mark.slow   # the recipes' default-run exports go through it too (scan is their default)
 def test_stacked_peft_export_writes_the_loop_files(tmp_path):
     from safetensors.numpy import load_file
 
