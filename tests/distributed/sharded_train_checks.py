@@ -97,6 +97,15 @@ def test_eight_devices():
     assert jax.device_count() == 8, "XLA_FLAGS was not applied before importing jax"
 
 
+def _train(step, state, frozen, model_name, mesh):
+    """STEPS steps on the shared random batches, placed as global batches on ``mesh``."""
+    losses = []
+    for tokens in common.batches(STEPS, BATCH, get_preset(model_name).vocab_size):
+        state, metrics = step(state, frozen, sharding.global_batch(common.lm_batch(tokens), mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
 @pytest.mark.parametrize("preset", list(MESHES))
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-mixtral"])
 def test_preset_trains_like_single_device(model_name, preset, reference_losses):
@@ -107,10 +116,7 @@ def test_preset_trains_like_single_device(model_name, preset, reference_losses):
     rules = sharding.rules_for(preset)
 
     step, state, frozen = common.training_setup(model_name, mesh, rules)
-    losses = []
-    for tokens in common.batches(STEPS, BATCH, get_preset(model_name).vocab_size):
-        state, metrics = step(state, frozen, sharding.global_batch(common.lm_batch(tokens), mesh))
-        losses.append(float(metrics["loss"]))
+    state, losses = _train(step, state, frozen, model_name, mesh)
     np.testing.assert_allclose(losses, reference_losses[model_name], rtol=0, atol=1e-5)
 
     # every parameter AND its AdamW moments are laid out as the preset says, after training
@@ -139,10 +145,7 @@ def test_scanned_layers_train_like_single_device_loop(model_name, preset, refere
     mesh = sharding.make_mesh(MeshSection(preset=preset, **MESHES[preset]))
     step, state, frozen = common.training_setup(model_name, mesh, sharding.rules_for(preset),
                                                 scan_layers=True)
-    losses = []
-    for tokens in common.batches(STEPS, BATCH, get_preset(model_name).vocab_size):
-        state, metrics = step(state, frozen, sharding.global_batch(common.lm_batch(tokens), mesh))
-        losses.append(float(metrics["loss"]))
+    state, losses = _train(step, state, frozen, model_name, mesh)
     np.testing.assert_allclose(losses, reference_losses[model_name], rtol=0, atol=1e-5)
     stacked = 0
     for path, variable in nnx.to_flat_state(state.params):

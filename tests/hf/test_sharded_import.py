@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from hf_fixtures import make_tiny_hf
 
 CHILD = r"""
@@ -61,11 +63,15 @@ for name in ("read", "read_region"):
         read["bytes"] += out.nbytes
         return out
     setattr(io.TensorInfo, name, counting)
-ref, _ = medjax.load(sys.argv[1], progress=False)
-preset, sizes = sys.argv[2], json.loads(sys.argv[3])
+preset, sizes, scan = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "scan"
+ref, _ = medjax.load(sys.argv[1], progress=False, scan_layers=scan)
 mesh = sharding.make_mesh(MeshSection(preset=preset, **sizes))
 read["bytes"] = 0
-got, _ = medjax.load(sys.argv[1], mesh=mesh, rules=sharding.rules_for(preset), progress=False)
+got, _ = medjax.load(sys.argv[1], mesh=mesh, rules=sharding.rules_for(preset), progress=False,
+                     scan_layers=scan)
+if scan:   # stacked weights [L, ...]: the layers axis is never split
+    q = got.model.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec[0] is None and len(q.sharding.device_set) == 8, q.sharding
 for (path, a), b in zip(nnx.to_flat_state(nnx.state(ref)), nnx.to_flat_state(nnx.state(got)).leaves):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
 print(json.dumps({"read": read["bytes"], "file": sum(t.end - t.start for t in io.index_tensors(io.find_weight_files(sys.argv[1])).values())}))
@@ -101,16 +107,19 @@ def _fuse_experts(src, dst):
     return dst
 
 
-def test_mesh_import_reads_each_block_once(tmp_path):
+@pytest.mark.parametrize("layout", ["loop", "scan"])
+def test_mesh_import_reads_each_block_once(layout, tmp_path):
+    """Per-layer tensors (loop) or index i of the stacked [L, ...] arrays (scan): either way each
+    block is read once."""
     import json
     llama = make_tiny_hf("llama2", tmp_path / "llama2", seed=5)
     mixtral = make_tiny_hf("mixtral", tmp_path / "mixtral", seed=5)
-    fused = _fuse_experts(mixtral, tmp_path / "fused")
-    runs = [(llama, "fsdp", {"data": 2, "fsdp": 4}), (mixtral, "fsdp_ep", {"fsdp": 2, "expert": 4}),
-            (fused, "fsdp_ep", {"fsdp": 2, "expert": 4})]
+    runs = [(llama, "fsdp", {"data": 2, "fsdp": 4}), (mixtral, "fsdp_ep", {"fsdp": 2, "expert": 4})]
+    if layout == "loop":
+        runs.append((_fuse_experts(mixtral, tmp_path / "fused"), "fsdp_ep", {"fsdp": 2, "expert": 4}))
     for d, preset, sizes in runs:
-        out = subprocess.run([sys.executable, "-c", COUNT_CHILD, str(d), preset, json.dumps(sizes)],
-                             capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", COUNT_CHILD, str(d), preset, json.dumps(sizes),
+                              layout], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["read"] == r["file"], (d.name, r)      # every byte once, none twice
