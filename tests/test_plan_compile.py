@@ -32,22 +32,24 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tiny_train_step_compiles_for_v5e_2x2_with_fsdp_and_mosaic_kernels():
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
+def test_tiny_train_step_compiles_for_v5e_2x2_with_fsdp_and_mosaic_kernels(scan):
     """The LoRA recipe's real train step (tiny Llama, fsdp over 4 v5e chips, 2 micro-batches,
     the recipe's full remat) compiled by libtpu: the attention is Mosaic (forward, its remat
-    recomputation, dQ, dK/dV per layer), the memory is XLA's,
+    recomputation, dQ, dK/dV: per layer in the loop, once in the scanned layer body), the memory
+    is XLA's,
     and the planner's exact part (params + optimizer state) equals the bytes the step's input
     shardings hold. ``--device-memory`` below the compiled total gives the one-line error."""
     if not TPU_PY.exists():
         pytest.skip(f"no {TPU_PY.parent.parent.name}: `make tpu-venv` installs the TPU compiler")
     res = _run(TPU_PY, "-m", "medjax.plan", "--config", "configs/melt_llama2_lora.yaml",
                "model.preset=tiny-llama2", "mesh.preset=fsdp", "data.seq_len=256",
-               "train.batch_size=8", "train.grad_accum=2",
+               "train.batch_size=8", "train.grad_accum=2", f"model.scan_layers={str(scan).lower()}",
                "--device", "v5e-4", "--compile", "--device-memory", "1MiB")
     out = res.stdout
     assert "4 × TPU v5e" in out and "fsdp=4" in out, res.stdout + res.stderr[-3000:]
-    layers = 2                                                     # tiny-llama2
-    assert f"{4 * layers} Mosaic, 0 Triton, 0 cuDNN" in out, out
+    bodies = 1 if scan else 2                                      # tiny-llama2: 2 layers
+    assert f"{4 * bodies} Mosaic, 0 Triton, 0 cuDNN" in out, out
     b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
     assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"]
     assert b["temp"] > 0 and 0 < b["alias"] <= min(b["output"], b["argument"])  # state donated

@@ -50,19 +50,32 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     ``jax.checkpoint(policy=policy)`` (one layer's activations recomputed in the backward).
     """
     graphdef, rng_state, weights = nnx.split(layers, nnx.RngState, ...)
+    advanced = []        # set while tracing: did the layer draw from its RNG streams?
 
     def body(carry, xs):
         h, rng = carry
         w, kv_i = xs
+        drawn = _values(rng)       # before the call: merge may share variables with ``rng``
         layer = _unstacked_metadata(nnx.merge(graphdef, rng, w))
         h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
-        return (h, nnx.state(layer, nnx.RngState)), (kv_i, stats)
+        new_rng = nnx.state(layer, nnx.RngState)
+        advanced.append(any(a is not b for a, b in zip(drawn, _values(new_rng))))
+        return (h, new_rng), (kv_i, stats)
 
     if remat:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     (h_BTH, rng_state), (kv, stats) = jax.lax.scan(body, (h_BTH, rng_state), (weights, kv))
-    nnx.update(layers, rng_state)
+    # Written back only when drawn from (LoRA dropout in training), as the loop's layers mutate
+    # their RNG counters only then: an inference call inside another transform (the scorer's
+    # lax.map over choices) must not write to variables created outside it.
+    if any(advanced):
+        nnx.update(layers, rng_state)
     return h_BTH, kv, jnp.sum(stats, axis=0)
+
+
+def _values(state) -> list:
+    return [v.get_value() if isinstance(v, nnx.Variable) else v
+            for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
 
 
 def _unstacked_metadata(layer):
