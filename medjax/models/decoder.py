@@ -64,6 +64,14 @@ class DecoderLayer(nnx.Module):
         return h_BTH + mlp_out, kv_cache, router_stats
 
 
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of ``model.remat`` ``name`` (not "none"); ValueError names
+    the choices."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat {name!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
 def remat_layer(layer: DecoderLayer, policy: str, h_BTH, positions_BT, inv_freq, segment_ids):
     """``layer`` under ``jax.checkpoint`` with ``REMAT_POLICIES[policy]``: ``(h_BTH, router_stats)``.
 
@@ -76,8 +84,7 @@ def remat_layer(layer: DecoderLayer, policy: str, h_BTH, positions_BT, inv_freq,
     checkpoint trace, which raises ``TraceContextError`` for variables created at another trace
     level than the differentiated ones: frozen bases, quantized codes, reference copies.)
     """
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"model.remat {policy!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+    checkpoint_policy = remat_policy(policy)
     graphdef, state = nnx.split(layer)
 
     def run(state, h_BTH, positions_BT, inv_freq, segment_ids):
@@ -85,7 +92,7 @@ def remat_layer(layer: DecoderLayer, policy: str, h_BTH, positions_BT, inv_freq,
         h_BTH, _, stats = fresh(h_BTH, positions_BT, inv_freq, segment_ids, None)
         return h_BTH, stats, nnx.state(fresh, nnx.RngState)
 
-    h_BTH, stats, rng_state = jax.checkpoint(run, policy=REMAT_POLICIES[policy])(
+    h_BTH, stats, rng_state = jax.checkpoint(run, policy=checkpoint_policy)(
         state, h_BTH, positions_BT, inv_freq, segment_ids)
     nnx.update(layer, rng_state)
     return h_BTH, stats
@@ -164,13 +171,12 @@ class Decoder(nnx.Module):
         return self._finish(h_BTH, new_cache, router_stats, logits_at)
 
     def _scan(self, h_BTH, positions, inv_freq, segment_ids, cache):
-        if self.remat != "none" and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat {self.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+        policy = None if self.remat == "none" else remat_policy(self.remat)
         remat = self.remat != "none" and cache is None
         kv = None if cache is None else (cache.k, cache.v)
         h_BTH, kv, router_stats = scan_layers(
             self.model.layers, h_BTH, positions, inv_freq, segment_ids, kv, remat=remat,
-            policy=REMAT_POLICIES.get(self.remat))
+            policy=policy)
         return h_BTH, (None if cache is None else KVCache(k=kv[0], v=kv[1])), router_stats
 
     def _finish(self, h_BTH, new_cache, router_stats, logits_at) -> DecoderOutput:
