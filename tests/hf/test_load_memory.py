@@ -156,9 +156,6 @@ def test_qlora_nf4_load_host_rss_within_model_plus_two_tensors(qlora_load):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-30: planner 601 MiB (nf4 model 460 + "
-                   "141 in flight) vs 691 MiB used; the rest is XLA's own memory (compiled "
-                   "programs, ~0.1 GB), which the planner does not model")
 def test_planner_within_ten_percent_of_the_qlora_load(qlora_load):
     r, _, p = qlora_load
     used = r["rss_peak"] - r["base"]
