@@ -18,10 +18,20 @@ What is minimised is the ``objective`` (``training/objectives.py``): every micro
 divided by the objective's normaliser over the WHOLE batch (loss tokens for the causal LM, pairs
 for DPO), so ``grad_accum`` micro-batches give the same gradient as one big batch (up to
 summation order).
+
+Micro-batches are STRIDED (:func:`micro_batches`): micro-batch ``i`` holds rows ``i, i + A,
+i + 2A, ...`` of the global batch (``A = grad_accum``). The batch's rows are split over the mesh's
+``data × fsdp × expert`` axes in contiguous blocks, one per device, so every micro-batch takes
+the same share of every device's block and no row crosses devices (a contiguous split would put
+micro-batch ``i`` on a few devices and make XLA move rows between them every step). Which rows
+go together changes nothing in the summed loss and gradient; it does decide which LoRA dropout
+mask / NEFTune noise a row draws and what Mixtral's per-micro-batch router aux loss sees. A
+DPO pair is row ``r`` of every ``chosen_*`` and ``rejected_*`` array, so pairs stay together.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -56,13 +66,32 @@ def init_train_state(params, rngs, tx) -> TrainState:
 
 
 # ------------------------------------------------------------------------------ step
+def micro_batches(batch, grad_accum: int):
+    """``[B, ...]`` arrays → ``[grad_accum, B / grad_accum, ...]``, micro-batch ``i`` = rows
+    ``i::grad_accum`` (strided: each device's contiguous block of rows gives every micro-batch
+    its equal share, see the module docstring). Under a multi-device context mesh whose batch
+    shards divide a micro-batch, the micro-batch rows are pinned to the batch axes."""
+    from medjax.ops.target import context_mesh
+    from medjax.sharding import BATCH_AXES
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
+    micro = jax.tree.map(split, batch)
+    mesh = context_mesh()
+    if mesh is None or grad_accum == 1:
+        return micro
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    spec = jax.sharding.PartitionSpec(None, tuple(a for a in BATCH_AXES if a in mesh.shape))
+    return jax.tree.map(lambda x: x if x.shape[1] % shards else jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, spec)), micro)
+
+
 def accumulate_grads(params, rngs, frozen, reference, batch, *, graphdef, objective, grad_accum: int):
     """Gradients of ``objective`` over the batch, summed over ``grad_accum`` micro-batches
     (``lax.scan``); each micro-batch's loss is divided by ``objective.normalizer`` of the WHOLE
     batch. Returns ``(grads, rngs, metrics)`` with ``objective.metrics`` of the summed stats."""
     norm = objective.normalizer(batch)
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]),
-                         {k: batch[k] for k in objective.batch_keys})
+    micro = micro_batches({k: batch[k] for k in objective.batch_keys}, grad_accum)
     grad_fn = jax.grad(functools.partial(objective.loss, graphdef=graphdef, n_micro=grad_accum),
                        has_aux=True)
 

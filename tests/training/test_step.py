@@ -5,7 +5,7 @@ import numpy as np
 
 from medjax.models import get_preset, init_decoder
 from medjax.training.objectives import CausalLM
-from medjax.training.step import accumulate_grads, split_model
+from medjax.training.step import accumulate_grads, micro_batches, split_model
 
 
 def _batch(B=8, T=16, vocab=512, seed=0):
@@ -34,3 +34,18 @@ def test_grad_accum_4x2_equals_batch_8():
     np.testing.assert_allclose(m1["loss"], want, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_are_strided_and_keep_dpo_pairs_together():
+    """Micro-batch i = rows i, i+A, ...: each device's contiguous block of the batch gives every
+    micro-batch the same share (tests/distributed/accum_split_checks.py checks the compiled
+    step); a DPO pair (row r of chosen_* and of rejected_*) lands at one index of one micro-batch."""
+    B, A = 12, 3
+    rows = np.arange(B)[:, None] * np.ones((1, 5), np.int32)
+    micro = micro_batches({"chosen_input_ids": rows, "rejected_input_ids": rows + 100}, A)
+    for i in range(A):
+        np.testing.assert_array_equal(micro["chosen_input_ids"][i], rows[i::A])
+        np.testing.assert_array_equal(micro["rejected_input_ids"][i] - micro["chosen_input_ids"][i], 100)
+    # 4 devices holding 3 consecutive rows each: every micro-batch takes one row from each
+    owner = np.asarray(micro["chosen_input_ids"])[:, :, 0] // (B // 4)
+    np.testing.assert_array_equal(owner, np.broadcast_to(np.arange(4), (A, 4)))
