@@ -33,8 +33,10 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              jitted init with out_shardings) + the largest tensor's block in flight. ``host``
              is one process's RAM in flight for the load: the largest block (target dtype) plus
              the bounded raw chunk being read into it, or for a quantized tensor its
-             codes/scales plus the bounded column chunk being quantized. Not counted: the
-             runtime's own memory (compiled programs, allocator), ~0.3 GB on CPU.
+             codes/scales plus the bounded column chunk being quantized (a stacked weight: one
+             layer's). Not counted: the runtime's own memory (compiled programs, the
+             compiler's transients, the allocator): 3-12% of the QLoRA load measured in
+             tests/hf/test_load_memory.py (docs/SCALE.md).
 Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
 printed when the total passes 90% of device memory (XLA needs room for temporaries).
 """
