@@ -15,15 +15,24 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              fp32 per output channel; nf4: one fp32 per block, or int8 codes + one fp32 per 256
              with double quant), while embeddings, norms and lm_head stay in ``param_dtype``
              (the abstract model is wrapped AND quantized under ``nnx.eval_shape``);
-* grads      fp32, one per trainable element; ``grad_accum > 1`` adds a second fp32 buffer;
+* reference  DPO with full fine-tuning: the frozen copy of the trainable weights
+             (``param_dtype``) the objective keeps beside the train state;
+* grads      fp32, one per trainable element; with ``grad_accum > 1`` under the layer scan a
+             second set (the backward scan's stacked per-layer gradients, added into the
+             accumulator after it; the loop layout adds each layer's as it is made);
 * optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
              (rows + cols per matrix) and no first moment;
-* activations an ESTIMATE for one micro-batch (``train.batch_size / grad_accum`` rows split over
-             data × fsdp × expert), per layer and token, by ``model.remat``:
-             none = everything the backward needs (norm inputs, q/k/v, attention output, MLP
-             gate/up/act/product, residuals; attention scores too when ``model.attention=xla``),
-             dots_saveable = projection outputs only, full = the layer input only, plus one
-             layer's full set while it is recomputed; plus fp32 logits, log-softmax and gradient;
+* weight copies every fp32 master kernel cast to ``model.dtype`` when that differs: XLA hoists
+             the casts out of the layer scan and the micro-batch loop and keeps all layers';
+* activations for one micro-batch (``train.batch_size / grad_accum`` rows split over
+             data × fsdp × expert; DPO's policy sees chosen + rejected), by ``model.remat``:
+             the residuals saved for the backward (none = everything a layer computes, norm
+             inputs, q/k/v, attention output, MLP gate/up/act/product, residuals, plus
+             ``attention=xla``'s fp32 probabilities; dots_saveable = projection outputs; full =
+             the layer input) for every layer, plus the larger of one layer's activations and
+             their gradients (its backward) and the head's fp32 logits + their gradient in
+             ``model.dtype`` (see :func:`activation_bytes`). ``attention=auto`` is planned as the
+             TPU/GPU flash kernels (no ``[T, T]`` buffers); on CPU it is ``xla``: say so;
 * temporaries the transients of the layer being computed: a MoE layer's dispatch (fp32 router
              logits/probs, top-k and sort indices, the token copy sorted by expert, the
              scatter-add accumulator) and, with quantized or non-``dtype`` weights, the largest
@@ -354,8 +363,11 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
         f"(batch {cfg.train.batch_size}, grad_accum {cfg.train.grad_accum})",
         "  per device               GiB",
         f"  params               {g(p.params)}",
+        *([f"  reference (DPO)      {g(p.reference)}"] if p.reference else []),
         f"  grads                {g(p.grads)}",
         f"  optimizer state      {g(p.optimizer)}",
+        *([f"  weight copies        {g(p.weight_copies)}   (fp32 masters cast to "
+           f"{cfg.model.dtype})"] if p.weight_copies else []),
         f"  activations (est.)   {g(p.activations)}",
         f"  temporaries (est.)   {g(p.temporaries)}",
         f"  total                {g(p.total)}",
