@@ -42,8 +42,10 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              jitted init with out_shardings) + the largest tensor's block in flight. ``host``
              is one process's RAM in flight for the load: the largest block (target dtype) plus
              the bounded raw chunk being read into it, or for a quantized tensor its
-             codes/scales plus the bounded column chunk being quantized. Not counted: the
-             runtime's own memory (compiled programs, allocator), ~0.3 GB on CPU.
+             codes/scales plus the bounded column chunk being quantized (a stacked weight: one
+             layer's). Not counted: the runtime's own memory (compiled programs, the
+             compiler's transients, the allocator): 3-12% of the QLoRA load measured in
+             tests/hf/test_load_memory.py (docs/SCALE.md).
 Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
 printed when the total passes 90% of device memory (XLA needs room for temporaries).
 """
@@ -234,18 +236,20 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
             itemsize = 4
         if isinstance(var, nnx.LoRAParam):
             continue                                        # created by init, never read
-        in_flight = max(in_flight, n_local * itemsize)
-        host = max(host, _host_block(n_local, file_bytes, itemsize))
+        # a stacked [L, ...] weight is loaded, and used under the layer scan, one layer at a time
+        layers = var.get_value().shape[0] if num_stacked(var) else 1
+        in_flight = max(in_flight, n_local * itemsize / layers)
+        host = max(host, _host_block(n_local / layers, file_bytes, itemsize))
         if itemsize != compute and var.get_value().ndim >= 2 + num_stacked(var):
-            # one layer's weight at a time under the layer scan
-            layers = var.get_value().shape[0] if num_stacked(var) else 1
             weight_temp = max(weight_temp,
                               _local_elements(var, mesh, rules, gathered=True)[1] * compute / layers)
     for _, q in nnx.iter_modules(model):
         if isinstance(q, QuantizedTensor):
             total += q.n_params
-            storage = sum(_local_elements(getattr(q, n), mesh, rules)[1] *
-                          jnp.dtype(getattr(q, n).get_value().dtype).itemsize for n in q.names)
+            # the host quantizes a whole weight (one layer of a stacked one), all its columns
+            storage = sum(math.prod(getattr(q, n).get_value().shape) *
+                          jnp.dtype(getattr(q, n).get_value().dtype).itemsize
+                          for n in q.names) / max(q.layers, 1)
             n_in = q.spec.shape[-2]
             chunk = min(q.spec.n_params, max(1, STREAM_CHUNK_ELEMENTS // n_in) * n_in)
             host = max(host, storage + chunk * (file_bytes + 4 + 4 + 4))

@@ -11,6 +11,7 @@ they are read, in bounded column chunks; the float weights of a QLoRA base never
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -237,16 +238,17 @@ class StreamingLoader:
     init with ``out_shardings``, while little else is resident.
 
     Paths are per layer (``("model", "layers", i, ...)``) in both layouts. With stacked layers
-    the reads of a variable's L layers are collected (they are lazy) and the variable is placed
-    once all are known: each device block ``[l0:l1, ...]`` is read as layers ``l0..l1-1``'s
-    blocks, layer ``i`` into index ``i``, so sharded import still reads only a device's bytes."""
+    a variable's ``[L, ...]`` buffer is created on the devices (sharded, zero) when its first
+    layer arrives, and each layer is placed with the layer's sharding and written into index
+    ``i`` by a donated in-place update: host and devices hold one layer in flight, as in the
+    loop layout, and a sharded import still reads only each device's bytes."""
 
     def __init__(self, cfg, paths, *, dtype, param_dtype, attention_impl, prepare, sharding_of,
                  scan_layers=False):
         build = _builder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                          prepare=prepare, scan_layers=scan_layers)
         self.model, self.sharding_of = nnx.eval_shape(build), sharding_of
-        self.scan_layers, self.num_layers, self.pending = scan_layers, cfg.num_layers, {}
+        self.scan_layers = scan_layers
         keys = {self._key(p)[0] for p in paths}
         self.targets = {path: resolve_target(self.model, path) for path in keys}
         for path, target in self.targets.items():
@@ -265,40 +267,17 @@ class StreamingLoader:
         return shape if i is None else shape[1:]
 
     def fill(self, path, read) -> None:
-        key, i = self._key(path)
-        if i is None:
-            return self._fill(key, read, None)
-        reads = self.pending.setdefault(key, {})
-        reads[i] = read
-        if len(reads) == self.num_layers:
-            del self.pending[key]
-            self._fill(key, _stacked_read([reads[j] for j in range(self.num_layers)]),
-                       [reads[j] for j in range(self.num_layers)])
-
-    def _fill(self, key, read, layer_reads) -> None:
+        """Place HF param ``path`` (per-layer paths in both layouts) from ``read(index, dtype)``."""
+        key, layer = self._key(path)
         target = self.targets[key]
         if isinstance(target, nnx.Variable):
             want = np.dtype(target.get_value().dtype)
-            target.set_value(_place(_float_shape(target), self.sharding_of(key, target),
-                                    lambda idx: read(idx, want)))
+            shape = _float_shape(target)[0 if layer is None else 1:]
+            _set({key: target}, layer, {key: self.sharding_of(key, target)}, {key: shape},
+                 {key: lambda idx: read(idx, want)})
         else:
-            _fill_quantized(target, key, layer_reads or [read], self.sharding_of)
+            _fill_quantized(target, key, layer, read, self.sharding_of)
         _release_freed_memory()
-
-
-def _stacked_read(layer_reads):
-    """``read(index, dtype)`` of a stacked ``[L, ...]`` variable from its layers' reads."""
-    def read(index, dtype):
-        rows = range(*index[0].indices(len(layer_reads))[:2]) if index else range(len(layer_reads))
-        out = None
-        for j, i in enumerate(rows):
-            block = layer_reads[i](tuple(index[1:]), dtype)
-            if out is None:
-                out = np.empty((len(rows),) + block.shape, block.dtype)
-            out[j] = block
-            del block
-        return out
-    return read
 
 
 def _release_freed_memory():
@@ -359,29 +338,65 @@ def _float_shape(target) -> tuple:
     return layers + tuple(target.spec.shape)
 
 
-def _fill_quantized(qtensor, path, layer_reads, sharding_of):
-    """Quantize one weight (each stacked layer on its own) from bounded reads of its output
-    columns; place its storage."""
+def _fill_quantized(qtensor, path, layer, read, sharding_of):
+    """Quantize one weight (one layer of a stacked one) from bounded reads of its output columns;
+    place its storage."""
     from medjax.quant import quantize_streaming
     lead = len(qtensor.spec.shape) - 2
 
-    def quantized(read):
-        def read_columns(lead_index, cols):
-            index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
-            return read(index, np.float32)[(0,) * lead]
-        return quantize_streaming(qtensor.spec, read_columns)
+    def read_columns(lead_index, cols):
+        index = tuple(slice(i, i + 1) for i in lead_index) + (slice(None), cols)
+        return read(index, np.float32)[(0,) * lead]
 
-    if qtensor.layers:
-        parts = [quantized(r) for r in layer_reads]
-        arrays = {name: np.stack([p[name] for p in parts]) for name in parts[0]}
-        del parts
-    else:
-        arrays = quantized(layer_reads[0])
-    for name, host in arrays.items():
-        var = getattr(qtensor, name)
-        sub = tuple(path[:-1]) + (name,)
-        var.set_value(_place(host.shape, sharding_of(sub, var), lambda idx, host=host: host[idx]))
-        del host
+    arrays = quantize_streaming(qtensor.spec, read_columns)
+    variables = {name: getattr(qtensor, name) for name in arrays}
+    shardings = {name: sharding_of(tuple(path[:-1]) + (name,), var) for name, var in variables.items()}
+    _set(variables, layer, shardings, {name: a.shape for name, a in arrays.items()},
+         {name: (lambda idx, a=a: a[idx]) for name, a in arrays.items()})
+
+
+def _set(variables: dict, layer, shardings: dict, shapes: dict, reads: dict):
+    """Each ``variables[k]``'s value (``layer is None``) or its stacked slice ``[layer]`` from
+    per-block ``reads[k]``; the stacked buffers of one weight are created and updated by one
+    program each (fewer programs to compile)."""
+    placed = {}
+    for k in list(reads):
+        sharding = shardings[k] if layer is None else _layer_sharding(shardings[k])
+        placed[k] = _place(shapes[k], sharding, reads.pop(k))
+    if layer is None:
+        for k, value in placed.items():
+            variables[k].set_value(value)
+        return
+    stacked = {k: var.get_value() for k, var in variables.items()}
+    if all(isinstance(v, jax.Array) for v in stacked.values()):
+        written = _write_layer(stacked, placed, layer)
+    else:                                   # abstract until the first layer: create and write
+        structs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stacked.items()}
+        written = jax.jit(functools.partial(_new_stack, structs), out_shardings=shardings)(placed, layer)
+    for k, value in written.items():
+        variables[k].set_value(value)
+
+
+def _new_stack(structs, values, layer):
+    return _write_layer.__wrapped__({k: jnp.zeros(s.shape, s.dtype) for k, s in structs.items()},
+                                    values, layer)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked, values, layer):
+    """``stacked[k][layer] = values[k]`` in place (the stacked buffers are donated)."""
+    return jax.tree.map(lambda s, v: jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), layer, 0),
+                        stacked, values)
+
+
+def _layer_sharding(sharding):
+    """One layer's sharding from its stacked variable's (whose ``layers`` axis is never split)."""
+    if sharding is None:
+        return None
+    spec = tuple(sharding.spec)
+    if spec and spec[0] is not None:
+        raise CheckpointError(f"internal: a stacked variable is split over its layers axis ({spec})")
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
 
 def _init_missing(model, build, sharding_of, is_missing):
