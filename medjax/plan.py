@@ -92,7 +92,7 @@ class Plan:
     host_load: float = 0.0        # per process, RAM beyond its baseline for the tensor in flight
     quantized: float = 0.0        # of ``params``: codes + scales of the quantized kernels
     reference: float = 0.0        # DPO's frozen copy of the trainable weights (``param_dtype``)
-    weight_copies: float = 0.0    # the stacked trainable weights cast to ``model.dtype`` (scan)
+    weight_copies: float = 0.0    # every layer's fp32 master kernels cast to ``model.dtype``
 
     @property
     def total(self) -> float:
