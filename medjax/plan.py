@@ -15,15 +15,24 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              fp32 per output channel; nf4: one fp32 per block, or int8 codes + one fp32 per 256
              with double quant), while embeddings, norms and lm_head stay in ``param_dtype``
              (the abstract model is wrapped AND quantized under ``nnx.eval_shape``);
-* grads      fp32, one per trainable element; ``grad_accum > 1`` adds a second fp32 buffer;
+* reference  DPO with full fine-tuning: the frozen copy of the trainable weights
+             (``param_dtype``) the objective keeps beside the train state;
+* grads      fp32, one per trainable element; with ``grad_accum > 1`` under the layer scan a
+             second set (the backward scan's stacked per-layer gradients, added into the
+             accumulator after it; the loop layout adds each layer's as it is made);
 * optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
              (rows + cols per matrix) and no first moment;
-* activations an ESTIMATE for one micro-batch (``train.batch_size / grad_accum`` rows split over
-             data × fsdp × expert), per layer and token, by ``model.remat``:
-             none = everything the backward needs (norm inputs, q/k/v, attention output, MLP
-             gate/up/act/product, residuals; attention scores too when ``model.attention=xla``),
-             dots_saveable = projection outputs only, full = the layer input only, plus one
-             layer's full set while it is recomputed; plus fp32 logits, log-softmax and gradient;
+* weight copies every fp32 master kernel cast to ``model.dtype`` when that differs: XLA hoists
+             the casts out of the layer scan and the micro-batch loop and keeps all layers';
+* activations for one micro-batch (``train.batch_size / grad_accum`` rows split over
+             data × fsdp × expert; DPO's policy sees chosen + rejected), by ``model.remat``:
+             the residuals saved for the backward (none = everything a layer computes, norm
+             inputs, q/k/v, attention output, MLP gate/up/act/product, residuals, plus
+             ``attention=xla``'s fp32 probabilities; dots_saveable = projection outputs; full =
+             the layer input) for every layer, plus the larger of one layer's activations and
+             their gradients (its backward) and the head's fp32 logits + their gradient in
+             ``model.dtype`` (see :func:`activation_bytes`). ``attention=auto`` is planned as the
+             TPU/GPU flash kernels (no ``[T, T]`` buffers); on CPU it is ``xla``: say so;
 * temporaries the transients of the layer being computed: a MoE layer's dispatch (fp32 router
              logits/probs, top-k and sort indices, the token copy sorted by expert, the
              scatter-add accumulator) and, with quantized or non-``dtype`` weights, the largest
@@ -82,10 +91,13 @@ class Plan:
     load_peak: float = 0.0        # per device, while loading + initialising the train state
     host_load: float = 0.0        # per process, RAM beyond its baseline for the tensor in flight
     quantized: float = 0.0        # of ``params``: codes + scales of the quantized kernels
+    reference: float = 0.0        # DPO's frozen copy of the trainable weights (``param_dtype``)
+    weight_copies: float = 0.0    # every layer's fp32 master kernels cast to ``model.dtype``
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.temporaries
+        return (self.params + self.reference + self.grads + self.optimizer + self.weight_copies
+                + self.activations + self.temporaries)
 
 
 def parse_memory(text: str) -> float:
@@ -173,7 +185,7 @@ def _factored_elements(shape) -> int:
 # ----------------------------------------------------------------------------- planning
 def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     """Per-device bytes of ``cfg``'s training run; ``num_devices`` defaults to what the mesh asks."""
-    from medjax.models.stack import num_stacked
+    from medjax.models.stack import num_stacked, split_layer_path
     from medjax.quant import QuantizedArray, QuantizedTensor, STREAM_CHUNK_ELEMENTS
     model_cfg = model_config(cfg)
     num_devices = num_devices or mesh_devices(cfg.mesh)
@@ -186,10 +198,12 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     compute = jnp.dtype(cfg.model.dtype).itemsize
     file_bytes = _DTYPE_BYTES[cfg.model.param_dtype]        # the checkpoint's dtype, as planned
 
-    params = grads = opt = quantized = 0.0
+    params = grads = opt = quantized = reference = copies = 0.0
     trainable = total = 0
+    dpo_copy = cfg.train.objective == "dpo" and not cfg.lora.enabled   # dpo.resolve_reference
     in_flight = host = weight_temp = 0.0
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, QuantizedArray))):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, QuantizedArray))):
+        in_layer = bool(num_stacked(var)) or split_layer_path(path)[1] is not None
         n_global, n_local = _local_elements(var, mesh, rules)
         itemsize = jnp.dtype(var.get_value().dtype).itemsize
         if isinstance(var, QuantizedArray):
@@ -202,7 +216,19 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
         else:
             trainable += n_global
             params += 4 * n_local
-            grads += 4 * n_local * (2 if cfg.train.grad_accum > 1 else 1)
+            if dpo_copy:                                    # objectives.initial_reference
+                reference += n_local * itemsize
+            if compute != 4 and var.get_value().ndim >= 2 + num_stacked(var):
+                # XLA casts the fp32 masters of ALL layers to the compute dtype once, outside the
+                # layer scan and the micro-batch loop (loop-invariant), and keeps the copies for
+                # the forward, the remat recompute and the backward (v5p buffer assignments:
+                # one bf16[L, ...] per stacked kernel; loop layout: the same slope per layer)
+                copies += n_local * compute
+            # fp32 gradient accumulator; with grad_accum > 1 under the layer scan a second set:
+            # the backward scan returns every layer's gradient stacked before it is added in
+            # (the loop layout adds each layer's as it is produced: measured slope on v5p)
+            second = cfg.train.grad_accum > 1 and (cfg.model.scan_layers or not in_layer)
+            grads += 4 * n_local * (2 if second else 1)
             if cfg.optim.name == "adamw":
                 opt += 8 * n_local
             else:
@@ -239,8 +265,8 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
         moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
     temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
     return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,
-                temporaries=temporaries, load_peak=params + opt + in_flight, host_load=host,
-                quantized=quantized)
+                temporaries=temporaries, load_peak=params + reference + opt + in_flight,
+                host_load=host, quantized=quantized, reference=reference, weight_copies=copies)
 
 
 def _host_block(n_elements: float, file_bytes: int, target_bytes: int) -> float:
@@ -251,10 +277,24 @@ def _host_block(n_elements: float, file_bytes: int, target_bytes: int) -> float:
 
 
 def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
-    """(micro-batch rows per device, estimated activation bytes per device); see module doc."""
+    """(micro-batch rows per device, estimated activation bytes per device); see module doc.
+
+    What the compiled step keeps at its peak (measured in XLA's buffer assignments: libtpu for
+    llama2-7b / mistral-7b / llama3-8b / llama3-70b recipes, XLA:CPU for tiny models):
+
+    * ``saved``   the residuals the backward reads, one per layer and token, by ``model.remat``
+                  (full: the layer input, stacked ``[L, B, T, H]`` by the layer scan);
+    * ``working`` one layer's complete set while it is (re)computed and differentiated: its
+                  activations and the gradients with respect to them (twice the set);
+    * ``logits``  the fp32 logits (log-softmax and its gradient overwrite them) and the gradient
+                  cast to ``model.dtype`` for the lm_head backward.
+
+    The head's buffers are freed before the layers' backward starts, so the peak holds
+    ``saved`` plus the larger of ``working`` and ``logits``, not both. DPO runs the policy on
+    the chosen and the rejected row of each pair (twice the sequences)."""
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     rows = cfg.train.batch_size / cfg.train.grad_accum / shards
-    tokens = rows * cfg.data.seq_len
+    tokens = rows * cfg.data.seq_len * (2 if cfg.train.objective == "dpo" else 1)
     t = sizes["tensor"]
     s = _DTYPE_BYTES[cfg.model.dtype]
     H, q, kv, inner = m.hidden_size, m.num_heads * m.head_dim / t, m.num_kv_heads * m.head_dim / t, \
@@ -263,20 +303,28 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
     mlp_dots = k * (2 * inner) + (k * H if m.is_moe else H)        # gate, up (+ per-expert down)
     proj_dots = q + 2 * kv + H                                      # q, k, v, o
     dots = proj_dots + mlp_dots
-    everything = dots + 4 * H + (q + kv) + q + k * 2 * inner + (k * 2 * H if m.is_moe else 0)
-    scores = 0.0
-    if cfg.model.attention == "xla":                                # [B, heads, T, T] fp32 ×2
-        scores = rows * (m.num_heads / t) * cfg.data.seq_len ** 2 * 8
-    per_layer_full = tokens * everything * s + scores
+    mlp = mlp_dots + k * 2 * inner + (k * 2 * H if m.is_moe else 0)   # + act, product (+ rows)
+    everything = proj_dots + 4 * H + (q + kv) + q + mlp               # + norms, residuals, rope
+    # a MoE layer's own backward buffers are the planner's MoE temporaries (moe_layer_cost)
+    in_working = everything - (mlp if m.is_moe else 0)
+    probs = 0.0
+    if cfg.model.attention == "xla":
+        # ops/xla_attention.py saves the fp32 probabilities of the query blocks it computes
+        # (keys up to each block's end) for its backward, which adds a dS of the same size
+        from medjax.ops.xla_attention import causal_blocks
+        T = cfg.data.seq_len
+        visible = sum((e - b) * e for b, e in causal_blocks(T))
+        probs = tokens / T * (m.num_heads / t) * visible * 4
+    working = 2 * tokens * in_working * s + 2 * probs   # one layer's activations + their grads
     remat = cfg.model.remat
     if remat == "none":
-        layers = m.num_layers * per_layer_full
+        saved = m.num_layers * (tokens * everything * s + probs)
     elif remat == "dots_saveable":
-        layers = m.num_layers * tokens * (dots + H) * s + per_layer_full
+        saved = m.num_layers * tokens * (dots + H) * s
     else:
-        layers = m.num_layers * tokens * H * s + per_layer_full
-    logits = tokens * (m.vocab_size / t) * 4 * 3                   # logits, log-softmax, grad
-    return rows, layers + logits
+        saved = m.num_layers * tokens * H * s
+    logits = tokens * (m.vocab_size / t) * (4 + s)
+    return rows, saved + max(working, logits)
 
 
 def expert_parallel_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict:
@@ -319,8 +367,11 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
         f"(batch {cfg.train.batch_size}, grad_accum {cfg.train.grad_accum})",
         "  per device               GiB",
         f"  params               {g(p.params)}",
+        *([f"  reference (DPO)      {g(p.reference)}"] if p.reference else []),
         f"  grads                {g(p.grads)}",
         f"  optimizer state      {g(p.optimizer)}",
+        *([f"  weight copies        {g(p.weight_copies)}   (fp32 masters cast to "
+           f"{cfg.model.dtype})"] if p.weight_copies else []),
         f"  activations (est.)   {g(p.activations)}",
         f"  temporaries (est.)   {g(p.temporaries)}",
         f"  total                {g(p.total)}",

@@ -9,7 +9,11 @@ compile-only devices from ``jax.experimental.topologies`` and compiled by libtpu
 GPU pipeline (CUDA). Nothing is allocated. Reported per device:
 
 * XLA's argument, output and temp bytes; total = argument + output - aliased (the donated train
-  state) + temp, against the chip's HBM, beside ``medjax.plan``'s estimate;
+  state) + temp, against the chip's HBM, beside ``medjax.plan``'s estimate. On TPU the total is
+  libtpu's ``peak_memory_in_bytes`` instead: its ``temp_size_in_bytes`` counts more than the
+  buffer assignment allocates (Meditron on v5p-16: 32.0 GiB against a 20.7 GiB temp block) and
+  its own HBM check agrees with the peak (a step whose arguments + temp exceeded a v5e's HBM
+  compiled; one layer deeper, the refusal named the peak);
 * TPU: compiled FLOPs per step against the model FLOPs (6·N per token trained, 4·N per token
   through a frozen LoRA base, plus causal attention). ``cost_analysis`` counts a loop body
   once, so the micro-batch scan's FLOPs are multiplied by ``train.grad_accum`` (the optimizer
@@ -200,13 +204,19 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
+    if chip.platform == "tpu" and peak >= mem.argument_size_in_bytes:
+        # libtpu's temp_size_in_bytes is more than its buffer assignment allocates (Meditron on
+        # v5p-16: 32.0 GiB vs a 20.7 GiB temp block); its own HBM check agrees with the peak
+        # (docs/SCALE.md), so the peak is the bytes the step needs
+        total = peak
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     accum = cfg.train.grad_accum
     flops = model_flops(cfg, model_cfg, estimate.trainable, estimate.total_params)
     out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
                argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-               alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total,
+               alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total, peak=peak,
                sharded_arguments=sharded,
                model_matmul_flops=flops["matmul"] / n, model_attention_flops=flops["attention"] / n,
                kernels=kernels, grad_accum=accum,
@@ -253,6 +263,7 @@ def _oom_error(e: Exception, chip: Chip, kind: str, n: int) -> Exception:
 # ----------------------------------------------------------------------------- report
 def format_report(cfg, r: dict) -> str:
     chip, est = r["chip"], r["estimate"]
+    planned_temp = est.grads + est.activations + est.temporaries + est.weight_copies
     g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
     what = cfg.model.preset or cfg.model.path
     lines = [
@@ -266,7 +277,14 @@ def format_report(cfg, r: dict) -> str:
         f"unpadded)",
         f"  outputs                {g(r['output'])}",
         f"  aliased (donated)      {g(r['alias'])}",
-        f"  temporaries            {g(r['temp'])}   {g(est.activations)} (activations est.)",
+        f"  temporaries            {g(r['temp'])}   {g(planned_temp)} (grads + activations + "
+        f"temporaries + weight copies)",
+    ]
+    if r.get("peak") and r["total"] == r["peak"]:
+        lines.append(f"  peak (libtpu)          {g(r['peak'])}   (= arguments + "
+                     f"{(r['peak'] - r['argument']) / GiB:.2f}: the total; temporaries above "
+                     f"overstate it, docs/SCALE.md)")
+    lines += [
         f"  total                  {g(r['total'])}   {g(est.total)}",
         f"  HBM                    {g(chip.hbm_bytes)}   -> {r['total'] / chip.hbm_bytes:.0%} used",
     ]
@@ -283,7 +301,7 @@ def format_report(cfg, r: dict) -> str:
         lines.append(f"  FLOPs per step per device: model {matmul + attn:.3e} (matmuls {matmul:.3e}"
                      f", attention {attn:.3e}); this compiler reports no cost analysis")
     lines.append(f"  bytes per device: argument={r['argument']} output={r['output']} "
-                 f"alias={r['alias']} temp={r['temp']} total={r['total']} "
+                 f"alias={r['alias']} temp={r['temp']} peak={r.get('peak', 0)} total={r['total']} "
                  f"sharded_arguments={r['sharded_arguments']} "
                  f"planner_params={int(est.params)} planner_grads={int(est.grads)} "
                  f"planner_optimizer={int(est.optimizer)} planner_total={int(est.total)}")

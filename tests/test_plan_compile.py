@@ -51,7 +51,9 @@ def test_tiny_train_step_compiles_for_v5e_2x2_with_fsdp_and_mosaic_kernels(scan)
     bodies = 1 if scan else 2                                      # tiny-llama2: 2 layers
     assert f"{4 * bodies} Mosaic, 0 Triton, 0 cuDNN" in out, out
     b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
-    assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"]
+    # on TPU the total is libtpu's peak (arguments + its temp block), not arguments + temp_size
+    assert b["peak"] >= b["argument"] and b["total"] == b["peak"], b
+    assert b["total"] <= b["argument"] + b["output"] - b["alias"] + b["temp"], b
     assert b["temp"] > 0 and 0 < b["alias"] <= min(b["output"], b["argument"])  # state donated
     batch = 8 * 256 * 4 * 5 // 4                                    # 5 int32/fp32 [B,T] per device
     state = b["planner_params"] + b["planner_optimizer"]
