@@ -201,11 +201,17 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     params = grads = opt = quantized = reference = copies = 0.0
     trainable = total = 0
     dpo_copy = cfg.train.objective == "dpo" and not cfg.lora.enabled   # dpo.resolve_reference
-    in_flight = host = weight_temp = 0.0
+    in_flight = host = weight_temp = moe_gathered = 0.0
+    # without an expert axis > 1, a batch split over devices runs each MoE layer per device with
+    # its expert weights whole (models/moe_dispatch.py): one layer's are gathered at a time
+    moe_whole = sizes["expert"] == 1 and sizes["data"] * sizes["fsdp"] > 1
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, QuantizedArray))):
         in_layer = bool(num_stacked(var)) or split_layer_path(path)[1] is not None
         n_global, n_local = _local_elements(var, mesh, rules)
         itemsize = jnp.dtype(var.get_value().dtype).itemsize
+        if moe_whole and n_local < n_global and \
+                "experts" in (var.get_metadata().get("logical_axes") or ()):
+            moe_gathered += n_global * itemsize / (var.get_value().shape[0] if num_stacked(var) else 1)
         if isinstance(var, QuantizedArray):
             params += n_local * itemsize
             quantized += n_local * itemsize
@@ -261,7 +267,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     if model_cfg.is_moe:
         from medjax.models.moe import moe_layer_cost
         moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
-                             _DTYPE_BYTES[cfg.model.dtype])
+                             _DTYPE_BYTES[cfg.model.dtype], gathered_weight_bytes=moe_gathered)
         moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
     temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
     return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,

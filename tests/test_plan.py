@@ -100,3 +100,20 @@ def test_cli_warns_when_over_memory(capsys):
                        "--num-devices", "16"])
     assert rc == 2 and "num_kv_heads=8 is not divisible by mesh.tensor=16" in capsys.readouterr().err
 
+
+
+def test_moe_temporaries_charge_the_gathered_expert_weights_under_fsdp():
+    """Without an expert axis a batch split over devices runs each MoE layer with its experts
+    whole on every device (models/moe_dispatch.py): the planner's MoE temporaries add one layer's
+    fsdp-split expert weights, whole (bf16 base; fp32 adapters with an ``embed`` dim), and
+    nothing when the experts are not split (dp: they are arguments)."""
+    overrides = ["model.preset=tiny-mixtral", "lora.enabled=true", "lora.rank=4",
+                 "lora.targets=[gate_proj,up_proj,down_proj]", "model.param_dtype=bfloat16",
+                 "model.dtype=bfloat16", "data.seq_len=64", "train.batch_size=8"]
+    fsdp = planner.plan(load_config(None, overrides + ["mesh.preset=fsdp"]), 8).moe["temp_bytes"]
+    dp = planner.plan(load_config(None, overrides + ["mesh.preset=dp"]), 8).moe["temp_bytes"]
+    m = get_preset("tiny-mixtral")
+    E, H, I, r = m.num_experts, m.hidden_size, m.intermediate_size, 4
+    base = 3 * E * H * I * 2                       # gate, up [E, H, I] and down [E, I, H], bf16
+    adapters = 3 * E * H * r * 4                   # gate/up lora_a [E, H, r], down lora_b [E, r, H]
+    assert fsdp - dp == base + adapters, (fsdp - dp, base, adapters)

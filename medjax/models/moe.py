@@ -85,7 +85,8 @@ def load_balancing_loss(stats, num_experts: int):
     return num_experts * jnp.sum((stats[:num_experts] / rows) * (stats[num_experts:2 * num_experts] / rows))
 
 
-def moe_layer_cost(cfg: ModelConfig, tokens: int, dtype_bytes: int = 4) -> dict:
+def moe_layer_cost(cfg: ModelConfig, tokens: int, dtype_bytes: int = 4,
+                   gathered_weight_bytes: float = 0) -> dict:
     """FLOPs and temporaries of one MoE layer, forward + backward, for ``tokens`` tokens.
 
     ``active_flops``: router + the k routed experts' three matmuls (backward = 2× forward).
@@ -94,7 +95,12 @@ def moe_layer_cost(cfg: ModelConfig, tokens: int, dtype_bytes: int = 4) -> dict:
     (gate/up/hidden rows and one cotangent), four ``[P, H]`` ones (gathered input, output rows,
     dx of gate and up) and two weight column chunks (a block's weight slice and its ``dw``
     product): XLA:CPU's ``memory_analysis`` reported 1.38 GB of temporaries for Mixtral-8x7B at
-    2048 tokens in fp32, this gives 1.41.
+    2048 tokens in fp32, this gives 1.41. ``gathered_weight_bytes``: the layer's expert weights
+    as each device holds them whole while the layer runs (all-gathered over ``fsdp``: the
+    planner passes them when the batch is split over devices without an ``expert`` axis,
+    moe_dispatch.py); on a compile-only v5p-16 MELT-Mixtral step (bf16, fsdp=8) the three
+    all-gathered ``[E, H, I]`` stacks (0.875 GiB each) are live at the backward's peak beside
+    five ``[P, I]`` and four ``[P, H]`` row buffers.
     """
     from medjax.ops.grouped_matmul import column_chunks, default_block_rows, max_blocks
     E, k, H, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
@@ -106,4 +112,5 @@ def moe_layer_cost(cfg: ModelConfig, tokens: int, dtype_bytes: int = 4) -> dict:
     return {"active_flops": 3 * (router + 3 * 2 * rows * H * I),
             "max_flops": 3 * (router + 3 * 2 * padded * H * I),
             "block_rows": b, "padded_rows": padded,
-            "temp_bytes": dtype_bytes * (4 * padded * H + 4 * padded * I + 2 * chunk)}
+            "temp_bytes": dtype_bytes * (4 * padded * H + 4 * padded * I + 2 * chunk)
+            + gathered_weight_bytes}
