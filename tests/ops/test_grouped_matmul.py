@@ -16,7 +16,7 @@ from hlo_flops import dot_flops  # noqa: E402
 from medjax.models import get_preset  # noqa: E402
 from medjax.models.moe import SparseMoE, moe_layer_cost  # noqa: E402
 from medjax.ops.grouped_matmul import (block_layout, default_block_rows, grouped_matmul,  # noqa: E402
-                                       max_blocks, num_blocks)
+                                       grouped_matmul_reference, max_blocks, num_blocks)
 
 CASES = [([3, 0, 5, 9, 0, 1], False, 4),        # uneven, empty experts
          ([0, 0, 18, 0, 0, 0], True, None),       # one expert takes all; default block rows
@@ -94,6 +94,45 @@ def test_decode_pays_only_the_used_experts():
     frozen, _ = _compiled_dot_flops(jax.value_and_grad(loss), x, w, trips=2)
     full, _ = _compiled_dot_flops(jax.value_and_grad(loss, (0, 1)), x, w, trips=2)
     assert (frozen, full) == (2 * flops, 3 * flops)              # frozen w: no dw loop
+
+
+@pytest.mark.parametrize("implementation", ["blocked", "ragged_dot"])
+def test_frozen_weights_get_no_weight_gradient_under_remat(implementation):
+    """A frozen base (LoRA on the experts: the gradient is taken w.r.t. the adapters and the
+    rows only) under ``jax.checkpoint``, as training runs it: the backward computes dx and
+    nothing of ``w``'s shape; asked for ``w`` too, it does (the check can fail). Forward and dx
+    equal the dense reference's."""
+    E, K, N = 4, 16, 24
+    gs = jnp.array([5, 0, 7, 4], jnp.int32)
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, (16, K)), jax.random.normal(kw, (E, K, N))
+
+    def loss(x, w, fn):
+        return jnp.sum(jax.checkpoint(fn)(x, w) ** 2)
+
+    def ours(x, w):
+        return grouped_matmul(x, w, gs, block_rows=4, implementation=implementation)
+
+    def reference(x, w):
+        return grouped_matmul_reference(x, w, gs)
+
+    def w_shaped(argnums):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums), static_argnums=2)(x, w, ours)
+        avals = [v.aval for eqn in _all_eqns(jaxpr.jaxpr) for v in eqn.outvars]
+        return [a for a in avals if getattr(a, "shape", None) == w.shape]
+
+    assert not w_shaped(0) and w_shaped((0, 1))
+    np.testing.assert_allclose(ours(x, w), reference(x, w), atol=1e-4)
+    np.testing.assert_allclose(jax.grad(loss)(x, w, ours), jax.grad(loss)(x, w, reference),
+                               atol=1e-3)
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (loops, custom_vjp, remat)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
 
 
 @pytest.fixture(scope="module")
