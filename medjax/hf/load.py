@@ -377,16 +377,19 @@ def _set(variables: dict, layer, shardings: dict, shapes: dict, reads: dict):
         variables[k].set_value(value)
 
 
-def _new_stack(structs, values, layer):
-    return _write_layer.__wrapped__({k: jnp.zeros(s.shape, s.dtype) for k, s in structs.items()},
-                                    values, layer)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stacked, values, layer):
-    """``stacked[k][layer] = values[k]`` in place (the stacked buffers are donated)."""
+def _with_layer(stacked, values, layer):
+    """``stacked[k][layer] = values[k]`` for every ``k``."""
     return jax.tree.map(lambda s, v: jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), layer, 0),
                         stacked, values)
+
+
+def _new_stack(structs, values, layer):
+    """The stacked buffers (zeros) with their first-read layer written in."""
+    return _with_layer({k: jnp.zeros(s.shape, s.dtype) for k, s in structs.items()}, values, layer)
+
+
+# in place: the stacked buffers are donated
+_write_layer = jax.jit(_with_layer, donate_argnums=0)
 
 
 def _layer_sharding(sharding):
