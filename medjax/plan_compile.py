@@ -67,6 +67,18 @@ CHIPS = {
     "h100": Chip("NVIDIA H100 80GB HBM3", "cuda", 84_942_979_072, 989e12, 3.35232e12, "h100", 0),
     "h200": Chip("NVIDIA H200", "cuda", 150_754_820_096, 989e12, 4.8e12, "h200", 0),
 }
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The ``CHIPS`` entry of a live device's ``device_kind`` ("NVIDIA H100 80GB HBM3",
+    "NVIDIA H200", "TPU v5p", ...), or None for chips not in the table (CPU, other GPUs)."""
+    kind = device_kind.upper()
+    for key, chip in CHIPS.items():
+        if chip.name.upper() == kind or (chip.platform == "cuda" and key.upper() in kind):
+            return chip
+    return None
+
+
 # Torus shapes by chip count (what a slice of that size is built as).
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
               256: "4x8x8", 512: "8x8x8"}

@@ -91,7 +91,7 @@ def _with_backward(fn):
 
 
 def measure(fn, args, *, warmup, iters):
-    """(median seconds, compiled peak bytes) of ``jit(fn)(*args)``."""
+    """(median seconds, compiled peak bytes, last output) of ``jit(fn)(*args)``."""
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     peak = None
@@ -102,9 +102,9 @@ def measure(fn, args, *, warmup, iters):
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times), peak
+    return statistics.median(times), peak, out
 
 
 def run_shape(shape, *, dtype, mode, impls, causal, window, warmup, iters):
@@ -127,10 +127,10 @@ def run_shape(shape, *, dtype, mode, impls, causal, window, warmup, iters):
                 if reason:
                     raise NotImplementedError(reason)
             if mode == "fwdbwd":
-                seconds, peak = measure(_with_backward(fn), (q, k, v, cotangent),
+                seconds, peak, _ = measure(_with_backward(fn), (q, k, v, cotangent),
                                         warmup=warmup, iters=iters)
             else:
-                seconds, peak = measure(fn, (q, k, v), warmup=warmup, iters=iters)
+                seconds, peak, _ = measure(fn, (q, k, v), warmup=warmup, iters=iters)
             row.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12, peak_mib=
                        None if peak is None else peak / 2**20)
         except Exception as e:  # a row that cannot run says why (OOM, unsupported, ...)

@@ -1,7 +1,8 @@
 """MoE benchmark: ``python -m medjax.bench moe [--tokens 1024] [--hidden 1024] [--ffn 3584] ...``.
 
-Forward + backward of one Mixtral MoE layer (gradients for the input and every weight), median
-of ``--steps`` timed calls after a warm-up, all in the same run:
+Forward + backward of one Mixtral MoE layer (gradients for the input and every weight) in
+``--dtype``, median of ``--steps`` timed calls after a warm-up, all in the same run (on a GPU
+when there is one, torch's included):
 
 * ``dense``: the same active work as plain matmuls: a SwiGLU over ``tokens · k`` rows with one
   expert's weights (the floor a grouped matmul can reach);
@@ -54,11 +55,12 @@ def bench_jax(args) -> list[dict]:
     from medjax.models.moe import SparseMoE
     from medjax.ops.grouped_matmul import grouped_matmul
     T, H, I, E, k = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
+    dt = jnp.dtype(args.dtype)
     rows = T * k
     keys = jax.random.split(jax.random.key(0), 5)
-    x = jax.random.normal(keys[0], (rows, H))
-    wg, wu = (0.02 * jax.random.normal(kk, (E, H, I)) for kk in keys[1:3])
-    wd = 0.02 * jax.random.normal(keys[3], (E, I, H))
+    x = jax.random.normal(keys[0], (rows, H), dt)
+    wg, wu = ((0.02 * jax.random.normal(kk, (E, H, I))).astype(dt) for kk in keys[1:3])
+    wd = (0.02 * jax.random.normal(keys[3], (E, I, H))).astype(dt)
     experts = jnp.sort(jax.random.randint(keys[4], (rows,), 0, E))
     gs = jnp.bincount(experts, length=E).astype(jnp.int32)
     out = []
@@ -72,13 +74,13 @@ def bench_jax(args) -> list[dict]:
     cfg = ModelConfig(architecture="mixtral", vocab_size=32, hidden_size=H, intermediate_size=I,
                       num_layers=1, num_heads=8, num_kv_heads=8, num_experts=E,
                       num_experts_per_tok=k)
-    graph, state = nnx.split(SparseMoE(cfg, rngs=nnx.Rngs(0)))
+    graph, state = nnx.split(SparseMoE(cfg, rngs=nnx.Rngs(0), dtype=dt, param_dtype=dt))
 
     def layer_loss(state, x):
         y, _ = nnx.merge(graph, state)(x)
-        return jnp.sum(y)
+        return jnp.sum(y.astype(jnp.float32))
 
-    xt = jax.random.normal(keys[0], (1, T, H))
+    xt = jax.random.normal(keys[0], (1, T, H), dt)
     out.append({"name": "medjax SparseMoE", "s": _median_time(
         jax.jit(jax.grad(layer_loss, argnums=(0, 1))), state, xt, steps=args.steps)})
     return out
@@ -91,15 +93,20 @@ def bench_transformers(args: dict) -> dict:
     torch.manual_seed(0)
     cfg = MixtralConfig(hidden_size=args["hidden"], intermediate_size=args["ffn"],
                         num_local_experts=args["experts"], num_experts_per_tok=args["top_k"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args["dtype"])
     block = MixtralSparseMoeBlock(cfg)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, args["tokens"], args["hidden"], requires_grad=True)
+    block.to(device, dtype)
+    x = torch.randn(1, args["tokens"], args["hidden"], device=device, dtype=dtype, requires_grad=True)
 
     def step():
         out = block(x)
         out = out[0] if isinstance(out, tuple) else out
-        out.sum().backward()
+        out.float().sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     step()
     times = []
@@ -158,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-transformers", action="store_true", help="skip the torch row")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--tpu-compile", metavar="TOPOLOGY", help="compile for a TPU (see above)")

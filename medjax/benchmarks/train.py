@@ -72,27 +72,25 @@ def _preset(model_path):
     return model_path.split(":", 1)[1] if model_path.startswith("preset:") else None
 
 
-def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32"):
+def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
+                 remat: str = "none", scan_layers: bool = False):
+    """One step's median time, first-step time, loss and peak device memory; the model is built
+    by the trainer's own ``load_model`` from the same ``model.*`` options a config would give."""
     import jax
     import jax.numpy as jnp
-    import medjax
     from medjax.config import build, RunConfig
-    from medjax.models import get_preset, init_decoder
     from medjax.sharding import make_mesh
+    from medjax.training.loop import load_model
     from medjax.training.setup import build_trainable
 
-    dt = jnp.dtype(dtype)
-    if _preset(model_path):
-        model = init_decoder(get_preset(_preset(model_path)), dtype=dt, param_dtype=dt)
-    else:
-        model, _ = medjax.load(model_path, dtype=dt, progress=False)
-    cfg = model.config
     run_cfg = build(RunConfig, {
-        "model": {"dtype": dtype, "param_dtype": dtype, **({"preset": _preset(model_path)}
-                                                           if _preset(model_path) else {"path": model_path})},
+        "model": {"dtype": dtype, "param_dtype": dtype, "remat": remat, "scan_layers": scan_layers,
+                  **({"preset": _preset(model_path)} if _preset(model_path) else {"path": model_path})},
         "lora": {"enabled": lora, "rank": rank, "alpha": 2.0 * rank, "targets": list(TARGETS)},
         "optim": {"lr": 1e-4, "schedule": "constant", "clip_norm": 1.0, "warmup_steps": 0},
         "train": {"steps": 100, "grad_accum": 1, "aux_loss_coef": 0.0}})
+    model, _ = load_model(run_cfg)
+    cfg = model.config
     trainable = build_trainable(run_cfg, model, make_mesh(run_cfg.mesh))   # wrap, split, init, place
     fn, state, frozen, reference = (trainable.step_fn, trainable.state, trainable.frozen,
                                     trainable.reference)
@@ -114,7 +112,9 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype:
             "config": cfg}
 
 
-def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32"):
+def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
+             grad_ckpt: bool = False):
+    """The same step with transformers (+ PEFT); ``grad_ckpt``: gradient checkpointing."""
     import torch
     import transformers
     from medjax.loading import resolve_path
@@ -124,7 +124,8 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str
         from medjax.models import get_preset
         hf = get_preset(_preset(model_path)).to_hf_config(dtype)
         config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        with torch.device(device):       # random init on the device: a 7B init on CPU takes minutes
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
         p = resolve_path(model_path)
         kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
@@ -135,6 +136,8 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                            target_modules=list(TARGETS), lora_dropout=0.0))
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     ids = torch.as_tensor(batch_np["input_ids"], dtype=torch.long, device=device)
