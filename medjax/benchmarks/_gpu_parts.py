@@ -38,10 +38,10 @@ FULL = {
     "moe": dict(tokens=4096, hidden=4096, ffn=14336, experts=8, top_k=2, steps=5),   # Mixtral-8x7B
 }
 DRY = {
-    "attention": dict(seqs=(64, 128), heads=((4, 4), (4, 1)), D=32, batch=1, iters=1),
-    "train": dict(model="preset:tiny-llama2", seq=32, batches=(1, 2), rank=4, steps=1),
+    "attention": dict(seqs=(64,), heads=((4, 4), (4, 1)), D=32, batch=1, iters=1),
+    "train": dict(model="preset:tiny-llama2", seq=32, batches=(1,), rank=4, steps=1),
     "mcqa": dict(preset="tiny-llama2", items=12, lengths=(10, 40), hf_batch=4),
-    "decode": dict(preset="tiny-llama2", batches=(1, 2), prompt=8, new=8),
+    "decode": dict(preset="tiny-llama2", batches=(2,), prompt=8, new=8),
     "moe": dict(tokens=32, hidden=32, ffn=64, experts=8, top_k=2, steps=1),
 }
 DTYPE = "bfloat16"
