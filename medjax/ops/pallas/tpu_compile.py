@@ -61,18 +61,34 @@ def tpu_devices(chip: str):
     return topologies.get_topology_desc(platform="tpu", topology_name=CHIPS[chip][0]).devices
 
 
+def _tpu_info_modules() -> list:
+    """Every module whose ``get_tpu_info`` lowering reads: ``jax._src.pallas.mosaic.tpu_info``
+    (jax 0.10.2-0.11.0) and, after 0.11.0, ``jax._src.tpu_info``, which the former re-exports
+    and ``lax`` reads directly."""
+    import importlib
+    modules = [importlib.import_module("jax._src.pallas.mosaic.tpu_info")]
+    try:
+        modules.append(importlib.import_module("jax._src.tpu_info"))
+    except ImportError:      # jax <= 0.11.0
+        pass
+    return modules
+
+
 @contextlib.contextmanager
 def target_chip(chip: str):
     """While active, Pallas/Mosaic lowering targets ``chip`` instead of asking the CPU device."""
-    from jax._src.pallas.mosaic import lowering, tpu_info
+    modules = _tpu_info_modules()
+    tpu_info = modules[0]
     info = tpu_info.get_tpu_info_for_chip(getattr(tpu_info.ChipVersion, CHIPS[chip][1]), 1)
     answer = lambda *a, **k: info
-    saved = tpu_info.get_tpu_info, lowering.tpu_info.get_tpu_info
-    tpu_info.get_tpu_info = lowering.tpu_info.get_tpu_info = answer
+    saved = [m.get_tpu_info for m in modules]
+    for m in modules:
+        m.get_tpu_info = answer
     try:
         yield info
     finally:
-        tpu_info.get_tpu_info, lowering.tpu_info.get_tpu_info = saved
+        for m, original in zip(modules, saved):
+            m.get_tpu_info = original
 
 
 _KERNEL_NAME = re.compile(r'([A-Za-z_]\w*)\)*/pallas_call"')
