@@ -41,7 +41,7 @@ DRY = {
     "attention": dict(seqs=(64,), heads=((4, 4), (4, 1)), D=32, batch=1, iters=1),
     "train": dict(model="preset:tiny-llama2", seq=32, batches=(1,), rank=4, steps=1),
     "mcqa": dict(preset="tiny-llama2", items=12, lengths=(10, 40), hf_batch=4),
-    "decode": dict(preset="tiny-llama2", batches=(2,), prompt=8, new=8),
+    "decode": dict(preset="tiny-llama2", batches=(1, 2), prompt=8, new=8),
     "moe": dict(tokens=32, hidden=32, ffn=64, experts=8, top_k=2, steps=1),
 }
 DTYPE = "bfloat16"
@@ -322,65 +322,84 @@ def _prompts(batch, length, vocab):
     return np.random.default_rng(1).integers(3, vocab, (batch, length)).tolist()
 
 
-def decode_medjax(size, batch) -> dict:
+def _each_batch(size, one) -> list[dict]:
+    """``one(batch)`` for every batch size in one process (one model init, one import); a batch
+    that fails (out of memory, ...) gives ``{"error": ...}`` and the next one runs."""
+    results = []
+    for batch in size["batches"]:
+        try:
+            results.append(one(batch))
+        except Exception as e:
+            results.append({"error": _err(e)})
+    return results
+
+
+def decode_medjax(size) -> list[dict]:
     """medjax's KV-cache Generator, greedy, no stop tokens: a warm-up call (compiles), then timed."""
     import jax.numpy as jnp
 
     from medjax.eval.generate import Generator
     from medjax.models import get_preset, init_decoder
     cfg = get_preset(size["preset"])
-    model = init_decoder(cfg, dtype=jnp.dtype(DTYPE), param_dtype=jnp.dtype(DTYPE))
-    prompts = _prompts(batch, size["prompt"], min(cfg.vocab_size, 32000))
-    gen = Generator(model)
-    gen.generate(prompts, max_new_tokens=size["new"])
-    start = time.perf_counter()
-    out = gen.generate(prompts, max_new_tokens=size["new"])
-    seconds = time.perf_counter() - start
-    assert all(len(o) == size["new"] for o in out)
-    return {"s": seconds, "peak_gib": _peak_gib_jax()}
+    gen = Generator(init_decoder(cfg, dtype=jnp.dtype(DTYPE), param_dtype=jnp.dtype(DTYPE)))
+
+    def one(batch):
+        prompts = _prompts(batch, size["prompt"], min(cfg.vocab_size, 32000))
+        gen.generate(prompts, max_new_tokens=size["new"])
+        start = time.perf_counter()
+        out = gen.generate(prompts, max_new_tokens=size["new"])
+        seconds = time.perf_counter() - start
+        assert all(len(o) == size["new"] for o in out)
+        return {"s": seconds, "peak_gib": _peak_gib_jax()}
+    return _each_batch(size, one)
 
 
-def decode_hf(size, batch) -> dict:
+def decode_hf(size) -> list[dict]:
     """``transformers`` ``generate`` (greedy, its default KV cache), exactly ``new`` tokens."""
     import torch
 
     from medjax.models import get_preset
     model, device = _hf_model(size["preset"])
-    ids = torch.tensor(_prompts(batch, size["prompt"], min(get_preset(size["preset"]).vocab_size,
-                                                           32000)), device=device)
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-              eos_token_id=None)
-    model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=size["new"], min_new_tokens=size["new"], **kw)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    assert out.shape == (batch, size["prompt"] + size["new"])
-    return {"s": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30
-            if device == "cuda" else None}
+    vocab = min(get_preset(size["preset"]).vocab_size, 32000)
+
+    def one(batch):
+        ids = torch.tensor(_prompts(batch, size["prompt"], vocab), device=device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=size["new"], min_new_tokens=size["new"], **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        assert out.shape == (batch, size["prompt"] + size["new"])
+        return {"s": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30
+                if device == "cuda" else None}
+    return _each_batch(size, one)
 
 
 def decode(size, emit, device_kind):
-    """Greedy decode tokens/s: medjax's Generator vs ``transformers.generate``."""
+    """Greedy decode tokens/s: medjax's Generator vs ``transformers.generate``, each framework in
+    one process for all batch sizes."""
     from medjax.benchmarks.train import isolated
-    for batch in size["batches"]:
-        case = f"{size['preset']} batch {batch}, prompt {size['prompt']}, {size['new']} new tokens"
-        tokens = batch * size["new"]
-        rows = []
-        for impl, fn in (("medjax Generator", decode_medjax), ("transformers.generate", decode_hf)):
-            try:
-                r = isolated(fn, size, batch)
-                row = dict(case=case, impl=impl, ms=r["s"] * 1e3, rate=tokens / r["s"],
-                           unit="tokens/s", peak_gib=r["peak_gib"])
-            except Exception as e:
-                row = dict(case=case, impl=impl, error=_err(e))
-            if rows and rows[0].get("ms") and row.get("ms"):
-                row.update(vs=rows[0]["impl"], speedup=row["ms"] / rows[0]["ms"])
-            rows.append(row)
-            emit(row)
+    results = {}
+    for impl, fn in (("medjax Generator", decode_medjax), ("transformers.generate", decode_hf)):
+        try:
+            results[impl] = isolated(fn, size)
+        except Exception as e:
+            results[impl] = [{"error": _err(e)}] * len(size["batches"])
+        for batch, r in zip(size["batches"], results[impl]):
+            case = f"{size['preset']} batch {batch}, prompt {size['prompt']}, {size['new']} new tokens"
+            row = dict(case=case, impl=impl, error=r.get("error"))
+            if "s" in r:
+                row.update(ms=r["s"] * 1e3, rate=batch * size["new"] / r["s"], unit="tokens/s",
+                           peak_gib=r["peak_gib"])
+                ours = dict(zip(size["batches"], results["medjax Generator"]))[batch]
+                if impl != "medjax Generator" and "s" in ours:
+                    row.update(vs="medjax Generator", speedup=r["s"] / ours["s"])
+            emit({k: v for k, v in row.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------- moe

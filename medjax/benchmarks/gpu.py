@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 # (name, seconds on the GPU, seconds in a dry run): 480 s in all on the GPU.
-PARTS = (("smoke", 60, 120), ("attention", 120, 180), ("train", 150, 240), ("mcqa", 50, 120),
-         ("decode", 60, 120), ("moe", 40, 120))
+PARTS = (("smoke", 45, 120), ("attention", 90, 180), ("train", 190, 240), ("mcqa", 50, 120),
+         ("decode", 70, 120), ("moe", 35, 120))
 
 
 def launch(cmd: list[str], budget: float, rows_file: Path) -> dict:
