@@ -35,14 +35,14 @@ FULL = {
     # over the 1273 prompts of ../shared/data/benchmarks, 2026-12-06); letters scored as one token.
     "mcqa": dict(preset="llama2-7b", items=256, lengths=(111, 381), hf_batch=32),
     "decode": dict(preset="llama2-7b", batches=(1, 16), prompt=128, new=512),
-    "moe": dict(tokens=4096, hidden=4096, ffn=14336, experts=8, top_k=2, steps=5),   # Mixtral-8x7B
+    "moe": dict(tokens=4096, preset="mixtral-8x7b", steps=5),     # the preset's exact width
 }
 DRY = {
     "attention": dict(seqs=(64,), heads=((4, 4), (4, 1)), D=32, batch=1, iters=1),
     "train": dict(model="preset:tiny-llama2", seq=32, batches=(1,), rank=4, steps=1),
     "mcqa": dict(preset="tiny-llama2", items=12, lengths=(10, 40), hf_batch=4),
     "decode": dict(preset="tiny-llama2", batches=(1, 2), prompt=8, new=8),
-    "moe": dict(tokens=32, hidden=32, ffn=64, experts=8, top_k=2, steps=1),
+    "moe": dict(tokens=32, preset="tiny-mixtral", steps=1),
 }
 DTYPE = "bfloat16"
 REFERENCE_MAX_SCORE_BYTES = 16 * 2**30   # fp32 [B, H, T, T] scores of the reference (T=8k: 8 GiB)
@@ -114,7 +114,8 @@ def _reference(args):
     if B * Hq * T * T * 4 > REFERENCE_MAX_SCORE_BYTES:
         return None
     fn = bench._with_backward(bench.attention_fn("reference", causal=True, window=None))
-    return jax.jit(fn)(*(a.astype(jnp.float32) for a in args))
+    with jax.default_matmul_precision("highest"):      # no TF32 in the ground truth
+        return jax.jit(fn)(*(a.astype(jnp.float32) for a in args))
 
 
 def _attention_row(impl, shape, *, iters, with_reference, reference=None):
@@ -408,9 +409,11 @@ def moe(size, emit, device_kind):
     (and ragged_dot, and the whole medjax layer) vs transformers' MixtralSparseMoeBlock."""
     from medjax.benchmarks import moe as bench
     from medjax.benchmarks.train import isolated
-    args = argparse.Namespace(tokens=size["tokens"], hidden=size["hidden"], ffn=size["ffn"],
-                              experts=size["experts"], top_k=size["top_k"], steps=size["steps"],
-                              dtype=DTYPE)
+    from medjax.models import get_preset
+    cfg = get_preset(size["preset"])
+    args = argparse.Namespace(tokens=size["tokens"], hidden=cfg.hidden_size,
+                              ffn=cfg.intermediate_size, experts=cfg.num_experts,
+                              top_k=cfg.num_experts_per_tok, steps=size["steps"], dtype=DTYPE)
     case = (f"{args.tokens} tokens, {args.hidden}/{args.ffn}, {args.experts} experts "
             f"top-{args.top_k}")
     active = 3 * 3 * 2 * args.tokens * args.top_k * args.hidden * args.ffn

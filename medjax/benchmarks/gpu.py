@@ -116,6 +116,8 @@ def run(parts, *, dry_run: bool, out: Path, launcher=launch) -> dict:
             if env:
                 device_kind = env["device"]
                 header.update(device=f"{env['device']} ({env['backend']})", versions=env["versions"])
+                print(f"# device: {header['device']}, jax {env['versions'].get('jax')}, "
+                      f"python {env.get('python')}", flush=True)
             print(f"## {name}: {res['error'] or 'done'} in {res['seconds']:.0f} s", flush=True)
             _write(out / "gpu_check.json", json.dumps(result, indent=1) + "\n")
             _write(out / "gpu_check.md", format_table(header, result["rows"]))

@@ -23,6 +23,23 @@ def test_chip_of_reads_the_one_device_table():
     assert chip_of("cpu") is None
 
 
+def test_full_shapes_are_the_issues_and_fit_eight_minutes():
+    from medjax.benchmarks._gpu_parts import FULL
+    from medjax.models import get_preset
+    assert FULL["attention"]["seqs"] == (2048, 4096, 8192, 32768)
+    assert set(FULL["attention"]["heads"]) == {(32, 32), (32, 8)} and FULL["attention"]["D"] == 128
+    for preset, heads in (("llama2-7b", (32, 32)), ("llama3-8b", (32, 8))):
+        cfg = get_preset(preset)
+        assert (cfg.num_heads, cfg.num_kv_heads) == heads and cfg.head_dim == 128
+    train = FULL["train"]
+    assert (train["model"], train["seq"], train["batches"], train["rank"]) == \
+        ("preset:llama2-7b", 4096, (1, 2, 4), 64)
+    assert FULL["mcqa"]["items"] == 256 and FULL["decode"]["batches"] == (1, 16)
+    assert FULL["decode"]["new"] == 512
+    assert FULL["moe"]["preset"] == "mixtral-8x7b" and FULL["moe"]["tokens"] == 4096
+    assert sum(budget for _, budget, _ in gpu.PARTS) <= 8 * 60
+
+
 def test_launch_keeps_rows_of_a_part_that_runs_out_of_time(tmp_path):
     rows = tmp_path / "rows.jsonl"
     code = (f"import json, time; open({str(rows)!r}, 'a').write(json.dumps({{'case': 'a'}}) + '\\n');"
