@@ -36,14 +36,59 @@ MIN_N = 5
 COMMON_ITEMS = 3
 DEFAULT_TASKS = ("medqa_4options", "medmcqa", "pubmedqa", "mmlu_medical")
 _PUNCT = re.compile(r"[^\w\s]+")
+_SEPARATOR = " zq0sep0qz "           # a token no test item has (dropped from the vocabulary)
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 _BLOCK_ROWS = 2048
-_CHUNK_BYTES = 32 << 20
+_CHUNK_BYTES = 8 << 20
+_FILTER_BITS = 24
+
+
+_TOKEN_P = 0x100000001B3                     # odd: invertible modulo 2**64
+_TOKEN_Q = pow(_TOKEN_P, -1, 1 << 64)
+_WORD_BYTE = np.zeros(256, bool)            # bytes of normalised text that belong to a token
+_WORD_BYTE[[ord(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789_"]] = True
+_WORD_BYTE[128:] = True
+_POWERS: list = []
 
 
 def normalize(text: str) -> list[str]:
-    """Lowercase, punctuation → space, whitespace tokens."""
+    """Lowercase, punctuation → space, whitespace tokens (the definition; ``token_hashes`` is
+    the same split done on bytes with numpy)."""
     return _PUNCT.sub(" ", text.lower()).split()
+
+
+def normalized_bytes(text: str) -> bytes:
+    """``text`` lowercased, as UTF-8, such that its tokens are the runs of word bytes: ASCII text
+    as it is (punctuation and whitespace are not word bytes), other text through ``normalize``."""
+    text = text.lower()
+    if not text.isascii():
+        text = " ".join(_PUNCT.sub(" ", text).split())
+    return text.encode("utf-8")
+
+
+def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q**i and P**i modulo 2**64 for i < length (grown and kept)."""
+    if not _POWERS or len(_POWERS[0]) < length:
+        size = max(length, 2 * len(_POWERS[0]) if _POWERS else 0, 1 << 22)
+        one = np.ones(1, np.uint64)
+        with np.errstate(over="ignore"):
+            q = np.cumprod(np.concatenate([one, np.full(size - 1, _TOKEN_Q, np.uint64)]), dtype=np.uint64)
+            p = np.cumprod(np.concatenate([one, np.full(size - 1, _TOKEN_P, np.uint64)]), dtype=np.uint64)
+        _POWERS[:] = [q, p]
+    return _POWERS[0], _POWERS[1]
+
+
+def token_hashes(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(64-bit hash, start, end) of every token of ``normalized_bytes`` output, all in numpy: the
+    hash of bytes [s, e) is sum b[j] Q**j over the span (a prefix sum) times P**s = sum b[j] Q**(j-s)."""
+    b = np.frombuffer(data, np.uint8)
+    word = np.concatenate([[False], _WORD_BYTE[b], [False]])
+    edges = np.diff(word.astype(np.int8))
+    starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+    q, p = _powers(len(b) + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(b.astype(np.uint64) * q[:len(b)], dtype=np.uint64)])
+        return (prefix[ends] - prefix[starts]) * p[starts], starts, ends
 
 
 def ngram_hashes(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +112,21 @@ class TestItem(NamedTuple):
     pieces: tuple[str, ...]        # normalised token streams, each joined by single spaces
 
 
+def _ids(vocab: np.ndarray, token_h: np.ndarray) -> np.ndarray:
+    """Token ids: position in the test vocabulary + 1, or 0 for a token no test item has."""
+    if not len(vocab):
+        return np.zeros(len(token_h), np.int64)
+    k = np.minimum(np.searchsorted(vocab, token_h), len(vocab) - 1)
+    return np.where(vocab[k] == token_h, k + 1, 0)
+
+
+def _tokens(text: str) -> tuple[list[str], np.ndarray]:
+    """(token strings, token hashes) of one text."""
+    data = normalized_bytes(text)
+    h, starts, ends = token_hashes(data)
+    return [data[a:b].decode("utf-8") for a, b in zip(starts, ends)], h
+
+
 def _common(pairs: np.ndarray, tasks: list[str]) -> np.ndarray:
     """Hashes that COMMON_ITEMS or more items of one task share (question stems such as "which of
     the following is the most likely cause of this patient's symptoms")."""
@@ -87,26 +147,30 @@ def item_pieces(doc: dict) -> list[str]:
 @dataclass
 class BenchmarkIndex:
     n: int
-    vocab: dict[str, int]
+    vocab: np.ndarray           # sorted token hashes of the test items; token id = position + 1
     items: list[TestItem]
     hashes: np.ndarray          # sorted unique n-gram hashes [H]
     owner_ptr: np.ndarray       # CSR: items of hash k = owner_items[owner_ptr[k]:owner_ptr[k + 1]]
     owner_items: np.ndarray
     checkable: np.ndarray       # [items] bool: the item has at least one n-gram
     common: int = 0             # n-grams left out: boilerplate of COMMON_ITEMS or more items of one task
+    filter: np.ndarray | None = None
 
     @classmethod
     def build(cls, items: Iterable[tuple[str, str, str, list[str]]], n: int) -> "BenchmarkIndex":
         """``items``: (task, id, where, texts)."""
-        vocab: dict[str, int] = {}
-        all_items, hashes, owners = [], [], []
+        all_items, piece_tokens = [], []
         for task, id_, where, texts in items:
-            pieces = tuple(" ".join(normalize(t)) for t in texts)
-            index = len(all_items)
-            all_items.append(TestItem(task, id_, where, pieces))
-            for piece in pieces:
-                ids = np.array([vocab.setdefault(tok, len(vocab) + 1) for tok in piece.split()], np.int64)
-                h, _ = ngram_hashes(ids, n)
+            tokens = [_tokens(t) for t in texts]
+            all_items.append(TestItem(task, id_, where, tuple(" ".join(t) for t, _ in tokens)))
+            piece_tokens.append([h for _, h in tokens])
+        every = [h for pieces in piece_tokens for h in pieces]
+        vocab = np.unique(np.concatenate(every)) if every else np.zeros(0, np.uint64)
+        vocab = vocab[vocab != token_hashes(_SEPARATOR.strip().encode())[0][0]]
+        hashes, owners = [], []
+        for index, pieces in enumerate(piece_tokens):
+            for token_h in pieces:
+                h, _ = ngram_hashes(_ids(vocab, token_h), n)
                 hashes.append(h)
                 owners.append(np.full(len(h), index, np.int64))
         h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
@@ -119,6 +183,21 @@ class BenchmarkIndex:
         checkable[pairs[1].astype(np.int64)] = True
         return cls(n, vocab, all_items, unique, np.append(starts, pairs.shape[1]), pairs[1].astype(np.int64),
                    checkable, len(common))
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        """[len(h)] bool: which hashes are test n-grams (a bitmap on the top bits, then a binary
+        search in the sorted table for the few that pass)."""
+        if self.filter is None:
+            self.filter = np.zeros(1 << _FILTER_BITS, bool)
+            self.filter[self.hashes >> np.uint64(64 - _FILTER_BITS)] = True
+        out = self.filter[h >> np.uint64(64 - _FILTER_BITS)]
+        candidates = np.nonzero(out)[0]
+        k = np.minimum(np.searchsorted(self.hashes, h[candidates]), len(self.hashes) - 1)
+        out[candidates] = self.hashes[k] == h[candidates]
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "filter": None}     # rebuilt in each worker, not pickled
 
     def owners(self, h) -> np.ndarray:
         k = np.searchsorted(self.hashes, h)
@@ -160,24 +239,22 @@ def scan_rows(index: BenchmarkIndex, rows: Iterable[Row]) -> tuple[list[Match], 
 
 
 def _text_bytes(row: Row) -> int:
-    return sum(len(t.encode("utf-8")) for t in record_texts(row.record))
+    """Characters of text in a row (= bytes for ASCII; the MB/s unit)."""
+    return sum(len(t) for t in record_texts(row.record))
 
 
 def _scan_block(index: BenchmarkIndex, block: list[Row]) -> list[Match]:
-    vocab, ids, row_of = index.vocab, [], []
-    for r, row in enumerate(block):
-        for text in record_texts(row.record):
-            tokens = normalize(text)
-            ids.extend(vocab.get(t, 0) for t in tokens)
-            ids.append(0)                       # no n-gram spans two strings or two rows
-            row_of.extend([r] * (len(tokens) + 1))
-    h, starts = ngram_hashes(np.array(ids, np.int64), index.n)
-    hit = np.isin(h, index.hashes)
+    texts = [normalized_bytes(_SEPARATOR.join(record_texts(row.record))) for row in block]
+    data = _SEPARATOR.encode().join(texts)          # no n-gram spans two strings or two rows
+    token_h, starts, _ = token_hashes(data)
+    h, first = ngram_hashes(_ids(index.vocab, token_h), index.n)
+    hit = index.contains(h)
     if not hit.any():
         return []
-    row_of = np.array(row_of)
+    row_starts = np.cumsum([0] + [len(t) + len(_SEPARATOR) for t in texts[:-1]])
+    rows = np.searchsorted(row_starts, starts[first[hit]], side="right") - 1
     matches = []
-    for r in np.unique(row_of[starts[hit]]):
+    for r in np.unique(rows):
         matches += _verify(index, block[r])
     return matches
 
@@ -186,10 +263,9 @@ def _verify(index: BenchmarkIndex, row: Row) -> list[Match]:
     """Per test item sharing an n-gram with ``row``: the longest shared span, checked on tokens."""
     n, best = index.n, {}
     for text in record_texts(row.record):
-        tokens = normalize(text)
-        ids = np.array([index.vocab.get(t, 0) for t in tokens], np.int64)
-        h, starts = ngram_hashes(ids, n)
-        for k in np.nonzero(np.isin(h, index.hashes))[0]:
+        tokens, token_h = _tokens(text)
+        h, starts = ngram_hashes(_ids(index.vocab, token_h), n)
+        for k in np.nonzero(index.contains(h))[0]:
             for item in index.owners(h[k]):
                 span = _longest_from(tokens, int(starts[k]), n, index.items[item].pieces)
                 if span and len(span) > len(best.get(item, ())):

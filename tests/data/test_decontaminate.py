@@ -90,6 +90,19 @@ def disjoint_corpus(tmp_path, bench_dir):
 TASKS = ["medqa_4options", "medmcqa", "mmlu_medical"]
 
 
+def test_numpy_tokens_are_the_normalised_words(benchmarks_dir):
+    """The byte-level split the scan uses equals the regex definition, on every real question
+    (some hold non-ASCII text: the other path)."""
+    texts = ["Hello, World! 45-year-old man's BP: 120/80 mmHg; café – naïve\u00a0test _x_ ÀÉ"]
+    for name in ("medqa_usmle_4options_test.jsonl", "medmcqa_validation.jsonl", "mmlu_medical_test.jsonl"):
+        texts += [json.loads(line)["question"] for line in (benchmarks_dir / name).read_text().splitlines()]
+    assert any(not t.isascii() for t in texts)
+    for text in texts:
+        data = dc.normalized_bytes(text)
+        _, starts, ends = dc.token_hashes(data)
+        assert [data[a:b].decode() for a, b in zip(starts, ends)] == dc.normalize(text), text
+
+
 def test_planted_questions_are_all_found(tmp_path, bench_dir):
     path, planted = planted_corpus(tmp_path, bench_dir)
     rep = contamination.report(DataSection(train=str(path)), TASKS, bench_dir, n=13, workers=1)
