@@ -73,9 +73,11 @@ def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog
                 rows = RowSubset(rows, [i for i in range(len(rows)) if f"{name}:record {i}" not in dropped])
         else:
             rows = [row for row in read_rows(entry["path"], on_error=data_cfg.on_error, skips=skips)
-                    if row.where not in dropped and _valid(row, renderer, data_cfg.on_error, skips)]
+                    if _valid(row, renderer, data_cfg.on_error, skips)]
             name = entry["path"]
             rows = _select_rows(rows, data_cfg, split, name) if holdout or data_cfg.max_rows else rows
+            if dropped:   # after the held-out split, which stays the rows it is without filtering
+                rows = [row for row in rows if row.where not in dropped]
         if len(rows) == 0:
             raise DataError(f"{name}: no usable examples ({skips.summary()})")
         sources.append(Source(name, rows, float(entry.get("weight", 1.0)), renderer))
