@@ -117,11 +117,14 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"| {r['method']} | {r['mb']:.0f} | {r['s']:.1f} | {r['mb_per_s']:.1f} | {r['flagged_rows']} |")
         agree = cap is None and fast_rows == naive_rows and len(fast_rows) == planted
-        print(f"speed-up {rows[0]['mb_per_s'] / rows[1]['mb_per_s']:.1f}x; flagged rows "
+        load = os.getloadavg()[0]
+        print(f"load average {load:.1f} on {os.cpu_count()} cores (other processes share them); speed-up "
+              f"{rows[0]['mb_per_s'] / rows[1]['mb_per_s']:.1f}x; flagged rows "
               f"{'identical' if fast_in_naive == naive_rows else 'DIFFER'} on the part both scanned; "
               f"planted {planted}, found {len(fast_rows)}")
         if args.json:
-            Path(args.json).write_text(json.dumps({"rows": rows, "planted": planted, "agree": agree}, indent=2))
+            Path(args.json).write_text(json.dumps({"rows": rows, "planted": planted, "agree": agree,
+                                                  "load_average": load, "cores": os.cpu_count()}, indent=2))
         return 0 if fast_in_naive == naive_rows and len(fast_rows) == planted else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
