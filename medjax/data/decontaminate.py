@@ -7,15 +7,17 @@ the question and each context), so questions shorter than ``n`` tokens are still
 row holds them with their options. An item with fewer than ``n`` tokens in all is counted as not
 checkable.
 
-The index (``BenchmarkIndex``) is built once: every test token gets an id (a training token
-outside the test vocabulary can start no match), every n-gram a 64-bit polynomial hash of its
-ids, kept sorted with the items that own it. Training rows are scanned in numpy blocks: each
-string value of a row (any field, chat turns included) becomes ids, the block's n-gram hashes
-are looked up with one ``np.isin``, and only rows with a hit are checked token by token (which
-also rules out hash collisions) for the longest shared span. N-grams that ``COMMON_ITEMS`` or
-more items of one task share are boilerplate of the benchmark ("which of the following is the
-most likely cause of this patient's symptoms"), not of one item, and are left out of the index. ``scan_sources`` splits JSON-lines
-files into byte ranges and runs them on a process pool, so the data is streamed, never held.
+The index (``BenchmarkIndex``) is built once: the test tokens (64-bit hashes of their bytes)
+form a sorted vocabulary whose positions are token ids (a training token outside it can start no
+match), every n-gram of ids gets a 64-bit polynomial hash, kept sorted with the items that own it.
+N-grams that ``COMMON_ITEMS`` or more items of one task share are boilerplate of the benchmark
+("which of the following is the most likely cause of this patient's symptoms"), not of one item,
+and are left out. Training rows are scanned in blocks: the strings of a row (any field, chat turns
+included) are lowercased and split into tokens on bytes with numpy (``token_hashes``; equal to
+``normalize``), the block's n-gram hashes are looked up at once (a bitmap, then a binary search),
+and only rows with a hit are checked token by token (which also rules out hash collisions) for
+the longest shared span. ``scan_sources`` splits JSON-lines files into byte ranges and runs them
+on a process pool, so the data is streamed, never held.
 """
 from __future__ import annotations
 
@@ -41,8 +43,6 @@ _MULT = np.uint64(0x9E3779B97F4A7C15)
 _BLOCK_ROWS = 2048
 _CHUNK_BYTES = 8 << 20
 _FILTER_BITS = 24
-
-
 _TOKEN_P = 0x100000001B3                     # odd: invertible modulo 2**64
 _TOKEN_Q = pow(_TOKEN_P, -1, 1 << 64)
 _WORD_BYTE = np.zeros(256, bool)            # bytes of normalised text that belong to a token
