@@ -150,7 +150,11 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="runs/decontaminate", help="directory for report.md and report.json")
     d.add_argument("--workers", type=int, default=None, help="scan processes (default: every core)")
     d.add_argument("overrides", nargs="*", help="key=value config overrides (model=tiny, eval.data_dir=DIR ...)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)     # key=value overrides may sit between options
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     return decontaminate(args) if args.command == "decontaminate" else inspect(args)
 
 

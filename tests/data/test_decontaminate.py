@@ -167,6 +167,17 @@ def test_data_decontaminate_drops_the_rows_and_logs_them(tmp_path, bench_dir, to
     assert f"dropped 18 training row(s): 18 from {path}" in capsys.readouterr().err
 
 
+def test_training_data_of_a_run_is_decontaminated(tmp_path, bench_dir, tokenizer, capsys):
+    from medjax.config import load_config
+    from medjax.training.loop import prepare_data
+    path, planted = planted_corpus(tmp_path, bench_dir)
+    cfg = load_config([ROOT / "configs" / "tiny" / "llama2.yaml"],
+                      [f"data.train={path}", "data.format=alpaca", "data.on_error=skip", "data.heldout_rows=0",
+                       "data.decontaminate=[medqa_4options,mmlu_medical]", f"eval.data_dir={bench_dir}"])
+    prepare_data(cfg, tokenizer)
+    assert f"dropped {len(planted)} training row(s): {len(planted)} from {path}" in capsys.readouterr().err
+
+
 def test_config_checks_the_decontaminate_key():
     from medjax.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="data.decontaminate: unknown task 'medqa_5'"):
@@ -194,8 +205,8 @@ def _config(tmp_path, train, bench):
 def test_cli_writes_the_report(tmp_path, bench_dir, capsys):
     path, planted = planted_corpus(tmp_path, bench_dir)
     out = tmp_path / "rep"
-    status, err = _cli(["decontaminate", "--config", _config(tmp_path, path, bench_dir), "--tasks",
-                        "medqa_4options", "--out", str(out), "--workers", "1"], capsys)
+    status, err = _cli(["decontaminate", "--config", _config(tmp_path, path, bench_dir), "data.on_error=skip",
+                        "--tasks", "medqa_4options", "--out", str(out), "--workers", "1"], capsys)
     assert status == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert "| medqa_4options | 60 |" in (out / "report.md").read_text()
