@@ -8,6 +8,7 @@ scans the run's sources (``decontaminate.scan_sources``) and returns the JSON-re
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ def report(data_cfg, task_names, data_dir, *, n: int = 13, workers: int | None =
                          "overlapping_rows": rows}
     total_bytes = sum(s["bytes"] for s in sources.values())
     return {"format": FORMAT, "n": n, "data_dir": str(data_dir), "tasks": tasks, "sources": sources,
-            "scan": {"index_s": index_s, "scan_s": scan_s, "bytes": total_bytes, "workers": workers,
+            "scan": {"index_s": index_s, "scan_s": scan_s, "bytes": total_bytes,
+                     "workers": min(workers or os.cpu_count() or 1, len(chunks)),
                      "mb_per_s": total_bytes / 1e6 / max(scan_s, 1e-9), "test_ngrams": int(len(index.hashes)),
                      "common_ngrams_left_out": index.common}}
 
