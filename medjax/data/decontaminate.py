@@ -224,39 +224,40 @@ def record_texts(record: Any) -> Iterator[str]:
 
 
 def scan_rows(index: BenchmarkIndex, rows: Iterable[Row]) -> tuple[list[Match], int, int]:
-    """(matches, rows, bytes of text) of ``rows`` against ``index``, in blocks of rows."""
-    matches, n_rows, n_bytes, block = [], 0, 0, []
+    """(matches, rows, characters of text) of ``rows`` against ``index``, in blocks of rows."""
+    matches, n_rows, n_chars, block = [], 0, 0, []
     for row in rows:
         block.append(row)
         if len(block) == _BLOCK_ROWS:
-            matches += _scan_block(index, block)
-            n_rows, n_bytes = n_rows + len(block), n_bytes + sum(_text_bytes(r) for r in block)
-            block = []
+            found, chars = _scan_block(index, block)
+            matches.extend(found)
+            n_rows, n_chars, block = n_rows + len(block), n_chars + chars, []
     if block:
-        matches += _scan_block(index, block)
-        n_rows, n_bytes = n_rows + len(block), n_bytes + sum(_text_bytes(r) for r in block)
-    return matches, n_rows, n_bytes
+        found, chars = _scan_block(index, block)
+        matches.extend(found)
+        n_rows, n_chars = n_rows + len(block), n_chars + chars
+    return matches, n_rows, n_chars
 
 
-def _text_bytes(row: Row) -> int:
-    """Characters of text in a row (= bytes for ASCII; the MB/s unit)."""
-    return sum(len(t) for t in record_texts(row.record))
-
-
-def _scan_block(index: BenchmarkIndex, block: list[Row]) -> list[Match]:
-    texts = [normalized_bytes(_SEPARATOR.join(record_texts(row.record))) for row in block]
-    data = _SEPARATOR.encode().join(texts)          # no n-gram spans two strings or two rows
+def _scan_block(index: BenchmarkIndex, block: list[Row]) -> tuple[list[Match], int]:
+    """(matches, characters of text) of one block of rows."""
+    texts, chars = [], 0
+    for row in block:
+        strings = list(record_texts(row.record))
+        chars += sum(map(len, strings))
+        texts.append(normalized_bytes(_SEPARATOR.join(strings)))   # no n-gram spans two strings
+    data = _SEPARATOR.encode().join(texts)                          # ... or two rows
     token_h, starts, _ = token_hashes(data)
     h, first = ngram_hashes(_ids(index.vocab, token_h), index.n)
     hit = index.contains(h)
     if not hit.any():
-        return []
+        return [], chars
     row_starts = np.cumsum([0] + [len(t) + len(_SEPARATOR) for t in texts[:-1]])
     rows = np.searchsorted(row_starts, starts[first[hit]], side="right") - 1
     matches = []
     for r in np.unique(rows):
         matches += _verify(index, block[r])
-    return matches
+    return matches, chars
 
 
 def _verify(index: BenchmarkIndex, row: Row) -> list[Match]:
