@@ -74,9 +74,12 @@ class DataSection:
     shuffle: bool = True
     on_error: str = "raise"             # raise | skip
     seed: int = 0
+    decontaminate: tuple = ()           # eval tasks/groups whose test items' n-grams drop training rows
+    decontaminate_n: int = 13           # n-gram length for data.decontaminate (>= 5)
 
     def __post_init__(self):
         _choice("data.format", self.format, DATA_FORMATS)
+        _check_decontaminate(self.decontaminate, self.decontaminate_n)
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         _choice("data.prompt_style", self.prompt_style, ("alpaca", "chat"))
         _choice("data.long_examples", self.long_examples, ("split", "truncate", "drop"))
@@ -108,6 +111,21 @@ class DataSection:
             if "format" in source:
                 _choice(f"{key}.format", source["format"], DATA_FORMATS)
             _check_fields(f"{key}.fields", source.get("fields", {}))
+
+
+def _check_decontaminate(tasks, n):
+    from medjax.eval.tasks import resolve   # task names live with the tasks (raises ConfigError)
+
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"data.decontaminate: expected a list of eval task names, got {tasks!r}")
+    if tasks:
+        try:
+            resolve(list(tasks))
+        except ConfigError as e:
+            raise ConfigError(f"data.decontaminate: {e}") from None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 5:
+        raise ConfigError(f"data.decontaminate_n must be an integer >= 5 (shorter n-grams match common "
+                          f"phrases), got {n!r}")
 
 
 def _check_fields(key, fields):
@@ -345,6 +363,9 @@ class RunConfig:
             axes = " × ".join(f"mesh.{a}={n}" for a, n in fixed.items())
             raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "
                               f"{axes} (the batch is split over these axes)")
+        if self.data.decontaminate and self.eval.data_dir is None:
+            raise ConfigError("data.decontaminate needs eval.data_dir (the directory with the "
+                              "benchmark test files whose items it removes from the training data)")
         processes = self.mesh.num_processes
         if processes and self.train.batch_size % processes:
             raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "

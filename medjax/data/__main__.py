@@ -1,4 +1,6 @@
 """``python -m medjax.data inspect --config FILE [key=value ...]``: look at a dataset before training.
+``python -m medjax.data decontaminate --config FILE [--tasks ...] [--n 13] [--out DIR]``: which
+training rows share an n-gram with a benchmark test item (report.md + report.json in DIR).
 
 Prints a few examples as the model sees them, with the scored (loss-mask) tokens in ``[[...]]``
 (or bright, unscored dimmed, on a terminal), a histogram of example lengths in tokens, and the
@@ -93,6 +95,35 @@ def inspect(args) -> int:
     return 0
 
 
+def decontaminate(args) -> int:
+    import time
+    from pathlib import Path
+
+    from medjax.data import contamination
+    from medjax.data.decontaminate import DEFAULT_TASKS, check_n
+    from medjax.errors import ConfigError
+    from medjax.eval.report import write_json
+    from medjax.recipes import load_run_config
+
+    check_n(args.n)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    cfg = load_run_config(args.config, args.overrides, check_inputs=False)
+    tasks = args.tasks.split(",") if args.tasks else (cfg.data.decontaminate or DEFAULT_TASKS)
+    t0 = time.perf_counter()
+    rep = contamination.report(cfg.data, tasks, cfg.eval.data_dir, n=args.n, workers=args.workers)
+    rep["wall_s"] = time.perf_counter() - t0
+    text = contamination.markdown(rep)
+    out = Path(args.out)
+    write_json(out / "report.json", rep)
+    (out / "report.md").write_text(text, encoding="utf-8")
+    print(text)
+    scan = rep["scan"]
+    print(f"scanned {scan['bytes'] / 1e6:.1f} MB in {scan['scan_s']:.1f}s ({scan['mb_per_s']:.1f} MB/s); "
+          f"wrote {out / 'report.md'} and {out / 'report.json'}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,8 +139,23 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=20, help="batches measured for packing efficiency")
     p.add_argument("--no-color", action="store_true", help="bracket scored tokens even on a terminal")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.seq_len=1024")
-    args = parser.parse_args(argv)
-    return inspect(args)
+    d = sub.add_parser("decontaminate", help="report the training rows that share an n-gram with a "
+                                             "benchmark test item (report.md, report.json)")
+    d.add_argument("--config", required=True, action="append",
+                   help="run config YAML (its data sources are scanned; eval.data_dir holds the test "
+                        "files); repeat to overlay files")
+    d.add_argument("--tasks", help="comma-separated eval tasks/groups (default: data.decontaminate, else "
+                                   "medqa_4options,medmcqa,pubmedqa,mmlu_medical)")
+    d.add_argument("--n", type=int, default=13, help="n-gram length in normalised words (>= 5; default 13)")
+    d.add_argument("--out", default="runs/decontaminate", help="directory for report.md and report.json")
+    d.add_argument("--workers", type=int, default=None, help="scan processes (default: every core)")
+    d.add_argument("overrides", nargs="*", help="key=value config overrides (model=tiny, eval.data_dir=DIR ...)")
+    args, extra = parser.parse_known_args(argv)     # key=value overrides may sit between options
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    return decontaminate(args) if args.command == "decontaminate" else inspect(args)
 
 
 if __name__ == "__main__":

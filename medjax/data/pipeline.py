@@ -37,9 +37,15 @@ class Source:
     renderer: Renderer
 
 
-def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog | None = None) -> list[Source]:
-    """Read and validate every configured source (files eagerly, TFDS lazily)."""
+def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog | None = None,
+                    benchmarks_dir=None) -> list[Source]:
+    """Read and validate every configured source (files eagerly, TFDS lazily). For the training
+    split, rows overlapping ``data.decontaminate``'s test items (in ``benchmarks_dir``) are dropped."""
     skips = skips if skips is not None else SkipLog()
+    dropped = set()
+    if data_cfg.decontaminate and split == "train":
+        from medjax.data.contamination import overlapping_rows  # lazy: reads the eval test sets
+        dropped = overlapping_rows(data_cfg, benchmarks_dir)
     holdout = data_cfg.eval is None and data_cfg.heldout_rows > 0
     if holdout and (data_cfg.sources or data_cfg.train is None):
         raise DataError("data.heldout_rows splits a single data.train source; set data.eval for mixtures")
@@ -63,15 +69,32 @@ def resolve_sources(data_cfg, tokenizer, *, split: str = "train", skips: SkipLog
             rows = TfdsRecords(entry["tfds"], entry.get("split", "train"), entry.get("data_dir"),
                                entry.get("manual_dir"))
             name = f"tfds:{entry['tfds']}/{rows.split}"
+            if dropped:
+                rows = RowSubset(rows, [i for i in range(len(rows)) if f"{name}:record {i}" not in dropped])
         else:
             rows = [row for row in read_rows(entry["path"], on_error=data_cfg.on_error, skips=skips)
                     if _valid(row, renderer, data_cfg.on_error, skips)]
             name = entry["path"]
             rows = _select_rows(rows, data_cfg, split, name) if holdout or data_cfg.max_rows else rows
+            if dropped:   # after the held-out split, which stays the rows it is without filtering
+                rows = [row for row in rows if row.where not in dropped]
         if len(rows) == 0:
             raise DataError(f"{name}: no usable examples ({skips.summary()})")
         sources.append(Source(name, rows, float(entry.get("weight", 1.0)), renderer))
     return sources
+
+
+class RowSubset:
+    """Random access to the rows of ``rows`` at ``indices`` (a decontaminated TFDS split)."""
+
+    def __init__(self, rows, indices: list[int]):
+        self.rows, self.indices = rows, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.rows[self.indices[index]]
 
 
 def _select_rows(rows: list[Row], data_cfg, split: str, name: str) -> list[Row]:
@@ -218,7 +241,8 @@ class _PadBatch:
 def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
                   num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                   split: str = "train", skips: SkipLog | None = None,
-                  read_options: grain.ReadOptions | None = None, fast_path: bool = True) -> grain.IterDataset:
+                  read_options: grain.ReadOptions | None = None, fast_path: bool = True,
+                  benchmarks_dir=None) -> grain.IterDataset:
     """The grain pipeline behind ``make_dataset`` (``batch_size`` here is per host). ``read_options``
     replaces the default one-thread prefetch (``ReadOptions(num_threads=0)``: all work in the caller).
     ``fast_path=False`` is the straightforward reference the fast path must equal batch for batch: one
@@ -226,7 +250,7 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
     seq_len = seq_len or data_cfg.seq_len
     seed = data_cfg.seed if seed is None else seed
     skips = skips if skips is not None else SkipLog()
-    sources = resolve_sources(data_cfg, tokenizer, split=split, skips=skips)
+    sources = resolve_sources(data_cfg, tokenizer, split=split, skips=skips, benchmarks_dir=benchmarks_dir)
     shuffle = data_cfg.shuffle and split == "train"
     parts = []
     for i, source in enumerate(sources):
@@ -299,10 +323,10 @@ class DataIterator:
 
 def make_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = None, seed: int | None = None,
                  num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, split: str = "train") -> DataIterator:
+                 process_count: int | None = None, split: str = "train", benchmarks_dir=None) -> DataIterator:
     """Iterator of host-local batches (``batch_size // process_count`` rows) following the batch
     contract in docs/DATA.md. ``num_epochs=None`` repeats forever; ``split="eval"`` reads
-    ``data.eval`` once, unshuffled."""
+    ``data.eval`` once, unshuffled. ``benchmarks_dir``: the test files ``data.decontaminate`` reads."""
     if process_index is None or process_count is None:
         import jax  # lazy: the data pipeline itself needs no accelerator runtime
         process_index = jax.process_index() if process_index is None else process_index
@@ -315,7 +339,8 @@ def make_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = 
     skips = SkipLog()
     dataset = build_dataset(data_cfg, tokenizer, batch_size=local, seq_len=seq_len, seed=seed,
                             num_epochs=num_epochs, process_index=process_index,
-                            process_count=process_count, split=split, skips=skips)
+                            process_count=process_count, split=split, skips=skips,
+                            benchmarks_dir=benchmarks_dir)
     return DataIterator(dataset, skips, local, seq_len or data_cfg.seq_len)
 
 

@@ -90,27 +90,39 @@ def _decode(data: bytes, where, base_offset: int = 0) -> str:
 
 
 def _read_jsonl(path: Path, on_error: str, skips: SkipLog) -> list[Row]:
-    rows, offset = [], 0
-    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        line_offset, offset = offset, offset + len(raw) + 1
-        if not raw.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            text = _decode(raw, where, line_offset)
+    return list(iter_jsonl(path, on_error=on_error, skips=skips))
+
+
+def iter_jsonl(path: Path, *, on_error: str = "raise", skips: SkipLog | None = None, start: int = 0,
+               end: int | None = None, first_line: int = 1):
+    """Stream the rows of a JSON-lines file, or of the lines that begin in bytes ``[start, end)``
+    (``start`` at a line start, numbered from ``first_line``), without reading the whole file."""
+    skips = skips if skips is not None else SkipLog()
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset, line_no = start, first_line
+        for raw in f:
+            if end is not None and offset >= end:
+                break
+            line_offset, offset = offset, offset + len(raw)
+            line_no += 1
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no - 1}"
             try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        except DataError as e:
-            if on_error != "skip":
-                raise
-            skips.add(str(e))
-            continue
-        rows.append(Row(where, record))
-    return rows
+                text = _decode(raw.rstrip(b"\n"), where, line_offset)
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            except DataError as e:
+                if on_error != "skip":
+                    raise
+                skips.add(str(e))
+                continue
+            yield Row(where, record)
 
 
 def _read_json(path: Path) -> list[Row]:

@@ -3,29 +3,29 @@
 Nothing is downloaded: each builder reads its files from the manual directory and writes
 array_record shards, which TFDS (without TensorFlow) and grain read by random access. All four
 share one schema, the one medjax.eval reads back:
-``{id, question, options: [str], label: int (0-based), subject, contexts: [str]}``.
+``{id, question, options: [str], label: int (0-based), subject, contexts: [str]}``. The records
+are parsed by medjax.data.benchmark_files, the same parsers medjax.eval reads the files with.
 
 | builder | manual files (any of) | splits |
 |---|---|---|
-| ``medqa`` | ``*medqa*{train,dev,test}*.jsonl`` or ``phrases_no_exclude_{train,dev,test}.jsonl`` (MedQA-USMLE 4 options: question, options{A..D}, answer_idx) | train / validation / test |
-| ``medmcqa`` | ``train.json``, ``dev.json``, ``test.json`` (official: opa..opd, cop 1-4) or ``*medmcqa*{split}*.jsonl`` (choices ["A. .."], answer 0-3) | train / validation / test |
+| ``medqa`` | ``*medqa*{train,dev,test}*.jsonl`` or ``phrases_no_exclude_{train,dev,test}.jsonl`` (MedQA-USMLE 4 options: question, options{A..D}, answer_idx; or HF sent1, ending0..3, label) | train / validation / test |
+| ``medmcqa`` | ``train.json``, ``dev.json``, ``test.json`` (official: opa..opd, cop 1-4; HF export: cop 0-3, detected per file) or ``*medmcqa*{split}*.jsonl`` (choices ["A. .."], answer 0-3) | train / validation / test |
 | ``pubmedqa`` | ``ori_pqal.json`` + ``test_ground_truth.json`` (PQA-L) | test (the 500 ground-truth ids), train (the rest) |
 | ``mmlu_medical`` | ``*mmlu*test*.jsonl`` with ``subject`` or MMLU CSVs ``{subject}_{split}.csv`` | test / validation / dev |
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medjax.data import benchmark_files
 from medjax.errors import DataError
 
 MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
                          "medical_genetics", "professional_medicine")
-LETTERS = "ABCDEFGHIJ"
 _SPLIT_WORDS = (("train", "train"), ("validation", "validation"), ("dev", "validation"), ("test", "test"))
 
 
@@ -40,9 +40,9 @@ def _features():
     })
 
 
-def _item(id_, question, options, label, subject="", contexts=()):
-    return {"id": str(id_).rsplit("/", 1)[-1], "question": question, "options": list(options), "label": int(label),
-            "subject": subject or "", "contexts": list(contexts)}
+def _item(item: benchmark_files.BenchmarkItem) -> dict:
+    return {"id": item.id, "question": item.question, "options": list(item.options), "label": item.label,
+            "subject": item.subject or "", "contexts": list(item.contexts)}
 
 
 def _split_of(path: Path) -> str | None:
@@ -51,22 +51,6 @@ def _split_of(path: Path) -> str | None:
         if word in name:
             return split
     return None
-
-
-def _jsonl(path: Path):
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if raw.strip():
-                try:
-                    yield f"{path}:{line_no}", json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise DataError(f"{path}:{line_no}: {e}") from None
-
-
-def _need(record, keys, where):
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise DataError(f"{where}: missing field(s) {missing}")
 
 
 def _files_by_split(manual_dir: Path, patterns, dataset: str) -> dict[str, list[Path]]:
@@ -99,13 +83,8 @@ class Medqa(_LocalBuilder):
 
     def _generate_examples(self, paths):
         for path in paths:
-            for where, rec in _jsonl(path):
-                _need(rec, ("question", "options", "answer_idx"), where)
-                letters = sorted(rec["options"])
-                if rec["answer_idx"] not in letters:
-                    raise DataError(f"{where}: answer_idx {rec['answer_idx']!r} not in options {letters}")
-                yield where, _item(rec.get("realidx", where), rec["question"],
-                                   [rec["options"][k] for k in letters], letters.index(rec["answer_idx"]))
+            for item in benchmark_files.medqa(path):
+                yield item.where, _item(item)
 
 
 class Medmcqa(_LocalBuilder):
@@ -118,19 +97,8 @@ class Medmcqa(_LocalBuilder):
 
     def _generate_examples(self, paths):
         for path in paths:
-            for where, rec in _jsonl(path):
-                if "opa" in rec:
-                    _need(rec, ("question", "opa", "opb", "opc", "opd", "cop"), where)
-                    options = [rec[k] for k in ("opa", "opb", "opc", "opd")]
-                    label = int(rec["cop"]) - 1
-                else:
-                    _need(rec, ("question", "choices", "answer"), where)
-                    options = [c[3:] if c[:3] in {f"{x}. " for x in LETTERS} else c for c in rec["choices"]]
-                    label = int(rec["answer"])
-                if not 0 <= label < len(options):
-                    raise DataError(f"{where}: answer index {label} out of range for {len(options)} options")
-                yield where, _item(rec.get("id", where), rec["question"], options, label,
-                                   rec.get("subject_name") or "")
+            for item in benchmark_files.medmcqa(path):
+                yield item.where, _item(item)
 
 
 class Pubmedqa(_LocalBuilder):
@@ -142,26 +110,17 @@ class Pubmedqa(_LocalBuilder):
         for path in (pqal, truth):
             if not path.is_file():
                 raise DataError(f"pubmedqa: {path} not found (official PubMedQA data/ files)")
-        questions = json.loads(pqal.read_text(encoding="utf-8"))
         test_ids = json.loads(truth.read_text(encoding="utf-8"))
-        train = {k: v for k, v in questions.items() if k not in test_ids}
-        splits = {"test": self._generate_examples(questions, test_ids, pqal)}
+        questions = json.loads(pqal.read_text(encoding="utf-8"))
+        train = {k: v["final_decision"] for k, v in questions.items() if k not in test_ids and "final_decision" in v}
+        splits = {"test": self._generate_examples(pqal, test_ids, truth)}
         if train:
-            splits["train"] = self._generate_examples(train, {k: v["final_decision"] for k, v in train.items()
-                                                              if "final_decision" in v}, pqal)
+            splits["train"] = self._generate_examples(pqal, train, pqal)
         return splits
 
-    def _generate_examples(self, questions, labels, pqal):
-        choices = ["yes", "no", "maybe"]
-        for pmid, decision in labels.items():
-            where = f"{pqal}:key {pmid}"
-            if pmid not in questions:
-                raise DataError(f"{where}: id from the ground truth file is missing")
-            rec = questions[pmid]
-            _need(rec, ("QUESTION", "CONTEXTS"), where)
-            if decision not in choices:
-                raise DataError(f"{where}: label {decision!r} is not yes/no/maybe")
-            yield pmid, _item(pmid, rec["QUESTION"], choices, choices.index(decision), "", rec["CONTEXTS"])
+    def _generate_examples(self, pqal, labels, labels_file):
+        for item in benchmark_files.pubmedqa(pqal, labels, labels_file):
+            yield item.id, _item(item)
 
 
 class MmluMedical(_LocalBuilder):
@@ -182,22 +141,10 @@ class MmluMedical(_LocalBuilder):
 
     def _generate_examples(self, paths):
         for subject, path in paths:
-            if subject is None:
-                for where, rec in _jsonl(path):
-                    _need(rec, ("question", "options", "answer_idx", "subject"), where)
-                    if rec["subject"] not in MMLU_MEDICAL_SUBJECTS:
-                        continue
-                    letters = sorted(rec["options"])
-                    yield where, _item(rec.get("realidx", where), rec["question"],
-                                       [rec["options"][k] for k in letters], letters.index(rec["answer_idx"]),
-                                       rec["subject"])
-                continue
-            with path.open(encoding="utf-8", newline="") as f:
-                for line_no, row in enumerate(csv.reader(f), start=1):
-                    where = f"{path}:{line_no}"
-                    if len(row) != 6 or row[5] not in LETTERS[:4]:
-                        raise DataError(f"{where}: expected question,A,B,C,D,answer-letter; got {len(row)} columns")
-                    yield where, _item(where, row[0], row[1:5], LETTERS.index(row[5]), subject)
+            items = benchmark_files.mmlu_jsonl(path) if subject is None else benchmark_files.mmlu_csv(path, subject)
+            for item in items:
+                if item.subject in MMLU_MEDICAL_SUBJECTS:
+                    yield item.where, _item(item)
 
 
 def builder(name: str, data_dir: str | None = None):

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write results (and samples) to this JSON file")
     p.add_argument("--log-samples", action="store_true", default=d.log_samples,
                    help="include per-item prompts and per-choice log-likelihoods in --output")
+    p.add_argument("--contamination", metavar="REPORT_JSON",
+                   help="report.json of python -m medjax.data decontaminate: also score the clean and "
+                        "the overlapping (dirty) items of each task, side by side")
     p.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
     p.add_argument("mesh", nargs="*", metavar="mesh.key=value",
                    help="device mesh, as in a run config: e.g. mesh.preset=fsdp mesh.fsdp=4 (default: "
@@ -119,6 +122,10 @@ def main(argv=None) -> int:
         task_list, _ = resolve(args.tasks)
         for task in task_list:  # fail on missing data before loading the model
             readers.load_docs(task, args.data_dir)
+        dirty = None
+        if args.contamination:
+            from medjax.data.contamination import dirty_ids
+            dirty = dirty_ids(args.contamination)
     except (UnknownTaskError, readers.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -143,12 +150,14 @@ def main(argv=None) -> int:
                       fewshot_as_multiturn=args.fewshot_as_multiturn, score=args.score,
                       mode=args.mode, tokens_per_batch=args.batch_tokens,
                       max_new_tokens=args.max_new_tokens, log_samples=args.log_samples,
-                      truthfulqa_primer=args.truthfulqa_primer)
+                      truthfulqa_primer=args.truthfulqa_primer, contamination=dirty)
     result["config"].update(model=args.model, dtype=dtype, dtype_from=why)
     result["wall_s"] = time.perf_counter() - t0
     if not is_main_process():       # every process scored the same items; process 0 reports
         return 0
     print(report.markdown_table(result))
+    if "contamination" in result:
+        print(f"\ncontamination ({args.contamination}):\n" + report.contamination_table(result["contamination"]))
     print(f"\nwall time {result['wall_s']:.1f}s", file=sys.stderr)
     if args.output:
         report.write_json(args.output, result)

@@ -22,10 +22,11 @@ import csv
 import json
 from pathlib import Path
 
+from medjax.data import benchmark_files
 from medjax.errors import DataError
 
 from medjax.eval import truthfulqa
-from medjax.eval.tasks import LETTERS, Task
+from medjax.eval.tasks import Task
 
 
 OFFICIAL_SOURCES = {
@@ -60,27 +61,6 @@ def _require(record: dict, fields: tuple[str, ...], where: str) -> None:
         raise DataError(f"{where}: item is missing field(s) {missing}; has {sorted(record)}")
 
 
-def _jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            yield record, where
-
-
-def _letter_index(value, n: int, where: str, field: str) -> int:
-    if isinstance(value, str) and value.strip().upper() in LETTERS[:n]:
-        return LETTERS.index(value.strip().upper())
-    if isinstance(value, int) and 0 <= value < n:
-        return value
-    raise DataError(f"{where}: field {field!r} = {value!r} is not an answer letter/index")
-
-
 def _doc(question, options, label, subject, where, record, **extra) -> dict:
     if "contexts" not in extra and len(options) != 4:  # MedQA-4, MedMCQA and MMLU have A-D
         raise DataError(f"{where}: item has {len(options)} options, expected 4 (A-D)")
@@ -88,99 +68,31 @@ def _doc(question, options, label, subject, where, record, **extra) -> dict:
             "_where": where, "_key": json.dumps(record, sort_keys=True), **extra}
 
 
+def _docs(items, with_contexts: bool = False) -> list[dict]:
+    """Canonical docs from benchmark_files items (the one parser of each file format)."""
+    return [_doc(it.question, it.options, it.label, it.subject, it.where, it.record, id=it.id,
+                 **({"contexts": it.contexts} if with_contexts else {})) for it in items]
+
+
 def read_medqa(path: Path) -> list[dict]:
-    docs = []
-    for rec, where in _jsonl(path):
-        if "sent1" in rec:
-            _require(rec, ("sent1", "ending0", "ending1", "ending2", "ending3", "label"), where)
-            options = [rec[f"ending{i}"] for i in range(4)]
-            docs.append(_doc(rec["sent1"], options, _letter_index(rec["label"], 4, where, "label"),
-                             None, where, rec))
-            continue
-        _require(rec, ("question", "options", "answer_idx"), where)
-        options = [rec["options"][k] for k in sorted(rec["options"])]
-        step = rec.get("meta_info")
-        docs.append(_doc(rec["question"], options,
-                         _letter_index(rec["answer_idx"], len(options), where, "answer_idx"),
-                         step, where, rec))
-    return docs
+    return _docs(benchmark_files.medqa(path))
 
 
 def read_medmcqa(path: Path) -> list[dict]:
-    rows = list(_jsonl(path)) if path.suffix == ".jsonl" else _json_lines_or_array(path)
-    if rows and "cop" in rows[0][0]:
-        # Official dev.json numbers the correct option 1..4; the HF export uses 0..3.
-        cops = {r.get("cop") for r, _ in rows}
-        one_based = 0 not in cops and 4 in cops
-    docs = []
-    for rec, where in rows:
-        if "opa" in rec:
-            _require(rec, ("question", "opa", "opb", "opc", "opd", "cop"), where)
-            options = [rec[k] for k in ("opa", "opb", "opc", "opd")]
-            cop = rec["cop"] - 1 if one_based else rec["cop"]
-            docs.append(_doc(rec["question"], options, _letter_index(cop, 4, where, "cop"),
-                             rec.get("subject_name"), where, rec))
-            continue
-        _require(rec, ("question", "choices", "answer"), where)
-        options = []
-        for i, choice in enumerate(rec["choices"]):
-            if not choice.startswith(f"{LETTERS[i]}. "):
-                raise DataError(f"{where}: choice {i} {choice[:20]!r} does not start with "
-                                f"'{LETTERS[i]}. '")
-            options.append(choice[3:])
-        docs.append(_doc(rec["question"], options,
-                         _letter_index(rec["answer"], len(options), where, "answer"),
-                         rec.get("subject_name"), where, rec))
-    return docs
-
-
-def _json_lines_or_array(path: Path):
-    text = path.read_text(encoding="utf-8").lstrip()
-    if text.startswith("["):
-        return [(rec, f"{path}:item {i}") for i, rec in enumerate(json.loads(text))]
-    return list(_jsonl(path))
+    return _docs(benchmark_files.medmcqa(path))
 
 
 def read_mmlu_jsonl(path: Path) -> list[dict]:
-    docs = []
-    for rec, where in _jsonl(path):
-        _require(rec, ("question", "options", "answer_idx", "subject"), where)
-        options = [rec["options"][k] for k in sorted(rec["options"])]
-        docs.append(_doc(rec["question"], options,
-                         _letter_index(rec["answer_idx"], len(options), where, "answer_idx"),
-                         rec["subject"], where, rec))
-    return docs
+    return _docs(benchmark_files.mmlu_jsonl(path))
 
 
 def read_mmlu_csv(path: Path, subject: str) -> list[dict]:
-    docs = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            where = f"{path}:{line_no}"
-            if len(row) != 6:
-                raise DataError(f"{where}: expected 6 columns (question,A,B,C,D,answer), got {len(row)}")
-            docs.append(_doc(row[0], row[1:5], _letter_index(row[5], 4, where, "answer"),
-                             subject, where, {"row": row}))
-    return docs
+    return _docs(benchmark_files.mmlu_csv(path, subject))
 
 
 def read_pubmedqa(pqal_path: Path, truth_path: Path) -> list[dict]:
     """Official release: the test set is the PMIDs of test_ground_truth.json, in file order."""
-    pqal = json.loads(pqal_path.read_text(encoding="utf-8"))
-    truth = json.loads(truth_path.read_text(encoding="utf-8"))
-    docs = []
-    for pmid, decision in truth.items():
-        where = f"{pqal_path}:key {pmid}"
-        if pmid not in pqal:
-            raise DataError(f"{truth_path}: PMID {pmid} has no entry in {pqal_path}")
-        rec = pqal[pmid]
-        _require(rec, ("QUESTION", "CONTEXTS"), where)
-        if decision not in ("yes", "no", "maybe"):
-            raise DataError(f"{truth_path}:key {pmid}: label {decision!r} not in yes/no/maybe")
-        docs.append(_doc(rec["QUESTION"], ["yes", "no", "maybe"],
-                         ["yes", "no", "maybe"].index(decision), None, where, {pmid: rec},
-                         contexts=list(rec["CONTEXTS"])))
-    return docs
+    return _docs(benchmark_files.pubmedqa_test(pqal_path, truth_path), with_contexts=True)
 
 
 TRUTHFULQA_COLUMNS = ("Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers")
@@ -214,7 +126,8 @@ def read_truthfulqa(path: Path) -> list[dict]:
                 raise DataError(f"{where}: the best answer {best!r} is not among the correct answers")
             docs.append({"question": row["Question"], "options": true + false, "n_true": len(true),
                          "label": true.index(best), "subject": row["Category"].strip() or None,
-                         "_where": where, "_key": json.dumps(row, sort_keys=True)})
+                         "id": f"{path.name}:{where.rsplit(':', 1)[1]}", "_where": where,
+                         "_key": json.dumps(row, sort_keys=True)})
     return docs
 
 
@@ -241,7 +154,7 @@ def _read_tfds(dataset: str, data_dir: Path) -> list[dict] | None:
         contexts = [c.decode() if isinstance(c, bytes) else str(c) for c in rec.get("contexts", [])]
         extra = {"contexts": contexts} if dataset == "pubmedqa" else {}
         docs.append(_doc(rec["question"], options, int(rec["label"]), rec.get("subject") or None,
-                         where, {"tfds": i}, **extra))
+                         where, {"tfds": i}, id=str(rec.get("id", "")), **extra))
     return docs
 
 

@@ -80,6 +80,45 @@ def summarize(items_by_task: dict[str, list[Item]], metrics_by_task: dict[str, t
     return {"results": results, "groups": group_rows, "subjects": subjects}
 
 
+def contamination_split(items_by_task: dict[str, list[Item]], metrics_by_task: dict[str, tuple[str, ...]],
+                        dirty: dict[str, set[str]]) -> dict:
+    """``{task: {"all"|"clean"|"dirty": {"n", metric...}}}``: scores on every item and on the items
+    a contamination report (``python -m medjax.data decontaminate``) found clean or overlapping.
+    A task the report did not check gets ``{"all": ..., "unchecked": True}``."""
+    out = {}
+    for task, items in items_by_task.items():
+        per_item = [item_metrics(it) for it in items]
+
+        def score(keep):
+            ms = [m for it, m in zip(items, per_item) if keep(it)]
+            return {"n": len(ms), **{k: (sum(m[k] for m in ms) / len(ms) if ms else float("nan"))
+                                     for k in metrics_by_task[task]}}
+
+        if task not in dirty:
+            out[task] = {"all": score(lambda it: True), "unchecked": True}
+            continue
+        ids = dirty[task]
+        out[task] = {"all": score(lambda it: True), "clean": score(lambda it: it.doc.get("id") not in ids),
+                     "dirty": score(lambda it: it.doc.get("id") in ids)}
+    return out
+
+
+def contamination_table(split: dict) -> str:
+    """Markdown: per task and metric, the score on all, clean and dirty items side by side."""
+    lines = ["| task | metric | all (n) | clean (n) | dirty (n) |", "|---|---|---:|---:|---:|"]
+
+    def cell(row, metric):
+        if row is None:
+            return "not checked"
+        return f"{100 * row[metric]:.2f} ({row['n']})" if row["n"] else "– (0)"
+
+    for task, parts in split.items():
+        for metric in [k for k in parts["all"] if k != "n"]:
+            lines.append(f"| {task} | {metric} | {cell(parts['all'], metric)} | "
+                         f"{cell(parts.get('clean'), metric)} | {cell(parts.get('dirty'), metric)} |")
+    return "\n".join(lines)
+
+
 def samples(items: list[Item]) -> list[dict]:
     """Per-item log (``--log-samples``): prompt, choices, per-choice log-likelihoods, predictions."""
     out = []

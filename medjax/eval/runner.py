@@ -34,7 +34,8 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int |
              num_fewshot: int = 0, chat_template: bool | str = False, fewshot_as_multiturn: bool = True,
              score: str = "letter", mode: str = "loglikelihood", tokens_per_batch: int = 4096,
              max_new_tokens: int = 32, log_samples: bool = False, max_length: int | None = None,
-             fewshot_seed: int = 1234, truthfulqa_primer: str = "qa") -> dict:
+             fewshot_seed: int = 1234, truthfulqa_primer: str = "qa",
+             contamination: dict[str, set[str]] | None = None) -> dict:
     """Evaluate ``model`` on medical MCQA tasks and TruthfulQA; returns the JSON-ready result dict.
 
     ``chat_template``: False (plain prompts), True (the tokenizer's template) or a template
@@ -42,6 +43,8 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int |
     (Med42: likelihood of the option text). ``mode``: "loglikelihood" or "generate" (greedy
     answer, then the first option letter in it). ``truthfulqa_primer``: "qa" (the release's
     six QA pairs before each TruthfulQA question) or "none" (the bare ``Q: ...\nA:``).
+    ``contamination``: ``{task: dirty item ids}`` (``medjax.data.contamination.dirty_ids``) adds
+    ``"contamination"``: the scores on all, clean and dirty items.
     """
     if score not in ("letter", "full_answer"):
         raise ValueError(f"score must be 'letter' or 'full_answer', got {score!r}")
@@ -87,6 +90,9 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int |
                              score=score, mode=mode, max_length=max_length,
                              truthfulqa_primer=truthfulqa_primer)
     summary["timings"] = timings
+    if contamination is not None:
+        summary["contamination"] = report.contamination_split(items_by_task, {t.name: t.metrics for t in task_list},
+                                                              contamination)
     if log_samples:
         summary["samples"] = {name: report.samples(items) for name, items in items_by_task.items()}
     return summary

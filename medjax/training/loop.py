@@ -118,12 +118,14 @@ def prepare_data(cfg: RunConfig, tokenizer):
         raise ConfigError("training on data needs a tokenizer: set model.path to a model with one")
     data = data_section(cfg)
     B = cfg.train.batch_size
-    train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed)
+    bench_dir = cfg.eval.data_dir           # the test files data.decontaminate removes from training
+    train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed, benchmarks_dir=bench_dir)
     has_eval = data.eval is not None or data.heldout_rows > 0
     heldout = list(make_dataset(data, tokenizer, batch_size=B, split="eval")) if has_eval else []
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
-        per_epoch = sum(1 for _ in make_dataset(data, tokenizer, batch_size=B, seed=data.seed, num_epochs=1))
+        per_epoch = sum(1 for _ in make_dataset(data, tokenizer, batch_size=B, seed=data.seed, num_epochs=1,
+                                                benchmarks_dir=bench_dir))
         steps = cfg.train.epochs * max(_most_of_every_process(per_epoch), 1)
     return train, heldout, steps
 
