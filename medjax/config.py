@@ -182,7 +182,7 @@ class LoraSection:
     # when the pattern contains a dot). "experts" wraps every Mixtral expert projection,
     # "block_sparse_moe.gate" the router.
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    quantize: Optional[str] = None      # None | int8 | nf4  (QLoRA base weights; medjax/quant.py)
+    quantize: Optional[str] = None      # None | int8 | nf4  (QLoRA base weights; medjax/quant/)
     quant_block: int = 64               # nf4 block size along the contracting dim
     double_quant: bool = False          # nf4: quantize the block scales too (QLoRA paper)
 

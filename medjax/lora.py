@@ -32,11 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.errors import ConfigError
-from medjax.models.stack import num_stacked
+from medjax.models.moe import EXPERT_PROJECTIONS
 from medjax.ops.grouped_matmul import grouped_matmul
-
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
+from medjax.surgery import is_experts, is_linear, module_at, replace_module
 
 # ------------------------------------------------------------------------------ matching
 def path_str(path) -> str:
@@ -53,17 +51,6 @@ def matches(path: str, patterns) -> bool:
         elif fnmatch.fnmatch(last, pattern):
             return True
     return False
-
-
-def _is_linear(module) -> bool:
-    """A module with ``kernel [in, out]`` (``[L, in, out]`` in stacked layers)."""
-    kernel = getattr(module, "kernel", None)
-    return isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2 + num_stacked(kernel)
-
-
-def _is_experts(module) -> bool:
-    return callable(getattr(module, "project", None)) and all(
-        isinstance(getattr(module, n, None), nnx.Variable) for n in EXPERT_PROJECTIONS)
 
 
 # ------------------------------------------------------------------------------ low-rank product
@@ -173,21 +160,6 @@ class LoRAExperts(nnx.Module):
 
 
 # ------------------------------------------------------------------------------ surgery
-def _parent_and_key(model, path):
-    parent = model
-    for part in path[:-1]:
-        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-    return parent, path[-1]
-
-
-def _replace(model, path, new):
-    parent, key = _parent_and_key(model, path)
-    if isinstance(key, int):
-        parent[key] = new
-    else:
-        setattr(parent, key, new)
-
-
 def apply_lora(model, cfg, *, seed: int = 0):
     """Wrap every matching projection of ``model`` in place; returns ``(model, wrapped_paths)``.
 
@@ -199,28 +171,22 @@ def apply_lora(model, cfg, *, seed: int = 0):
     for path, module in found:
         name = path_str(path)
         if isinstance(module, (LoRALinear, LoRAExperts)) or any(
-                isinstance(m, (LoRALinear, LoRAExperts)) for m in _ancestors(model, path)):
+                isinstance(module_at(model, path[:i]), (LoRALinear, LoRAExperts))
+                for i in range(1, len(path))):
             continue
         kw = dict(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rngs=rngs)
-        if _is_experts(module):
+        if is_experts(module):
             projections = [p for p in EXPERT_PROJECTIONS
                            if matches(f"{name}.{p}", cfg.targets) or matches(name, cfg.targets)]
             if projections:
-                _replace(model, path, LoRAExperts(module, projections=projections, **kw))
+                replace_module(model, path, LoRAExperts(module, projections=projections, **kw))
                 wrapped.append(name)
-        elif _is_linear(module) and matches(name, cfg.targets):
-            _replace(model, path, LoRALinear(module, **kw))
+        elif is_linear(module) and matches(name, cfg.targets):
+            replace_module(model, path, LoRALinear(module, **kw))
             wrapped.append(name)
     if not wrapped:
         raise ConfigError(f"lora.targets {list(cfg.targets)} matched no Linear/Experts module")
     return model, wrapped
-
-
-def _ancestors(model, path):
-    node = model
-    for part in path[:-1]:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-        yield node
 
 
 def lora_modules(model):
@@ -261,9 +227,7 @@ def strip_lora(model):
     """Replace every wrapper by its base module in place (adapters dropped; merge first)."""
     for path, _ in reversed([(tuple(p), m) for p, m in nnx.iter_modules(model)
                              if isinstance(m, (LoRALinear, LoRAExperts))]):
-        parent, key = _parent_and_key(model, path)
-        wrapper = parent[key] if isinstance(key, int) else getattr(parent, key)
-        _replace(model, path, wrapper.base)
+        replace_module(model, path, module_at(model, path).base)
     return model
 
 

@@ -10,7 +10,7 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
 (medjax/sharding.py), exactly as training will lay it out. Accounting (medjax/training/step.py):
 
 * params     trainable variables in fp32 (the optimizer's master copy); frozen base weights in
-             ``model.param_dtype``; with ``lora.quantize`` exactly what medjax/quant.py stores:
+             ``model.param_dtype``; with ``lora.quantize`` exactly what medjax/quant/ stores:
              the codes of each quantized kernel (int8: 1 byte, nf4: 1/2), its scales (int8: one
              fp32 per output channel; nf4: one fp32 per block, or int8 codes + one fp32 per 256
              with double quant), while embeddings, norms and lm_head stay in ``param_dtype``

@@ -24,8 +24,11 @@ from medjax.models.moe_dispatch import moe_layer
 from medjax.ops.grouped_matmul import grouped_matmul
 
 
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 class Experts(nnx.Module):
-    """Stacked SwiGLU experts: gate/up ``[E, H, I]``, down ``[E, I, H]``."""
+    """Stacked SwiGLU experts: gate/up ``[E, H, I]``, down ``[E, I, H]`` (``EXPERT_PROJECTIONS``)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size

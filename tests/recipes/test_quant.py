@@ -33,7 +33,7 @@ def test_nf4_rounds_to_the_nearest_level_of_each_block():
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
     # the format's bound: half the widest gap between adjacent levels, times the block absmax
     err = np.abs(got - np.asarray(W)).reshape(3, 4, 64, 40)
-    assert np.all(err <= quant.NF4_MAX_HALF_GAP * absmax + 1e-7)
+    assert np.all(err <= quant.codec.NF4_MAX_HALF_GAP * absmax + 1e-7)
     assert arrays["codes"].dtype == jnp.uint8 and arrays["codes"].shape == (3, 128, 40)
 
 
@@ -41,12 +41,12 @@ def test_nf4_double_quant_scales_error_and_bytes():
     spec, plain = quant.quantize(W, "nf4", block=64, dtype=jnp.float32)
     spec_dq, dq = quant.quantize(W, "nf4", block=64, double_quant=True, dtype=jnp.float32)
     scales = np.asarray(plain["scales"])
-    scales_dq = np.asarray(quant._nf4_scales(spec_dq, dq))
+    scales_dq = np.asarray(quant.codec._nf4_scales(spec_dq, dq))
     # second-level int8 codes: at most half a step of (max |scale - mean| / 127) per scale
     step = np.abs(scales - scales.mean()).max() / 127
     assert np.all(np.abs(scales_dq - scales) <= step / 2 + 1e-8)
     err = np.abs(np.asarray(quant.dequantize(spec_dq, dq)) - np.asarray(W)).reshape(3, 4, 64, 40)
-    bound = quant.NF4_MAX_HALF_GAP * scales[:, :, None, :] + step / 2 + 1e-7
+    bound = quant.codec.NF4_MAX_HALF_GAP * scales[:, :, None, :] + step / 2 + 1e-7
     assert np.all(err <= bound)
     n = W.size
     assert quant.storage_bytes(plain) / n == pytest.approx(0.5 + 4 / 64)
