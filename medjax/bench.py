@@ -1,8 +1,8 @@
 """``python -m medjax.bench NAME [options]``: run the benchmark module ``medjax.benchmarks.NAME``.
 
-Every module in ``medjax/benchmarks/`` that defines ``main(argv) -> int`` is a benchmark;
-``python -m medjax.bench NAME --help`` shows its options. With no name, every benchmark runs with
-its defaults, one after the other.
+Every module in ``medjax/benchmarks/`` that defines ``main(argv) -> int`` is a benchmark and has a
+line in ``BENCHMARKS`` (what it measures, how long it takes); ``python -m medjax.bench NAME --help``
+shows its options. With no name, every benchmark runs with its defaults, one after the other.
 """
 from __future__ import annotations
 
@@ -11,6 +11,25 @@ import pkgutil
 import sys
 
 import medjax.benchmarks
+from medjax.errors import ConfigError
+
+# name -> (what it measures, how long its defaults take on a 2-core CPU, where that was measured)
+BENCHMARKS = {
+    "attention": ("median time, TFLOP/s and compiled peak memory of each attention implementation "
+                  "(XLA, medjax's Pallas kernel, cuDNN, jax's Pallas GPU kernel) per shape",
+                  "minutes on CPU; --compile-only tpu: ~15 min wall for 32 cases (docs/ATTENTION.md)"),
+    "compile": ("compile time of one train step against the layer count, scanned layers vs a Python loop",
+                "a few minutes: one fresh process per (layout, depth), 8-44 s each (docs/SCALE.md)"),
+    "data": ("data-pipeline tokens/s on one CPU core (seq 4096, packing) vs what a 7B LoRA step on "
+             "one H100 consumes", "under a minute (docs/DATA.md)"),
+    "eval": ("medjax.eval vs lm-evaluation-harness on SmolLM2-135M: accuracy, per-choice "
+             "log-likelihood difference, wall time", "~25 min: 488 s medjax + 851 s lm-eval (README)"),
+    "moe": ("forward+backward time of one Mixtral MoE layer: grouped matmul, ragged_dot, the whole "
+            "layer and transformers' block, vs dense matmuls of the same active work",
+            "a few minutes (docs/SCALE.md)"),
+    "train": ("tokens/s, MFU and peak memory of a LoRA step and a full step vs transformers + PEFT "
+              "on SmolLM2-135M", "several minutes: each side in its own process (docs/TRAINING.md)"),
+}
 
 
 def available() -> list[str]:
@@ -20,20 +39,22 @@ def available() -> list[str]:
 
 
 def _usage() -> str:
-    return ("usage: python -m medjax.bench {" + ",".join(available()) + "} [options]\n"
-            "       python -m medjax.bench NAME --help   (options of one benchmark)\n"
-            "       python -m medjax.bench               (run every benchmark with defaults)")
+    lines = ["usage: python -m medjax.bench {" + ",".join(available()) + "} [options]",
+             "       python -m medjax.bench NAME --help   (options of one benchmark)",
+             "       python -m medjax.bench               (run every benchmark with defaults)", "",
+             "benchmarks (what each measures; how long its defaults take on a 2-core CPU):"]
+    for name in available():
+        what, how_long = BENCHMARKS.get(name, ("(not described)", "?"))
+        lines += [f"  {name:10s} {what}", f"  {'':10s} time: {how_long}"]
+    return "\n".join(lines)
 
 
 def run(name: str, argv: list[str]) -> int:
     if name not in available():
-        print(f"medjax.bench: unknown benchmark {name!r}; available: {', '.join(available())}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(available())}")
     module = importlib.import_module(f"medjax.benchmarks.{name}")
     if not callable(getattr(module, "main", None)):
-        print(f"medjax.bench: medjax/benchmarks/{name}.py defines no main(argv)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"medjax/benchmarks/{name}.py defines no main(argv)")
     return int(module.main(argv) or 0)
 
 
@@ -52,4 +73,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

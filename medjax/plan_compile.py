@@ -323,7 +323,7 @@ def run(cfg, kind: str, count: int, device_memory: float | None = None, *, model
     r = compile_plan(cfg, kind, count, device_memory, model_cfg=model_cfg, estimate_fn=estimate_fn)
     print(format_report(cfg, r))
     if r["total"] > r["chip"].hbm_bytes:
-        print(f"medjax.plan: error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
+        print(f"error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
               f"({r['total'] / GiB:.2f} GiB) per device, {r['chip'].hbm_bytes:,} bytes "
               f"({r['chip'].hbm_bytes / GiB:.2f} GiB) available (compiled)", file=sys.stderr)
         return 2

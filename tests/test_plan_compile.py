@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from medjax.cli_errors import run_cli
 from medjax.plan import main as plan_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,9 +106,9 @@ def test_cudnn_is_dispatched_when_compiled_for_a_deviceless_h100():
     ([], [], "--compile needs --device"),
 ])
 def test_bad_device_is_one_error_line(capsys, device, extra, message):
-    rc = plan_main(["--config", "configs/melt_llama2_lora.yaml", *device, "--compile", *extra])
+    rc = run_cli(plan_main, ["--config", "configs/melt_llama2_lora.yaml", *device, "--compile", *extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("medjax.plan: error:"), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), err
     assert message in err[0]
 
 

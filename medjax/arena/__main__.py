@@ -73,11 +73,8 @@ def _settings(args):
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.bootstrap < 0 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--bootstrap must be >= 0 and --limit >= 1")
-    try:
-        sampling = (MED42_SAMPLING if args.med42_sampling
-                    else SamplingParams(args.temperature, args.top_k, args.top_p))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    sampling = (MED42_SAMPLING if args.med42_sampling     # ConfigError names the bad option
+                else SamplingParams(args.temperature, args.top_k, args.top_p))
     return AnswerSettings(sampling, args.max_new_tokens, args.seed, args.batch_size, args.system)
 
 

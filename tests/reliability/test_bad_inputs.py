@@ -13,7 +13,8 @@ from bad_input_cases import ALL_CASES, SUBPROCESS_CASES, Ctx
 from reliability_helpers import FIGURES, ROOT, env
 
 ERROR_LINE = re.compile(r"^(config )?error: \S")
-MODULES = {"train": "medjax.train", "eval": "medjax.eval", "export": "medjax.export", "data": "medjax.data"}
+MODULES = {"train": "medjax.train", "eval": "medjax.eval", "export": "medjax.export", "data": "medjax.data",
+           "generate": "medjax.generate"}
 
 
 def _main(cli):
@@ -23,6 +24,8 @@ def _main(cli):
         from medjax.eval.__main__ import main
     elif cli == "export":
         from medjax.export import main
+    elif cli == "generate":
+        from medjax.generate import main
     else:
         from medjax.data.__main__ import main
     return main
