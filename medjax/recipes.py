@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from medjax.errors import ConfigError
+from medjax.outputs import write_file
 from medjax.tokenizer import byte_tokenizer, preset_tokenizer  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -72,10 +72,7 @@ def tiny_data(fmt: str) -> str:
     text = "".join(json.dumps(r) + "\n" for r in out_rows)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_file(path, text)
     return str(path)
 
 

@@ -377,10 +377,8 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     from medjax.distributed import is_main_process
     if not is_main_process():                 # one process writes the run's files
         return summary
-    path = out_dir / "summary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from medjax.outputs import write_file
+    write_file(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
