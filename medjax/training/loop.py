@@ -154,8 +154,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, objective, model, tokenizer, *, show_bar: bool = True):
         from medjax.sharding import make_mesh
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
-        self.out_dir = Path(cfg.train.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = Path(cfg.train.out_dir)     # made once the data and model are known good
         self.lora = cfg.lora.enabled
         self.batches, heldout, self.steps = prepare_data(cfg, tokenizer)
         if heldout:
@@ -169,6 +168,7 @@ class Trainer:
         self.state, self.frozen, self.reference = (self.trainable.state, self.trainable.frozen,
                                                    self.trainable.reference)
         self.step_fn = self.trainable.step_fn     # step_fn(state, frozen, reference, batch)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = cfg.checkpoint.dir or self.out_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)

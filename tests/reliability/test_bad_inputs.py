@@ -1,5 +1,5 @@
 """Table-driven bad inputs: each gives ONE line ``error: ...`` naming the culprit, exit 2, no
-traceback, no partial output. Cases live in bad_input_cases.py; each runs through the real CLI's
+traceback, no output (not even an empty run directory). Cases live in bad_input_cases.py; each runs through the real CLI's
 ``main`` under ``medjax.cli_errors.run_cli`` (exactly what ``python -m medjax.X`` does), and the
 cases in SUBPROCESS_CASES also as real ``python -m`` subprocesses.
 """
@@ -45,10 +45,10 @@ def _check(case_id, expect, call, rc, err):
     missing = [s for s in expect if s not in last]
     if missing:
         problems.append(f"error line lacks {missing}: {last[:400]!r}")
-    for out in call.outputs:
-        files = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else [out] if out.exists() else []
-        if files:
-            problems.append(f"partial output left behind: {[str(p) for p in files[:3]]}")
+    for out in call.outputs:          # not even an empty run directory (inputs are checked first)
+        if out.exists():
+            left = [str(p) for p in out.rglob("*")][:3] if out.is_dir() else []
+            problems.append(f"output left behind: {out} {left}")
     return problems
 
 
@@ -77,7 +77,7 @@ def test_bad_input(case_id, expect, build, rel_model_dir, rel_text_data, tmp_pat
     problems = _check(case_id, expect, call, rc, err)
     if case_id in SUBPROCESS_CASES and not problems:
         for out in call.outputs:  # the subprocess must start from the same (absent) outputs
-            assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+            assert not out.exists()
         proc = subprocess.run([sys.executable, "-m", MODULES[call.cli], *call.argv], capture_output=True,
                               text=True, env=env(tmp_path / "jax_cache"), cwd=str(ROOT), timeout=300)
         problems += [f"(subprocess) {p}" for p in _check(case_id, expect, call, proc.returncode, proc.stderr)]
