@@ -155,6 +155,9 @@ def main(argv=None) -> int:
             "judgements": len(records), "scoring": args.scoring, "anchor": args.anchor,
             "bootstrap_rounds": args.bootstrap, "answers": settings.describe(), **J.position_stats(records),
             "wall_s": round(time.perf_counter() - t0, 1)}
+    info["judge_warning"] = J.order_warning(info)
+    if info["judge_warning"]:
+        print(f"warning: {info['judge_warning']}", file=sys.stderr)
     paths = leaderboard.write(ratings, info, out)
     print(leaderboard.markdown(ratings, info))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
