@@ -95,3 +95,16 @@ def test_missing_path_is_one_error_line(module, tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err, err[-2000:]
     assert lines and lines[-1].startswith("error: ") and MISSING in lines[-1], err[-2000:]
     assert not [p for p in tmp_path.rglob("*")], f"{module} wrote {list(tmp_path.rglob('*'))}"
+
+
+def _benchmarks():
+    from medjax.bench import available
+    return available()
+
+
+@pytest.mark.parametrize("name", _benchmarks())
+def test_every_benchmark_rejects_a_bad_option(name, capsys):
+    """``python -m medjax.bench NAME`` runs ``medjax.benchmarks.NAME.main``: an entry point too."""
+    rc, err = _run("medjax.bench", [name, "--no-such-option"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err and lines and "--no-such-option" in lines[-1], err[-2000:]
