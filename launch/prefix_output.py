@@ -13,8 +13,20 @@ import os
 import re
 import sys
 
-GLOO = re.compile(rb"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+GLOO = re.compile(rb"\[Gloo\] Rank \d+ is connected to \d+ peer ranks[^\r\n]*(?:\r\n|\r|\n)?")
 SEGMENT = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)")
+MARK = b"[Gloo]"
+
+
+def _held_back(text: bytes) -> int:
+    """Where the part of ``text`` that may be the start of a gloo line begins (len: none)."""
+    at = text.find(b"[Gloo")
+    if at >= 0:
+        return at
+    for n in range(min(len(MARK) - 1, len(text)), 0, -1):     # ends with "[", "[G", ... "[Gloo"
+        if text.endswith(MARK[:n]):
+            return len(text) - n
+    return len(text)
 
 
 class Prefixer:
@@ -24,17 +36,16 @@ class Prefixer:
         self.shown = 0           # bytes of it already written (a bar as it grows)
         self.in_bar = False      # the previous segment ended with \r: this one is a bar's end
 
-    def _maybe_gloo(self, text: bytes) -> bool:
-        return text.startswith(b"[Gloo]"[:len(text)]) or text.startswith(b"[Gloo]")
-
     def _segment(self, seg: bytes) -> bytes:
+        """A complete segment (ending in \r or \n, or the last bytes at exit)."""
         shown, self.shown = self.shown, 0
         bar, self.in_bar = self.in_bar or seg.endswith(b"\r"), seg.endswith(b"\r")
+        rest = GLOO.sub(b"", seg[shown:])        # gloo's line, also when it lands inside a bar
         if shown:
-            return seg[shown:]
-        if GLOO.match(seg) or (bar and not self.progress):
+            return rest
+        if not rest or (bar and not self.progress):
             return b""
-        return self.prefix + seg
+        return rest if rest == b"\r" else self.prefix + rest     # a bare \r needs no prefix
 
     def feed(self, chunk: bytes) -> bytes:
         """The output for ``chunk`` (may be empty)."""
@@ -43,9 +54,11 @@ class Prefixer:
             out.append(self._segment(m.group()))
             end = m.end()
         self.tail = data[end:]
-        if self.tail and self.progress and not self._maybe_gloo(self.tail):
-            out.append(self.tail[self.shown:] if self.shown else self.prefix + self.tail)
-            self.shown = len(self.tail)
+        if self.tail and self.progress:         # show a growing bar, but never a gloo line's start
+            upto = self.shown + _held_back(self.tail[self.shown:])
+            if upto > self.shown:
+                out.append((b"" if self.shown else self.prefix) + self.tail[self.shown:upto])
+                self.shown = upto
         return b"".join(out)
 
     def close(self) -> bytes:

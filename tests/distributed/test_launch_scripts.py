@@ -96,6 +96,10 @@ def test_prefixer_shows_a_growing_bar_and_drops_other_processes_bars():
     assert p0.feed(b"\rbar 100%\n[Glo") == b"\r[p0] bar 100%\n"             # held: may be gloo's
     assert p0.feed(b"o] Rank 1 is connected to 1 peer ranks\nend") == b"[p0] end"
     assert p0.close() == b""
+    p0 = mod.Prefixer(b"[p0] ", progress=True)                               # gloo inside a bar
+    out = [p0.feed(c) for c in (b"\rscoring 0%|", b"[Gloo] Rank 0 is connected to 3 peer ranks. "
+                                b"Expected number of connected peer ranks is : 3\n", b"\rscoring 10%")]
+    assert out == [b"\r[p0] scoring 0%|", b"", b"\r[p0] scoring 10%"]
     p1 = mod.Prefixer(b"[p1] ", progress=False)
     assert p1.feed(b"x\rbar 10%\rbar 100%\nlog\npart") == b"[p1] log\n"
     assert p1.close() == b"[p1] part"
