@@ -3,9 +3,10 @@
     COMMAND 2>&1 | python3 launch/prefix_output.py "[p0] " --progress
 
 Lines end with ``\\n`` or ``\\r`` (a progress bar redraws itself after ``\\r``): each is written,
-prefixed, as soon as it is complete, and with ``--progress`` an unfinished bar is shown as it
-grows. Without ``--progress`` (every process but 0) progress-bar text is dropped, so one bar shows.
-gloo's ``[Gloo] Rank N is connected to M peer ranks`` lines are dropped.
+prefixed, as soon as it is complete, and with ``--progress`` a bar being redrawn (the text after
+a ``\\r``) is shown as it grows. Without ``--progress`` (every process but 0) progress-bar text is
+dropped, so one bar shows. gloo's ``[Gloo] Rank N is connected to M peer ranks`` lines are
+dropped.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class Prefixer:
             out.append(self._segment(m.group()))
             end = m.end()
         self.tail = data[end:]
-        if self.tail and self.progress:         # show a growing bar, but never a gloo line's start
+        # a progress bar (text after \r) is shown as it grows, never a gloo line's start; any other
+        # unfinished line waits for its end, so another process's line cannot land inside it
+        if self.tail and self.progress and self.in_bar:
             upto = self.shown + _held_back(self.tail[self.shown:])
             if upto > self.shown:
                 out.append((b"" if self.shown else self.prefix) + self.tail[self.shown:upto])

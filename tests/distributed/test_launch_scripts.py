@@ -91,11 +91,12 @@ def test_prefixer_shows_a_growing_bar_and_drops_other_processes_bars():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     p0 = mod.Prefixer(b"[p0] ", progress=True)
-    assert p0.feed(b"loading\nbar 1") == b"[p0] loading\n[p0] bar 1"        # shown before its end
+    assert p0.feed(b"load") == b""                                           # a line: at its end
+    assert p0.feed(b"ing\n\rbar 1") == b"[p0] loading\n\r[p0] bar 1"        # a bar: as it grows
     assert p0.feed(b"0%\rbar 50%") == b"0%\r[p0] bar 50%"
     assert p0.feed(b"\rbar 100%\n[Glo") == b"\r[p0] bar 100%\n"             # held: may be gloo's
-    assert p0.feed(b"o] Rank 1 is connected to 1 peer ranks\nend") == b"[p0] end"
-    assert p0.close() == b""
+    assert p0.feed(b"o] Rank 1 is connected to 1 peer ranks\nend") == b""
+    assert p0.close() == b"[p0] end"
     p0 = mod.Prefixer(b"[p0] ", progress=True)                               # gloo inside a bar
     out = [p0.feed(c) for c in (b"\rscoring 0%|", b"[Gloo] Rank 0 is connected to 3 peer ranks. "
                                 b"Expected number of connected peer ranks is : 3\n", b"\rscoring 10%")]
