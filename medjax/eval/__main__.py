@@ -117,14 +117,14 @@ def main(argv=None) -> int:
                 batch_tokens=args.batch_tokens)                      # ConfigError: one line, exit 2
     from medjax.eval.tasks import resolve
     task_list, _ = resolve(args.tasks)
-    for name in dict.fromkeys(n.strip() for n in args.tasks.split(",")):
-        if name in ALIASES:
-            print(f"task {name!r} is an alias of {ALIASES[name]!r}", file=sys.stderr)
+    aliases = [n for n in dict.fromkeys(n.strip() for n in args.tasks.split(",")) if n in ALIASES]
     for task in task_list:  # fail on missing data before loading the model (DataError: exit 2)
         readers.load_docs(task, args.data_dir)
 
     from medjax.distributed import initialize, is_main_process
     initialize(mesh_cfg)   # under launch/*: jax.distributed from the environment; no-op alone
+    for name in aliases if is_main_process() else ():
+        print(f"task {name!r} is an alias of {ALIASES[name]!r}", file=sys.stderr)
     from medjax.eval import report
     from medjax.eval.runner import evaluate
 

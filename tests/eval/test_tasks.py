@@ -95,7 +95,10 @@ def test_aliases_are_listed_and_announced(tmp_path, capsys):
     listed = capsys.readouterr().out.splitlines()
     for alias, task in ALIASES.items():
         assert f"{alias} (alias of {task})" in listed and task in listed
-    rc = run_cli(eval_main, ["--model", str(tmp_path / "m"), "--data-dir", str(tmp_path / "none"),
+    (tmp_path / "medqa_usmle_4options_test.jsonl").write_text(json.dumps(
+        {"question": "Which drug?", "options": dict(zip("ABCD", "abcd")), "answer_idx": "A"}) + "\n")
+    rc = run_cli(eval_main, ["--model", str(tmp_path / "no_model"), "--data-dir", str(tmp_path),
                              "--tasks", "medqa"])
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and "task 'medqa' is an alias of 'medqa_4options'" in err, err
+    assert "no_model" in err[-1]
