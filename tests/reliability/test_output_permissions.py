@@ -11,13 +11,6 @@ import jax.numpy as jnp
 import pytest
 
 
-@pytest.fixture
-def umask(request):
-    old = os.umask(request.param)
-    yield request.param
-    os.umask(old)
-
-
 def _modes(*roots: Path) -> dict[str, int]:
     out = {}
     for root in roots:
@@ -26,34 +19,44 @@ def _modes(*roots: Path) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077], indirect=True, ids=["022", "077"])
-def test_every_writer_follows_the_umask(umask, rel_model_dir, tmp_path):
+def _write_everything(model, lora_model, tokenizer, out: Path) -> dict[str, int]:
+    """Every kind of output file medjax writes, under ``out``; their modes."""
     import medjax
-    from medjax.config import LoraSection
     from medjax.eval.report import write_json
-    from medjax.lora import apply_lora
     from medjax.training.checkpoint import Checkpointer
     from medjax.training.peft_export import save_peft
-
-    model, tokenizer = medjax.load(rel_model_dir, progress=False)
-    hf = medjax.save_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    gguf = medjax.save_gguf(model, tmp_path / "model.gguf", tokenizer=tokenizer, type="f32")
-    report = tmp_path / "reports" / "results.json"
+    hf = medjax.save_hf(model, out / "hf", tokenizer=tokenizer)
+    gguf = medjax.save_gguf(model, out / "model.gguf", tokenizer=tokenizer, type="f32")
+    report = out / "reports" / "results.json"
     write_json(report, {"acc": 0.5})
-    apply_lora(model, LoraSection(enabled=True, rank=2, alpha=4, targets=("q_proj",)))
-    peft = save_peft(model, tmp_path / "peft")
-    ckpt = Checkpointer(tmp_path / "ckpt", every=1, keep=1, async_save=False)
+    peft = save_peft(lora_model, out / "peft")
+    ckpt = Checkpointer(out / "ckpt", every=1, keep=1, async_save=False)
     ckpt.save(1, {"w": jnp.ones((2, 2))}, {"step": 1})
     ckpt.wait()
     ckpt.close()
+    return _modes(hf, gguf, report.parent, peft, out / "ckpt")
 
-    modes = _modes(hf, gguf, report.parent, peft, tmp_path / "ckpt")
-    assert any(p.endswith("model.safetensors") for p in modes) and any(p.endswith(".gguf") for p in modes)
-    assert any(p.endswith("adapter_model.safetensors") for p in modes)
-    assert any(p.endswith("tokenizer.json") for p in modes)
-    wrong = {p: oct(m) for p, m in modes.items()
-             if m != (0o777 if Path(p).is_dir() else 0o666) & ~umask}
-    assert not wrong, f"umask {oct(umask)}: {wrong}"
+
+def test_every_writer_follows_the_umask(rel_model_dir, tmp_path):
+    import medjax
+    from medjax.config import LoraSection
+    from medjax.lora import apply_lora
+    model, tokenizer = medjax.load(rel_model_dir, progress=False)
+    lora_model, _ = medjax.load(rel_model_dir, progress=False)
+    apply_lora(lora_model, LoraSection(enabled=True, rank=2, alpha=4, targets=("q_proj",)))
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            modes = _write_everything(model, lora_model, tokenizer, tmp_path / oct(umask))
+        finally:
+            os.umask(old)
+        names = [Path(p).name for p in modes]
+        for name in ("model.safetensors", "model.gguf", "adapter_model.safetensors", "tokenizer.json",
+                     "results.json", "_CHECKPOINT_METADATA"):
+            assert name in names, name
+        wrong = {p: oct(m) for p, m in modes.items()
+                 if m != (0o777 if Path(p).is_dir() else 0o666) & ~umask}
+        assert not wrong, f"umask {oct(umask)}: {wrong}"
 
 
 def test_write_file_leaves_no_temp_on_failure(tmp_path):
