@@ -13,20 +13,21 @@ import sys
 import medjax.benchmarks
 from medjax.errors import ConfigError
 
-# name -> (what it measures, how long its defaults take on a 2-core CPU, where that was measured)
+# name -> (what it measures, how long its defaults took: `/usr/bin/time python -m medjax.bench NAME`
+# on the 2-core AMD EPYC CPU shared with other jobs (load average ~12), 2026-12-06, unless noted)
 BENCHMARKS = {
     "attention": ("median time, TFLOP/s and compiled peak memory of each attention implementation "
                   "(XLA, medjax's Pallas kernel, cuDNN, jax's Pallas GPU kernel) per shape",
-                  "minutes on CPU; --compile-only tpu: ~15 min wall for 32 cases (docs/ATTENTION.md)"),
+                  "~100 s (--compile-only tpu: ~15 min for its 32 cases, docs/ATTENTION.md)"),
     "compile": ("compile time of one train step against the layer count, scanned layers vs a Python loop",
                 "a few minutes: one fresh process per (layout, depth), 8-44 s each (docs/SCALE.md)"),
     "data": ("data-pipeline tokens/s on one CPU core (seq 4096, packing) vs what a 7B LoRA step on "
-             "one H100 consumes", "under a minute (docs/DATA.md)"),
+             "one H100 consumes", "~47 s"),
     "eval": ("medjax.eval vs lm-evaluation-harness on SmolLM2-135M: accuracy, per-choice "
-             "log-likelihood difference, wall time", "~25 min: 488 s medjax + 851 s lm-eval (README)"),
+             "log-likelihood difference, wall time", "over 22 min: 488 s medjax + 851 s lm-eval (README table)"),
     "moe": ("forward+backward time of one Mixtral MoE layer: grouped matmul, ragged_dot, the whole "
             "layer and transformers' block, vs dense matmuls of the same active work",
-            "a few minutes (docs/SCALE.md)"),
+            "~6.5 min"),
     "train": ("tokens/s, MFU and peak memory of a LoRA step and a full step vs transformers + PEFT "
               "on SmolLM2-135M", "several minutes: each side in its own process (docs/TRAINING.md)"),
 }
@@ -42,7 +43,8 @@ def _usage() -> str:
     lines = ["usage: python -m medjax.bench {" + ",".join(available()) + "} [options]",
              "       python -m medjax.bench NAME --help   (options of one benchmark)",
              "       python -m medjax.bench               (run every benchmark with defaults)", "",
-             "benchmarks (what each measures; how long its defaults take on a 2-core CPU):"]
+             "benchmarks: what each measures; how long its defaults took (`/usr/bin/time python -m",
+             "medjax.bench NAME`, 2-core AMD EPYC CPU shared with other jobs, 2026-12-06, unless noted):"]
     for name in available():
         what, how_long = BENCHMARKS.get(name, ("(not described)", "?"))
         lines += [f"  {name:10s} {what}", f"  {'':10s} time: {how_long}"]
