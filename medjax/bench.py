@@ -1,8 +1,8 @@
 """``python -m medjax.bench NAME [options]``: run the benchmark module ``medjax.benchmarks.NAME``.
 
-Every module in ``medjax/benchmarks/`` that defines ``main(argv) -> int`` is a benchmark;
-``python -m medjax.bench NAME --help`` shows its options. With no name, every benchmark runs with
-its defaults, one after the other.
+Every module in ``medjax/benchmarks/`` that defines ``main(argv) -> int`` is a benchmark and has a
+line in ``BENCHMARKS`` (what it measures, how long it takes); ``python -m medjax.bench NAME --help``
+shows its options. With no name, every benchmark runs with its defaults, one after the other.
 """
 from __future__ import annotations
 
@@ -11,6 +11,26 @@ import pkgutil
 import sys
 
 import medjax.benchmarks
+from medjax.errors import ConfigError
+
+# name -> (what it measures, how long its defaults took: `/usr/bin/time python -m medjax.bench NAME`
+# on the 2-core AMD EPYC CPU shared with other jobs (load average ~12), 2026-12-06, unless noted)
+BENCHMARKS = {
+    "attention": ("median time, TFLOP/s and compiled peak memory of each attention implementation "
+                  "(XLA, medjax's Pallas kernel, cuDNN, jax's Pallas GPU kernel) per shape",
+                  "~100 s (--compile-only tpu: ~15 min for its 32 cases, docs/ATTENTION.md)"),
+    "compile": ("compile time of one train step against the layer count, scanned layers vs a Python loop",
+                "~4 min (239 s): one fresh process per (layout, depth)"),
+    "data": ("data-pipeline tokens/s on one CPU core (seq 4096, packing) vs what a 7B LoRA step on "
+             "one H100 consumes", "~47 s"),
+    "eval": ("medjax.eval vs lm-evaluation-harness on SmolLM2-135M: accuracy, per-choice "
+             "log-likelihood difference, wall time", "over 22 min: 488 s medjax + 851 s lm-eval (README table)"),
+    "moe": ("forward+backward time of one Mixtral MoE layer: grouped matmul, ragged_dot, the whole "
+            "layer and transformers' block, vs dense matmuls of the same active work",
+            "~6.5 min"),
+    "train": ("tokens/s, MFU and peak memory of a LoRA step and a full step vs transformers + PEFT "
+              "on SmolLM2-135M", "~16.5 min (990 s): each side in its own process"),
+}
 
 
 def available() -> list[str]:
@@ -20,20 +40,23 @@ def available() -> list[str]:
 
 
 def _usage() -> str:
-    return ("usage: python -m medjax.bench {" + ",".join(available()) + "} [options]\n"
-            "       python -m medjax.bench NAME --help   (options of one benchmark)\n"
-            "       python -m medjax.bench               (run every benchmark with defaults)")
+    lines = ["usage: python -m medjax.bench {" + ",".join(available()) + "} [options]",
+             "       python -m medjax.bench NAME --help   (options of one benchmark)",
+             "       python -m medjax.bench               (run every benchmark with defaults)", "",
+             "benchmarks: what each measures; how long its defaults took (`/usr/bin/time python -m",
+             "medjax.bench NAME`, 2-core AMD EPYC CPU shared with other jobs, 2026-12-06, unless noted):"]
+    for name in available():
+        what, how_long = BENCHMARKS.get(name, ("(not described)", "?"))
+        lines += [f"  {name:10s} {what}", f"  {'':10s} time: {how_long}"]
+    return "\n".join(lines)
 
 
 def run(name: str, argv: list[str]) -> int:
     if name not in available():
-        print(f"medjax.bench: unknown benchmark {name!r}; available: {', '.join(available())}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(available())}")
     module = importlib.import_module(f"medjax.benchmarks.{name}")
     if not callable(getattr(module, "main", None)):
-        print(f"medjax.bench: medjax/benchmarks/{name}.py defines no main(argv)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"medjax/benchmarks/{name}.py defines no main(argv)")
     return int(module.main(argv) or 0)
 
 
@@ -52,4 +75,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

@@ -24,7 +24,11 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True,
                    help="a run's checkpoint directory (or the run directory containing checkpoints/)")
     p.add_argument("--out", required=True,
-                   help="output directory (created; must be empty or absent); with --gguf the .gguf file")
+                   help="output directory (created; must be empty or absent unless --overwrite); with "
+                        "--gguf the .gguf file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (the new export is written beside it and renamed "
+                        "over it only when complete)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--merge-lora", action="store_true", help="merged HF model (default)")
     kind.add_argument("--peft", action="store_true", help="PEFT adapter only (LoRA runs)")
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
                         "mesh.fsdp=4 (default: the run's own mesh section)")
     args = p.parse_args(argv)
 
-    from medjax.config import mesh_overrides
+    from medjax.config import ConfigError, mesh_overrides
     from medjax.distributed import initialize
     # under launch/*: jax.distributed from the environment (or mesh.coordinator=...); no-op alone
     initialize(mesh_overrides(args.mesh))
@@ -51,11 +55,14 @@ def main(argv=None) -> int:
     if (ckpt / "checkpoints").is_dir():
         ckpt = ckpt / "checkpoints"
     separate_output(args.out, ckpt)
+    out_path = Path(args.out)
+    if not args.overwrite and (out_path.is_file() or out_path.is_dir() and any(out_path.iterdir())):
+        raise ConfigError(f"--out {out_path} exists{'' if out_path.is_file() else ' and is not empty'}: "
+                          f"pass --overwrite to replace it, or choose another --out")
     model, tokenizer, cfg, step = restore_trained_model(ckpt, args.step, args.mesh)
+    if args.peft and not cfg.lora.enabled:
+        raise ConfigError(f"--peft needs a LoRA run (lora.enabled=true); {ckpt} is a full fine-tune")
     if args.peft:
-        if not cfg.lora.enabled:
-            print("error: --peft needs a LoRA run (lora.enabled=true)", file=sys.stderr)
-            return 2
         from medjax.training.peft_export import save_peft
         out = save_peft(model, args.out, base_model_name_or_path=cfg.model.path)
     else:
@@ -65,8 +72,11 @@ def main(argv=None) -> int:
         if args.gguf:
             out = medjax.save_gguf(plain, args.out, tokenizer=tokenizer, type=args.gguf)
         else:
-            out = medjax.save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype)
-    print(f"exported step {step} of {ckpt} to {out}")
+            out = medjax.save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype,
+                                 overwrite=args.overwrite)
+    from medjax.distributed import is_main_process
+    if is_main_process():              # process 0 wrote the files; it alone says so
+        print(f"exported step {step} of {ckpt} to {out}")
     return 0
 
 

@@ -104,7 +104,7 @@ def parse_memory(text: str) -> float:
     """'80GB' → 80e9, '80GiB' → 80*2**30, '512MiB', '1.5TB'; a bare number is GiB."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"--device-memory {text!r}: expected e.g. 80GB or 96GiB")
+        raise ConfigError(f"--device-memory {text!r}: expected e.g. 80GB or 96GiB")
     value, unit = float(m.group(1)), (m.group(2) or "GiB").upper()
     power = "KMGT".index(unit[0]) + 1
     return value * ((2 ** (10 * power)) if "I" in unit else 10 ** (3 * power))
@@ -114,13 +114,13 @@ def parse_device(name: str) -> tuple[str, float, int | None]:
     """'v5p-64' → ('v5p', bytes per device, 32 devices); 'h100' → ('h100', bytes, None)."""
     m = re.fullmatch(r"(h100|h200|a100-40|a100|v4|v5e|v5litepod|v5p|v6e)(?:-(\d+))?", name.lower())
     if not m:
-        raise ValueError(f"--device {name!r}: known {sorted(DEVICES_GIB)} (TPUs may add a slice "
+        raise ConfigError(f"--device {name!r}: known {sorted(DEVICES_GIB)} (TPUs may add a slice "
                          f"size, e.g. v5p-64)")
     kind = "v5e" if m.group(1) == "v5litepod" else m.group(1)
     count = None
     if m.group(2):
         if kind not in _CORES_PER_DEVICE:
-            raise ValueError(f"--device {name!r}: give GPU counts with --num-devices")
+            raise ConfigError(f"--device {name!r}: give GPU counts with --num-devices")
         count = int(m.group(2)) // _CORES_PER_DEVICE[kind]
     return kind, DEVICES_GIB[kind] * GiB, count
 
@@ -435,15 +435,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.compile:
         return _compile(args)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
-        if args.device_memory:
-            device_bytes = parse_memory(args.device_memory)
-        p = plan(cfg, args.num_devices or count)
-    except (ConfigError, ValueError, KeyError) as e:
-        print(f"medjax.plan: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)                 # ConfigError: one line, exit 2
+    name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
+    if args.device_memory:
+        device_bytes = parse_memory(args.device_memory)
+    p = plan(cfg, args.num_devices or count)
     print(report(cfg, p, args.device and args.device.lower(), device_bytes))
     return 1 if device_bytes and max(p.total, p.load_peak) > device_bytes else 0
 
@@ -451,17 +447,13 @@ def main(argv=None) -> int:
 def _compile(args) -> int:
     """``--compile``: medjax.plan_compile asks libtpu / XLA:GPU about the real train step."""
     from medjax import plan_compile
-    try:
-        if not args.device:
-            raise ValueError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
-        cfg = load_config(args.config, args.overrides)
-        memory = parse_memory(args.device_memory) if args.device_memory else None
-        kind, _, slice_count = parse_device(args.device)
-        return plan_compile.run(cfg, kind, args.num_devices or slice_count or 1, memory,
-                                model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
-    except (ConfigError, ValueError, KeyError) as e:
-        print(f"medjax.plan: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    if not args.device:
+        raise ConfigError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
+    cfg = load_config(args.config, args.overrides)
+    memory = parse_memory(args.device_memory) if args.device_memory else None
+    kind, _, slice_count = parse_device(args.device)
+    return plan_compile.run(cfg, kind, args.num_devices or slice_count or 1, memory,
+                            model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
 
 
 if __name__ == "__main__":

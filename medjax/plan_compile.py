@@ -29,20 +29,20 @@ GPU pipeline (CUDA). Nothing is allocated. Reported per device:
 
 The compile-only TPU needs libtpu (``make tpu-venv``), the GPU one the CUDA jaxlib plugin
 (``make cuda-venv``); each lives in its own venv. ``TPU_SKIP_MDS_QUERY=1`` is forced here so
-libtpu never asks a cloud metadata server for its configuration, and jax stays on the CPU.
+libtpu never asks a cloud metadata server for its configuration, and jax stays on the CPU; the
+host facts libtpu would otherwise warn about come from ``ops/pallas/tpu_compile.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
 import re
 
-os.environ["TPU_SKIP_MDS_QUERY"] = "1"        # before libtpu can be loaded: no metadata server
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip to lock
+from medjax.errors import ConfigError
+from medjax.ops.pallas.tpu_compile import topology_devices, use_compile_only_libtpu
 
-from medjax.errors import ConfigError  # noqa: E402  (after the environment above)
+use_compile_only_libtpu()       # before libtpu can be loaded: no metadata server, no host warnings
 
 GiB = 2 ** 30
 
@@ -136,7 +136,7 @@ def compile_devices(kind: str, count: int):
     from jax.experimental import topologies
     if chip.platform == "tpu":
         name = f"{chip.topology_prefix}:{shapes[count]}"
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+        devices = topology_devices(name)
     else:
         devices = topologies.get_topology_desc(
             platform="cuda", topology_name=chip.topology_prefix, topology=f"1x1x{count}",
@@ -335,7 +335,7 @@ def run(cfg, kind: str, count: int, device_memory: float | None = None, *, model
     r = compile_plan(cfg, kind, count, device_memory, model_cfg=model_cfg, estimate_fn=estimate_fn)
     print(format_report(cfg, r))
     if r["total"] > r["chip"].hbm_bytes:
-        print(f"medjax.plan: error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
+        print(f"error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
               f"({r['total'] / GiB:.2f} GiB) per device, {r['chip'].hbm_bytes:,} bytes "
               f"({r['chip'].hbm_bytes / GiB:.2f} GiB) available (compiled)", file=sys.stderr)
         return 2

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from medjax.errors import ConfigError
+from medjax.outputs import write_file
 from medjax.tokenizer import byte_tokenizer, preset_tokenizer  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -72,10 +72,7 @@ def tiny_data(fmt: str) -> str:
     text = "".join(json.dumps(r) + "\n" for r in out_rows)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_file(path, text)
     return str(path)
 
 
@@ -125,9 +122,10 @@ def load_run_config(config=None, overrides=(), *, check_inputs: bool = True):
     tiny overlay among the files (added so, or given), :func:`tiny_run_parts` of the recipe (the
     first file) goes on top of them; the overrides come last and win. For a recipe config
     (``train.recipe`` set, not tiny), a missing base-model path or training data is a
-    ``ConfigError`` saying what to set (instead of a random full-size init)."""
+    ``ConfigError`` saying what to set (instead of a random full-size init). ``train.steps=N``
+    among the overrides wins over ``train.epochs`` from the files (:func:`explicit_steps_win`)."""
     from medjax.config import RunConfig, apply_overrides, build, config_paths, merge, read_yaml
-    paths, overrides = config_paths(config), list(overrides)
+    paths, overrides = config_paths(config), explicit_steps_win(overrides)
     raw: dict = {}
     for path in paths:
         raw = merge(raw, read_yaml(path))
@@ -144,6 +142,21 @@ def load_run_config(config=None, overrides=(), *, check_inputs: bool = True):
     if check_inputs and paths:
         _check_recipe_inputs(final, paths[0])
     return build(RunConfig, final)
+
+
+def explicit_steps_win(overrides) -> list:
+    """``train.steps=N`` given as an override ends an epoch count set in a config file (a recipe's
+    ``train.epochs: 3`` would otherwise decide the length and silently ignore it); both given as
+    overrides is a ConfigError naming the two keys."""
+    from medjax.config import parse_override
+    overrides = list(overrides)
+    given = {".".join(parse_override(o)[0]): parse_override(o)[1] for o in overrides if "=" in o}
+    if "train.steps" not in given:
+        return overrides
+    if given.get("train.epochs") is not None:
+        raise ConfigError(f"train.steps={given['train.steps']} and train.epochs={given['train.epochs']} "
+                          f"both given: the run length is one or the other; drop one of them")
+    return overrides + ["train.epochs=null"]
 
 
 def _check_recipe_inputs(final: dict, config_path) -> None:
@@ -206,4 +219,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

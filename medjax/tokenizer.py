@@ -21,8 +21,6 @@ that ship none: see ``BUILTIN_CHAT_TEMPLATES``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +29,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES, TURN_END_TOKENS, sandbox
 from medjax.errors import CheckpointError
+from medjax.outputs import write_file
 from medjax.paths import resolve_path
 
 
@@ -155,9 +154,9 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         backend = BackendTokenizer.from_str(self.backend.to_str())
         backend.post_processor = self._post_processor()
-        _write_atomic(out / "tokenizer.json", backend.to_str(pretty=True))
+        write_file(out / "tokenizer.json", backend.to_str(pretty=True))
         if self.sentencepiece_model is not None:
-            _write_atomic(out / "tokenizer.model", self.sentencepiece_model)
+            write_file(out / "tokenizer.model", self.sentencepiece_model)
         specials = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                     if getattr(self, k) is not None}
         config = dict(specials, tokenizer_class="PreTrainedTokenizerFast",
@@ -165,8 +164,8 @@ class Tokenizer:
                       clean_up_tokenization_spaces=False, model_max_length=1 << 30)
         if self.chat_template is not None:
             config["chat_template"] = BUILTIN_CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
-        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-        _write_atomic(out / "special_tokens_map.json", json.dumps(specials, indent=2, ensure_ascii=False))
+        write_file(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_file(out / "special_tokens_map.json", json.dumps(specials, indent=2, ensure_ascii=False))
         return out
 
     def _post_processor(self):
@@ -188,14 +187,6 @@ class Tokenizer:
     def __repr__(self):
         return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos={self.eos_token!r}, add_bos={self.add_bos_token})")
-
-
-def _write_atomic(path: Path, data) -> None:
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- loading files

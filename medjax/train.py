@@ -2,7 +2,9 @@
 
 Without ``--config`` it runs ``configs/demo.yaml`` (LoRA on SmolLM2-135M-Instruct with the
 bundled medical instruction set). Every config key can be overridden on the command line,
-e.g. ``train.steps=20 lora.rank=16 optim.lr=1e-4``. See docs/TRAINING.md.
+e.g. ``train.steps=20 lora.rank=16 optim.lr=1e-4``; the keys are listed below (``--help``) and
+documented, with defaults, in medjax/config.py. ``train.steps=N`` on the command line wins over a
+recipe's ``train.epochs``. See docs/TRAINING.md.
 """
 from __future__ import annotations
 
@@ -14,8 +16,22 @@ from pathlib import Path
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+def config_keys_help() -> str:
+    """Every ``section.key`` a run config accepts, read from the config dataclasses."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    from medjax.config import RunConfig
+    lines = ["config keys (key=value; meanings and defaults: medjax/config.py, guide: docs/TRAINING.md):"]
+    for name, section in typing.get_type_hints(RunConfig).items():
+        keys = ", ".join(f.name for f in dataclasses.fields(section))
+        lines += textwrap.wrap(f"{name}: {keys}", 100, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m medjax.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m medjax.train", description=__doc__, epilog=config_keys_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, action="append",
                    help=f"run config YAML (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[1])}); "

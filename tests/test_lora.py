@@ -141,3 +141,26 @@ def test_low_rank_hand_written_backward_equals_autodiff():
     for g_ours, g_plain in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b)):
         assert g_ours.shape == g_plain.shape
         np.testing.assert_allclose(g_ours, g_plain, rtol=1e-5, atol=1e-5)
+
+
+def test_export_cli_overwrites_only_when_asked_and_only_process_0_reports(trained_lora, tmp_path, capsys,
+                                                                          monkeypatch):
+    from medjax.cli_errors import run_cli
+    from medjax.export import main
+    model_dir, run_dir, summary, cfg = trained_lora
+    out, gguf = tmp_path / "hf", tmp_path / "model.gguf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    gguf.write_bytes(b"old")
+    for argv in (["--out", str(out)], ["--out", str(gguf), "--gguf", "f32"]):
+        capsys.readouterr()
+        assert run_cli(main, ["--checkpoint", str(run_dir), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {argv[1]} exists") and "--overwrite" in err[0]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and gguf.read_bytes() == b"old"   # untouched
+    assert run_cli(main, ["--checkpoint", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
+    assert f"exported step 12 of {run_dir / 'checkpoints'} to" in capsys.readouterr().out
+    monkeypatch.setattr("medjax.distributed.is_main_process", lambda: False)   # as process 1 sees it
+    assert run_cli(main, ["--checkpoint", str(run_dir), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+    assert "exported" not in capsys.readouterr().out

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from medjax import plan as planner
+from medjax.cli_errors import run_cli
 from medjax.config import load_config
 from medjax.models import PUBLISHED_PARAMS, get_preset, init_decoder
 
@@ -96,8 +97,8 @@ def test_cli_warns_when_over_memory(capsys):
     assert rc == 1 and "WARNING: needs" in out and "134,515,008 params" in out
     rc = planner.main(["model.preset=tiny-llama", "--device-memory", "16GB", "--num-devices", "1"])
     assert rc == 0 and "fits:" in capsys.readouterr().out
-    rc = planner.main(["model.preset=llama3-8b", "mesh.preset=fsdp_tp", "mesh.tensor=16",
-                       "--num-devices", "16"])
+    rc = run_cli(planner.main, ["model.preset=llama3-8b", "mesh.preset=fsdp_tp", "mesh.tensor=16",
+                                "--num-devices", "16"])
     assert rc == 2 and "num_kv_heads=8 is not divisible by mesh.tensor=16" in capsys.readouterr().err
 
 

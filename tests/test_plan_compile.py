@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from medjax.cli_errors import run_cli
 from medjax.plan import main as plan_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,11 @@ def test_tiny_train_step_compiles_for_v5e_2x2_with_fsdp_and_mosaic_kernels(scan)
                "--device", "v5e-4", "--compile", "--device-memory", "1MiB")
     out = res.stdout
     assert "4 × TPU v5e" in out and "fsdp=4" in out, res.stdout + res.stderr[-3000:]
+    # libtpu is told it only compiles (tpu_compile.LIBTPU_HOST_ENV; ENV above sets none of it):
+    # no "could not determine TPU accelerator type" WARNING, no E0000 line, no source trace
+    noise = [ln for ln in res.stderr.splitlines()
+             if re.search(r"WARNING|^E\d{4} |Source Location Trace", ln)]
+    assert not noise, res.stderr[-3000:]
     bodies = 1 if scan else 2                                      # tiny-llama2: 2 layers
     assert f"{4 * bodies} Mosaic, 0 Triton, 0 cuDNN" in out, out
     b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
@@ -105,9 +111,9 @@ def test_cudnn_is_dispatched_when_compiled_for_a_deviceless_h100():
     ([], [], "--compile needs --device"),
 ])
 def test_bad_device_is_one_error_line(capsys, device, extra, message):
-    rc = plan_main(["--config", "configs/melt_llama2_lora.yaml", *device, "--compile", *extra])
+    rc = run_cli(plan_main, ["--config", "configs/melt_llama2_lora.yaml", *device, "--compile", *extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("medjax.plan: error:"), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), err
     assert message in err[0]
 
 

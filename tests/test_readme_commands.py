@@ -34,8 +34,10 @@ README_BENCHMARKS = "../shared/data/benchmarks"
 RUN = "run"
 # README command (exactly as written, continuation lines joined) → RUN, or why it cannot run here.
 HOW = {
-    "python -m medjax.train --config configs/melt_llama2_lora.yaml model.path=/models/Llama-2-7b-chat-hf":
-        "needs the Llama-2-7b-chat weights",
+    "python -m medjax.train --config configs/melt_llama2_lora.yaml model.path=/path/to/Llama-2-7b-chat-hf "
+    "data.train=/path/to/my_med.jsonl": "a placeholder: needs the Llama-2-7b-chat weights and the reader's data",
+    "python -m medjax.train --config configs/melt_llama2_lora.yaml model=tiny":
+        "every recipe with model=tiny: tests/recipes/test_recipes.py (here it would share runs/demo)",
     "python -m medjax.train --config configs/demo.yaml train.steps=20 --resume": RUN,
     "python -m medjax.eval --model runs/demo/export/hf --tasks medqa_4options,medmcqa,mmlu_medical "
     "--data-dir ../shared/data/benchmarks --limit 100 --output results.json": RUN,

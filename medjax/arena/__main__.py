@@ -73,11 +73,8 @@ def _settings(args):
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.bootstrap < 0 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--bootstrap must be >= 0 and --limit >= 1")
-    try:
-        sampling = (MED42_SAMPLING if args.med42_sampling
-                    else SamplingParams(args.temperature, args.top_k, args.top_p))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    sampling = (MED42_SAMPLING if args.med42_sampling     # ConfigError names the bad option
+                else SamplingParams(args.temperature, args.top_k, args.top_p))
     return AnswerSettings(sampling, args.max_new_tokens, args.seed, args.batch_size, args.system)
 
 
@@ -158,6 +155,9 @@ def main(argv=None) -> int:
             "judgements": len(records), "scoring": args.scoring, "anchor": args.anchor,
             "bootstrap_rounds": args.bootstrap, "answers": settings.describe(), **J.position_stats(records),
             "wall_s": round(time.perf_counter() - t0, 1)}
+    info["judge_warning"] = J.order_warning(info)
+    if info["judge_warning"]:
+        print(f"warning: {info['judge_warning']}", file=sys.stderr)
     paths = leaderboard.write(ratings, info, out)
     print(leaderboard.markdown(ratings, info))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)

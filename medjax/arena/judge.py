@@ -25,6 +25,10 @@ from medjax.arena.store import JsonlStore, record_key
 
 SCORE_OF_VERDICT = {"A": 1.0, "B": 0.0, "tie": 0.5}
 SCORING = ("verdict", "expected")
+# A judge that reads the answers names the same winner whichever is shown first; one that ignores
+# them and flips a coin agrees with itself on half the pairs; one that always picks the answer
+# shown first, on none. Below this agreement the verdicts follow the order, not the answers.
+MIN_ORDERS_AGREE = 0.5
 
 
 @dataclass(frozen=True)
@@ -170,4 +174,19 @@ def position_stats(records: Sequence[dict]) -> dict:
         by_pair.setdefault((r["question_id"],) + tuple(sorted((r["first"], r["second"]))), []).append(r["winner"])
     both = [w for w in by_pair.values() if len(w) == 2]
     agree = sum(w[0] == w[1] for w in both) / len(both) if both else None
-    return {"verdict_share": share, "orders_agree": agree}
+    return {"verdict_share": share, "orders_agree": agree, "pairs_in_both_orders": len(both)}
+
+
+def order_warning(stats: dict) -> str | None:
+    """The warning for a judge whose verdicts follow the presentation order (``stats`` from
+    :func:`position_stats`): both orders named the same winner in under ``MIN_ORDERS_AGREE`` of
+    the pairs judged both ways. None when the judge passes (or no pair was judged both ways)."""
+    agree = stats.get("orders_agree")
+    if agree is None or agree >= MIN_ORDERS_AGREE:
+        return None
+    share = stats["verdict_share"]
+    return (f"degenerate judge: the two presentation orders named the same winner in {agree:.0%} of "
+            f"{stats['pairs_in_both_orders']} pairs (below {MIN_ORDERS_AGREE:.0%}, a coin flip's rate; "
+            f"verdicts: {share['A']:.0%} the answer shown first, {share['B']:.0%} the second, "
+            f"{share['tie']:.0%} tie): the verdicts follow the order, not the answers, so the ratings "
+            f"carry no information")

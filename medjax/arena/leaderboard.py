@@ -10,7 +10,9 @@ from medjax.arena.ratings import Rating
 def markdown(ratings: list[Rating], info: dict) -> str:
     anchor = info.get("anchor")
     centre = f"{anchor} fixed at 1000" if anchor else "mean rating 1000"
+    warning = [f"**Warning: {info['judge_warning']}.**", ""] if info.get("judge_warning") else []
     lines = [
+        *warning,
         f"| rank | model | Elo | 95% CI | wins | ties | losses |",
         "|---:|---|---:|---|---:|---:|---:|",
     ]

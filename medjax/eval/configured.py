@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medjax.outputs import write_file
+
 
 def evaluate_section(eval_cfg, model_fn, tokenizer, out_path) -> dict | None:
     """Score ``eval_cfg.tasks`` on ``model_fn()`` (called only when something will be scored: a
@@ -40,7 +42,5 @@ def evaluate_section(eval_cfg, model_fn, tokenizer, out_path) -> dict | None:
     from medjax.distributed import is_main_process
     if is_main_process():       # every process holds the same scores; one writes them
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_file(path, json.dumps(result, indent=2, default=str) + "\n")
     return {"results": result.get("results"), "skipped_tasks": skipped, "file": str(path)}

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from medjax.errors import ConfigError
 from medjax.eval.scorer import bucket
 
 
@@ -33,8 +34,12 @@ class SamplingParams:
     top_p: float = 1.0              # 1 → off
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling parameters {self}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
 MED42_SAMPLING = SamplingParams(temperature=0.4, top_k=150, top_p=0.75)
@@ -92,7 +97,7 @@ class Generator:
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         if lengths.min() < 1:
-            raise ValueError("every prompt needs at least one token")
+            raise ConfigError("every prompt needs at least one token (an empty --prompt without BOS?)")
         P = bucket(int(lengths.max()))
         ids_BP = np.full((B, P), pad_id, np.int32)
         for b, p in enumerate(prompts):

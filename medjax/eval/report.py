@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 
 from medjax.eval import truthfulqa
 from medjax.eval.requests import Item
+from medjax.outputs import write_file
 
 METRIC_ORDER = ("acc", "acc_norm", *truthfulqa.METRICS)
 
@@ -163,7 +162,4 @@ def write_json(path: str | Path, data: dict) -> None:
     """Atomic write (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=float)
-    os.replace(tmp, path)
+    write_file(path, json.dumps(data, indent=2, ensure_ascii=False, default=float))

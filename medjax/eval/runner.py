@@ -5,6 +5,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from medjax.errors import ConfigError
 from medjax.eval import readers, report, truthfulqa
 from medjax.eval.requests import LmEvalEncoder, build_items
 from medjax.eval.scorer import Scorer
@@ -56,7 +57,7 @@ def evaluate(model, tokenizer, tasks: str | list[str], data_dir, *, limit: int |
     task_list = [replace(t, description=truthfulqa.PRIMERS[truthfulqa_primer]) if t.dataset == "truthfulqa"
                  else t for t in task_list]
     if mode == "generate" and any(t.dataset == "truthfulqa" for t in task_list):
-        raise ValueError("TruthfulQA tasks are scored by log-likelihood only (--mode loglikelihood)")
+        raise ConfigError("TruthfulQA tasks are scored by log-likelihood only (--mode loglikelihood)")
     chat = None
     if chat_template:
         chat = chat_renderer(tokenizer, None if chat_template is True else chat_template)

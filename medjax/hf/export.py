@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from medjax.hf.names import export_tensors
 from medjax.hf.safetensors_io import CheckpointError
 from medjax.models.stack import per_layer_flat
+from medjax.outputs import save_safetensors, temp_dir_beside
 from medjax.sharding import host_value
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -42,7 +41,8 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
     if source is not None and Path(source).resolve() == out:
         raise CheckpointError(f"refusing to export into {out}: the model was loaded from there")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+        raise CheckpointError(f"{out} exists and is not empty: pass overwrite=True to replace it "
+                              f"(python -m medjax.export: --overwrite)")
     if dtype not in _NP_DTYPES:
         raise ValueError(f"export dtype {dtype!r} not in {list(_NP_DTYPES)}")
     cfg = model.config
@@ -54,7 +54,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
     if is_writer:  # leftovers of an export that was killed before its final rename
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) if is_writer else None
+    tmp = temp_dir_beside(out) if is_writer else None          # the umask's mode, not mkdtemp's 0700
     try:
         shard, shard_bytes, shards = {}, 0, []
 
@@ -62,7 +62,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
             nonlocal shard, shard_bytes
             if shard and is_writer:
                 name = f"model-{len(shards) + 1:05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
                 shards.append((name, list(shard)))
             shard, shard_bytes = {}, 0
 

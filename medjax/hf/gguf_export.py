@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -28,6 +27,7 @@ from flax import nnx
 from medjax.hf.gguf import _BLOCK, _GLOBAL
 from medjax.hf.safetensors_io import CheckpointError
 from medjax.models.stack import per_layer_flat
+from medjax.outputs import temp_file_beside
 from medjax.sharding import host_value
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -188,7 +188,7 @@ def save_gguf(model, path, *, tokenizer=None, type: str = "f16", name: str | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    fd, tmp = temp_file_beside(out)                             # the umask's mode, not mkstemp's 0600
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:

@@ -156,8 +156,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, objective, model, tokenizer, *, show_bar: bool = True):
         from medjax.sharding import make_mesh
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
-        self.out_dir = Path(cfg.train.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = Path(cfg.train.out_dir)     # made once the data and model are known good
         self.lora = cfg.lora.enabled
         self.batches, heldout, self.steps = prepare_data(cfg, tokenizer)
         if heldout:
@@ -171,6 +170,7 @@ class Trainer:
         self.state, self.frozen, self.reference = (self.trainable.state, self.trainable.frozen,
                                                    self.trainable.reference)
         self.step_fn = self.trainable.step_fn     # step_fn(state, frozen, reference, batch)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = cfg.checkpoint.dir or self.out_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
@@ -379,10 +379,8 @@ def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
     from medjax.distributed import is_main_process
     if not is_main_process():                 # one process writes the run's files
         return summary
-    path = out_dir / "summary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from medjax.outputs import write_file
+    write_file(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

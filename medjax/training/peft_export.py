@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import numpy as np
 
 from medjax.lora import LoRAExperts, LoRALinear, lora_modules
 from medjax.models.stack import num_stacked, unstack_module
+from medjax.outputs import save_safetensors, temp_dir_beside
 from medjax.sharding import host_value
 
 
@@ -163,7 +163,6 @@ def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> 
     """Write the PEFT adapter directory atomically (temp dir + rename). In several processes
     every one gathers the adapters (a collective) and process 0 alone writes."""
     import jax
-    from safetensors.numpy import save_file
 
     tensors, info = peft_tensors(model)
     out = Path(out_dir).resolve()
@@ -179,8 +178,8 @@ def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> 
         "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tmp = temp_dir_beside(out)                                  # the umask's mode, not mkdtemp's 0700
+    save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

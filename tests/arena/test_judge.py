@@ -66,7 +66,43 @@ def test_order_swapping_cancels_an_always_first_judge(tmp_path, both_orders, sco
         assert spread == pytest.approx(0.0, abs=1e-6)
         if scoring == "verdict":
             assert all(r.wins == r.losses == 6 * 2 for r in ratings)
-        assert J.position_stats(records) == {"verdict_share": {"A": 1.0, "B": 0.0, "tie": 0.0},
-                                             "orders_agree": 0.0}
+        stats = J.position_stats(records)
+        assert stats == {"verdict_share": {"A": 1.0, "B": 0.0, "tie": 0.0}, "orders_agree": 0.0,
+                         "pairs_in_both_orders": 6 * 3}
+        assert "ratings carry no information" in J.order_warning(stats)
     else:                # one order only: the bias becomes a fake ranking (the control)
         assert spread > 400
+
+
+class ContentJudge(AlwaysFirstJudge):
+    """Picks the 'good' model's answer whichever order it is shown in (its prompt id says where)."""
+
+    def prompt_ids(self, text):
+        return [int(text.index("good answer") < text.index("fair answer"))]   # 1: good is shown first
+
+    def logprobs(self, prompts):
+        return np.array([np.log([0.9, 0.05, 0.05] if p[0] else [0.05, 0.9, 0.05]) for p in prompts])
+
+
+@pytest.mark.parametrize("judge, warned", [(AlwaysFirstJudge(), True), (ContentJudge(), False)],
+                         ids=["always-first", "reads-the-answers"])
+def test_a_judge_that_follows_the_order_is_reported(tmp_path, judge, warned):
+    """The leaderboard (and the CLI, on stderr) says a judge is degenerate when the two orders
+    agree on fewer than half the pairs; a judge that reads the answers passes."""
+    from medjax.arena import leaderboard
+    names = ["good", "fair"]
+    questions = [Question(f"q{i}", f"question {i}") for i in range(4)]
+    store = JsonlStore(tmp_path / "judgements.jsonl")
+    keys, todo = J.pending(J.pairings(questions, names), lambda m, q: f"{m} answer to {q.question}",
+                           load_rubric(), "judge", store)
+    J.run_judging(todo, judge, "judge", store)
+    records = [store[k] for k in keys]
+    stats = J.position_stats(records)
+    assert stats["orders_agree"] == (0.0 if warned else 1.0) and stats["pairs_in_both_orders"] == 4
+    info = {"judge": "judge", "questions": 4, "judgements": 8, "bootstrap_rounds": 10, **stats,
+            "judge_warning": J.order_warning(stats)}
+    ratings = rate([Comparison(r["question_id"], r["first"], r["second"], J.first_score(r)) for r in records],
+                   names, rounds=10)
+    board = leaderboard.markdown(ratings, info)
+    assert ("ratings carry no information" in board) == warned
+    assert ("0% of 4 pairs" in board) == warned

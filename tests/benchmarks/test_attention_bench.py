@@ -1,15 +1,15 @@
 """``python -m medjax.bench``: dispatcher and a CPU smoke run of the attention benchmark."""
 import json
 
-
 from medjax import bench
+from medjax.cli_errors import run_cli
 from medjax.benchmarks import attention as attention_bench
 
 
 def test_dispatcher_lists_and_rejects(capsys):
     assert "attention" in bench.available()
-    assert bench.main(["no-such-benchmark"]) == 2
-    assert "unknown benchmark 'no-such-benchmark'" in capsys.readouterr().err
+    assert run_cli(bench.main, ["no-such-benchmark"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown benchmark 'no-such-benchmark'")
 
 
 def test_unmasked_pairs_counts_the_mask():

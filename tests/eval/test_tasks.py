@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medjax.eval import readers
+from medjax.cli_errors import run_cli
 from medjax.eval.__main__ import main as eval_main
 from medjax.eval.report import summarize
 from medjax.eval.requests import Item, Request
@@ -23,14 +24,14 @@ def test_resolve_groups_and_unknown():
 
 
 def test_cli_unknown_task_lists_valid(tmp_path, capsys):
-    assert eval_main(["--model", "x", "--tasks", "nope", "--data-dir", str(tmp_path)]) == 2
+    assert run_cli(eval_main, ["--model", "x", "--tasks", "nope", "--data-dir", str(tmp_path)]) == 2
     assert "valid tasks:" in capsys.readouterr().err
 
 
 def test_missing_file_names_path_and_source(tmp_path, capsys):
     with pytest.raises(readers.DataError, match="medqa_usmle_4options_test.jsonl.*github.com/jind11/MedQA"):
         readers.load_docs(TASKS["medqa_4options"], tmp_path)
-    assert eval_main(["--model", "x", "--tasks", "pubmedqa", "--data-dir", str(tmp_path)]) == 2
+    assert run_cli(eval_main, ["--model", "x", "--tasks", "pubmedqa", "--data-dir", str(tmp_path)]) == 2
     assert "ori_pqal.json" in capsys.readouterr().err
 
 
@@ -84,3 +85,20 @@ def test_group_is_size_weighted():
     summary = summarize(items, {"a": ("acc",), "b": ("acc",)}, {"g": ("a", "b")})
     assert summary["results"]["a"]["acc"] == 1.0 and summary["results"]["b"]["acc"] == 0.0
     assert summary["groups"]["g"]["acc"] == pytest.approx(0.75)
+
+
+def test_aliases_are_listed_and_announced(tmp_path, capsys):
+    """``--tasks medqa`` (an alias) is in ``--list-tasks`` and says what it resolves to."""
+    from medjax.cli_errors import run_cli
+    from medjax.eval.tasks import ALIASES
+    assert eval_main(["--list-tasks"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    for alias, task in ALIASES.items():
+        assert f"{alias} (alias of {task})" in listed and task in listed
+    (tmp_path / "medqa_usmle_4options_test.jsonl").write_text(json.dumps(
+        {"question": "Which drug?", "options": dict(zip("ABCD", "abcd")), "answer_idx": "A"}) + "\n")
+    rc = run_cli(eval_main, ["--model", str(tmp_path / "no_model"), "--data-dir", str(tmp_path),
+                             "--tasks", "medqa"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and "task 'medqa' is an alias of 'medqa_4options'" in err, err
+    assert "no_model" in err[-1]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medjax.eval import readers, truthfulqa
+from medjax.cli_errors import run_cli
 from medjax.eval.__main__ import main as eval_main
 from medjax.eval.report import summarize
 from medjax.eval.requests import Item, Request
@@ -83,7 +84,7 @@ def test_malformed_row_is_one_error_line(tmp_path, capsys, bad_row, message):
     import re
     good = ["Adversarial", "Health", "Is water wet?", "Yes", "Yes; It is", "No", "src"]
     _write_csv(tmp_path / "TruthfulQA.csv", [good, bad_row, good])
-    assert eval_main(["--model", "x", "--tasks", "truthfulqa_orig_mc1", "--data-dir", str(tmp_path)]) == 2
+    assert run_cli(eval_main, ["--model", "x", "--tasks", "truthfulqa_orig_mc1", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
 
@@ -188,6 +189,6 @@ def test_run_checkpoint_evaluates_in_its_run_dtype(tmp_path, capsys):
     config = json.loads(out.read_text())["config"]
     assert (config["dtype"], config["dtype_from"]) == ("bfloat16", "run model.dtype, step 2")
     capsys.readouterr()
-    assert eval_main(args + ["--dtype", "float32"]) == 2
+    assert run_cli(eval_main, args + ["--dtype", "float32"]) == 2
     errors = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: --dtype float32: the run checkpoint"), errors

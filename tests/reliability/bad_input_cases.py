@@ -21,7 +21,7 @@ from reliability_helpers import tiny_run_config
 
 @dataclass
 class Call:
-    cli: str                                  # train | eval | export | data | api
+    cli: str                                  # train | eval | export | data | generate | api
     argv: list = field(default_factory=list)
     expect: tuple = ()                        # substrings of the error line
     outputs: tuple = ()                       # paths that must hold no file afterwards
@@ -99,6 +99,36 @@ def _weights(ctx, model_dir, *expect) -> Call:
     call = _train(ctx, model=model_dir)
     call.expect = expect
     return call
+
+
+def _generate(ctx, model_dir, *expect) -> Call:
+    return Call("generate", ["--model", str(model_dir), "--prompt", "Which drug?"], expect=expect)
+
+
+def generate_cases():
+    """The three checkpoints issue 30 saw end in a traceback from ``python -m medjax.generate``."""
+    def c(name, expect, build):
+        return (f"generate-{name}", expect, build)
+
+    def truncated(x):
+        d = _copy_model(x)
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:-1000])
+        return _generate(x, d)
+
+    def pickle_only(x):
+        d = _copy_model(x)
+        (d / "model.safetensors").unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+        return _generate(x, d)
+
+    huge = {"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 16]}}   # 2^42 bytes claimed
+    return [
+        c("truncated-safetensors", ("model.safetensors", "truncated"), truncated),
+        c("pickle-only-dir", ("only pickle weights", "pytorch_model.bin"), pickle_only),
+        c("header-claims-2-to-the-42-byte-tensor", ("tensor 'w'",),
+          lambda x: _generate(x, _raw_safetensors(x, huge, b"\0" * 16))),
+    ]
 
 
 def _eval_dir(ctx, *lines) -> Path:
@@ -337,7 +367,8 @@ def _write_cfg(x) -> Path:
     return p
 
 
-ALL_CASES = config_cases() + data_cases() + weight_cases() + eval_cases() + cli_cases()
+ALL_CASES = (config_cases() + data_cases() + weight_cases() + generate_cases() + eval_cases()
+             + cli_cases())
 # run as real subprocesses too (python -m medjax.X): the end-to-end path, incl. the interpreter exit
-SUBPROCESS_CASES = ("config-unknown-key", "weights-truncated-safetensors", "eval-unknown-task",
+SUBPROCESS_CASES = ("config-unknown-key", "generate-truncated-safetensors", "eval-unknown-task",
                     "data-pipeline-chat-unknown-role")

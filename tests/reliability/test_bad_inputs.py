@@ -1,5 +1,5 @@
 """Table-driven bad inputs: each gives ONE line ``error: ...`` naming the culprit, exit 2, no
-traceback, no partial output. Cases live in bad_input_cases.py; each runs through the real CLI's
+traceback, no output (not even an empty run directory). Cases live in bad_input_cases.py; each runs through the real CLI's
 ``main`` under ``medjax.cli_errors.run_cli`` (exactly what ``python -m medjax.X`` does), and the
 cases in SUBPROCESS_CASES also as real ``python -m`` subprocesses.
 """
@@ -13,7 +13,8 @@ from bad_input_cases import ALL_CASES, SUBPROCESS_CASES, Ctx
 from reliability_helpers import FIGURES, ROOT, env
 
 ERROR_LINE = re.compile(r"^(config )?error: \S")
-MODULES = {"train": "medjax.train", "eval": "medjax.eval", "export": "medjax.export", "data": "medjax.data"}
+MODULES = {"train": "medjax.train", "eval": "medjax.eval", "export": "medjax.export", "data": "medjax.data",
+           "generate": "medjax.generate"}
 
 
 def _main(cli):
@@ -23,6 +24,8 @@ def _main(cli):
         from medjax.eval.__main__ import main
     elif cli == "export":
         from medjax.export import main
+    elif cli == "generate":
+        from medjax.generate import main
     else:
         from medjax.data.__main__ import main
     return main
@@ -42,10 +45,10 @@ def _check(case_id, expect, call, rc, err):
     missing = [s for s in expect if s not in last]
     if missing:
         problems.append(f"error line lacks {missing}: {last[:400]!r}")
-    for out in call.outputs:
-        files = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else [out] if out.exists() else []
-        if files:
-            problems.append(f"partial output left behind: {[str(p) for p in files[:3]]}")
+    for out in call.outputs:          # not even an empty run directory (inputs are checked first)
+        if out.exists():
+            left = [str(p) for p in out.rglob("*")][:3] if out.is_dir() else []
+            problems.append(f"output left behind: {out} {left}")
     return problems
 
 
@@ -74,7 +77,7 @@ def test_bad_input(case_id, expect, build, rel_model_dir, rel_text_data, tmp_pat
     problems = _check(case_id, expect, call, rc, err)
     if case_id in SUBPROCESS_CASES and not problems:
         for out in call.outputs:  # the subprocess must start from the same (absent) outputs
-            assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+            assert not out.exists()
         proc = subprocess.run([sys.executable, "-m", MODULES[call.cli], *call.argv], capture_output=True,
                               text=True, env=env(tmp_path / "jax_cache"), cwd=str(ROOT), timeout=300)
         problems += [f"(subprocess) {p}" for p in _check(case_id, expect, call, proc.returncode, proc.stderr)]

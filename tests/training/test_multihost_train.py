@@ -153,8 +153,9 @@ def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
                f"eval.data_dir={benchmarks_dir}", processes=2))
     assert json.loads((run / "eval.json").read_text())["results"]["medqa_4options"]["n"] == 4
     ckpt = str(run / "checkpoints")
-    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft2"), "--peft",
-                processes=2, devices=4))
+    two = _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft2"), "--peft",
+                      processes=2, devices=4))
+    assert two.stdout.count("exported step") == 1 and "[p0] exported step" in two.stdout, two.stdout  # p0 alone
     _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft1"), "--peft",
                 "mesh.preset=dp", devices=1))
     _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf1"), "mesh.preset=dp",

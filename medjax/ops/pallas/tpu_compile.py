@@ -28,14 +28,38 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 TPU_VENV_PYTHON = REPO_ROOT / ".venv-tpu" / "bin" / "python"
 
 
+# What libtpu would otherwise ask a cloud metadata server about THIS host. Without them every
+# compile-only run printed "WARNING: could not determine TPU accelerator type", "E0000 ...
+# INVALID_ARGUMENT: unexpected worker hostname ..." and a source trace. They describe the (absent)
+# local host, not the compile target, which comes from the topology name: with any valid accelerator
+# type the same v6e:2x2 compile succeeds silently (libtpu 0.0.42.1: v5p-8, v6e-4, v5e-4, v4-8).
+# ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu otherwise takes a machine-wide lock (/tmp/libtpu_lockfile) and
+# a second compile-only process on the same machine fails at start.
+LIBTPU_HOST_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_ID": "0",
+                   "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
 def compile_only_env(base=None) -> dict:
     """Environment for a process that loads libtpu only to compile (see module docstring)."""
-    env = dict(os.environ if base is None else base)
-    # ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu otherwise takes a machine-wide lock (/tmp/libtpu_lockfile)
-    # and a second compile-only process on the same machine fails at start.
-    env.update(TPU_SKIP_MDS_QUERY="1", JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=str(REPO_ROOT))
+    env = {**LIBTPU_HOST_ENV, **dict(os.environ if base is None else base)}
+    env.update(TPU_SKIP_MDS_QUERY="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
     return env
+
+
+def use_compile_only_libtpu() -> None:
+    """Tell libtpu, in this process and before it loads, that it only compiles: no metadata
+    server, and the host facts it would otherwise warn about (``LIBTPU_HOST_ENV``)."""
+    os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+    for key, value in LIBTPU_HOST_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def topology_devices(topology_name: str):
+    """Compile-only TPU devices of ``topology_name`` (e.g. ``v5p:2x2x1``): the one place medjax
+    creates them, so libtpu always starts with the environment above."""
+    use_compile_only_libtpu()
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
 
 
 def libtpu_python() -> Path | None:
@@ -57,8 +81,7 @@ def require_compile_only_env():
 def tpu_devices(chip: str):
     """Compile-only devices of a small topology of ``chip`` (one of ``CHIPS``)."""
     require_compile_only_env()
-    from jax.experimental import topologies
-    return topologies.get_topology_desc(platform="tpu", topology_name=CHIPS[chip][0]).devices
+    return topology_devices(CHIPS[chip][0])
 
 
 def _tpu_info_modules() -> list:

@@ -1,0 +1,73 @@
+"""Writing output files whole, with the permissions the user's umask gives.
+
+Every file medjax writes for the user (exports, GGUF, reports, tokenizer files) appears all at
+once: it is written to a temp file or directory beside its target and renamed over it when
+complete, so a crash never leaves half a file under the real name. ``tempfile`` creates those
+temps private (files 0600, directories 0700) whatever the umask, and so does
+``safetensors.save_file``; a rename keeps them private: on a shared cluster nobody else could read
+an export. Each file and directory here is therefore set to the mode a plain ``open()`` /
+``mkdir()`` would have given it (0666 / 0777 minus the umask).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (0666) or ``mkdir()`` (0777) gives a new file or directory."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def temp_file_beside(path: str | os.PathLike) -> tuple[int, Path]:
+    """``(fd, temp_path)``: a new file in ``path``'s directory, named ``.<name>.tmp-*``, with the
+    umask's mode; ``os.replace(temp_path, path)`` it when complete."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.fchmod(fd, umask_mode())
+    return fd, Path(tmp)
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new directory in ``path``'s parent, named ``.<name>.tmp-*``, with the umask's mode."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, umask_mode(directory=True))
+    return tmp
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """``safetensors.numpy.save_file``, then the umask's mode (it creates the file 0600)."""
+    from safetensors.numpy import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, umask_mode())
+    return Path(path)
+
+
+def write_file(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` whole: temp file, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
