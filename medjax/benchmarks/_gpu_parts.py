@@ -23,8 +23,11 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
+
+from medjax.errors import ConfigError
 
 FULL = {
     # Llama-2-7B heads (32 x 128 MHA) and Llama-3-8B GQA (32 query / 8 KV heads).
@@ -443,6 +446,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--device-kind", default=None, help="jax device_kind (for the chip's peak)")
     args = p.parse_args(argv)
+    if not Path(args.rows).parent.is_dir():
+        raise ConfigError(f"--rows {args.rows}: its directory does not exist")
     size = (DRY if args.dry_run else FULL).get(args.part, {})
 
     def emit(row):
@@ -462,4 +467,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

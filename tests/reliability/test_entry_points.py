@@ -45,6 +45,7 @@ BAD_PATH = {
     "medjax.generate": lambda t: ["--model", str(t / MISSING), "--prompt", "hi"],
     "medjax.bench": lambda t: ["data", "--tokenizer", str(t / MISSING)],
     "medjax.benchmarks.data": lambda t: ["--tokenizer", str(t / MISSING)],
+    "medjax.benchmarks._gpu_parts": lambda t: ["smoke", "--rows", str(t / MISSING / "rows.jsonl")],
     "medjax.benchmarks.eval": lambda t: ["--model", str(t / MISSING), "--work-dir", str(t / "out")],
     "medjax.plan": lambda t: ["--config", str(t / MISSING / "run.yaml")],
     "medjax.recipes": lambda t: ["plan", "--recipe", "melt_llama2_lora", "--device", MISSING],
@@ -102,7 +103,7 @@ def _benchmarks():
     return available()
 
 
-@pytest.mark.parametrize("name", _benchmarks())
+@pytest.mark.parametrize("name", _benchmarks(), ids=lambda n: f"bench_{n}")  # not "gpu": a marker name
 def test_every_benchmark_rejects_a_bad_option(name, capsys):
     """``python -m medjax.bench NAME`` runs ``medjax.benchmarks.NAME.main``: an entry point too."""
     rc, err = _run("medjax.bench", [name, "--no-such-option"], capsys)
