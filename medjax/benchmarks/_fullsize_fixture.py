@@ -8,8 +8,8 @@ fewer layers), bf16 safetensors split at ``max_shard_bytes`` (10 GB, like the re
 ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``, and a locally trained
 32000-piece byte-fallback BPE tokenizer with Llama-2's ``<unk> <s> </s>``. Nothing is downloaded.
 
-Each file is written as safetensors' header followed by each tensor's raw bytes, generated in
-row chunks of at most ``CHUNK_BYTES`` (numpy RNG seeded per tensor, std 0.02, norms 1), so the
+Each file is streamed by ``hf.safetensors_io.write_safetensors``: the header, then each tensor's
+bytes, generated in row chunks of at most ``CHUNK_BYTES`` (numpy RNG seeded per tensor, std 0.02, norms 1), so the
 host never holds more than one chunk. A directory is reused when its ``.complete`` marker
 (written last) records the same arguments; the default place is ``$MEDJAX_FULLSIZE_CACHE``
 (else ``~/.cache/medjax/fullsize``)/``<preset>-<layers>l``.
@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from medjax.hf.safetensors_io import write_safetensors
 from medjax.models.presets import get as get_preset
 
 PRESETS = {"llama2-7b": "llama2-7b", "mixtral-8x7b-2l": "mixtral-8x7b"}
@@ -83,30 +84,18 @@ def plan_shards(tensors, max_shard_bytes: int) -> list[list[tuple[str, tuple]]]:
     return shards
 
 
-def _header(entries) -> bytes:
-    """A safetensors header (8-byte length + JSON padded to 8 bytes) for bf16 ``entries``."""
-    meta, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in entries:
-        nbytes = math.prod(shape) * BF16.itemsize
-        meta[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def _write_tensor(f, name: str, shape: tuple, seed: int, index: int) -> None:
+def _chunks(name: str, shape: tuple, seed: int, index: int):
+    """The tensor's values in row chunks of at most ``CHUNK_BYTES`` (fp32 before the bf16 cast)."""
     if name.endswith("norm.weight"):
-        f.write(np.ones(shape, BF16).tobytes())
+        yield np.ones(shape, BF16)
         return
     rng = np.random.default_rng([seed, index])
     rows, width = shape[0], math.prod(shape[1:])
     step = max(1, CHUNK_BYTES // (4 * width))
     for r0 in range(0, rows, step):
-        n = min(step, rows - r0)
-        chunk = rng.standard_normal((n, width), dtype=np.float32)
+        chunk = rng.standard_normal((min(step, rows - r0), width), dtype=np.float32)
         chunk *= INIT_STD
-        f.write(chunk.astype(BF16).tobytes())
+        yield chunk.astype(BF16)
 
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:
@@ -165,12 +154,9 @@ def write_fixture(preset: str = "llama2-7b", layers: int | None = None, out=None
              [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
     weight_map, total = {}, 0
     for file, entries in zip(names, shards):
-        with open(out / file, "wb") as f:
-            f.write(_header(entries))
-            for name, shape in entries:
-                _write_tensor(f, name, shape, seed, order[name])
-                weight_map[name] = file
-                total += math.prod(shape) * BF16.itemsize
+        total += write_safetensors(out / file, [(name, BF16, shape, _chunks(name, shape, seed, order[name]))
+                                                for name, shape in entries])
+        weight_map.update({name: file for name, _ in entries})
     if n > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
