@@ -55,6 +55,19 @@ def run_phase(name: str, argv: list[str], log: Path) -> dict:
     return row
 
 
+def train_breakdown(run: Path) -> dict:
+    """The train process's own split of its wall time: load + setup (everything before the first
+    step), the first step (which includes compiling it) and the later steps (their mean)."""
+    summary = json.loads((run / "summary.json").read_text())
+    steps = [json.loads(line)["step_time_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "train"' in line]
+    out = {"load_setup_s": round(summary["total_seconds"] - summary["train_seconds"], 1),
+           "first_step_s": round(steps[0], 1)}
+    if len(steps) > 1:
+        out["step_s"] = round(sum(steps[1:]) / len(steps[1:]), 1)
+    return out
+
+
 def planned_peak_gib(config: str, overrides: list[str]) -> float | None:
     """``python -m medjax.plan --device cpu``'s max(total, load/init peak) for the run, in GiB."""
     out = subprocess.run([sys.executable, "-m", "medjax.plan", "--config", config, *overrides,
@@ -127,7 +140,7 @@ def _phase_peft(a) -> None:
 def _phase_gguf(a) -> None:
     import numpy as np
     import medjax
-    model = medjax.load(a.model)
+    model, _ = medjax.load(a.model, progress=False)
     _check("medjax(q8_0 GGUF) vs medjax", rel_err(_medjax_logits(model, _prompt_ids(a.fixture)),
                                                   np.load(a.reference)), MAX_REL_ERR_Q8)
 
@@ -175,7 +188,10 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
     rows = []
     for name, argv in phases:
         row = run_phase(name, argv, log)
-        if name == "train":
+        if name == "train" and row["rc"] == 0:
+            row.update(train_breakdown(run))
+            print(f"  {'':14s} load+setup {row['load_setup_s']} s, step 1 (with compile) "
+                  f"{row['first_step_s']} s, later steps {row.get('step_s', '-')} s each")
             row["plan_gib"] = planned_peak_gib(config, overrides)
             if row["plan_gib"]:
                 off = row["peak_rss_gib"] / row["plan_gib"] - 1
