@@ -12,7 +12,8 @@ layers, bf16; it loads, compiles and runs the steps), ``export-hf`` / ``export-p
 trained model restored from its checkpoint, merged, on a fixed 16-token prompt),
 ``compare-hf`` (transformers loads the merged export; relative error of its logits),
 ``peft`` (transformers + peft load the adapter onto the fixture) and ``gguf`` (medjax reads the
-GGUF back). Each row gives wall time and the peak RSS of that process (``wait4``'s rusage);
+GGUF back). Each row gives wall time and the peak RSS of that process (``wait4``'s rusage; Linux
+counts it from the fork, so no row reads below this launcher's own ~0.2 GiB);
 the train row also gives ``python -m medjax.plan --device cpu``'s prediction for the same config.
 A JSON summary is written to ``<work>/fullsize.json``.
 """
@@ -149,7 +150,8 @@ PHASES = {"logits-medjax": _phase_logits_medjax, "compare-hf": _phase_compare_hf
           "peft": _phase_peft, "gguf": _phase_gguf}
 
 
-def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_bytes: int | None) -> list[dict]:
+def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_bytes: int | None) -> dict:
+    """Every phase in order (stopping at the first failure); the summary, also in fullsize.json."""
     from medjax.benchmarks._fullsize_fixture import MAX_SHARD_BYTES, cache_dir, model_config
     py, me = sys.executable, "medjax.benchmarks.fullsize"
     cfg = model_config(preset, layers)
@@ -205,7 +207,7 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
                "load_average": os.getloadavg(), "ok": all(r["rc"] == 0 for r in rows) and len(rows) == len(phases)}
     (work / "fullsize.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
-    return rows
+    return summary
 
 
 def main(argv=None) -> int:
@@ -223,10 +225,8 @@ def main(argv=None) -> int:
     if a.phase:
         PHASES[a.phase](a)
         return 0
-    work = Path(a.work).resolve()
-    summary = json.loads((work / "fullsize.json").read_text()) if run_all(
-        a.preset, a.layers, a.steps, work, a.max_shard_bytes) is not None else {}
-    return 0 if summary.get("ok") else 1
+    summary = run_all(a.preset, a.layers, a.steps, Path(a.work).resolve(), a.max_shard_bytes)
+    return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":
