@@ -9,9 +9,9 @@ fewer layers), bf16 safetensors split at ``max_shard_bytes`` (10 GB, like the re
 32000-piece byte-fallback BPE tokenizer with Llama-2's ``<unk> <s> </s>``. Nothing is downloaded.
 
 Each file is streamed by ``hf.safetensors_io.write_safetensors``: the header, then each tensor's
-bytes, generated in row chunks of at most ``CHUNK_BYTES`` (numpy RNG seeded per tensor, std 0.02, norms 1), so the
-host never holds more than one chunk. A directory is reused when its ``.complete`` marker
-(written last) records the same arguments; the default place is ``$MEDJAX_FULLSIZE_CACHE``
+bytes, generated in row chunks of at most ``CHUNK_BYTES`` (numpy RNG seeded per tensor, std 0.02,
+norms 1), so the host never holds more than one chunk. A directory is reused when its
+``.complete`` marker (written last) records the same arguments; the default place is ``$MEDJAX_FULLSIZE_CACHE``
 (else ``~/.cache/medjax/fullsize``)/``<preset>-<layers>l``.
 """
 from __future__ import annotations

@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = {"llama2-7b": "configs/melt_llama2_lora.yaml", "mixtral-8x7b-2l": "configs/bimedix_mixtral_qlora.yaml"}
+RECIPES = {"llama2-7b": "configs/melt_llama2_lora.yaml",
+           "mixtral-8x7b-2l": "configs/bimedix_mixtral_qlora.yaml"}
 PROMPT = "A 45-year-old man presents with crushing chest pain radiating to the left arm, sweating and nausea."
 PROMPT_TOKENS = 16
 MAX_REL_ERR = 2e-2          # bf16 logits, the bound
@@ -184,7 +185,8 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
                ("compare-hf", [py, "-m", me, "--phase", "compare-hf", "--model", str(out / "hf"), *common])]
     if llama:
         phases += [("peft", [py, "-m", me, "--phase", "peft", "--model", str(out / "peft"), *common]),
-                   ("gguf", [py, "-m", me, "--phase", "gguf", "--model", str(out / "model.q8_0.gguf"), *common])]
+                   ("gguf", [py, "-m", me, "--phase", "gguf", "--model", str(out / "model.q8_0.gguf"),
+                             *common])]
     print(f"medjax.bench fullsize: {preset}, {cfg.num_layers} layers, {steps} steps; log {log}")
     print(f"  {'phase':14s} {'wall':>10s}  {'peak RSS':>11s}")
     rows = []
@@ -202,9 +204,11 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
         if row["rc"] != 0:
             break
     if rows and rows[0]["rc"] == 0:
-        rows[0]["checkpoint_gib"] = round(sum(f.stat().st_size for f in fixture.glob("*.safetensors")) / 2**30, 2)
+        files = fixture.glob("*.safetensors")
+        rows[0]["checkpoint_gib"] = round(sum(f.stat().st_size for f in files) / 2**30, 2)
     summary = {"preset": preset, "layers": cfg.num_layers, "steps": steps, "phases": rows,
-               "load_average": os.getloadavg(), "ok": all(r["rc"] == 0 for r in rows) and len(rows) == len(phases)}
+               "load_average": os.getloadavg(),
+               "ok": len(rows) == len(phases) and all(r["rc"] == 0 for r in rows)}
     (work / "fullsize.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     return summary
@@ -213,7 +217,8 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medjax.bench fullsize", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(RECIPES), default="llama2-7b")
-    ap.add_argument("--layers", type=int, default=None, help="layers (default: 32 for llama2-7b, 2 for mixtral)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers (default: 32 for llama2-7b, 2 for mixtral)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--work", default="runs/fullsize", help="run, exports, log and JSON go here (replaced)")
     ap.add_argument("--max-shard-bytes", type=int, default=None,
