@@ -3,8 +3,9 @@
 Every file medjax writes for the user (exports, GGUF, reports, tokenizer files) appears all at
 once: it is written to a temp file or directory beside its target and renamed over it when
 complete, so a crash never leaves half a file under the real name. ``tempfile`` creates those
-temps private (files 0600, directories 0700) whatever the umask, and so does
-``safetensors.save_file``; a rename keeps them private: on a shared cluster nobody else could read
+temps private (files 0600, directories 0700) whatever the umask (and ``safetensors.save_file``
+creates its file 0600: medjax writes safetensors with ``hf.safetensors_io.write_safetensors``,
+a plain ``open()``); a rename keeps them private: on a shared cluster nobody else could read
 an export. Each file and directory here is therefore set to the mode a plain ``open()`` /
 ``mkdir()`` would have given it (0666 / 0777 minus the umask).
 """
@@ -49,14 +50,6 @@ def temp_dir_beside(path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, umask_mode(directory=True))
     return tmp
-
-
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """``safetensors.numpy.save_file``, then the umask's mode (it creates the file 0600)."""
-    from safetensors.numpy import save_file
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, umask_mode())
-    return Path(path)
 
 
 def write_file(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -111,7 +112,10 @@ def parse_memory(text: str) -> float:
 
 
 def parse_device(name: str) -> tuple[str, float, int | None]:
-    """'v5p-64' → ('v5p', bytes per device, 32 devices); 'h100' → ('h100', bytes, None)."""
+    """'v5p-64' → ('v5p', bytes per device, 32 devices); 'h100' → ('h100', bytes, None);
+    'cpu' → this host's RAM as one device (JAX on CPU keeps every array in host memory)."""
+    if name.lower() == "cpu":
+        return "cpu", float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), 1
     m = re.fullmatch(r"(h100|h200|a100-40|a100|v4|v5e|v5litepod|v5p|v6e)(?:-(\d+))?", name.lower())
     if not m:
         raise ConfigError(f"--device {name!r}: known {sorted(DEVICES_GIB)} (TPUs may add a slice "
@@ -419,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", action="append",
                     help="run config YAML (model, mesh, train, data, lora, optim); repeat to overlay")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.preset=fsdp")
-    ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e; TPU "
+    ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e | cpu (host RAM); TPU "
                                      "slices may add their size (v5p-64 = 32 chips)")
     ap.add_argument("--device-memory", help="memory per device, e.g. 80GB or 96GiB (overrides --device)")
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "

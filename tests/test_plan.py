@@ -22,6 +22,10 @@ def test_memory_and_device_parsing():
     assert planner.parse_device("v5p-64") == ("v5p", 95 * GiB, 32)      # 64 cores = 32 chips
     assert planner.parse_device("v5litepod-16") == ("v5e", 16 * GiB, 16)
     assert planner.parse_device("H100") == ("h100", 80 * GiB, None)
+    meminfo = open("/proc/meminfo").read().split("\n")[0].split()       # MemTotal:  N kB
+    kind, host_bytes, count = planner.parse_device("cpu")                 # host RAM as one device
+    assert (kind, count) == ("cpu", 1)
+    assert abs(host_bytes - int(meminfo[1]) * 1024) < 0.05 * host_bytes
     with pytest.raises(ValueError, match="--device 'h100-8'"):
         planner.parse_device("h100-8")
     with pytest.raises(ValueError, match="expected e.g. 80GB"):

@@ -2,8 +2,8 @@
 
 Writes config.json (both rope keys), generation_config.json, safetensors (sharded with an index
 above ``max_shard_bytes``) and the tokenizer files. Everything goes to a temporary sibling
-directory that is renamed into place at the end, so a crash never leaves a half-written model
-under the final name; the directory the model was loaded from is never overwritten.
+directory that is renamed into place at the end, so a crash or a full disk never leaves a
+half-written model under the final name (the temporary directory is removed on any error); the directory the model was loaded from is never overwritten.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from medjax.hf.names import export_tensors
-from medjax.hf.safetensors_io import CheckpointError
+from medjax.hf.safetensors_io import CheckpointError, write_safetensors
 from medjax.models.stack import per_layer_flat
-from medjax.outputs import save_safetensors, temp_dir_beside
+from medjax.outputs import temp_dir_beside
 from medjax.sharding import host_value
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -62,7 +62,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
             nonlocal shard, shard_bytes
             if shard and is_writer:
                 name = f"model-{len(shards) + 1:05d}.safetensors"
-                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
+                write_safetensors(tmp / name, [(k, a.dtype, a.shape, [a]) for k, a in shard.items()])
                 shards.append((name, list(shard)))
             shard, shard_bytes = {}, 0
 

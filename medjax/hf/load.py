@@ -24,7 +24,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, param_sources
-from medjax.hf.safetensors_io import CheckpointError, TensorInfo, find_weight_files, index_tensors
+from medjax.hf.safetensors_io import (CheckpointError, TensorInfo, check_weight_map, find_weight_files,
+                                     index_tensors)
 from medjax.models import Decoder, ModelConfig, abstract_decoder
 from medjax.models.stack import split_layer_path
 
@@ -209,6 +210,7 @@ def load_hf_dir(directory, *, dtype=jnp.float32, param_dtype=None, shardings: Sh
     directory = Path(directory)
     cfg = read_hf_config(directory)
     tensors = index_tensors(find_weight_files(directory))
+    check_weight_map(directory, tensors)
     sources = param_sources(cfg, set(tensors))
     _check_names(cfg, sources, tensors)
     loader = StreamingLoader(cfg, sources, dtype=dtype, param_dtype=param_dtype or dtype,

@@ -3,7 +3,9 @@
 The header is checked in full (size bound, JSON, dtypes, shapes, offsets inside the file, no
 overlaps) before a single tensor byte is read; tensors are then read one at a time (optionally
 a range of rows) with ``readinto`` into a fresh buffer, so loading never holds a memory map of
-the file and never two full copies of the model. Writing uses the ``safetensors`` library.
+the file and never two full copies of the model. A sharded directory's index must agree with its
+files (``check_weight_map``). ``write_safetensors`` streams a file: the header, then each
+tensor's bytes chunk by chunk as they are produced; a failed write (disk full) names the file.
 """
 from __future__ import annotations
 
@@ -168,6 +170,58 @@ def find_weight_files(directory: str | os.PathLike) -> list[Path]:
         raise CheckpointError(f"{d}: only pickle weights found ({', '.join(pickles)}); medjax never "
                               f"loads pickle. Convert them to safetensors first.")
     raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or *.safetensors")
+
+
+def check_weight_map(directory: str | os.PathLike, tensors: dict[str, TensorInfo]) -> None:
+    """A sharded directory's ``weight_map`` must name exactly the tensors each shard holds."""
+    index = Path(directory) / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{Path(directory) / shard}: has no tensor {name!r}, which "
+                                  f"{index.name} places there")
+        if info.file.name != Path(shard).name:
+            raise CheckpointError(f"{info.file}: holds tensor {name!r}, which {index.name} places "
+                                  f"in {shard}")
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise CheckpointError(f"{tensors[extra[0]].file}: tensor {extra[0]!r} is not in {index.name}")
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = None) -> int:
+    """Write ``tensors`` — ``(name, dtype, shape, chunks)`` with ``chunks`` an iterable of arrays
+    whose bytes, in order, are the tensor's (C order) — as one safetensors file; returns the
+    data bytes. Only the chunk being written is held; an ``OSError`` (ENOSPC...) names ``path``."""
+    path, tensors = Path(path), list(tensors)
+    header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+    for name, dtype, shape, _ in tensors:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name, dtype, shape, chunks in tensors:
+                want, done = header[name]["data_offsets"], 0
+                for chunk in chunks:
+                    data = np.ascontiguousarray(chunk, dtype).reshape(-1).view(np.uint8)
+                    f.write(data)
+                    done += data.nbytes
+                if done != want[1] - want[0]:
+                    raise ValueError(f"tensor {name!r}: chunks gave {done} bytes, "
+                                     f"expected {want[1] - want[0]}")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    return offset
 
 
 def index_tensors(files: list[Path]) -> dict[str, TensorInfo]:

@@ -42,7 +42,7 @@ import numpy as np
 
 from medjax.lora import LoRAExperts, LoRALinear, lora_modules
 from medjax.models.stack import num_stacked, unstack_module
-from medjax.outputs import save_safetensors, temp_dir_beside
+from medjax.outputs import temp_dir_beside
 from medjax.sharding import host_value
 
 
@@ -162,7 +162,11 @@ def peft_tensors(model) -> tuple[dict, dict]:
 def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> Path:
     """Write the PEFT adapter directory atomically (temp dir + rename). In several processes
     every one gathers the adapters (a collective) and process 0 alone writes."""
+    import shutil
+
     import jax
+
+    from medjax.hf.safetensors_io import write_safetensors
 
     tensors, info = peft_tensors(model)
     out = Path(out_dir).resolve()
@@ -179,14 +183,19 @@ def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> 
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)                                  # the umask's mode, not mkdtemp's 0700
-    save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        import shutil
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    try:              # a full disk (ENOSPC names the file) leaves no temporary directory behind
+        write_safetensors(tmp / "adapter_model.safetensors",
+                          [(k, a.dtype, a.shape, [a]) for k, a in tensors.items()])
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -244,6 +244,34 @@ def weight_cases():
             {"metadata": {}, "weight_map": {K: shard}}))
         return _weights(x, d)
 
+    def two_shards(x, mutate):
+        """The tiny model split like an HF release (two files + a complete index); ``mutate``
+        then breaks the directory."""
+        from safetensors.numpy import load_file, save_file
+        d = _copy_model(x)
+        tensors = load_file(str(d / "model.safetensors"))
+        (d / "model.safetensors").unlink()
+        names = sorted(tensors)
+        files = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+                 "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+        for file, part in files.items():
+            save_file({n: tensors[n] for n in part}, str(d / file))
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {n: f for f, part in files.items() for n in part}}
+        mutate(d, index)
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        return _weights(x, d)
+
+    def shard_gone(d, index):
+        (d / "model-00002-of-00002.safetensors").unlink()
+
+    def index_names_absent(d, index):
+        index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00002-of-00002.safetensors"
+
+    def index_wrong_shard(d, index):
+        index["weight_map"][K] = next(f for f in set(index["weight_map"].values())
+                                      if f != index["weight_map"][K])
+
     def pickle_only(x):
         d = _copy_model(x)
         (d / "model.safetensors").unlink()
@@ -309,6 +337,13 @@ def weight_cases():
         c("index-shard-missing", ("do not exist", "gone.safetensors"), lambda x: index(x, "gone.safetensors")),
         c("model-path-missing", ("no such file or directory", "absent_model"),
           lambda x: _weights(x, x.tmp / "absent_model")),
+        c("sharded-shard-missing", ("model-00002-of-00002.safetensors", "do not exist"),
+          lambda x: two_shards(x, shard_gone)),
+        c("sharded-index-names-absent-tensor", ("model-00002-of-00002.safetensors",
+                                                "'model.layers.9.mlp.up_proj.weight'"),
+          lambda x: two_shards(x, index_names_absent)),
+        c("sharded-tensor-in-other-shard", ("model-0000", K, "places"),
+          lambda x: two_shards(x, index_wrong_shard)),
     ]
 
 
@@ -349,7 +384,29 @@ def cli_cases():
             medjax.save_hf(model, d, tokenizer=tok, overwrite=True)
         return Call("api", api=call)
 
+    def disk_full_during_export(x):
+        """A real ENOSPC: the export's shard writes go to /dev/full (the kernel's always-full
+        device); the error must name the shard and leave nothing under the export's parent."""
+        import medjax
+        import medjax.hf.safetensors_io as S
+        out = x.tmp / "exports" / "hf"
+
+        def call():
+            model, tok = medjax.load(x.model_dir, progress=False)
+            real_open = open
+
+            def full_disk_open(path, mode="r", *a, **kw):
+                return real_open("/dev/full" if "w" in mode else path, mode, *a, **kw)
+            S.open = full_disk_open
+            try:
+                medjax.save_hf(model, out, tokenizer=tok)
+            finally:
+                del S.open
+        return Call("api", api=call, expect=("No space left on device", "model-00001.safetensors"),
+                    outputs=(x.tmp / "exports",))
+
     return [
+        c("export-disk-full", (), disk_full_during_export),
         c("export-checkpoint-missing", ("no such checkpoint directory", "no_run"),
           lambda x: Call("export", ["--checkpoint", str(x.tmp / "no_run"), "--out", str(x.tmp / "out")],
                          outputs=(x.tmp / "out",))),

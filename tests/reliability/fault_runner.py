@@ -62,14 +62,14 @@ def install(kind: str, step: int, delay_s: float) -> None:
         Checkpointer.save = save
     elif kind == "export_write":
         import medjax.hf.export as E
-        real_save_file = E.save_file
+        real_write = E.write_safetensors
 
-        def save_file(tensors, filename, metadata=None):
-            real_save_file(tensors, filename, metadata=metadata)
+        def write_safetensors(filename, tensors, metadata=None):
+            real_write(filename, tensors, metadata)
             size = os.path.getsize(filename)
             os.truncate(filename, size // 2)
             _die()
-        E.save_file = save_file
+        E.write_safetensors = write_safetensors
     elif kind == "export_rename":
         real_replace = os.replace
 

@@ -1,0 +1,34 @@
+"""``python -m medjax.bench fullsize``'s own mechanics (the full run is the benchmark itself; the
+slow product-path test is tests/hf/test_fullsize.py)."""
+import json
+import sys
+
+from medjax import bench
+from medjax.benchmarks import fullsize
+
+
+def test_registered_and_fixture_module_is_not_a_benchmark():
+    assert "fullsize" in bench.available()
+    assert "_fullsize_fixture" not in bench.available()
+
+
+def test_phase_rows_measure_each_child_alone(tmp_path):
+    """Peak RSS is the child's own (wait4), not the largest child so far: a 1 GiB child, then a
+    small one. (Linux counts a child's high-water mark from the fork, so a small child reads as the
+    launcher's own RSS, here pytest's.)"""
+    touch_1gib = "b = bytearray(2**30); b[::4096] = b'x' * len(b[::4096])"
+    big = fullsize.run_phase("big", [sys.executable, "-c", touch_1gib], tmp_path / "log")
+    small = fullsize.run_phase("small", [sys.executable, "-c", "pass"], tmp_path / "log")
+    failed = fullsize.run_phase("failed", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log")
+    assert big["rc"] == small["rc"] == 0 and failed["rc"] == 3
+    assert big["peak_rss_gib"] >= 1.0
+    assert small["peak_rss_gib"] < big["peak_rss_gib"] - 0.5
+
+
+def test_train_breakdown(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"total_seconds": 70.0, "train_seconds": 47.5}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "kind": "train", "step_time_s": 31.0}, {"step": 1, "kind": "eval", "step_time_s": 99},
+        {"step": 2, "kind": "train", "step_time_s": 14.0},
+        {"step": 3, "kind": "train", "step_time_s": 16.0}]))
+    assert fullsize.train_breakdown(tmp_path) == {"load_setup_s": 22.5, "first_step_s": 31.0, "step_s": 15.0}
