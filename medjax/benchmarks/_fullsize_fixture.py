@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from medjax.errors import ConfigError
 from medjax.hf.safetensors_io import write_safetensors
 from medjax.models.presets import get as get_preset
 
@@ -143,6 +144,9 @@ def write_fixture(preset: str = "llama2-7b", layers: int | None = None, out=None
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise ConfigError(f"{out} exists and is not a fixture this command wrote (no {MARKER}): "
+                          f"it is left alone; name another --out")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-bytes", type=int, default=MAX_SHARD_BYTES)
     args = ap.parse_args(argv)
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: its parent directory does not exist")
     print(write_fixture(args.preset, args.layers, args.out, seed=args.seed,
                         max_shard_bytes=args.max_shard_bytes))
     return 0

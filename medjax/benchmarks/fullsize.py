@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from medjax.errors import ConfigError
+
 RECIPES = {"llama2-7b": "configs/melt_llama2_lora.yaml",
            "mixtral-8x7b-2l": "configs/bimedix_mixtral_qlora.yaml"}
 PROMPT = "A 45-year-old man presents with crushing chest pain radiating to the left arm, sweating and nausea."
@@ -159,6 +161,9 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
     fixture = cache_dir() / f"{preset}-{cfg.num_layers}l"
     if max_shard_bytes:
         fixture = fixture.with_name(fixture.name + f"-{max_shard_bytes}")
+    if work.exists() and any(work.iterdir()) and not (work / "fullsize.log").exists():
+        raise ConfigError(f"--work {work} exists and is not a fullsize work directory (no fullsize.log): "
+                          f"it is left alone; name another --work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log, run, out = work / "fullsize.log", work / "run", work / "export"
@@ -230,6 +235,8 @@ def main(argv=None) -> int:
     if a.phase:
         PHASES[a.phase](a)
         return 0
+    if not Path(a.work).resolve().parent.is_dir():
+        raise ConfigError(f"--work {a.work}: its parent directory does not exist")
     summary = run_all(a.preset, a.layers, a.steps, Path(a.work).resolve(), a.max_shard_bytes)
     return 0 if summary["ok"] else 1
 

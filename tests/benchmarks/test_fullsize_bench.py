@@ -1,6 +1,7 @@
 """``python -m medjax.bench fullsize``'s own mechanics (the full run is the benchmark itself; the
 slow product-path test is tests/hf/test_fullsize.py)."""
 import json
+import subprocess
 import sys
 
 from medjax import bench
@@ -14,12 +15,20 @@ def test_registered_and_fixture_module_is_not_a_benchmark():
 
 def test_phase_rows_measure_each_child_alone(tmp_path):
     """Peak RSS is the child's own (wait4), not the largest child so far: a 1 GiB child, then a
-    small one. (Linux counts a child's high-water mark from the fork, so a small child reads as the
-    launcher's own RSS, here pytest's.)"""
-    touch_1gib = "b = bytearray(2**30); b[::4096] = b'x' * len(b[::4096])"
-    big = fullsize.run_phase("big", [sys.executable, "-c", touch_1gib], tmp_path / "log")
-    small = fullsize.run_phase("small", [sys.executable, "-c", "pass"], tmp_path / "log")
-    failed = fullsize.run_phase("failed", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log")
+    small one. Linux counts a child's high-water mark from the fork, so the launcher runs in a
+    fresh process, as ``python -m medjax.bench fullsize`` does (a grown pytest process would
+    make every child read as at least pytest's size)."""
+    launcher = f"""
+import json, sys
+from medjax.benchmarks import fullsize
+touch_1gib = "b = bytearray(2**30); b[::4096] = b'x' * len(b[::4096])"
+rows = [fullsize.run_phase(name, [sys.executable, "-c", code], {str(tmp_path / "log")!r})
+        for name, code in (("big", touch_1gib), ("small", "pass"), ("failed", "raise SystemExit(3)"))]
+print(json.dumps(rows))
+"""
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    big, small, failed = json.loads(out.stdout.strip().splitlines()[-1])
     assert big["rc"] == small["rc"] == 0 and failed["rc"] == 3
     assert big["peak_rss_gib"] >= 1.0
     assert small["peak_rss_gib"] < big["peak_rss_gib"] - 0.5

@@ -46,6 +46,8 @@ BAD_PATH = {
     "medjax.bench": lambda t: ["data", "--tokenizer", str(t / MISSING)],
     "medjax.benchmarks.data": lambda t: ["--tokenizer", str(t / MISSING)],
     "medjax.benchmarks._gpu_parts": lambda t: ["smoke", "--rows", str(t / MISSING / "rows.jsonl")],
+    "medjax.benchmarks.fullsize": lambda t: ["--layers", "1", "--work", str(t / MISSING / "work")],
+    "medjax.benchmarks._fullsize_fixture": lambda t: ["--layers", "1", "--out", str(t / MISSING / "fx")],
     "medjax.benchmarks.eval": lambda t: ["--model", str(t / MISSING), "--work-dir", str(t / "out")],
     "medjax.plan": lambda t: ["--config", str(t / MISSING / "run.yaml")],
     "medjax.recipes": lambda t: ["plan", "--recipe", "melt_llama2_lora", "--device", MISSING],
