@@ -133,17 +133,16 @@ class Trainer:
     jitted step and eval, checkpoints and run directory."""
 
     def __init__(self, cfg: RunConfig, objective, model, tokenizer, *, show_bar: bool = True):
-        from medjax.sharding import make_mesh
+        from medjax.sharding import global_batch, make_mesh
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lora = cfg.lora.enabled
-        self.batches, heldout, self.steps = prepare_data(cfg, tokenizer)
-        if heldout:
-            objective.check_batch(heldout[0])
-        self.heldout = heldout
-        self.trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=objective,
-                                         steps=self.steps)
+        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer)
+        mesh = make_mesh(cfg.mesh)
+        if self.heldout:   # the global batch: a process's own rows may all be padding
+            objective.check_batch(global_batch(self.heldout[0], mesh))
+        self.trainable = build_trainable(cfg, model, mesh, objective=objective, steps=self.steps)
         if self.trainable.quant_report is not None:
             print(self.trainable.quant_report.summary())
         self.state, self.frozen, self.reference = (self.trainable.state, self.trainable.frozen,
