@@ -218,7 +218,8 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
         if num_epochs is not None:
             ds = ds[: num_epochs * sum(len(s.rows) for s in sources)]
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
-    _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len)
+    _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
+           limit=min(64, sum(len(s.rows) for s in sources)))
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
         raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
