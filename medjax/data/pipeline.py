@@ -1,11 +1,12 @@
-"""``make_dataset``: sources → shuffle/mix/epochs → host shard → tokenize → fit length → pack → batch.
+"""``make_dataset``: sources → shuffle/mix/epochs → tokenize → fit length → pack → global batch → host rows.
 
-The order is global and deterministic (a function of the seed), and each host takes its block of
-every global batch of it (host p: examples ``p·b .. p·b + b - 1`` of each run of ``b × process_count``,
-``b`` = rows per host) BEFORE tokenizing and packing, so hosts see disjoint examples that together
-cover each epoch, and without packing a host's rows sit at the global-batch rows a 1-process run
-gives them (LoRA dropout masks, drawn by global row, are then the same). Everything after the host slice
-is a grain ``IterDataset`` whose iterator state (a small dict of counters) is the resume point.
+Every process builds the same global batch stream (the order is a function of the seed; skipped
+rows, length drops, split examples and packing are decided on the whole stream) and keeps its
+block of rows of each global batch (host p: rows ``p·b .. p·b + b - 1``, ``b`` = rows per host,
+the split ``sharding.local_batch_rows`` gives a process). So the global batch at every step holds
+the same rows in the same order whatever the process count, and the iterator state (grain's
+counters of that one stream, the resume point) is the same on every process and in every layout.
+The price: each process tokenizes and packs the whole batch, not only its rows.
 """
 from __future__ import annotations
 
@@ -170,40 +171,15 @@ class _Flatten(grain.experimental.FlatMapTransform):
         return element
 
 
-class HostShare(grain.MapDataset):
-    """Host ``index`` of ``count``: the ``index``-th block of ``rows`` consecutive elements in every
-    run of ``rows × count`` (the host's rows of each global batch, in global order). With a
-    finite parent the last run may leave a host a shorter block or none."""
+class _HostRows:
+    """Rows ``index·rows .. index·rows + rows - 1`` of a global batch (this process's block)."""
 
-    _MUTATES_ELEMENT_SPEC = False
+    def __init__(self, rows: int, index: int):
+        self.rows, self.index = rows, index
 
-    def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
-        super().__init__(parent)
-        self._rows, self._index, self._count = rows, index, count
-        self._parent_length = n = len(parent)
-        full, stride = divmod(n, rows * count)[0], rows * count
-        self._length = full * rows + min(max(n - full * stride - index * rows, 0), rows)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def _parent_index(self, index: int) -> int:
-        epoch, index = divmod(index, self._length)
-        block, row = divmod(index, self._rows)
-        return epoch * self._parent_length + (block * self._count + self._index) * self._rows + row
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        return self._parent[self._parent_index(index)]
-
-    @property
-    def _element_spec(self):
-        from grain._src.python.dataset import dataset as grain_dataset
-        return grain_dataset.get_element_spec(self._parent)
-
-    def __str__(self) -> str:
-        return f"HostShare(rows={self._rows}, index={self._index}, count={self._count})"
+    def __call__(self, batch):
+        block = slice(self.index * self.rows, (self.index + 1) * self.rows)
+        return {k: v[block] for k, v in batch.items()}
 
 
 class _Tag:
@@ -243,10 +219,13 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
                   split: str = "train", skips: SkipLog | None = None,
                   read_options: grain.ReadOptions | None = None, fast_path: bool = True,
                   benchmarks_dir=None) -> grain.IterDataset:
-    """The grain pipeline behind ``make_dataset`` (``batch_size`` here is per host). ``read_options``
+    """The grain pipeline behind ``make_dataset`` (``batch_size`` is global; each process gets its
+    ``batch_size // process_count`` rows of every global batch). ``read_options``
     replaces the default one-thread prefetch (``ReadOptions(num_threads=0)``: all work in the caller).
     ``fast_path=False`` is the straightforward reference the fast path must equal batch for batch: one
     tokenizer call per text, and the packer placing ids, targets and loss mask as three arrays."""
+    if batch_size % process_count:
+        raise DataError(f"global batch size {batch_size} is not divisible by {process_count} hosts")
     seq_len = seq_len or data_cfg.seq_len
     seed = data_cfg.seed if seed is None else seed
     skips = skips if skips is not None else SkipLog()
@@ -262,10 +241,9 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
         ds = grain.MapDataset.mix([p.repeat() for p in parts], [s.weight for s in sources])
         if num_epochs is not None:
             ds = ds[: num_epochs * sum(len(s.rows) for s in sources)]
-    ds = HostShare(ds, batch_size, process_index, process_count) if process_count > 1 else ds
     encode = _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, skips)
     _probe(ds, _Encode(sources, tokenizer, seq_len, data_cfg.long_examples, data_cfg.on_error, SkipLog()), seq_len,
-           limit=min(64, max(1, sum(len(s.rows) for s in sources) // process_count)))
+           limit=min(64, sum(len(s.rows) for s in sources)))
     prefixes = ("chosen_", "rejected_") if any(s.renderer.format == "preference" for s in sources) else ("",)
     if len({s.renderer.format == "preference" for s in sources}) > 1:
         raise DataError("data.sources: preference data cannot be mixed with single-sequence formats")
@@ -285,7 +263,8 @@ def build_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None =
         it = it.map(functools.partial(unstack_columns if columns else _rename_packed, prefixes=prefixes))
     else:
         it = it.map(lambda example: pad_row(example, seq_len, prefixes))
-    return it.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size))
+    it = it.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size))
+    return it.map(_HostRows(batch_size // process_count, process_index)) if process_count > 1 else it
 
 
 def _probe(ds, encode: _Encode, seq_len: int, limit: int = 64) -> None:
@@ -331,17 +310,14 @@ def make_dataset(data_cfg, tokenizer, *, batch_size: int, seq_len: int | None = 
         import jax  # lazy: the data pipeline itself needs no accelerator runtime
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if batch_size % process_count:
-        raise DataError(f"global batch size {batch_size} is not divisible by {process_count} hosts")
-    local = batch_size // process_count
     if split == "eval":
         num_epochs = 1
     skips = SkipLog()
-    dataset = build_dataset(data_cfg, tokenizer, batch_size=local, seq_len=seq_len, seed=seed,
+    dataset = build_dataset(data_cfg, tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed,
                             num_epochs=num_epochs, process_index=process_index,
                             process_count=process_count, split=split, skips=skips,
                             benchmarks_dir=benchmarks_dir)
-    return DataIterator(dataset, skips, local, seq_len or data_cfg.seq_len)
+    return DataIterator(dataset, skips, batch_size // process_count, seq_len or data_cfg.seq_len)
 
 
 def packing_efficiency(batch: dict[str, np.ndarray]) -> float:

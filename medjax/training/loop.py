@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import RunConfig
-from medjax.errors import ConfigError
+from medjax.errors import CheckpointError, ConfigError, DataError
 from medjax.training.checkpoint import Checkpointer
 from medjax.training.metrics import MetricsLogger, plot_run
 from medjax.training.objectives import objective_for
@@ -126,27 +126,8 @@ def prepare_data(cfg: RunConfig, tokenizer):
     if cfg.train.epochs is not None:
         per_epoch = sum(1 for _ in make_dataset(data, tokenizer, batch_size=B, seed=data.seed, num_epochs=1,
                                                 benchmarks_dir=bench_dir))
-        steps = cfg.train.epochs * max(_most_of_every_process(per_epoch), 1)
+        steps = cfg.train.epochs * max(per_epoch, 1)
     return train, heldout, steps
-
-
-def _most_of_every_process(n: int) -> int:
-    """The largest ``n`` over the processes. Each host counts the batches of its own share of a
-    finite split, and the shares may differ by one example (and so by one batch); every process
-    must run the same number of steps and held-out batches, or one waits forever at a collective."""
-    if jax.process_count() == 1:
-        return n
-    from jax.experimental import multihost_utils
-    return int(np.max(multihost_utils.process_allgather(np.array([n], np.int64))))
-
-
-def _pad_heldout(batches: list, keys, rows: int, seq_len: int) -> list:
-    """``batches`` with all-padding batches appended up to the most any process holds (padding
-    rows have no loss tokens, as in a short final batch)."""
-    missing = _most_of_every_process(len(batches)) - len(batches)
-    empty = {k: np.zeros((rows, seq_len), np.float32 if k.endswith("loss_mask") else np.int32)
-             for k in keys}
-    return batches + [empty] * missing
 
 
 class Trainer:
@@ -154,17 +135,15 @@ class Trainer:
     jitted step and eval, checkpoints and run directory."""
 
     def __init__(self, cfg: RunConfig, objective, model, tokenizer, *, show_bar: bool = True):
-        from medjax.sharding import make_mesh
+        from medjax.sharding import global_batch, make_mesh
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
         self.out_dir = Path(cfg.train.out_dir)     # made once the data and model are known good
         self.lora = cfg.lora.enabled
-        self.batches, heldout, self.steps = prepare_data(cfg, tokenizer)
-        if heldout:
-            objective.check_batch(heldout[0])      # a real batch (padding ones are appended next)
-        self.heldout = _pad_heldout(heldout, objective.batch_keys,
-                                    cfg.train.batch_size // jax.process_count(), cfg.data.seq_len)
-        self.trainable = build_trainable(cfg, model, make_mesh(cfg.mesh), objective=objective,
-                                         steps=self.steps)
+        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer)
+        mesh = make_mesh(cfg.mesh)
+        if self.heldout:   # the global batch: a process's own rows may all be padding
+            objective.check_batch(global_batch(self.heldout[0], mesh))
+        self.trainable = build_trainable(cfg, model, mesh, objective=objective, steps=self.steps)
         if self.trainable.quant_report is not None:
             print(self.trainable.quant_report.summary())
         self.state, self.frozen, self.reference = (self.trainable.state, self.trainable.frozen,
@@ -185,12 +164,12 @@ class Trainer:
         state, meta, step = restored
         from medjax.sharding import place
         self.state = place(state, self.trainable.shardings[0])
-        self.batches.set_state(_this_host(meta["data"]))
+        self.batches.set_state(_saved_data_state(meta["data"]))
         self.start_step = step
         return True
 
     def save(self, step: int) -> None:
-        meta = {"data": _every_host(self.batches.get_state()), "step": step,
+        meta = {"data": _same_on_every_host(self.batches.get_state()), "step": step,
                 "config": _jsonable(self.cfg.to_dict())}
         self.ckpt.save(step, self.state, meta)
 
@@ -310,29 +289,34 @@ class Trainer:
         return out
 
 
-def _every_host(data_state: dict) -> list:
-    """Every process's iterator state, in process order (each host reads its own rows; the
-    checkpoint's JSON metadata is written by the primary host only, so it must hold them all)."""
+def _same_on_every_host(data_state: dict) -> dict:
+    """The iterator state, checked to be the same on every process (each one walks the same global
+    batch stream; a difference means the processes read different data files)."""
     if jax.process_count() == 1:
-        return [data_state]
+        return data_state
     from jax.experimental import multihost_utils
-    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    raw = np.frombuffer(json.dumps(data_state, sort_keys=True).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:raw.size] = raw
     rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
-    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+    differ = [p for p, (row, n) in enumerate(zip(rows, sizes)) if bytes(row[:n]) != raw.tobytes()]
+    if differ:
+        raise DataError(f"processes {differ} are at another position of the training data than process "
+                        f"{jax.process_index()}: every process must read the same data files")
+    return data_state
 
 
-def _this_host(saved):
-    """This process's iterator state from a checkpoint (a list per host; a dict from older runs)."""
+def _saved_data_state(saved) -> dict:
+    """The iterator state of a checkpoint: one dict, valid for any number of processes. (Before
+    2026-12-06 multi-process runs saved a list of per-host positions in per-host row streams.)"""
     if isinstance(saved, dict):
         return saved
-    if len(saved) != jax.process_count():
-        from medjax.config import ConfigError
-        raise ConfigError(f"the checkpoint holds iterator states of {len(saved)} processes; this run "
-                          f"has {jax.process_count()}: resume with the same number of processes")
-    return saved[jax.process_index()]
+    if len(saved) != 1:
+        raise CheckpointError(f"the checkpoint holds the per-process data positions of {len(saved)} processes, "
+                              "written by an older medjax whose processes read other rows: its data position "
+                              "cannot be resumed; start the run again")
+    return saved[0]
 
 
 def _jsonable(x):

@@ -158,9 +158,9 @@ class DPO:
         return dpo.mean_stats(stats)
 
     def check_batch(self, batch) -> None:
-        """A batch where no pair keeps an answer token teaches nothing: say so up front."""
-        import numpy as np
-        if not (np.asarray(batch["chosen_loss_mask"]).any() and np.asarray(batch["rejected_loss_mask"]).any()):
+        """A batch where no pair keeps an answer token teaches nothing: say so up front. ``batch``
+        is a global batch (jax arrays across processes: every process calls this, a collective)."""
+        if not (bool(jnp.any(batch["chosen_loss_mask"])) and bool(jnp.any(batch["rejected_loss_mask"]))):
             raise DataError("no preference pair keeps an answer token within data.seq_len "
                              "(prompts too long?): DPO would learn nothing")
 

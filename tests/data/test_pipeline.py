@@ -80,21 +80,6 @@ def test_two_hosts_disjoint_and_covering(tmp_path, tokenizer, write_jsonl):
     assert sorted(seen[0] + seen[1]) == list(range(n))
 
 
-def test_each_host_holds_its_block_of_every_one_process_batch(tmp_path, tokenizer, write_jsonl):
-    """Unpacked, host p's rows of global batch i are rows p·b .. p·b+b-1 of the 1-process batch i
-    (what makes row-position randomness such as LoRA dropout the same in both layouts); 22
-    shuffled rows over 2 epochs leave the last global batches uneven: host 0 reads one more."""
-    cfg = DataSection(train=str(texts_file(tmp_path, write_jsonl, 11)), seq_len=128, pack=False)
-    one = [record_ids(tokenizer, [b]) for b in make_dataset(cfg, tokenizer, batch_size=4, seed=5, num_epochs=2,
-                                                           process_index=0, process_count=1)]
-    hosts = [[record_ids(tokenizer, [b]) for b in make_dataset(cfg, tokenizer, batch_size=4, seed=5, num_epochs=2,
-                                                               process_index=p, process_count=2)]
-             for p in range(2)]
-    assert [len(h) for h in hosts] == [6, 5] and len(one) == 6
-    for i, rows in enumerate(one):
-        assert rows == hosts[0][i] + (hosts[1][i] if i < 5 else []), i
-
-
 def test_epochs_reshuffle_and_cover(tmp_path, tokenizer, write_jsonl):
     cfg = DataSection(train=str(texts_file(tmp_path, write_jsonl, 12)), seq_len=64, pack=False)
     ids = record_ids(tokenizer, make_dataset(cfg, tokenizer, batch_size=4, seed=1, num_epochs=2,

@@ -150,3 +150,17 @@ def test_sft_and_dpo_recipes_fail_through_the_same_loop(recipe, tmp_path, monkey
     for frame in [("train.py", "main"), ("loop.py", "run"), ("loop.py", "train"),
                   ("step.py", "train_step"), ("step.py", "accumulate_grads")]:
         assert frame in medjax_frames, (frame, frames)
+
+
+def test_dpo_checks_the_global_batch_for_answer_tokens():
+    """A batch whose rows are all padding on this process's devices is fine when the global batch
+    holds an answer token; a global batch without one stops with a DataError."""
+    from medjax.config import MeshSection
+    from medjax.errors import DataError
+    from medjax.sharding import global_batch, make_mesh
+    mask = np.zeros((8, 16), np.float32)
+    mask[0, 3] = 1.0                        # one scored token, in the first device's rows
+    batch = global_batch({"chosen_loss_mask": mask, "rejected_loss_mask": mask}, make_mesh(MeshSection(preset="dp")))
+    DPO().check_batch(batch)
+    with pytest.raises(DataError, match="no preference pair keeps an answer token"):
+        DPO().check_batch({"chosen_loss_mask": mask, "rejected_loss_mask": np.zeros_like(mask)})

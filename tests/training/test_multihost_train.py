@@ -1,12 +1,10 @@
 """The product path in 2 processes equals 1 process: ``launch/local_multiprocess.sh -n 2 -d 4 --
 python -m medjax.train ...`` against ``python -m medjax.train`` on 8 simulated devices.
 
-``data.pack=false`` and ``data.long_examples=truncate``: packing (and splitting a long example
-into several rows) runs per host over that host's examples, so those rows would differ from a
-1-process run's; one row per example, each host's rows are its block of the 1-process batch
-(``make_dataset``: host p takes examples p·b .. p·b+b-1 of every global batch), so the batch, the
-loss up to summation order, and the LoRA dropout masks (drawn by global row; the recipe's
-``lora.dropout=0.05`` is on) are the same.
+Every process builds the same global batch stream and keeps its block of rows of each batch
+(``make_dataset``), so the batch, the tokens per step, the loss up to summation order and the
+LoRA dropout masks (drawn by global row; the recipe's ``lora.dropout=0.05`` is on) are the same,
+packed or not: every recipe in configs/ is checked at tiny size.
 
 Also here: the Med42 DPO recipe, a real SIGKILL of both processes mid-run, ``python -m
 medjax.export`` and eval during training in 2 processes, and the two layout errors (a batch the
@@ -21,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from medjax.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT = ("--config", str(ROOT / "configs" / "melt_llama2_lora.yaml"), "model=tiny", "mesh.preset=fsdp",
@@ -64,9 +64,9 @@ def _ok(proc):
     return proc
 
 
-def _losses(run_dir):
+def _losses(run_dir, key="loss"):
     from medjax.training.metrics import read_metrics
-    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
+    return {r["step"]: r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
 
 
 def _assert_close(ref, got):
@@ -77,20 +77,43 @@ def _assert_close(ref, got):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    """One epoch of 65 training rows and 9 held-out rows: the hosts' shares are 33/32 and 5/4
-    rows, so host 0 counts one batch more of each. Every process still runs the 1-process run's
-    9 steps and 2 held-out batches (the other host pads its held-out list and goes on into its
-    next epoch), instead of one of them waiting forever at a collective."""
+    """One epoch of 65 training rows and 9 held-out rows: the last global batch of each holds one
+    row (the others are padding), in 2 processes as in 1; both run the same 9 steps and 2
+    held-out batches."""
     import json
     uneven = ("data.max_rows=65", "data.heldout_rows=9", "train.epochs=1")
     _ok(_train(tmp_path / "one", *uneven))
     _ok(_train(tmp_path / "two", *uneven, processes=2))
     ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(ref) == sorted(got) == list(range(1, 10))
-    # step 9: one example in 1 process; in 2, host 1 adds rows of its next epoch
-    _assert_close({s: ref[s] for s in range(1, 9)}, {s: got[s] for s in range(1, 9)})
-    before = [json.loads((tmp_path / n / "summary.json").read_text())["heldout_loss_before"] for n in ("one", "two")]
-    assert abs(before[0] - before[1]) <= 1e-5 * max(1.0, abs(before[0])), before
+    _assert_close(ref, got)
+    assert _losses(tmp_path / "one", "tokens") == _losses(tmp_path / "two", "tokens")
+    for key in ("heldout_loss_before", "heldout_loss_after"):
+        one, two = (json.loads((tmp_path / n / "summary.json").read_text())[key] for n in ("one", "two"))
+        assert abs(one - two) <= 1e-5 * max(1.0, abs(one)), (key, one, two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_alike_in_two_processes(tmp_path, recipe):
+    """``model=tiny`` of each recipe (its data format, packing, grad_accum, LoRA/QLoRA, NEFTune,
+    DPO; the tiny overlay's ``data.on_error=skip``), 3 steps of 8 rows per micro-batch (one per
+    device): 2 processes x 4 devices give the tokens per step of 1 x 8 exactly and its losses
+    to 1e-5 (``metrics.jsonl`` of each run)."""
+    import json
+
+    from medjax.recipes import load_recipe
+    grad_accum = load_recipe(recipe, ["model=tiny"]).train.grad_accum
+    args = ("--config", str(ROOT / "configs" / f"{recipe}.yaml"), "model=tiny", "train.steps=3",
+            f"train.batch_size={8 * grad_accum}", "train.export=[]", "eval.tasks=[]")
+    _ok(_train(tmp_path / "one", recipe=args))
+    _ok(_train(tmp_path / "two", recipe=args, processes=2))
+    tokens = [_losses(tmp_path / n, "tokens") for n in ("one", "two")]
+    assert tokens[0] == tokens[1] and sorted(tokens[0]) == [1, 2, 3], tokens
+    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+    for key in ("heldout_loss_before", "heldout_loss_after"):
+        one, two = (json.loads((tmp_path / n / "summary.json").read_text())[key] for n in ("one", "two"))
+        assert abs(one - two) <= 1e-5 * max(1.0, abs(one)), (key, one, two)
 
 
 @pytest.mark.slow
