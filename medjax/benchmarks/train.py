@@ -76,13 +76,11 @@ def _preset(model_path):
     return model_path.split(":", 1)[1] if model_path.startswith("preset:") else None
 
 
-def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
-                 remat: str | None = None, scan_layers: bool | None = None):
-    """One step's median time, first-step time, loss and peak device memory; the model is built
-    by the trainer's own ``load_model`` from the same ``model.*`` options a config would give
-    (``remat`` / ``scan_layers`` None: the trainer's defaults, i.e. what ``medjax.train`` runs)."""
-    import jax
-    import jax.numpy as jnp
+def build_medjax_step(model_path, lora: bool, rank: int, dtype: str = "float32",
+                      remat: str | None = None, scan_layers: bool | None = None):
+    """``(step_fn, state, frozen, reference, model config)``: the model built by the trainer's
+    own ``load_model`` from the same ``model.*`` options a config would give (``remat`` /
+    ``scan_layers`` None: the trainer's defaults, i.e. what ``medjax.train`` runs)."""
     from medjax.config import build, RunConfig
     from medjax.sharding import make_mesh
     from medjax.training.loop import load_model
@@ -97,11 +95,19 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype:
         "optim": {"lr": 1e-4, "schedule": "constant", "clip_norm": 1.0, "warmup_steps": 0},
         "train": {"steps": 100, "grad_accum": 1, "aux_loss_coef": 0.0}})
     model, _ = load_model(run_cfg)
-    cfg = model.config
     trainable = build_trainable(run_cfg, model, make_mesh(run_cfg.mesh))   # wrap, split, init, place
-    fn, state, frozen, reference = (trainable.step_fn, trainable.state, trainable.frozen,
-                                    trainable.reference)
-    del model, trainable
+    return (trainable.step_fn, trainable.state, trainable.frozen, trainable.reference,
+            model.config)
+
+
+def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
+                 remat: str | None = None, scan_layers: bool | None = None):
+    """One step's median time, first-step time, loss and peak device memory of
+    ``build_medjax_step``'s step."""
+    import jax
+    import jax.numpy as jnp
+    fn, state, frozen, reference, cfg = build_medjax_step(model_path, lora, rank, dtype, remat,
+                                                          scan_layers)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     t = time.perf_counter()
     state, m = fn(state, frozen, reference, batch)
@@ -119,9 +125,10 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype:
             "config": cfg}
 
 
-def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
-             grad_ckpt: bool = False):
-    """The same step with transformers (+ PEFT); ``grad_ckpt``: gradient checkpointing."""
+def build_hf_step(model_path, lora: bool, batch_np, rank: int, dtype: str = "float32",
+                  grad_ckpt: bool = False):
+    """``(one step -> loss, device)``: the same step with transformers (+ PEFT);
+    ``grad_ckpt``: gradient checkpointing."""
     import torch
     import transformers
     from medjax.loading import resolve_path
@@ -159,6 +166,14 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str
         opt.zero_grad(set_to_none=True)
         return float(loss)        # float() synchronises the device
 
+    return one, device
+
+
+def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
+             grad_ckpt: bool = False):
+    """``build_hf_step``'s step: median time, first-step time, loss, peak device memory."""
+    import torch
+    one, device = build_hf_step(model_path, lora, batch_np, rank, dtype, grad_ckpt)
     t = time.perf_counter()
     one()
     first = time.perf_counter() - t
