@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="lora,full", help="comma list of lora,full")
     p.add_argument("--top", type=int, default=15, help="ops printed per side")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers+peft side")
+    p.add_argument("--scan-layers", choices=("true", "false"), default=None,
+                   help="medjax's model.scan_layers (default: the trainer's default)")
     args = p.parse_args(argv)
     vocab = RANDOM_TOKEN_LIMIT
     if _preset(args.model):
@@ -110,8 +112,9 @@ def main(argv=None) -> int:
     batch = _batch(vocab, args.batch, args.seq)
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         lora = mode == "lora"
+        scan = None if args.scan_layers is None else args.scan_layers == "true"
         _print(f"medjax {mode}", isolated(profile_medjax, args.model, lora, batch, args.steps,
-                                          args.rank, args.top))
+                                          args.rank, args.top, None, scan))
         if not args.no_hf:
             _print(f"transformers+peft {mode}", isolated(profile_hf, args.model, lora, batch,
                                                          args.steps, args.rank, args.top))
