@@ -1,8 +1,12 @@
 """``python -m medjax.bench train``: tokens/s, MFU and peak memory of a LoRA step and a full
 step, vs HF transformers + PEFT doing the same step on the same model in the same run.
 
-Each side runs in a fresh process of its own (a loaded JAX runtime slows torch down by about
-10% on CPU): one optimizer step (forward, backward, AdamW update) on a ``[batch, seq]`` batch
+Protocol: each side runs ``--repeats`` times (default 3), interleaved (medjax, HF, medjax, HF,
+...), each run in a fresh process of its own (a loaded JAX runtime slows torch down by about
+10% on CPU). A run times ``--steps`` steps after one warm-up and keeps their median; the report
+gives per side the min, median and spread ((max - min) / median) of the runs' tokens/s, the ratio
+of the medians, and the machine's load average at start and end (a shared machine's absolute
+tokens/s are noisy: the interleaved median ratio is the robust number). One step is one optimizer step (forward, backward, AdamW update) on a ``[batch, seq]`` batch
 of random tokens. medjax uses ``train_step`` jitted with donated state; HF uses
 ``transformers`` + ``peft`` (``LoraConfig`` with the same rank, alpha and targets) and
 ``torch.optim.AdamW`` over the trainable params.
@@ -72,29 +76,38 @@ def _preset(model_path):
     return model_path.split(":", 1)[1] if model_path.startswith("preset:") else None
 
 
-def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
-                 remat: str = "none", scan_layers: bool = False):
-    """One step's median time, first-step time, loss and peak device memory; the model is built
-    by the trainer's own ``load_model`` from the same ``model.*`` options a config would give."""
-    import jax
-    import jax.numpy as jnp
+def build_medjax_step(model_path, lora: bool, rank: int, dtype: str = "float32",
+                      remat: str | None = None, scan_layers: bool | None = None):
+    """``(step_fn, state, frozen, reference, model config)``: the model built by the trainer's
+    own ``load_model`` from the same ``model.*`` options a config would give (``remat`` /
+    ``scan_layers`` None: the trainer's defaults, i.e. what ``medjax.train`` runs)."""
     from medjax.config import build, RunConfig
     from medjax.sharding import make_mesh
     from medjax.training.loop import load_model
     from medjax.training.setup import build_trainable
 
     run_cfg = build(RunConfig, {
-        "model": {"dtype": dtype, "param_dtype": dtype, "remat": remat, "scan_layers": scan_layers,
+        "model": {"dtype": dtype, "param_dtype": dtype,
+                  **({"remat": remat} if remat is not None else {}),
+                  **({"scan_layers": scan_layers} if scan_layers is not None else {}),
                   **({"preset": _preset(model_path)} if _preset(model_path) else {"path": model_path})},
         "lora": {"enabled": lora, "rank": rank, "alpha": 2.0 * rank, "targets": list(TARGETS)},
         "optim": {"lr": 1e-4, "schedule": "constant", "clip_norm": 1.0, "warmup_steps": 0},
         "train": {"steps": 100, "grad_accum": 1, "aux_loss_coef": 0.0}})
     model, _ = load_model(run_cfg)
-    cfg = model.config
     trainable = build_trainable(run_cfg, model, make_mesh(run_cfg.mesh))   # wrap, split, init, place
-    fn, state, frozen, reference = (trainable.step_fn, trainable.state, trainable.frozen,
-                                    trainable.reference)
-    del model, trainable
+    return (trainable.step_fn, trainable.state, trainable.frozen, trainable.reference,
+            model.config)
+
+
+def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
+                 remat: str | None = None, scan_layers: bool | None = None):
+    """One step's median time, first-step time, loss and peak device memory of
+    ``build_medjax_step``'s step."""
+    import jax
+    import jax.numpy as jnp
+    fn, state, frozen, reference, cfg = build_medjax_step(model_path, lora, rank, dtype, remat,
+                                                          scan_layers)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     t = time.perf_counter()
     state, m = fn(state, frozen, reference, batch)
@@ -112,9 +125,10 @@ def bench_medjax(model_path, lora: bool, batch_np, steps: int, rank: int, dtype:
             "config": cfg}
 
 
-def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
-             grad_ckpt: bool = False):
-    """The same step with transformers (+ PEFT); ``grad_ckpt``: gradient checkpointing."""
+def build_hf_step(model_path, lora: bool, batch_np, rank: int, dtype: str = "float32",
+                  grad_ckpt: bool = False):
+    """``(one step -> loss, device)``: the same step with transformers (+ PEFT);
+    ``grad_ckpt``: gradient checkpointing."""
     import torch
     import transformers
     from medjax.loading import resolve_path
@@ -152,6 +166,14 @@ def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str
         opt.zero_grad(set_to_none=True)
         return float(loss)        # float() synchronises the device
 
+    return one, device
+
+
+def bench_hf(model_path, lora: bool, batch_np, steps: int, rank: int, dtype: str = "float32",
+             grad_ckpt: bool = False):
+    """``build_hf_step``'s step: median time, first-step time, loss, peak device memory."""
+    import torch
+    one, device = build_hf_step(model_path, lora, batch_np, rank, dtype, grad_ckpt)
     t = time.perf_counter()
     one()
     first = time.perf_counter() - t
@@ -173,6 +195,59 @@ def isolated(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def spread_stats(rates) -> dict:
+    """``min``, ``median``, ``max`` and ``spread`` ((max - min) / median) of some runs' rates."""
+    rates = np.asarray(rates, float)
+    med = float(np.median(rates))
+    return {"min": round(float(rates.min()), 1), "median": round(med, 1),
+            "max": round(float(rates.max()), 1),
+            "spread": round(float(rates.max() - rates.min()) / med, 3) if med else None}
+
+
+def _load_average() -> list[float] | None:
+    import os
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:                       # not available on this platform
+        return None
+
+
+def run_mode(args, lora: bool, batch, peak: float, dtype: str) -> dict:
+    """``args.repeats`` interleaved runs of each side, each in a fresh process; one report row."""
+    tokens = args.batch * args.seq
+    mj_runs, hf_runs, flops = [], [], None
+    for _ in range(args.repeats):
+        mj = isolated(bench_medjax, args.model, lora, batch, args.steps, args.rank, dtype)
+        flops = model_flops_per_token(mj.pop("config"), args.seq, lora) * tokens
+        mj_runs.append(mj)
+        if not args.no_hf:
+            hf_runs.append(isolated(bench_hf, args.model, lora, batch, args.steps, args.rank, dtype))
+    mj_step = float(np.median([r["step_s"] for r in mj_runs]))
+    row = {"medjax_tokens_per_s": spread_stats([tokens / r["step_s"] for r in mj_runs]),
+           "medjax_mfu": round(flops / mj_step / peak, 3),
+           "medjax_tflops": round(flops / mj_step / 1e12, 3),
+           "medjax_step_s": round(mj_step, 3),
+           "medjax_first_step_s": round(float(np.median([r["first_step_s"] for r in mj_runs])), 1),
+           "medjax_peak_gib": mj_runs[0]["peak_gib"] and round(mj_runs[0]["peak_gib"], 2)}
+    if hf_runs:
+        hf_step = float(np.median([r["step_s"] for r in hf_runs]))
+        row.update(hf_tokens_per_s=spread_stats([tokens / r["step_s"] for r in hf_runs]),
+                   hf_step_s=round(hf_step, 3),
+                   hf_peak_gib=hf_runs[0]["peak_gib"] and round(hf_runs[0]["peak_gib"], 2),
+                   hf_mfu=round(flops / hf_step / peak, 3),
+                   speedup_vs_hf=round(hf_step / mj_step, 2))
+    return row
+
+
+def _summary(mode: str, row: dict) -> str:
+    def side(name, s):
+        return f"{name} {s['median']} tok/s (min {s['min']}, spread {100 * s['spread']:.1f}%)"
+    text = f"{mode:5s} " + side("medjax", row["medjax_tokens_per_s"])
+    if "hf_tokens_per_s" in row:
+        text += " | " + side("hf", row["hf_tokens_per_s"]) + f" | median ratio {row['speedup_vs_hf']}x"
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,40 +256,35 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run (median) after one warm-up")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per side, interleaved medjax/HF, each in a fresh process")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--modes", default="lora,full", help="comma list of lora,full")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers+peft side")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
+    if args.repeats < 1 or args.steps < 1:
+        p.error("--repeats and --steps must be >= 1")
+    load_start = _load_average()
     peak, device, backend, dtype = isolated(_device_and_peak, args.dtype)
     vocab = RANDOM_TOKEN_LIMIT
     if _preset(args.model):
         from medjax.models import get_preset     # a dataclass: no JAX backend starts here
         vocab = min(vocab, get_preset(_preset(args.model)).vocab_size)
     batch = _batch(vocab, args.batch, args.seq)
-    tokens = args.batch * args.seq
     results = {"device": device, "backend": backend,
                "model": args.model, "seq": args.seq, "batch": args.batch, "dtype": dtype, "rank": args.rank,
-               "matmul_peak_gflops": round(peak / 1e9, 1), "date": time.strftime("%Y-%m-%d")}
+               "matmul_peak_gflops": round(peak / 1e9, 1), "date": time.strftime("%Y-%m-%d"),
+               "repeats": args.repeats, "steps": args.steps, "load_average_start": load_start}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        lora = mode == "lora"
-        mj = isolated(bench_medjax, args.model, lora, batch, args.steps, args.rank, dtype)
-        flops = model_flops_per_token(mj.pop("config"), args.seq, lora) * tokens
-        row = {"medjax_tokens_per_s": round(tokens / mj["step_s"], 1),
-               "medjax_mfu": round(flops / mj["step_s"] / peak, 3),
-               "medjax_tflops": round(flops / mj["step_s"] / 1e12, 3),
-               "medjax_step_s": round(mj["step_s"], 3), "medjax_first_step_s": round(mj["first_step_s"], 1),
-               "medjax_peak_gib": mj["peak_gib"] and round(mj["peak_gib"], 2)}
-        if not args.no_hf:
-            hf = isolated(bench_hf, args.model, lora, batch, args.steps, args.rank, dtype)
-            row.update(hf_tokens_per_s=round(tokens / hf["step_s"], 1), hf_step_s=round(hf["step_s"], 3),
-                       hf_peak_gib=hf["peak_gib"] and round(hf["peak_gib"], 2),
-                       hf_mfu=round(flops / hf["step_s"] / peak, 3),
-                       speedup_vs_hf=round(hf["step_s"] / mj["step_s"], 2))
+        row = run_mode(args, mode == "lora", batch, peak, dtype)
         results[mode] = row
-        print(f"{mode:5s} " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        print(_summary(mode, row), flush=True)
+    results["load_average_end"] = _load_average()
+    print(f"load average (1, 5, 15 min): start {results['load_average_start']}, "
+          f"end {results['load_average_end']}", flush=True)
     print(json.dumps(results, indent=2))
     if args.json:
         from pathlib import Path
