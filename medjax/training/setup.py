@@ -114,11 +114,12 @@ def plain_model(model):
     """A wrapper-free fp copy for export / eval: quantized bases dequantized, then adapters merged
     onto them — the base the adapters were trained against (the in-run and checkpoint exports
     are the same function of the same arrays)."""
-    from medjax.lora import lora_modules, merged_model
+    from medjax.lora import lora_modules, merge_lora, strip_lora
     from medjax.quant import dequantize_model
     if not lora_modules(model):
         return model
-    return merged_model(dequantize_model(nnx.clone(model)))
+    # one float copy: merged in place on the dequantized clone (``merged_model`` would clone it again)
+    return strip_lora(merge_lora(dequantize_model(nnx.clone(model))))
 
 
 @dataclasses.dataclass
