@@ -50,6 +50,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
     np_dtype = _NP_DTYPES[dtype]
     is_writer = jax.process_index() == 0
 
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]   # removed on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     if is_writer:  # leftovers of an export that was killed before its final rename
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -105,3 +106,8 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+            for parent in made:          # nothing left behind: the folders this call created
+                try:
+                    parent.rmdir()
+                except OSError:          # not empty (another writer's files) or already gone
+                    break
