@@ -12,6 +12,7 @@ an export. Each file and directory here is therefore set to the mode a plain ``o
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def temp_dir_beside(path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, umask_mode(directory=True))
     return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Put the complete directory ``tmp`` at ``path``: an existing ``path`` is moved aside, replaced
+    by ``tmp`` in one rename, then removed (a crash in between leaves ``.<name>.old``, never half)."""
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
 
 
 def write_file(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -20,7 +20,7 @@ from flax import nnx
 from medjax.hf.names import export_tensors
 from medjax.hf.safetensors_io import CheckpointError, write_safetensors
 from medjax.models.stack import per_layer_flat
-from medjax.outputs import temp_dir_beside
+from medjax.outputs import replace_dir, temp_dir_beside
 from medjax.sharding import host_value
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -93,14 +93,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
         tmp = None
         return out
     finally:

@@ -34,7 +34,6 @@ The adapter targets the model as transformers 5 builds it in memory, and loads w
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import numpy as np
 
 from medjax.lora import LoRAExperts, LoRALinear, lora_modules
 from medjax.models.stack import num_stacked, unstack_module
-from medjax.outputs import temp_dir_beside
+from medjax.outputs import replace_dir, temp_dir_beside
 from medjax.sharding import host_value
 
 
@@ -187,13 +186,7 @@ def save_peft(model, out_dir, *, base_model_name_or_path: str | None = None) -> 
         write_safetensors(tmp / "adapter_model.safetensors",
                           [(k, a.dtype, a.shape, [a]) for k, a in tensors.items()])
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
         tmp = None
     finally:
         if tmp is not None:
