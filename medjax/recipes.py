@@ -150,7 +150,7 @@ def explicit_steps_win(overrides) -> list:
     overrides is a ConfigError naming the two keys."""
     from medjax.config import parse_override
     overrides = list(overrides)
-    given = {".".join(parse_override(o)[0]): parse_override(o)[1] for o in overrides if "=" in o}
+    given = {".".join(keys): value for keys, value in map(parse_override, (o for o in overrides if "=" in o))}
     if "train.steps" not in given:
         return overrides
     if given.get("train.epochs") is not None:
