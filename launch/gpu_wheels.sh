@@ -18,7 +18,7 @@ WHEELS=(
   array_record==0.8.6    # grain's record files
   portpicker==1.6.0      # grain's multiprocessing
   gguf==0.19.0           # medjax.hf.gguf / gguf_export, tokenizer from a .gguf
-  tensorboardX==2.6.5    # medjax.training.metrics
+  tensorboardX==2.6.5    # medjax.train.metrics
 )
 mkdir -p "$DEST"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -294,7 +294,7 @@ class TrainSection:
     eval_every: int = 0                 # held-out loss every N steps (0: only before/after)
     eval_batches: int = 4               # held-out batches per evaluation
     export: tuple = ("hf", "peft")      # written to <out_dir>/export/{hf,peft} at the end
-    objective: str = "sft"              # sft | dpo (preference pairs; medjax/training/dpo.py)
+    objective: str = "sft"              # sft | dpo (preference pairs; medjax/train/dpo.py)
     neftune_alpha: float = 0.0          # NEFTune noise on input embeddings (Internist.ai: 5); 0 = off
     recipe: Optional[str] = None        # the published recipe a config reproduces (docs/RECIPES.md)
 
@@ -317,7 +317,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class DpoSection:
-    """Direct preference optimisation (``train.objective=dpo``; medjax/training/dpo.py)."""
+    """Direct preference optimisation (``train.objective=dpo``; medjax/train/dpo.py)."""
     beta: float = 0.1                   # strength of the KL anchor to the reference model
     label_smoothing: float = 0.0        # conservative DPO: assumed fraction of flipped labels
     reference: str = "auto"             # auto: LoRA → base with adapters off; full FT → frozen copy

@@ -7,7 +7,7 @@
 
 The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
 ``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
-(medjax/sharding.py), exactly as training will lay it out. Accounting (medjax/training/step.py):
+(medjax/sharding.py), exactly as training will lay it out. Accounting (medjax/train/step.py):
 
 * params     trainable variables in fp32 (the optimizer's master copy); frozen base weights in
              ``model.param_dtype``; with ``lora.quantize`` exactly what medjax/quant/ stores:
@@ -152,7 +152,7 @@ def abstract_model(cfg: RunConfig, model_cfg):
     def build():
         model = Decoder(model_cfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.model.param_dtype),
                         dtype=jnp.dtype(cfg.model.dtype), scan_layers=cfg.model.scan_layers)
-        from medjax.training.setup import prepare_model
+        from medjax.train.setup import prepare_model
         prepare_model(cfg, model)       # the trainer's wrap → quantize → NEFTune, one copy
         return model
     return nnx.eval_shape(build)

@@ -3,7 +3,7 @@
     python -m medjax.plan --config F --device v5p-64 --compile
     python -m medjax.plan --config F --device h100 --num-devices 8 --compile
 
-The run's jitted train step — built by the same code training uses (``medjax.training``) — is
+The run's jitted train step — built by the same code training uses (``medjax.train``) — is
 lowered with abstract inputs (``jax.ShapeDtypeStruct`` carrying their shardings) on
 compile-only devices from ``jax.experimental.topologies`` and compiled by libtpu (TPU) or XLA's
 GPU pipeline (CUDA). Nothing is allocated. Reported per device:
@@ -154,7 +154,7 @@ def abstract_step(cfg, mesh, model_cfg):
     from flax import nnx
 
     from medjax.models import Decoder
-    from medjax.training.setup import build_trainable
+    from medjax.train.setup import build_trainable
     model = nnx.eval_shape(lambda: Decoder(
         model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.model.dtype),
         param_dtype=jnp.dtype(cfg.model.param_dtype), attention_impl=cfg.model.attention,

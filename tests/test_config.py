@@ -78,7 +78,7 @@ def test_every_user_error_class_is_one_family():
     from medjax.paths import PathError
     from medjax.sharding import ShardingError
     from medjax.tokenizer import TokenizerError
-    from medjax.training.checkpoint import CheckpointError as TrainCheckpointError
+    from medjax.train.checkpoint import CheckpointError as TrainCheckpointError
     assert PipelineDataError is BenchmarkDataError and WeightsError is TrainCheckpointError
     for cls in (PipelineDataError, FieldError, UnknownTaskError, WeightsError, UnsupportedModelError,
                 PathError, ShardingError, TokenizerError, ConfigError):
@@ -94,7 +94,7 @@ def test_every_user_error_class_is_one_family():
 ])
 def test_a_config_mistake_at_the_command_line_is_one_error_line(tmp_path, capsys, overrides, line):
     """``python -m medjax.train`` (``run_cli(main)``, as its ``__main__`` does): exit 2, one line."""
-    from medjax.train import main
+    from medjax.train.__main__ import main
     config = _write(tmp_path, "run.yaml", {**BASE, "model": {"preset": "gpt-9"}})
     assert run_cli(main, ["--config", config, *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -121,7 +121,7 @@ def test_a_bad_mesh_flag_of_eval_or_export_is_one_error_line(tmp_path, capsys, m
         from medjax.eval.__main__ import main
         argv = ["--model", str(tmp_path / "absent"), "--data-dir", str(tmp_path), "--tasks", "medqa", flag]
     else:
-        from medjax.export import main
+        from medjax.export.__main__ import main
         argv = ["--checkpoint", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), flag]
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -23,7 +23,7 @@ def _option_help(text: str, option: str) -> str:
 
 
 def test_generate_help_describes_sampling_options_and_defaults(capsys):
-    from medjax.generate import build_parser
+    from medjax.generate.__main__ import build_parser
     text = build_parser().format_help()
     for option, default in (("--max-new-tokens", "256"), ("--seed", "0"), ("--dtype", "float32")):
         line = _option_help(text, option)
@@ -32,10 +32,10 @@ def test_generate_help_describes_sampling_options_and_defaults(capsys):
 
 
 def test_bench_help_describes_every_benchmark(capsys):
-    from medjax.bench import BENCHMARKS, available, main
+    from medjax.bench.__main__ import BENCHMARKS, available, main
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert set(available()) == set(BENCHMARKS), "describe each medjax/benchmarks module in BENCHMARKS"
+    assert set(available()) == set(BENCHMARKS), "describe each medjax/bench module in BENCHMARKS"
     for name in available():
         what, how_long = BENCHMARKS[name]
         assert f"  {name}" in text and what.split()[0] in text and how_long in text
@@ -43,7 +43,7 @@ def test_bench_help_describes_every_benchmark(capsys):
 
 def test_train_help_lists_every_config_key(capsys):
     from medjax.config import RunConfig
-    from medjax.train import parse_args
+    from medjax.train.__main__ import parse_args
     text = " ".join(_help(parse_args, ["--help"], capsys).split())
     assert "medjax/config.py" in text
     for section, cls in typing.get_type_hints(RunConfig).items():

@@ -136,6 +136,6 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     layers = documented_layers()
     assert layer_of("medjax.ops.attention", layers) > layer_of("medjax.models.decoder", layers)
-    assert layer_of("medjax.lora", layers) > layer_of("medjax.training.loop", layers)
+    assert layer_of("medjax.lora", layers) > layer_of("medjax.train.loop", layers)
     # an import inside a function is a dependency too (sources reads tfds only when asked)
     assert "medjax.data.tfds_builders" in import_graph()["medjax.data.sources"]

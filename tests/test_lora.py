@@ -71,7 +71,7 @@ def test_expert_adapter_matches_dense_per_expert_reference():
 @pytest.fixture(scope="module")
 def trained_lora(tmp_path_factory):
     """A LoRA run of 12 steps on a tiny llama, exported as merged HF + PEFT."""
-    from medjax.training.loop import run
+    from medjax.train.loop import run
     root = tmp_path_factory.mktemp("lora_run")
     model_dir = make_tiny_model_dir(root / "base")
     data = write_alpaca(root / "train.jsonl")
@@ -83,8 +83,8 @@ def trained_lora(tmp_path_factory):
 
 def _lora_model(model_dir, run_dir, cfg):
     """The trained LoRA model rebuilt from the last checkpoint."""
-    from medjax.training.loop import Trainer, load_model
-    from medjax.training.objectives import objective_for
+    from medjax.train.loop import Trainer, load_model
+    from medjax.train.objectives import objective_for
     model, tok = load_model(cfg)
     trainer = Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
     assert trainer.resume()
@@ -117,7 +117,7 @@ def test_peft_adapter_loads_onto_hf_base_and_matches(trained_lora):
 
 
 def test_export_cli_from_checkpoint(trained_lora, tmp_path):
-    from medjax.export import main
+    from medjax.export.__main__ import main
     model_dir, run_dir, summary, cfg = trained_lora
     assert main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "hf"), "--merge-lora"]) == 0
     assert main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
@@ -146,7 +146,7 @@ def test_low_rank_hand_written_backward_equals_autodiff():
 def test_export_cli_overwrites_only_when_asked_and_only_process_0_reports(trained_lora, tmp_path, capsys,
                                                                           monkeypatch):
     from medjax.cli_errors import run_cli
-    from medjax.export import main
+    from medjax.export.__main__ import main
     model_dir, run_dir, summary, cfg = trained_lora
     out, gguf = tmp_path / "hf", tmp_path / "model.gguf"
     out.mkdir()

@@ -66,7 +66,7 @@ HOW = {
         "a benchmark (minutes, 1.2 GB of disk); tests/hf/test_fullsize.py runs the same path",
     "python -m medjax.bench eval --output eval_bench.json": "a benchmark (an hour on this CPU)",
     "python -m medjax.bench data": "a benchmark",
-    "python -m medjax.bench compile": "a benchmark (minutes); tests/benchmarks/test_compile_bench.py "
+    "python -m medjax.bench compile": "a benchmark (minutes); tests/bench/test_compile_bench.py "
                                       "runs it at tiny depths",
     ".venv-tpu/bin/python -m medjax.plan --config configs/meditron_llama2_cpt.yaml --device v5p-16 --compile":
         "needs the libtpu venv (`make tpu-venv`); tests/test_plan_compile.py covers --compile",

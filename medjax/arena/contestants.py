@@ -79,9 +79,9 @@ def load_model(path, dtype):
         import medjax
         model, tokenizer = medjax.load(resolved, dtype=dtype)
     else:
-        from medjax.training.loop import restore_trained_model
+        from medjax.train.loop import restore_trained_model
         ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
-        from medjax.training.setup import plain_model
+        from medjax.train.setup import plain_model
         model, tokenizer, _, _ = restore_trained_model(ckpt)      # in the run's model.dtype
         model = plain_model(model)                                # LoRA merged, as export does
     if tokenizer is None:

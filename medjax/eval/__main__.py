@@ -91,7 +91,7 @@ def load_model(path: str, requested: str, mesh_flags=()):
 
     resolved = resolve_path(path)
     if model_kind(resolved) == "run":
-        from medjax.training.loop import restore_trained_model
+        from medjax.train.loop import restore_trained_model
         ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
         model, tokenizer, cfg, step = restore_trained_model(ckpt, mesh_overrides=mesh_flags)
         if requested not in ("auto", cfg.model.dtype):

@@ -9,7 +9,7 @@ TEST_RUBRIC = ("Question: {{ question }}\n{% if reference %}Notes: {{ reference 
 
 
 def tiny_chat_model(out, seed):
-    from training.train_helpers import make_tiny_model_dir
+    from train.train_helpers import make_tiny_model_dir
     make_tiny_model_dir(out, family="llama3", seed=seed, max_position_embeddings=1024)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -35,9 +35,9 @@ def arena_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, arena_files):
     """A LoRA training run of 2 steps from the ``alpha`` model (a run checkpoint contestant)."""
-    from training.train_helpers import tiny_config, write_alpaca
+    from train.train_helpers import tiny_config, write_alpaca
 
-    from medjax.training.loop import run
+    from medjax.train.loop import run
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config(arena_files["alpha"], write_alpaca(root / "train.jsonl"), root / "run",
                       train__steps=2, checkpoint__every=2,

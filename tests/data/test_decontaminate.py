@@ -169,7 +169,7 @@ def test_data_decontaminate_drops_the_rows_and_logs_them(tmp_path, bench_dir, to
 
 def test_training_data_of_a_run_is_decontaminated(tmp_path, bench_dir, tokenizer, capsys):
     from medjax.config import load_config
-    from medjax.training.loop import prepare_data
+    from medjax.train.loop import prepare_data
     path, planted = planted_corpus(tmp_path, bench_dir)
     cfg = load_config([ROOT / "configs" / "tiny" / "llama2.yaml"],
                       [f"data.train={path}", "data.format=alpaca", "data.on_error=skip", "data.heldout_rows=0",

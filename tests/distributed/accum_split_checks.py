@@ -11,7 +11,7 @@
   dropout on the two runs draw different masks).
 
 Not collected by the default pytest run (the flag must be set before jax is imported):
-tests/training/test_accum_split.py runs this module in a subprocess with
+tests/train/test_accum_split.py runs this module in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the ``slow`` checks in a second one).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from medjax import sharding  # noqa: E402
-from medjax.training import step as S  # noqa: E402
+from medjax.train import step as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 24        # no dimension of a tiny preset is 24: a collective of a shape with 24 carries batch rows
@@ -131,8 +131,8 @@ def _batches(objective, rows, vocab, steps=2):
 
 def _losses(cfg):
     from medjax.models import get_preset
-    from medjax.training.loop import load_model
-    from medjax.training.setup import build_trainable
+    from medjax.train.loop import load_model
+    from medjax.train.setup import build_trainable
     mesh = sharding.make_mesh(cfg.mesh)
     model, _ = load_model(cfg)
     t = build_trainable(cfg, model, mesh)

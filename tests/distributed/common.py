@@ -51,17 +51,17 @@ def batches(num_steps: int, batch: int, vocab: int, seed: int = 1):
     return [rng.integers(0, vocab, size=(batch, SEQ + 1), dtype=np.int32) for _ in range(num_steps)]
 
 
-# ----------------------------------------------------------------------------- medjax.training
+# ----------------------------------------------------------------------------- medjax.train
 def training_setup(preset: str, mesh, rules, seed: int = 0, scan_layers: bool = False):
-    """The project's own jitted train step (medjax.training.step) on ``mesh``.
+    """The project's own jitted train step (medjax.train.step) on ``mesh``.
 
     Returns ``(step_fn, state, frozen)``; ``step_fn(state, frozen, batch) -> (state, metrics)``.
     """
     from medjax.config import OptimSection
     from medjax.sharding import place
-    from medjax.training.objectives import CausalLM
-    from medjax.training.optimizer import make_optimizer
-    from medjax.training.step import init_train_state, jit_train_step, split_model
+    from medjax.train.objectives import CausalLM
+    from medjax.train.optimizer import make_optimizer
+    from medjax.train.step import init_train_state, jit_train_step, split_model
 
     model = init_decoder(get_preset(preset), seed=seed, scan_layers=scan_layers)
     graphdef, params, rngs, frozen = split_model(model, lora=False)

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from medjax import sharding  # noqa: E402
 from medjax.config import MeshSection  # noqa: E402
 from medjax.models import get_preset, init_decoder, moe_dispatch  # noqa: E402
-from medjax.training.step import on_mesh  # noqa: E402
+from medjax.train.step import on_mesh  # noqa: E402
 from tests.distributed import common, hlo_groups  # noqa: E402
 
 MESH = dict(fsdp=2, expert=4)

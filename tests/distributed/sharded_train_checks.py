@@ -79,7 +79,7 @@ def _normalise(spec: P, ndim: int) -> tuple:
 
 @pytest.fixture(scope="module")
 def reference_losses():
-    """Single-device losses (a 1-device mesh) of medjax.training's step for each model."""
+    """Single-device losses (a 1-device mesh) of medjax.train's step for each model."""
     out = {}
     one = sharding.make_mesh(MeshSection(preset="dp"), devices=jax.devices()[:1])
     for model in ("tiny-llama", "tiny-mixtral"):

@@ -88,7 +88,7 @@ def test_smollm2_greedy_matches_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     import medjax
-    from medjax.benchmarks.eval import gguf_to_hf_dir
+    from medjax.bench.eval import gguf_to_hf_dir
     hf_dir = gguf_to_hf_dir(gguf, tmp_path / "smollm2")
     model, tokenizer = medjax.load(hf_dir, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()

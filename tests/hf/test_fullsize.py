@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medjax.benchmarks import _fullsize_fixture as F
+from medjax.bench import _fullsize_fixture as F
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,9 +46,9 @@ def test_7b_width_two_layers_load_step_export_transformers(tmp_path, monkeypatch
     import jax.numpy as jnp
     import medjax
     from medjax.cli_errors import run_cli
-    from medjax.train import main as train_main
-    from medjax.training.loop import restore_trained_model
-    from medjax.training.setup import plain_model
+    from medjax.train.__main__ import main as train_main
+    from medjax.train.loop import restore_trained_model
+    from medjax.train.setup import plain_model
 
     fixture = F.write_fixture("llama2-7b", 2, tmp_path / "fixture", max_shard_bytes=600_000_000)
     index = json.loads((fixture / "model.safetensors.index.json").read_text())

@@ -240,8 +240,8 @@ def test_export_cli(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca
     from medjax.cli_errors import run_cli
-    from medjax.export import main
-    from medjax.training.loop import restore_trained_model, run
+    from medjax.export.__main__ import main
+    from medjax.train.loop import restore_trained_model, run
     cfg = tiny_config(make_tiny_model_dir(tmp_path / "base", hidden_size=48), write_alpaca(tmp_path / "a.jsonl"),
                       tmp_path / "run", train__steps=2)
     run(cfg, show_bar=False)

@@ -37,8 +37,8 @@ import jax, jax.numpy as jnp
 import medjax
 from medjax import sharding
 from medjax.config import MeshSection, OptimSection
-from medjax.training import step as S
-from medjax.training.optimizer import make_optimizer
+from medjax.train import step as S
+from medjax.train.optimizer import make_optimizer
 from flax import nnx
 devices = jax.devices()
 base = rss("VmRSS")

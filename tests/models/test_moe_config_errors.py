@@ -27,7 +27,7 @@ def bad_run(tmp_path_factory):
 @pytest.mark.parametrize("cli", ["train", "plan"])
 def test_too_many_experts_per_token_is_one_error_line(bad_run, cli, capsys):
     if cli == "train":
-        from medjax.train import main
+        from medjax.train.__main__ import main
     else:
         from medjax.plan import main
     yaml, model, k, E = bad_run

@@ -12,8 +12,8 @@ from medjax.lora import apply_lora
 from medjax.models import get_preset, init_decoder
 from medjax.models.stack import per_layer_flat, split_layer_path
 from medjax.quant import quantize_model
-from medjax.training import step as S
-from medjax.training.objectives import CausalLM
+from medjax.train import step as S
+from medjax.train.objectives import CausalLM
 
 MIXTRAL_TARGETS = ("q_proj", "v_proj", "o_proj", "experts", "block_sparse_moe.gate")
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")

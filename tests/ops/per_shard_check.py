@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from medjax.ops import attention, attention_reference
-from medjax.training.step import on_mesh
+from medjax.train.step import on_mesh
 
 from attention_checks import random_qkv, rel_err
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from medjax.ops.pallas import tpu_compile
-from medjax.benchmarks._attention_tpu import CI, WINDOW, packed_segments
+from medjax.bench._attention_tpu import CI, WINDOW, packed_segments
 
 CHIPS = ("v5p", "v6e")
 pytestmark = pytest.mark.skipif(

@@ -9,10 +9,10 @@ from flax import nnx
 from medjax.config import LoraSection
 from medjax.lora import apply_lora
 from medjax.models import get_preset, init_decoder
-from medjax.training import dpo
-from medjax.training import step as S
-from medjax.training.objectives import DPO, CausalLM, token_nll
-from medjax.training.neftune import attach_neftune, neftune_noise, noisy_embeddings
+from medjax.train import dpo
+from medjax.train import step as S
+from medjax.train.objectives import DPO, CausalLM, token_nll
+from medjax.train.neftune import attach_neftune, neftune_noise, noisy_embeddings
 
 
 def test_neftune_noise_scale_per_packed_segment_and_none_on_padding():

@@ -31,7 +31,7 @@ def test_explicit_epochs_override_still_applies():
 
 def test_steps_and_epochs_both_given_is_one_error_naming_both(capsys):
     from medjax.cli_errors import run_cli
-    from medjax.train import main
+    from medjax.train.__main__ import main
     rc = run_cli(main, ["--config", str(RECIPE), *INPUTS, "train.steps=1", "train.epochs=2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err

@@ -45,7 +45,7 @@ def test_every_config_but_the_demo_is_a_recipe():
 def test_recipe_takes_two_optimizer_steps_at_tiny_size(name, tmp_path, monkeypatch):
     """``python -m medjax.train --config configs/NAME.yaml model=tiny`` with the recipe's own
     remat / grad_accum / LoRA / QLoRA / NEFTune / DPO settings (2 steps instead of 10)."""
-    from medjax.train import main
+    from medjax.train.__main__ import main
     monkeypatch.chdir(tmp_path)                 # runs/tiny/NAME lands here; no eval data here
     config = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
     assert main(["--config", str(config), "model=tiny", "train.steps=2", "--no-progress"]) == 0
@@ -83,7 +83,7 @@ def _train_losses(out_dir):
 
 
 def _run_tiny(name, tmp_path, *extra):
-    from medjax.training.loop import run
+    from medjax.train.loop import run
     cfg = load_recipe(name, ["model=tiny", f"train.out_dir={tmp_path / name}", *extra])
     return cfg, run(cfg, show_bar=False)
 

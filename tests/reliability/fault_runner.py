@@ -32,7 +32,7 @@ def _die() -> None:
 
 def install(kind: str, step: int, delay_s: float) -> None:
     if kind == "step":
-        from medjax.training import step as S
+        from medjax.train import step as S
         real_jit = S.jit_train_step
 
         def jit_train_step(*args, **kwargs):
@@ -47,7 +47,7 @@ def install(kind: str, step: int, delay_s: float) -> None:
             return step_fn, shardings
         S.jit_train_step = jit_train_step
     elif kind == "ckpt":
-        from medjax.training.checkpoint import Checkpointer
+        from medjax.train.checkpoint import Checkpointer
         real_save = Checkpointer.save
 
         def save(self, at_step, state, meta):
@@ -87,7 +87,7 @@ def main() -> int:
     kind, step, delay_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     install(kind, step, delay_ms / 1000.0)
     from medjax.cli_errors import run_cli
-    from medjax.train import main as train_main
+    from medjax.train.__main__ import main as train_main
     status = run_cli(train_main, sys.argv[sep + 1:])
     return 99 if kind != "none" and status == 0 else status
 

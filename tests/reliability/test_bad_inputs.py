@@ -19,13 +19,13 @@ MODULES = {"train": "medjax.train", "eval": "medjax.eval", "export": "medjax.exp
 
 def _main(cli):
     if cli == "train":
-        from medjax.train import main
+        from medjax.train.__main__ import main
     elif cli == "eval":
         from medjax.eval.__main__ import main
     elif cli == "export":
-        from medjax.export import main
+        from medjax.export.__main__ import main
     elif cli == "generate":
-        from medjax.generate import main
+        from medjax.generate.__main__ import main
     else:
         from medjax.data.__main__ import main
     return main

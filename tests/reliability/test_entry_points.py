@@ -44,11 +44,11 @@ BAD_PATH = {
     "medjax.export": lambda t: ["--checkpoint", str(t / MISSING), "--out", str(t / "out")],
     "medjax.generate": lambda t: ["--model", str(t / MISSING), "--prompt", "hi"],
     "medjax.bench": lambda t: ["data", "--tokenizer", str(t / MISSING)],
-    "medjax.benchmarks.data": lambda t: ["--tokenizer", str(t / MISSING)],
-    "medjax.benchmarks._gpu_parts": lambda t: ["smoke", "--rows", str(t / MISSING / "rows.jsonl")],
-    "medjax.benchmarks.fullsize": lambda t: ["--layers", "1", "--work", str(t / MISSING / "work")],
-    "medjax.benchmarks._fullsize_fixture": lambda t: ["--layers", "1", "--out", str(t / MISSING / "fx")],
-    "medjax.benchmarks.eval": lambda t: ["--model", str(t / MISSING), "--work-dir", str(t / "out")],
+    "medjax.bench.data": lambda t: ["--tokenizer", str(t / MISSING)],
+    "medjax.bench._gpu_parts": lambda t: ["smoke", "--rows", str(t / MISSING / "rows.jsonl")],
+    "medjax.bench.fullsize": lambda t: ["--layers", "1", "--work", str(t / MISSING / "work")],
+    "medjax.bench._fullsize_fixture": lambda t: ["--layers", "1", "--out", str(t / MISSING / "fx")],
+    "medjax.bench.eval": lambda t: ["--model", str(t / MISSING), "--work-dir", str(t / "out")],
     "medjax.plan": lambda t: ["--config", str(t / MISSING / "run.yaml")],
     "medjax.recipes": lambda t: ["plan", "--recipe", "melt_llama2_lora", "--device", MISSING],
     "medjax.eval": lambda t: ["--model", str(t / "m"), "--data-dir", str(t / MISSING), "--tasks", "medqa",
@@ -101,13 +101,13 @@ def test_missing_path_is_one_error_line(module, tmp_path, capsys):
 
 
 def _benchmarks():
-    from medjax.bench import available
+    from medjax.bench.__main__ import available
     return available()
 
 
 @pytest.mark.parametrize("name", _benchmarks(), ids=lambda n: f"bench_{n}")  # not "gpu": a marker name
 def test_every_benchmark_rejects_a_bad_option(name, capsys):
-    """``python -m medjax.bench NAME`` runs ``medjax.benchmarks.NAME.main``: an entry point too."""
+    """``python -m medjax.bench NAME`` runs ``medjax.bench.NAME.main``: an entry point too."""
     rc, err = _run("medjax.bench", [name, "--no-such-option"], capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and "Traceback" not in err and lines and "--no-such-option" in lines[-1], err[-2000:]

@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from train_helpers import tiny_config, write_alpaca
-from medjax.training.loop import Trainer, TrainingDiverged, load_model
-from medjax.training.objectives import objective_for
+from medjax.train.loop import Trainer, TrainingDiverged, load_model
+from medjax.train.objectives import objective_for
 
 
 def _trainer(tmp_path, model_dir, **over):

@@ -23,8 +23,8 @@ def _write_everything(model, lora_model, tokenizer, out: Path) -> dict[str, int]
     """Every kind of output file medjax writes, under ``out``; their modes."""
     import medjax
     from medjax.eval.report import write_json
-    from medjax.training.checkpoint import Checkpointer
-    from medjax.training.peft_export import save_peft
+    from medjax.train.checkpoint import Checkpointer
+    from medjax.train.peft_export import save_peft
     hf = medjax.save_hf(model, out / "hf", tokenizer=tokenizer)
     gguf = medjax.save_gguf(model, out / "model.gguf", tokenizer=tokenizer, type="f32")
     report = out / "reports" / "results.json"

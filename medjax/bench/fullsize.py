@@ -1,0 +1,246 @@
+"""``python -m medjax.bench fullsize``: a full-width random checkpoint through the product path
+(load → train → export → transformers / peft / GGUF), each phase in a process of its own.
+
+    python -m medjax.bench fullsize --preset llama2-7b [--layers N] [--steps 2] [--work DIR]
+    python -m medjax.bench fullsize --preset mixtral-8x7b-2l
+
+Phases: ``fixture`` (``_fullsize_fixture``: written once, then reused from the cache),
+``train`` (``python -m medjax.train`` with the recipe's config: MELT-Llama-2 LoRA r64 α16 on every
+projection, or BiMediX nf4 QLoRA with adapters on experts and router; remat full, scanned
+layers, bf16; it loads, compiles and runs the steps), ``export-hf`` / ``export-peft`` /
+``export-gguf`` (``python -m medjax.export``; the GGUF for Llama only), ``logits-medjax`` (the
+trained model restored from its checkpoint, merged, on a fixed 16-token prompt),
+``compare-hf`` (transformers loads the merged export; relative error of its logits),
+``peft`` (transformers + peft load the adapter onto the fixture) and ``gguf`` (medjax reads the
+GGUF back). Each row gives wall time and the peak RSS of that process (``wait4``'s rusage; Linux
+counts it from the fork, so no row reads below this launcher's own ~0.2 GiB);
+the train row also gives ``python -m medjax.plan --device cpu``'s prediction for the same config.
+A JSON summary is written to ``<work>/fullsize.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medjax.errors import ConfigError
+
+RECIPES = {"llama2-7b": "configs/melt_llama2_lora.yaml",
+           "mixtral-8x7b-2l": "configs/bimedix_mixtral_qlora.yaml"}
+PROMPT = "A 45-year-old man presents with crushing chest pain radiating to the left arm, sweating and nausea."
+PROMPT_TOKENS = 16
+MAX_REL_ERR = 2e-2          # bf16 logits, the issue's bound
+MAX_REL_ERR_Q8 = 5e-2       # q8_0 GGUF read back (8-bit weights)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def run_phase(name: str, argv: list[str], log: Path) -> dict:
+    """Run ``argv`` as a child process; its wall time and peak RSS (``wait4``) as a row."""
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        out.write(f"\n=== {name}: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=repo_root())
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    row = {"phase": name, "wall_s": round(time.perf_counter() - start, 1),
+           "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2), "rc": proc.returncode}
+    print(f"  {name:14s} {row['wall_s']:8.1f} s  {row['peak_rss_gib']:7.2f} GiB"
+          + ("" if row["rc"] == 0 else f"  FAILED (exit {row['rc']}, see {log})"), flush=True)
+    return row
+
+
+def train_breakdown(run: Path) -> dict:
+    """The train process's own split of its wall time: load + setup (everything before the first
+    step), the first step (which includes compiling it) and the later steps (their mean)."""
+    summary = json.loads((run / "summary.json").read_text())
+    steps = [json.loads(line)["step_time_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "train"' in line]
+    out = {"load_setup_s": round(summary["total_seconds"] - summary["train_seconds"], 1),
+           "first_step_s": round(steps[0], 1)}
+    if len(steps) > 1:
+        out["step_s"] = round(sum(steps[1:]) / len(steps[1:]), 1)
+    return out
+
+
+def planned_peak_gib(config: str, overrides: list[str]) -> float | None:
+    """``python -m medjax.plan --device cpu``'s max(total, load/init peak) for the run, in GiB."""
+    out = subprocess.run([sys.executable, "-m", "medjax.plan", "--config", config, *overrides,
+                          "--device", "cpu"], capture_output=True, text=True, cwd=repo_root())
+    values = {k: float(v) for k, v in re.findall(r"^\s*(total|load/init peak)\s+([0-9.]+)", out.stdout, re.M)}
+    return max(values.values()) if values else None
+
+
+def _prompt_ids(directory) -> list[int]:
+    from medjax.tokenizer import load_tokenizer
+    ids = load_tokenizer(directory).encode(PROMPT, add_special_tokens=True)[:PROMPT_TOKENS]
+    if len(ids) != PROMPT_TOKENS:
+        raise RuntimeError(f"the prompt gives {len(ids)} tokens, need {PROMPT_TOKENS}")
+    return ids
+
+
+def rel_err(a, b) -> float:
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _medjax_logits(model, ids):
+    import jax.numpy as jnp
+    import numpy as np
+    return np.asarray(model(jnp.asarray([ids], jnp.int32)).astype(jnp.float32))[0]
+
+
+def _phase_logits_medjax(a) -> None:
+    """The trained model (restored from its checkpoint, adapters merged) on the prompt."""
+    import numpy as np
+    from medjax.train.loop import restore_trained_model
+    from medjax.train.setup import plain_model
+    model, _, _, _ = restore_trained_model(Path(a.run) / "checkpoints")
+    np.save(a.out, _medjax_logits(plain_model(model), _prompt_ids(a.fixture)))
+
+
+def _torch_logits(model, ids):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _check(what: str, err: float, bound: float) -> None:
+    print(f"{what}: relative error {err:.3e} (bound {bound:g})")
+    if not err <= bound:
+        raise SystemExit(f"{what}: relative error {err:.3e} > {bound:g}")
+
+
+def _phase_compare_hf(a) -> None:
+    import numpy as np
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
+    _check("transformers(merged export) vs medjax", rel_err(_torch_logits(model, _prompt_ids(a.fixture)),
+                                                            np.load(a.reference)), MAX_REL_ERR)
+
+
+def _phase_peft(a) -> None:
+    import numpy as np
+    import torch
+    import transformers
+    from peft import PeftModel
+    base = transformers.AutoModelForCausalLM.from_pretrained(a.fixture, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, a.model).eval()
+    _check("peft(fixture + adapter) vs medjax", rel_err(_torch_logits(model, _prompt_ids(a.fixture)),
+                                                        np.load(a.reference)), MAX_REL_ERR)
+
+
+def _phase_gguf(a) -> None:
+    import numpy as np
+    import medjax
+    model, _ = medjax.load(a.model, progress=False)
+    _check("medjax(q8_0 GGUF) vs medjax", rel_err(_medjax_logits(model, _prompt_ids(a.fixture)),
+                                                  np.load(a.reference)), MAX_REL_ERR_Q8)
+
+
+PHASES = {"logits-medjax": _phase_logits_medjax, "compare-hf": _phase_compare_hf,
+          "peft": _phase_peft, "gguf": _phase_gguf}
+
+
+def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_bytes: int | None) -> dict:
+    """Every phase in order (stopping at the first failure); the summary, also in fullsize.json."""
+    from medjax.bench._fullsize_fixture import MAX_SHARD_BYTES, cache_dir, model_config
+    py, me = sys.executable, "medjax.bench.fullsize"
+    cfg = model_config(preset, layers)
+    fixture = cache_dir() / f"{preset}-{cfg.num_layers}l"
+    if max_shard_bytes:
+        fixture = fixture.with_name(fixture.name + f"-{max_shard_bytes}")
+    if work.exists() and any(work.iterdir()) and not (work / "fullsize.log").exists():
+        raise ConfigError(f"--work {work} exists and is not a fullsize work directory (no fullsize.log): "
+                          f"it is left alone; name another --work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log, run, out = work / "fullsize.log", work / "run", work / "export"
+    config = RECIPES[preset]
+    overrides = [f"model.path={fixture}", "model.preset=null", "data.seq_len=64", "train.batch_size=1",
+                 "train.grad_accum=1", f"train.steps={steps}", "train.epochs=null", "train.export=[]",
+                 "optim.warmup_steps=0", "eval.tasks=[]", f"train.out_dir={run}", "checkpoint.every=0"]
+    llama = not cfg.is_moe
+    phases = [("fixture", [py, "-m", "medjax.bench._fullsize_fixture", "--preset", preset,
+                           "--layers", str(cfg.num_layers), "--out", str(fixture),
+                           "--max-shard-bytes", str(max_shard_bytes or MAX_SHARD_BYTES)]),
+              ("train", [py, "-m", "medjax.train", "--config", config, *overrides]),
+              ("export-hf", [py, "-m", "medjax.export", "--checkpoint", str(run), "--out", str(out / "hf"),
+                             "--dtype", "bfloat16"])]
+    if llama:
+        phases += [("export-peft", [py, "-m", "medjax.export", "--checkpoint", str(run), "--peft",
+                                    "--out", str(out / "peft")]),
+                   ("export-gguf", [py, "-m", "medjax.export", "--checkpoint", str(run), "--gguf", "q8_0",
+                                    "--out", str(out / "model.q8_0.gguf")])]
+    ref = work / "logits_medjax.npy"
+    common = ["--fixture", str(fixture), "--reference", str(ref)]
+    phases += [("logits-medjax", [py, "-m", me, "--phase", "logits-medjax", "--run", str(run),
+                                  "--out", str(ref), *common]),
+               ("compare-hf", [py, "-m", me, "--phase", "compare-hf", "--model", str(out / "hf"), *common])]
+    if llama:
+        phases += [("peft", [py, "-m", me, "--phase", "peft", "--model", str(out / "peft"), *common]),
+                   ("gguf", [py, "-m", me, "--phase", "gguf", "--model", str(out / "model.q8_0.gguf"),
+                             *common])]
+    print(f"medjax.bench fullsize: {preset}, {cfg.num_layers} layers, {steps} steps; log {log}")
+    print(f"  {'phase':14s} {'wall':>10s}  {'peak RSS':>11s}")
+    rows = []
+    for name, argv in phases:
+        row = run_phase(name, argv, log)
+        if name == "train" and row["rc"] == 0:
+            row.update(train_breakdown(run))
+            print(f"  {'':14s} load+setup {row['load_setup_s']} s, step 1 (with compile) "
+                  f"{row['first_step_s']} s, later steps {row.get('step_s', '-')} s each")
+            row["plan_gib"] = planned_peak_gib(config, overrides)
+            if row["plan_gib"]:
+                off = row["peak_rss_gib"] / row["plan_gib"] - 1
+                print(f"  {'':14s} plan --device cpu: {row['plan_gib']:.2f} GiB (measured {off:+.0%})")
+        rows.append(row)
+        if row["rc"] != 0:
+            break
+    if rows and rows[0]["rc"] == 0:
+        files = fixture.glob("*.safetensors")
+        rows[0]["checkpoint_gib"] = round(sum(f.stat().st_size for f in files) / 2**30, 2)
+    summary = {"preset": preset, "layers": cfg.num_layers, "steps": steps, "phases": rows,
+               "load_average": os.getloadavg(),
+               "ok": len(rows) == len(phases) and all(r["rc"] == 0 for r in rows)}
+    (work / "fullsize.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m medjax.bench fullsize", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(RECIPES), default="llama2-7b")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers (default: 32 for llama2-7b, 2 for mixtral)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--work", default="runs/fullsize", help="run, exports, log and JSON go here (replaced)")
+    ap.add_argument("--max-shard-bytes", type=int, default=None,
+                    help="fixture file size limit (default 10 GB, like Meta's release)")
+    ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    for hidden in ("--run", "--out", "--model", "--fixture", "--reference"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.phase:
+        PHASES[a.phase](a)
+        return 0
+    if not Path(a.work).resolve().parent.is_dir():
+        raise ConfigError(f"--work {a.work}: its parent directory does not exist")
+    summary = run_all(a.preset, a.layers, a.steps, Path(a.work).resolve(), a.max_shard_bytes)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    from medjax.cli_errors import run_cli
+    sys.exit(run_cli(main))

@@ -1,0 +1,43 @@
+"""``python -m medjax.bench fullsize``'s own mechanics (the full run is the benchmark itself; the
+slow product-path test is tests/hf/test_fullsize.py)."""
+import json
+import subprocess
+import sys
+
+from medjax import bench
+from medjax.bench import fullsize
+
+
+def test_registered_and_fixture_module_is_not_a_benchmark():
+    assert "fullsize" in bench.available()
+    assert "_fullsize_fixture" not in bench.available()
+
+
+def test_phase_rows_measure_each_child_alone(tmp_path):
+    """Peak RSS is the child's own (wait4), not the largest child so far: a 1 GiB child, then a
+    small one. Linux counts a child's high-water mark from the fork, so the launcher runs in a
+    fresh process, as ``python -m medjax.bench fullsize`` does (a grown pytest process would
+    make every child read as at least pytest's size)."""
+    launcher = f"""
+import json, sys
+from medjax.bench import fullsize
+touch_1gib = "b = bytearray(2**30); b[::4096] = b'x' * len(b[::4096])"
+rows = [fullsize.run_phase(name, [sys.executable, "-c", code], {str(tmp_path / "log")!r})
+        for name, code in (("big", touch_1gib), ("small", "pass"), ("failed", "raise SystemExit(3)"))]
+print(json.dumps(rows))
+"""
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    big, small, failed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert big["rc"] == small["rc"] == 0 and failed["rc"] == 3
+    assert big["peak_rss_gib"] >= 1.0
+    assert small["peak_rss_gib"] < big["peak_rss_gib"] - 0.5
+
+
+def test_train_breakdown(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"total_seconds": 70.0, "train_seconds": 47.5}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "kind": "train", "step_time_s": 31.0}, {"step": 1, "kind": "eval", "step_time_s": 99},
+        {"step": 2, "kind": "train", "step_time_s": 14.0},
+        {"step": 3, "kind": "train", "step_time_s": 16.0}]))
+    assert fullsize.train_breakdown(tmp_path) == {"load_setup_s": 22.5, "first_step_s": 31.0, "step_s": 15.0}

@@ -1,0 +1,262 @@
+"""The product path in 2 processes equals 1 process: ``launch/local_multiprocess.sh -n 2 -d 4 --
+python -m medjax.train ...`` against ``python -m medjax.train`` on 8 simulated devices.
+
+Every process builds the same global batch stream and keeps its block of rows of each batch
+(``make_dataset``), so the batch, the tokens per step, the loss up to summation order and the
+LoRA dropout masks (drawn by global row; the recipe's ``lora.dropout=0.05`` is on) are the same,
+packed or not: every recipe in configs/ is checked at tiny size.
+
+Also here: the Med42 DPO recipe, a real SIGKILL of both processes mid-run, ``python -m
+medjax.export`` and eval during training in 2 processes, and the two layout errors (a batch the
+mesh cannot split; processes started with different configs).
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medjax.recipes import RECIPES
+
+ROOT = Path(__file__).resolve().parents[2]
+SFT = ("--config", str(ROOT / "configs" / "melt_llama2_lora.yaml"), "model=tiny", "mesh.preset=fsdp",
+       "data.pack=false", "data.long_examples=truncate", "lora.dropout=0.05", "train.steps=4",
+       "train.export=[]", "eval.tasks=[]", "checkpoint.every=2")
+# Med42 stage 2 (full fine-tune, frozen-copy reference); 16 pairs in 2 micro-batches of 8
+DPO = ("--config", str(ROOT / "configs" / "med42_dpo.yaml"), "model=tiny", "mesh.preset=fsdp",
+       "data.long_examples=truncate", "train.batch_size=16", "train.grad_accum=2", "train.steps=4",
+       "train.export=[]", "eval.tasks=[]", "checkpoint.every=2")
+
+
+def _env(processes, devices):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    if processes == 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _command(module, args, processes=1, devices=8):
+    cmd = [sys.executable, "-m", module, *args]
+    if processes > 1:
+        cmd = [str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(processes), "-d", str(devices),
+               "--", *cmd]
+    return cmd
+
+
+def _module(module, *args, processes=1, devices=8):
+    """``python -m module args`` in one process, or in ``processes`` under the local launcher."""
+    return subprocess.run(_command(module, args, processes, devices), cwd=ROOT,
+                          env=_env(processes, devices), capture_output=True, text=True, timeout=900)
+
+
+def _train(out_dir, *extra, processes=1, resume=False, recipe=SFT):
+    args = ["--no-progress", *(["--resume"] if resume else []), *recipe, f"train.out_dir={out_dir}", *extra]
+    return _module("medjax.train", *args, processes=processes, devices=8 if processes == 1 else 4)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
+
+
+def _losses(run_dir, key="loss"):
+    from medjax.train.metrics import read_metrics
+    return {r["step"]: r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def _assert_close(ref, got):
+    assert sorted(ref) == sorted(got) and sorted(ref) == list(range(1, len(ref) + 1))
+    for s in ref:
+        assert abs(ref[s] - got[s]) <= 1e-5 * max(1.0, abs(ref[s])), (s, ref[s], got[s])
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    """One epoch of 65 training rows and 9 held-out rows: the last global batch of each holds one
+    row (the others are padding), in 2 processes as in 1; both run the same 9 steps and 2
+    held-out batches."""
+    import json
+    uneven = ("data.max_rows=65", "data.heldout_rows=9", "train.epochs=1")
+    by_epochs = tuple(a for a in SFT if not a.startswith("train.steps="))   # both given: an error
+    _ok(_train(tmp_path / "one", *uneven, recipe=by_epochs))
+    _ok(_train(tmp_path / "two", *uneven, processes=2, recipe=by_epochs))
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(ref) == sorted(got) == list(range(1, 10))
+    _assert_close(ref, got)
+    assert _losses(tmp_path / "one", "tokens") == _losses(tmp_path / "two", "tokens")
+    for key in ("heldout_loss_before", "heldout_loss_after"):
+        one, two = (json.loads((tmp_path / n / "summary.json").read_text())[key] for n in ("one", "two"))
+        assert abs(one - two) <= 1e-5 * max(1.0, abs(one)), (key, one, two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_alike_in_two_processes(tmp_path, recipe):
+    """``model=tiny`` of each recipe (its data format, packing, grad_accum, LoRA/QLoRA, NEFTune,
+    DPO; the tiny overlay's ``data.on_error=skip``), 3 steps of 8 rows per micro-batch (one per
+    device): 2 processes x 4 devices give the tokens per step of 1 x 8 exactly and its losses
+    to 1e-5 (``metrics.jsonl`` of each run)."""
+    import json
+
+    from medjax.recipes import load_recipe
+    grad_accum = load_recipe(recipe, ["model=tiny"]).train.grad_accum
+    args = ("--config", str(ROOT / "configs" / f"{recipe}.yaml"), "model=tiny", "train.steps=3",
+            f"train.batch_size={8 * grad_accum}", "train.export=[]", "eval.tasks=[]")
+    _ok(_train(tmp_path / "one", recipe=args))
+    _ok(_train(tmp_path / "two", recipe=args, processes=2))
+    tokens = [_losses(tmp_path / n, "tokens") for n in ("one", "two")]
+    assert tokens[0] == tokens[1] and sorted(tokens[0]) == [1, 2, 3], tokens
+    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+    for key in ("heldout_loss_before", "heldout_loss_after"):
+        one, two = (json.loads((tmp_path / n / "summary.json").read_text())[key] for n in ("one", "two"))
+        assert abs(one - two) <= 1e-5 * max(1.0, abs(one)), (key, one, two)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_identically(tmp_path):
+    """Both processes stopped after the step-2 checkpoint (what comes later removed), then
+    ``--resume`` in both: every host restores its own iterator position and the steps repeat."""
+    import shutil
+    first = _train(tmp_path / "two", processes=2)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    got = _losses(tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")
+    resumed = _train(tmp_path / "two", processes=2, resume=True)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    again = _losses(tmp_path / "two")
+    assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
+
+
+@pytest.mark.slow
+def test_a_batch_the_mesh_cannot_split_stops_every_process_with_one_error(tmp_path):
+    bad = _train(tmp_path / "bad", "train.batch_size=12", "train.grad_accum=1", processes=2)
+    assert bad.returncode == 2, (bad.stdout + bad.stderr)[-3000:]
+    errors = [line for line in (bad.stdout + bad.stderr).splitlines() if "error:" in line]
+    assert errors and all("batch size 12" in line for line in errors), errors
+
+
+@pytest.mark.slow
+def test_dpo_two_processes_train_and_resume_like_one(tmp_path):
+    """Med42's DPO stage (full fine-tune against a frozen copy, 2 accumulated micro-batches):
+    2 processes = 1 process; stopped after the step-2 checkpoint and resumed, steps 3-4 repeat."""
+    import shutil
+    _ok(_train(tmp_path / "one", recipe=DPO))
+    _ok(_train(tmp_path / "two", recipe=DPO, processes=2))
+    got = _losses(tmp_path / "two")
+    _assert_close(_losses(tmp_path / "one"), got)
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")
+    _ok(_train(tmp_path / "two", recipe=DPO, processes=2, resume=True))
+    again = _losses(tmp_path / "two")
+    assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
+
+
+def _tensors(directory):
+    from safetensors.numpy import load_file
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
+    """A 2-process LoRA run exports (in the run, and by ``python -m medjax.export`` in 2 processes)
+    what a 1-process export of its checkpoint on another mesh writes; ``python -m medjax.eval`` of
+    the run checkpoint scores alike in 2 processes and in 1; eval during training writes its result
+    once. Only process 0 writes: no temporary files are left beside the outputs."""
+    import json
+
+    import numpy as np
+    run = tmp_path / "run"
+    _ok(_train(run, "train.export=[hf,peft]", "eval.tasks=[medqa_4options]", "eval.limit=4",
+               f"eval.data_dir={benchmarks_dir}", processes=2))
+    assert json.loads((run / "eval.json").read_text())["results"]["medqa_4options"]["n"] == 4
+    ckpt = str(run / "checkpoints")
+    two = _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft2"), "--peft",
+                      processes=2, devices=4))
+    assert two.stdout.count("exported step") == 1 and "[p0] exported step" in two.stdout, two.stdout  # p0 alone
+    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft1"), "--peft",
+                "mesh.preset=dp", devices=1))
+    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf1"), "mesh.preset=dp",
+                devices=1))
+    for name, where in (("eval2", dict(processes=2, devices=4)), ("eval1", dict(devices=1))):
+        flags = () if name == "eval2" else ("mesh.preset=dp",)    # the run's fsdp mesh / one device
+        _ok(_module("medjax.eval", "--model", ckpt, "--data-dir", str(benchmarks_dir), "--tasks", "medmcqa",
+                    "--limit", "4", "--log-samples", "--output", str(tmp_path / f"{name}.json"), *flags, **where))
+    one, two = (json.loads((tmp_path / f"eval{n}.json").read_text())["samples"]["medmcqa"] for n in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-5, rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval1.json", "eval2.json", "hf1", "peft1", "peft2", "run"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["hf", "peft"]
+    ref = _tensors(tmp_path / "peft1")
+    assert len(ref) == 2 * 7 * 2          # lora_A/B on q,k,v,o,gate,up,down of 2 layers
+    for other in (tmp_path / "peft2", run / "export" / "peft"):
+        got = _tensors(other)
+        assert sorted(got) == sorted(ref)
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{other}: {name}")
+        assert (other / "adapter_config.json").read_text() == (tmp_path / "peft1" / "adapter_config.json").read_text()
+    ref, got = _tensors(tmp_path / "hf1"), _tensors(run / "export" / "hf")
+    assert sorted(got) == sorted(ref)
+    for name in ref:      # merged W + s·A·B, computed on the fsdp mesh vs one device
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
+    """A real kill: both processes (and the launcher) SIGKILLed once the step-4 checkpoint is on
+    disk, mid-run (a later checkpoint may be half written); ``--resume`` in both continues from
+    the newest complete checkpoint and every step's loss equals the uninterrupted run's."""
+    steps = ("train.steps=24", "checkpoint.every=4")
+    _ok(_train(tmp_path / "ref", *steps, processes=2))
+    run = tmp_path / "killed"
+    cmd = _command("medjax.train", ["--no-progress", *SFT, f"train.out_dir={run}", *steps], 2, 4)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(2, 4), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "4").is_dir():    # orbax renames a finished step into place
+            assert proc.poll() is None, "the run ended before its step-4 checkpoint"
+            assert time.monotonic() < deadline, "no step-4 checkpoint after 600 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert max(_losses(run)) < 24, "killed after the run had finished: nothing was interrupted"
+    _ok(_train(run, *steps, processes=2, resume=True))
+    ref, got = _losses(tmp_path / "ref"), _losses(run)
+    assert sorted(got) == sorted(ref) == list(range(1, 25))
+    assert [got[s] for s in ref] == [ref[s] for s in ref]
+
+
+@pytest.mark.slow
+def test_processes_started_with_different_configs_stop_with_one_error(tmp_path):
+    """Process 1 gets another ``optim.lr``: both stop with one ``error:`` line, exit 2, before any
+    output is made, and neither waits forever at a barrier."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for i, lr in enumerate(("0.002", "0.003")):
+            env = dict(_env(2, 4), MEDJAX_COORDINATOR=f"127.0.0.1:{port}", MEDJAX_NUM_PROCESSES="2",
+                       MEDJAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "medjax.train", "--no-progress", *SFT,
+                 f"train.out_dir={tmp_path / 'bad'}", f"optim.lr={lr}"],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        errors = [line for line in (out + err).splitlines() if "error:" in line]
+        assert p.returncode == 2 and len(errors) == 1, (out + err)[-3000:]
+        assert errors[0].startswith("error: processes [1] were started with a different config")
+    assert not (tmp_path / "bad").exists()
