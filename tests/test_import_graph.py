@@ -62,11 +62,13 @@ def documented_layers() -> list[tuple[str, list[str]]]:
 
 
 def layer_of(module: str, layers) -> int | None:
-    """Index of the layer whose longest prefix matches ``module``."""
+    """Index of the layer whose longest prefix matches ``module``; ``medjax`` (the package's
+    ``__init__``) matches only itself, so it places no other module."""
     best, best_len = None, -1
     for index, (_, prefixes) in enumerate(layers):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+            covers = module == prefix or (prefix != "medjax" and module.startswith(prefix + "."))
+            if covers and len(prefix) > best_len:
                 best, best_len = index, len(prefix)
     return best
 
@@ -137,5 +139,10 @@ def test_the_checker_sees_cycles_and_upward_imports():
     layers = documented_layers()
     assert layer_of("medjax.ops.attention", layers) > layer_of("medjax.models.decoder", layers)
     assert layer_of("medjax.lora", layers) > layer_of("medjax.train.loop", layers)
+    assert layer_of("medjax.not_in_the_table", layers) is None    # "medjax" places only __init__
+    # config, data, train and eval are layers of their own, in this order (bottom up)
+    order = [layer_of(m, layers) for m in ("medjax.config", "medjax.data.pipeline", "medjax.train.loop",
+                                           "medjax.eval.runner", "medjax.run", "medjax.train.__main__")]
+    assert order == sorted(order, reverse=True) and len(set(order)) == len(order), order
     # an import inside a function is a dependency too (sources reads tfds only when asked)
     assert "medjax.data.tfds_builders" in import_graph()["medjax.data.sources"]

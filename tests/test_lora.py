@@ -71,7 +71,7 @@ def test_expert_adapter_matches_dense_per_expert_reference():
 @pytest.fixture(scope="module")
 def trained_lora(tmp_path_factory):
     """A LoRA run of 12 steps on a tiny llama, exported as merged HF + PEFT."""
-    from medjax.train.loop import run
+    from medjax.run import run
     root = tmp_path_factory.mktemp("lora_run")
     model_dir = make_tiny_model_dir(root / "base")
     data = write_alpaca(root / "train.jsonl")
@@ -83,9 +83,10 @@ def trained_lora(tmp_path_factory):
 
 def _lora_model(model_dir, run_dir, cfg):
     """The trained LoRA model rebuilt from the last checkpoint."""
-    from medjax.train.loop import Trainer, load_model
+    from medjax.train.loop import Trainer
+    from medjax.train.setup import base_model
     from medjax.train.objectives import objective_for
-    model, tok = load_model(cfg)
+    model, tok = base_model(cfg)
     trainer = Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
     assert trainer.resume()
     return nnx.view(trainer.model(), deterministic=True, raise_if_not_found=False)

@@ -59,8 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verdict: the most probable label scores 1 / 0.5 (tie) / 0 (default); "
                         "expected: P(A) + P(tie)/2 (a soft score; re-rates cached judgements)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds over questions")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype HF dirs and .gguf files load in (default float32); a training run is "
+                        "rebuilt in its own model.dtype")
     return p
+
+
+def _load(path, dtype):
+    """``medjax.load`` (a run: in its own dtype, adapters merged), which must bring a tokenizer."""
+    from medjax.errors import CheckpointError
+    from medjax.loading import load, run_checkpoints
+    model, tokenizer = load(path, None if run_checkpoints(path) else dtype)
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer files next to the model")
+    return model, tokenizer
 
 
 def _settings(args):
@@ -111,7 +123,6 @@ def main(argv=None) -> int:
     from medjax.arena import answers as A
     from medjax.arena import judge as J
     from medjax.arena import leaderboard
-    from medjax.arena.contestants import load_model
     from medjax.arena.ratings import Comparison, rate
     from medjax.arena.store import JsonlStore
 
@@ -124,7 +135,7 @@ def main(argv=None) -> int:
         todo = A.missing(c, questions, settings, answer_store)
         print(f"answers {c.name}: {len(questions) - len(todo)} cached, {len(todo)} to generate", file=sys.stderr)
         if todo:
-            model, tokenizer = load_model(c.path, dtype)
+            model, tokenizer = _load(c.path, dtype)
             with tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"answers {c.name}",
                       unit="q") as bar:
                 A.generate_answers(c, model, tokenizer, questions, settings, answer_store, bar)
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
     keys, todo = J.pending(pairs, answer_of, rubric, args.judge, judge_store, args.judge_chat_template)
     print(f"judgements: {len(keys) - len(todo)} cached, {len(todo)} to judge", file=sys.stderr)
     if todo:
-        model, tokenizer = load_model(args.judge, dtype)
+        model, tokenizer = _load(args.judge, dtype)
         judge = J.Judge(model, tokenizer, batch_size=args.judge_batch, chat_template=args.judge_chat_template)
         with tqdm(total=len(keys), initial=len(keys) - len(todo), desc="judging", unit="judgement") as bar:
             J.run_judging(todo, judge, args.judge, judge_store, bar=bar)

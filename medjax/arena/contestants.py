@@ -1,9 +1,8 @@
-"""``--models NAME=PATH,...``: parse the list and load each model with the existing loaders.
+"""``--models NAME=PATH,...``: parse the list; each model loads with ``medjax.load``.
 
-A PATH is an HF directory or a ``.gguf`` file (``medjax.load``), or a training run (its
-directory or its ``checkpoints/`` directory), rebuilt as ``python -m medjax.export`` does
-(``restore_trained_model``, detected by ``medjax.eval.auto_dtype.model_kind`` as
-``python -m medjax.eval`` does) with LoRA adapters merged for generation.
+A PATH is an HF directory, a ``.gguf`` file or a training run (its directory or its
+``checkpoints/`` directory), which ``medjax.load`` rebuilds as ``python -m medjax.export`` does,
+LoRA adapters merged for generation.
 """
 from __future__ import annotations
 
@@ -63,27 +62,7 @@ def with_chat_templates(contestants: list[Contestant], text: str | None) -> list
 
 def check_paths(contestants: list[Contestant], judge: str) -> None:
     """Every model path exists (checked before the first model loads)."""
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
     for option, path in [(f"--models {c.name}", c.path) for c in contestants] + [("--judge", judge)]:
         if not resolve_path(path).exists():
             raise ConfigError(f"{option}: {path}: no such file or directory")
-
-
-def load_model(path, dtype):
-    """``(model, tokenizer)`` for an HF dir, a GGUF file or a training run."""
-    from medjax.eval.auto_dtype import model_kind
-    from medjax.loading import resolve_path
-
-    resolved = resolve_path(path)
-    if model_kind(resolved) != "run":
-        import medjax
-        model, tokenizer = medjax.load(resolved, dtype=dtype)
-    else:
-        from medjax.train.loop import restore_trained_model
-        ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
-        from medjax.train.setup import plain_model
-        model, tokenizer, _, _ = restore_trained_model(ckpt)      # in the run's model.dtype
-        model = plain_model(model)                                # LoRA merged, as export does
-    if tokenizer is None:
-        raise ConfigError(f"{path}: no tokenizer files next to the model")
-    return model, tokenizer

@@ -19,7 +19,7 @@ class Question:
 def load_questions(path) -> list[Question]:
     """Rows of a JSONL file; a row without a text ``question`` is an error naming file:line."""
     from medjax.data.sources import read_file
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
 
     file = resolve_path(path)
     if not file.is_file():

@@ -34,7 +34,7 @@ def load_rubric(path=DEFAULT_RUBRIC) -> Rubric:
     from jinja2 import meta, nodes
 
     from medjax.chat_templates import sandbox
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
 
     file = resolve_path(path)
     if not file.is_file():

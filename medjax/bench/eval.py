@@ -53,10 +53,10 @@ def _subset_data(data_dir: Path, out: Path, n_medqa: int, n_medmcqa: int, n_mmlu
 
 
 def run_medjax(model_dir: Path, data_dir: Path, tasks: list[str], batch_tokens: int) -> dict:
-    import medjax
     from medjax.eval.runner import evaluate
+    from medjax.loading import load
 
-    model, tokenizer = medjax.load(model_dir, progress=False)
+    model, tokenizer = load(model_dir, progress=False)
     t0 = time.perf_counter()
     res = evaluate(model, tokenizer, tasks, data_dir, tokens_per_batch=batch_tokens, log_samples=True)
     res["eval_s"] = time.perf_counter() - t0
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from medjax.eval.lm_eval_harness import TASK_PREFIX, run_lm_eval, write_task_files
     from medjax.eval.report import write_json
     from medjax.eval.tasks import GROUPS
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
 
     model_path = resolve_path(args.model)
     for option, path in (("--model", model_path), ("--data-dir", Path(args.data_dir))):

@@ -103,10 +103,9 @@ def _medjax_logits(model, ids):
 def _phase_logits_medjax(a) -> None:
     """The trained model (restored from its checkpoint, adapters merged) on the prompt."""
     import numpy as np
-    from medjax.train.loop import restore_trained_model
-    from medjax.train.setup import plain_model
-    model, _, _, _ = restore_trained_model(Path(a.run) / "checkpoints")
-    np.save(a.out, _medjax_logits(plain_model(model), _prompt_ids(a.fixture)))
+    from medjax.loading import load
+    model, _ = load(a.run)                          # a run: rebuilt, adapters merged
+    np.save(a.out, _medjax_logits(model, _prompt_ids(a.fixture)))
 
 
 def _torch_logits(model, ids):
@@ -143,8 +142,8 @@ def _phase_peft(a) -> None:
 
 def _phase_gguf(a) -> None:
     import numpy as np
-    import medjax
-    model, _ = medjax.load(a.model, progress=False)
+    from medjax.loading import load
+    model, _ = load(a.model, progress=False)
     _check("medjax(q8_0 GGUF) vs medjax", rel_err(_medjax_logits(model, _prompt_ids(a.fixture)),
                                                   np.load(a.reference)), MAX_REL_ERR_Q8)
 

@@ -79,12 +79,11 @@ def _preset(model_path):
 def build_medjax_step(model_path, lora: bool, rank: int, dtype: str = "float32",
                       remat: str | None = None, scan_layers: bool | None = None):
     """``(step_fn, state, frozen, reference, model config)``: the model built by the trainer's
-    own ``load_model`` from the same ``model.*`` options a config would give (``remat`` /
+    own ``setup.base_model`` from the same ``model.*`` options a config would give (``remat`` /
     ``scan_layers`` None: the trainer's defaults, i.e. what ``medjax.train`` runs)."""
     from medjax.config import build, RunConfig
     from medjax.sharding import make_mesh
-    from medjax.train.loop import load_model
-    from medjax.train.setup import build_trainable
+    from medjax.train.setup import base_model, build_trainable
 
     run_cfg = build(RunConfig, {
         "model": {"dtype": dtype, "param_dtype": dtype,
@@ -94,7 +93,7 @@ def build_medjax_step(model_path, lora: bool, rank: int, dtype: str = "float32",
         "lora": {"enabled": lora, "rank": rank, "alpha": 2.0 * rank, "targets": list(TARGETS)},
         "optim": {"lr": 1e-4, "schedule": "constant", "clip_norm": 1.0, "warmup_steps": 0},
         "train": {"steps": 100, "grad_accum": 1, "aux_loss_coef": 0.0}})
-    model, _ = load_model(run_cfg)
+    model, _ = base_model(run_cfg)
     trainable = build_trainable(run_cfg, model, make_mesh(run_cfg.mesh))   # wrap, split, init, place
     return (trainable.step_fn, trainable.state, trainable.frozen, trainable.reference,
             model.config)
@@ -131,7 +130,7 @@ def build_hf_step(model_path, lora: bool, batch_np, rank: int, dtype: str = "flo
     ``grad_ckpt``: gradient checkpointing."""
     import torch
     import transformers
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
     torch_dtype = getattr(torch, dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if _preset(model_path):

@@ -78,31 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(path: str, requested: str, mesh_flags=()):
-    """``(model, tokenizer, dtype, why)``; ConfigError for a dtype a run checkpoint cannot honour.
-    The weights are read straight into their shardings on the mesh ``mesh_flags`` describe (each process reading only the blocks its devices hold)."""
+def _load(path: str, requested: str, mesh_flags=()):
+    """``(model, tokenizer, dtype, why)`` through ``medjax.load``: a run in its run's
+    ``model.dtype`` (ConfigError for another ``--dtype``), HF / GGUF in ``--dtype`` or, for
+    ``auto``, lm-eval's choice (``auto_dtype``), read straight into the mesh ``mesh_flags``
+    describe (each process reading only the blocks its devices hold), in the scan layout."""
     import jax.numpy as jnp
 
-    import medjax
     from medjax.config import mesh_overrides
-    from medjax.eval.auto_dtype import auto_dtype, model_kind
-    from medjax.loading import resolve_path
+    from medjax.eval.auto_dtype import auto_dtype
+    from medjax.loading import load_run, run_checkpoints
+    from medjax.paths import resolve_path
     from medjax.sharding import make_mesh, rules_for
 
-    resolved = resolve_path(path)
-    if model_kind(resolved) == "run":
-        from medjax.train.loop import restore_trained_model
-        ckpt = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
-        model, tokenizer, cfg, step = restore_trained_model(ckpt, mesh_overrides=mesh_flags)
-        if requested not in ("auto", cfg.model.dtype):
-            raise ConfigError(f"--dtype {requested}: the run checkpoint {ckpt} is rebuilt in its run's "
-                              f"model.dtype={cfg.model.dtype}; use --dtype auto, or export it "
-                              f"(python -m medjax.export) and evaluate the HF directory")
-        return model, tokenizer, cfg.model.dtype, f"run model.dtype, step {step}"
-    dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolved)
+    if run_checkpoints(path) is not None:
+        run = load_run(path, mesh_overrides=mesh_flags)
+        if requested not in ("auto", run.config.model.dtype):
+            raise ConfigError(f"--dtype {requested}: the run checkpoint {run.checkpoint_dir} is rebuilt in "
+                              f"its run's model.dtype={run.config.model.dtype}; use --dtype auto, or export "
+                              f"it (python -m medjax.export) and evaluate the HF directory")
+        return run.model, run.tokenizer, run.config.model.dtype, f"run model.dtype, step {run.step}"
+    dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolve_path(path))
     mesh_cfg = mesh_overrides(mesh_flags)
-    model, tokenizer = medjax.load(resolved, dtype=getattr(jnp, dtype), mesh=make_mesh(mesh_cfg),
-                                   rules=rules_for(mesh_cfg.preset), scan_layers=True)
+    from medjax.loading import load
+    model, tokenizer = load(path, getattr(jnp, dtype), mesh=make_mesh(mesh_cfg),
+                            rules=rules_for(mesh_cfg.preset), scan_layers=True)
     return model, tokenizer, dtype, why
 
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     from medjax.eval.runner import evaluate
 
     t0 = time.perf_counter()
-    model, tokenizer, dtype, why = load_model(args.model, args.dtype, args.mesh)
+    model, tokenizer, dtype, why = _load(args.model, args.dtype, args.mesh)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; dtype {dtype} ({why})", file=sys.stderr)
     chat = False if args.chat_template is None else (True if args.chat_template == "default"
                                                      else args.chat_template)

@@ -6,23 +6,13 @@ lm-eval passes ``dtype=auto`` to transformers, which takes the checkpoint's own 
 - a GGUF file: bfloat16 when any tensor is quantized (Q4_1, Q8_0, ...: their dequantized
   values are not a float type of their own), else the file's float type (BF16, F16, F32);
 - a run checkpoint (``<run>/checkpoints`` or the run directory): the run's ``model.dtype``,
-  which ``restore_trained_model`` rebuilds it with (see ``__main__``).
+  which ``medjax.load`` rebuilds it with (see ``__main__``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def model_kind(path: Path) -> str:
-    """"gguf", "hf" (a directory with config.json) or "run" (a training run's checkpoints)."""
-    if path.is_file():
-        return "gguf" if path.suffix == ".gguf" else "other"
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "checkpoints").is_dir() or any(p.is_dir() and p.name.isdigit() for p in path.iterdir()):
-            return "run"
-    return "hf"
 
 
 def _float_name(dtype) -> str | None:
@@ -70,4 +60,5 @@ def auto_dtype(path: Path) -> tuple[str, str]:
     if not Path(path).exists():
         from medjax.errors import CheckpointError
         raise CheckpointError(f"{path}: no such file or directory")   # as medjax.load says it
-    return gguf_dtype(path) if model_kind(path) == "gguf" else hf_dtype(path)
+    from medjax.hf.pretrained import is_gguf
+    return gguf_dtype(path) if is_gguf(Path(path)) else hf_dtype(path)

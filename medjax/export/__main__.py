@@ -47,33 +47,30 @@ def main(argv=None) -> int:
     from medjax.distributed import initialize
     # under launch/*: jax.distributed from the environment (or mesh.coordinator=...); no-op alone
     initialize(mesh_overrides(args.mesh))
+    from medjax.loading import checkpoint_dir, load_run
     from medjax.paths import separate_output
-    from medjax.train.loop import restore_trained_model
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(2, "no such checkpoint directory", str(ckpt))
-    if (ckpt / "checkpoints").is_dir():
-        ckpt = ckpt / "checkpoints"
+    ckpt = checkpoint_dir(args.checkpoint)     # CheckpointError: no such directory / not a run
     separate_output(args.out, ckpt)
     out_path = Path(args.out)
     if not args.overwrite and (out_path.is_file() or out_path.is_dir() and any(out_path.iterdir())):
         raise ConfigError(f"--out {out_path} exists{'' if out_path.is_file() else ' and is not empty'}: "
                           f"pass --overwrite to replace it, or choose another --out")
-    model, tokenizer, cfg, step = restore_trained_model(ckpt, args.step, args.mesh)
+    run = load_run(ckpt, args.step, args.mesh)
+    model, tokenizer, cfg, step = run.model, run.tokenizer, run.config, run.step
     if args.peft and not cfg.lora.enabled:
         raise ConfigError(f"--peft needs a LoRA run (lora.enabled=true); {ckpt} is a full fine-tune")
     if args.peft:
         from medjax.train.peft_export import save_peft
         out = save_peft(model, args.out, base_model_name_or_path=cfg.model.path)
     else:
-        import medjax
+        from medjax.hf.export import save_hf
+        from medjax.hf.gguf_export import save_gguf
         from medjax.train.setup import plain_model
         plain = plain_model(model)        # QLoRA: adapters merged onto the dequantized trained-on base
         if args.gguf:
-            out = medjax.save_gguf(plain, args.out, tokenizer=tokenizer, type=args.gguf)
+            out = save_gguf(plain, args.out, tokenizer=tokenizer, type=args.gguf)
         else:
-            out = medjax.save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype,
-                                 overwrite=args.overwrite)
+            out = save_hf(plain, args.out, tokenizer=tokenizer, dtype=args.dtype, overwrite=args.overwrite)
     from medjax.distributed import is_main_process
     if is_main_process():              # process 0 wrote the files; it alone says so
         print(f"exported step {step} of {ckpt} to {out}")

@@ -12,7 +12,8 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF model directory or .gguf file (pkg://... allowed)")
+    p.add_argument("--model", required=True, help="HF model directory, .gguf file (pkg://... allowed) or a training "
+                                                    "run (its directory or its checkpoints/)")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text; repeat for a batch (only the first is streamed)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
@@ -43,9 +44,10 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    import medjax
     from medjax.eval.generate import Generator, TextStreamer, strip_stop
-    model, tokenizer = medjax.load(args.model, dtype=getattr(jnp, args.dtype))   # CheckpointError: exit 2
+    from medjax.loading import load, run_checkpoints
+    # CheckpointError: exit 2; a training run is rebuilt in its own model.dtype
+    model, tokenizer = load(args.model, None if run_checkpoints(args.model) else getattr(jnp, args.dtype))
     if tokenizer is None:
         raise CheckpointError(f"{args.model} has no tokenizer files")
     stop_ids = set(tokenizer.stop_ids)

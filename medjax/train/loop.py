@@ -1,6 +1,7 @@
-"""The training loop: load → setup → data → jitted steps → checkpoints → eval → plot → export.
+"""The training loop: setup → data → jitted steps → checkpoints → held-out loss → plot → export.
 
-``run(cfg, resume=...)`` is everything ``python -m medjax.train`` does. ONE :class:`Trainer` runs
+``medjax.run.run(cfg, resume=...)`` (everything ``python -m medjax.train`` does: load, train,
+the config's eval, exports, summary.json) drives it. ONE :class:`Trainer` runs
 every objective (``training/objectives.py``: causal LM, DPO); ``training/setup.py`` builds the
 trainable model (wrap → quantize → NEFTune → split → init → place). Resuming restores the
 train state, the RNG state and the data iterator position from the newest readable checkpoint,
@@ -27,7 +28,6 @@ from medjax.config import RunConfig
 from medjax.errors import CheckpointError, ConfigError, DataError
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.metrics import MetricsLogger, plot_run
-from medjax.train.objectives import objective_for
 from medjax.train.setup import build_trainable, plain_model
 
 
@@ -66,33 +66,6 @@ class _StopOnSignal:
     def __exit__(self, *exc):
         for s, old in self._old.items():
             signal.signal(s, old)
-
-
-def load_model(cfg: RunConfig, mesh=None):
-    """``(model, tokenizer)`` from ``model.path`` (HF dir / .gguf / pkg://) or a random preset.
-
-    With ``mesh``, an HF checkpoint streams straight into the run's shardings, already wrapped /
-    quantized for training (``setup.load_prepared``)."""
-    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
-    if cfg.model.path is not None and mesh is not None:
-        from medjax.train.setup import load_prepared
-        model, tokenizer = load_prepared(cfg, mesh)
-        model.remat = cfg.model.remat
-        return model, tokenizer
-    if cfg.model.path is not None:
-        import medjax
-        model, tokenizer = medjax.load(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
-                                       attention_impl=cfg.model.attention,
-                                       scan_layers=cfg.model.scan_layers)
-    else:
-        from medjax.models import get_preset, init_decoder
-        model = init_decoder(get_preset(cfg.model.preset), seed=cfg.train.seed, dtype=dtype,
-                             param_dtype=param_dtype, attention_impl=cfg.model.attention,
-                             scan_layers=cfg.model.scan_layers)
-        from medjax.tokenizer import preset_tokenizer
-        tokenizer = preset_tokenizer(cfg.model.preset)    # byte-level for tiny-* presets, else None
-    model.remat = cfg.model.remat
-    return model, tokenizer
 
 
 def _resolve(path) -> str:
@@ -271,12 +244,12 @@ class Trainer:
     # ------------------------------------------------------------------ export
     def export(self, kinds) -> dict:
         """Merged HF model (``save_hf``) and/or a PEFT adapter under ``<out_dir>/export``."""
-        import medjax
+        from medjax.hf.export import save_hf
         out = {}
         model = self.model()
         if "hf" in kinds:
             plain = plain_model(model)
-            path = medjax.save_hf(plain, self.out_dir / "export" / "hf", tokenizer=self.tokenizer,
+            path = save_hf(plain, self.out_dir / "export" / "hf", tokenizer=self.tokenizer,
                                   overwrite=True)
             out["hf"] = str(path)
         if "peft" in kinds and self.lora:
@@ -325,76 +298,3 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
-
-
-def run(cfg: RunConfig, *, resume: bool = False, show_bar: bool = True) -> dict:
-    """Train per ``cfg``; returns (and writes ``<out_dir>/summary.json``) the run summary."""
-    from medjax.eval.configured import evaluate_section
-    from medjax.sharding import make_mesh
-    from medjax.train.setup import check_layout
-    t0 = time.perf_counter()
-    mesh = make_mesh(cfg.mesh)
-    check_layout(cfg, mesh)                         # before any weights load, on every process
-    model, tokenizer = load_model(cfg, mesh)
-    trainer = Trainer(cfg, objective_for(cfg), model, tokenizer, show_bar=show_bar)
-    del model                           # consumed: its loaded params were donated to the state
-    out_dir = Path(cfg.train.out_dir)
-
-    def evaluate(name):                 # the config's eval section on the merged, dequantized model
-        return evaluate_section(cfg.eval, lambda: plain_model(trainer.model()), tokenizer,
-                                out_dir / f"{name}.json")
-    eval_before = None
-    if not resume and trainer.ckpt.steps():
-        from medjax.config import ConfigError
-        raise ConfigError(f"{trainer.ckpt.directory} already holds checkpoints {trainer.ckpt.steps()}: "
-                          f"continue with --resume, or choose another train.out_dir")
-    if not (resume and trainer.resume()):
-        if resume:
-            print(f"no checkpoint in {trainer.ckpt.directory}; starting from step 0")
-        if cfg.eval.before_training:
-            eval_before = evaluate("eval_before")
-    summary = trainer.train()
-    summary["exports"] = trainer.export(cfg.train.export)
-    if eval_before is not None:
-        summary["eval_before"] = eval_before
-    summary["eval"] = evaluate("eval")     # None if the config has no eval section
-    summary["total_seconds"] = round(time.perf_counter() - t0, 2)
-    summary["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
-    from medjax.distributed import is_main_process
-    if not is_main_process():                 # one process writes the run's files
-        return summary
-    from medjax.outputs import write_file
-    write_file(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def restore_trained_model(checkpoint_dir, step: int | None = None, mesh_overrides=()):
-    """``(model, tokenizer, cfg, step)``: the model of a run rebuilt from its checkpoint directory
-    exactly as it trained — the run config is read from the checkpoint's metadata and
-    ``setup.build_trainable`` repeats the run's wrap / quantize / NEFTune / split (so a QLoRA run's
-    adapters sit on the same quantized base). Dropout and NEFTune are off in the returned view.
-    ``mesh_overrides`` (``mesh.*`` ``key=value`` flags, ``config.mesh_overrides``) change the
-    run's mesh (orbax restores into the new shardings); the returned ``cfg.mesh`` is that one."""
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from medjax.config import RunConfig, build
-    from medjax.sharding import make_mesh
-    ckpt = Checkpointer(checkpoint_dir)
-    steps = ckpt.steps()
-    if not steps:
-        raise FileNotFoundError(f"{ckpt.directory}: no checkpoints")
-    meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    cfg = build(RunConfig, meta["config"])
-    if mesh_overrides:
-        from medjax.config import mesh_overrides as with_mesh_flags
-        cfg = dataclasses.replace(cfg, mesh=with_mesh_flags(mesh_overrides, cfg.mesh))
-    mesh = make_mesh(cfg.mesh)
-    model, tokenizer = load_model(cfg, mesh)
-    from medjax.train.objectives import CausalLM
-    trainable = build_trainable(cfg, model, mesh, objective=CausalLM())
-    restored = ckpt.restore(trainable.state, step=step)
-    ckpt.close()
-    state, _, got_step = restored
-    model = trainable.model(state)
-    return nnx.view(model, deterministic=True, raise_if_not_found=False), tokenizer, cfg, got_step

@@ -98,15 +98,42 @@ def load_prepared(cfg, mesh):
     Safetensors directories and GGUF files alike."""
     import jax.numpy as jnp
 
-    import medjax
+    from medjax.hf.pretrained import load_pretrained
     from medjax.sharding import rules_for
     param_dtype = jnp.dtype(cfg.model.param_dtype) if cfg.lora.enabled else jnp.float32
-    model, tokenizer = medjax.load(cfg.model.path, dtype=jnp.dtype(cfg.model.dtype),
-                                   param_dtype=param_dtype, attention_impl=cfg.model.attention,
-                                   mesh=mesh, rules=rules_for(cfg.mesh.preset),
-                                   prepare=lambda m: prepare_model(cfg, m),
-                                   scan_layers=cfg.model.scan_layers)
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=jnp.dtype(cfg.model.dtype),
+                                       param_dtype=param_dtype, attention_impl=cfg.model.attention,
+                                       mesh=mesh, rules=rules_for(cfg.mesh.preset),
+                                       prepare=lambda m: prepare_model(cfg, m),
+                                       scan_layers=cfg.model.scan_layers)
     model.prepared = True
+    return model, tokenizer
+
+
+def base_model(cfg, mesh=None):
+    """``(model, tokenizer)`` a run starts from: ``model.path`` (HF dir / .gguf / pkg://) or a
+    random ``model.preset``.
+
+    With ``mesh``, a checkpoint streams straight into the run's shardings, already wrapped /
+    quantized for training (:func:`load_prepared`); without, it loads whole on the default
+    device (tests, benchmarks of one device)."""
+    import jax.numpy as jnp
+    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if cfg.model.path is not None and mesh is not None:
+        model, tokenizer = load_prepared(cfg, mesh)
+    elif cfg.model.path is not None:
+        from medjax.hf.pretrained import load_pretrained
+        model, tokenizer = load_pretrained(cfg.model.path, dtype=dtype, param_dtype=param_dtype,
+                                           attention_impl=cfg.model.attention,
+                                           scan_layers=cfg.model.scan_layers)
+    else:
+        from medjax.models import get_preset, init_decoder
+        from medjax.tokenizer import preset_tokenizer
+        model = init_decoder(get_preset(cfg.model.preset), seed=cfg.train.seed, dtype=dtype,
+                             param_dtype=param_dtype, attention_impl=cfg.model.attention,
+                             scan_layers=cfg.model.scan_layers)
+        tokenizer = preset_tokenizer(cfg.model.preset)    # byte-level for tiny-* presets, else None
+    model.remat = cfg.model.remat
     return model, tokenizer
 
 

@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory, arena_files):
     """A LoRA training run of 2 steps from the ``alpha`` model (a run checkpoint contestant)."""
     from train.train_helpers import tiny_config, write_alpaca
 
-    from medjax.train.loop import run
+    from medjax.run import run
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config(arena_files["alpha"], write_alpaca(root / "train.jsonl"), root / "run",
                       train__steps=2, checkpoint__every=2,

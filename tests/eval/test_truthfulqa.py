@@ -151,7 +151,7 @@ def test_auto_dtype_rules(tmp_path):
     from safetensors.numpy import save_file
 
     from medjax.eval.auto_dtype import auto_dtype
-    from medjax.loading import resolve_path
+    from medjax.paths import resolve_path
     for config, expected in (({"torch_dtype": "bfloat16"}, ("bfloat16", "config.json torch_dtype")),
                              ({"dtype": "float16", "torch_dtype": "float32"}, ("float16", "config.json dtype")),
                              ({}, ("float16", "model.safetensors tensor 'w' (config.json has no dtype)"))):
@@ -177,7 +177,7 @@ def test_run_checkpoint_evaluates_in_its_run_dtype(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca
 
-    from medjax.train.loop import run
+    from medjax.run import run
     cfg = tiny_config(make_tiny_model_dir(tmp_path / "base"), write_alpaca(tmp_path / "train.jsonl"),
                       tmp_path / "run", train__steps=2, model__dtype="bfloat16", model__param_dtype="bfloat16")
     run(cfg, show_bar=False)

@@ -47,7 +47,7 @@ def test_7b_width_two_layers_load_step_export_transformers(tmp_path, monkeypatch
     import medjax
     from medjax.cli_errors import run_cli
     from medjax.train.__main__ import main as train_main
-    from medjax.train.loop import restore_trained_model
+    from medjax.train.restore import restore_trained_model
     from medjax.train.setup import plain_model
 
     fixture = F.write_fixture("llama2-7b", 2, tmp_path / "fixture", max_shard_bytes=600_000_000)

@@ -241,7 +241,8 @@ def test_export_cli(tmp_path, capsys):
     from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca
     from medjax.cli_errors import run_cli
     from medjax.export.__main__ import main
-    from medjax.train.loop import restore_trained_model, run
+    from medjax.run import run
+    from medjax.train.restore import restore_trained_model
     cfg = tiny_config(make_tiny_model_dir(tmp_path / "base", hidden_size=48), write_alpaca(tmp_path / "a.jsonl"),
                       tmp_path / "run", train__steps=2)
     run(cfg, show_bar=False)

@@ -83,7 +83,7 @@ def _train_losses(out_dir):
 
 
 def _run_tiny(name, tmp_path, *extra):
-    from medjax.train.loop import run
+    from medjax.run import run
     cfg = load_recipe(name, ["model=tiny", f"train.out_dir={tmp_path / name}", *extra])
     return cfg, run(cfg, show_bar=False)
 

@@ -13,14 +13,15 @@ import pytest
 from flax import nnx
 
 from train_helpers import tiny_config, write_alpaca
-from medjax.train.loop import Trainer, TrainingDiverged, load_model
+from medjax.train.loop import Trainer, TrainingDiverged
+from medjax.train.setup import base_model
 from medjax.train.objectives import objective_for
 
 
 def _trainer(tmp_path, model_dir, **over):
     data = write_alpaca(tmp_path / "a.jsonl")
     cfg = tiny_config(model_dir, data, tmp_path / "run", **over)
-    model, tok = load_model(cfg)
+    model, tok = base_model(cfg)
     return Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
 
 

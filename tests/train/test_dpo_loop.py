@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from train_helpers import FACTS, tiny_config
-from medjax.train.loop import Trainer, TrainingInterrupted, load_model, run
+from medjax.run import run
+from medjax.train.loop import Trainer, TrainingInterrupted
+from medjax.train.setup import base_model
 from medjax.train.objectives import DPO, objective_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +48,7 @@ def _losses(run_dir):
 
 
 def _trainer(cfg):
-    model, tok = load_model(cfg)
+    model, tok = base_model(cfg)
     return Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
 
 
@@ -116,7 +118,7 @@ def test_dpo_objective_adds_neftune_noise_in_training_only(tiny_llama_dir, tmp_p
     results = {}
     for alpha in (0.0, 5.0):
         cfg = dpo_config(tiny_llama_dir, tmp_path, "neftune", train__neftune_alpha=alpha)
-        model, tok = load_model(cfg)
+        model, tok = base_model(cfg)
         batch = next(prepare_data(cfg, tok)[0])
         t = build_trainable(cfg, model, make_mesh(cfg.mesh))
         assert isinstance(t.objective, DPO) and hasattr(t.model(), "neftune") == bool(alpha)
@@ -136,7 +138,7 @@ def _failing_loss(*args, **kwargs):
 @pytest.mark.parametrize("recipe", ["med42_llama3_sft", "med42_dpo"])
 def test_sft_and_dpo_recipes_fail_through_the_same_loop(recipe, tmp_path, monkeypatch):
     """An injected failure in the objective's loss surfaces through the same frames for SFT and
-    DPO: ``python -m medjax.train`` → loop.run → Trainer.train → the setup's jitted step."""
+    DPO: ``python -m medjax.train`` → medjax.run.run → Trainer.train → the setup's jitted step."""
     from medjax.train.__main__ import main
     from medjax.train import objectives
     monkeypatch.chdir(tmp_path)

@@ -7,12 +7,13 @@ import pytest
 from flax import nnx
 
 from train_helpers import tiny_config
-from medjax.train.loop import Trainer, TrainingDiverged, load_model
+from medjax.train.loop import Trainer, TrainingDiverged
+from medjax.train.setup import base_model
 from medjax.train.objectives import objective_for
 
 
 def _trainer(cfg):
-    model, tok = load_model(cfg)
+    model, tok = base_model(cfg)
     return Trainer(cfg, objective_for(cfg), model, tok, show_bar=False)
 
 

@@ -16,7 +16,7 @@ def _tensors(directory):
 
 def test_qlora_checkpoint_export_equals_in_run_export(tiny_llama_dir, tiny_alpaca, tmp_path):
     from medjax.export.__main__ import main
-    from medjax.train.loop import run
+    from medjax.run import run
     cfg = tiny_config(tiny_llama_dir, tiny_alpaca, tmp_path / "run", train__steps=3, train__export=("hf",),
                       lora__enabled=True, lora__rank=4, lora__quantize="nf4", lora__quant_block=32,
                       optim__lr=5e-2)
