@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medjax.arena.questions import DEFAULT_QUESTIONS
 from medjax.arena.rubric import DEFAULT_RUBRIC
+from medjax.eval.sampling_flags import add_sampling_flags, sampling_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", help="model NAME fixed at 1000 (default: mean rating 1000)")
     p.add_argument("--limit", type=int, help="use only the first N questions")
     g = p.add_argument_group("answers")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    g.add_argument("--med42-sampling", action="store_true", help="Med42's card: T=0.4, top-k 150, top-p 0.75")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (batch k uses seed + k)")
+    add_sampling_flags(g, seed_note="; batch k uses seed + k")
     g.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     g.add_argument("--system", help="system message before each question")
     g = p.add_argument_group("judging and ratings")
@@ -78,15 +74,13 @@ def _load(path, dtype):
 def _settings(args):
     from medjax.arena.answers import AnswerSettings
     from medjax.errors import ConfigError
-    from medjax.eval.generate import MED42_SAMPLING, SamplingParams
 
-    for name in ("max_new_tokens", "batch_size", "judge_batch"):
+    for name in ("batch_size", "judge_batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if args.bootstrap < 0 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--bootstrap must be >= 0 and --limit >= 1")
-    sampling = (MED42_SAMPLING if args.med42_sampling     # ConfigError names the bad option
-                else SamplingParams(args.temperature, args.top_k, args.top_p))
+    sampling = sampling_from(args)                         # ConfigError names the bad option
     return AnswerSettings(sampling, args.max_new_tokens, args.seed, args.batch_size, args.system)
 
 

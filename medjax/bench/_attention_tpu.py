@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 
@@ -98,9 +97,8 @@ def _reexec(argv) -> int:
     from medjax.ops.pallas import tpu_compile
     python = tpu_compile.libtpu_python()
     if python is None:
-        print("error: libtpu is not installed: run `make tpu-venv` (creates .venv-tpu)",
-              file=sys.stderr)
-        return 2
+        from medjax.errors import ConfigError
+        raise ConfigError("libtpu is not installed: run `make tpu-venv` (creates .venv-tpu)")
     cmd = [str(python), "-m", "medjax.bench", "attention", *argv]
     return subprocess.run(cmd, env=tpu_compile.compile_only_env()).returncode
 
@@ -111,9 +109,8 @@ def main(args, argv) -> int:
     chips = [c.strip() for c in args.chips.split(",") if c.strip()]
     unknown = sorted(set(chips) - set(tpu_compile.CHIPS))
     if unknown:
-        print(f"error: --chips: unknown chip(s) {unknown}; choose from {sorted(tpu_compile.CHIPS)}",
-              file=sys.stderr)
-        return 2
+        from medjax.errors import ConfigError
+        raise ConfigError(f"--chips: unknown chip(s) {unknown}; choose from {sorted(tpu_compile.CHIPS)}")
     if (importlib.util.find_spec("libtpu") is None or os.environ.get("TPU_SKIP_MDS_QUERY") != "1"
             or os.environ.get("JAX_PLATFORMS") != "cpu"):
         return _reexec(argv)

@@ -56,8 +56,8 @@ def inspect(args) -> int:
     cfg = load_config(args.config, args.overrides)
     tokenizer_path = args.tokenizer or cfg.model.path
     if tokenizer_path is None:
-        print("error: no tokenizer: set model.path or pass --tokenizer DIR|FILE", file=sys.stderr)
-        return 2
+        from medjax.errors import ConfigError
+        raise ConfigError("no tokenizer: set model.path or pass --tokenizer DIR|FILE")
     tokenizer = load_tokenizer(tokenizer_path)
     data, seq_len = cfg.data, cfg.data.seq_len
     skips = SkipLog()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medjax.eval.sampling_flags import add_sampling_flags, sampling_from
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.generate", description=__doc__,
@@ -18,17 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text; repeat for a batch (only the first is streamed)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
     p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="stop after this many generated tokens if no stop token came first (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--med42-sampling", action="store_true", help="Med42's card: T=0.4, top-k 150, top-p 0.75")
+    add_sampling_flags(p)
     p.add_argument("--stop", action="append", default=[],
                    help="extra stop token (its text, e.g. '<|eot_id|>'); EOS and turn-end tokens always stop")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed of the sampler; the same seed gives the same text (default: 0; "
-                        "unused when greedy)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype the weights are loaded and computed in (default: float32)")
     return p
@@ -37,10 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from medjax.errors import CheckpointError, ConfigError
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    from medjax.eval.generate import MED42_SAMPLING, SamplingParams
-    params = MED42_SAMPLING if args.med42_sampling else SamplingParams(args.temperature, args.top_k, args.top_p)
+    params = sampling_from(args)                         # ConfigError names a bad flag
 
     import jax.numpy as jnp
 
