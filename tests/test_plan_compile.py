@@ -1,5 +1,5 @@
 """``python -m medjax.plan --compile``: the real train step compiled for compile-only TPU / GPU
-devices from this CPU (medjax/plan_compile.py).
+devices from this CPU (medjax/plan/compile.py).
 
 The compiles run in the extra venvs (``make tpu-venv`` / ``make cuda-venv``; libtpu and the
 CUDA plugin never go into .venv) as subprocesses; without the venv the test skips and says so.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from medjax.cli_errors import run_cli
-from medjax.plan import main as plan_main
+from medjax.plan.__main__ import main as plan_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU_PY = ROOT / ".venv-tpu" / "bin" / "python"
@@ -133,7 +133,8 @@ def test_gpu_target_config_matches_xla_h100_spec():
     """The H100 description compiled against is XLA's published H100 SXM spec."""
     if not H100_SPEC.exists():
         pytest.skip(f"{H100_SPEC} not present")
-    from medjax.plan_compile import CHIPS, gpu_target_config
+    from medjax.ops.hardware import CHIPS
+    from medjax.plan.compile import gpu_target_config
     fields = lambda text: dict(re.findall(r'(\w+): ("[^"]*"|[^\s}]+)', text))  # noqa: E731
     ours, xla = fields(gpu_target_config(CHIPS["h100"])), fields(H100_SPEC.read_text())
     assert ours == xla

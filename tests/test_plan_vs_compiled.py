@@ -18,7 +18,8 @@ import jax
 import pytest
 
 from medjax import plan as planner
-from medjax import plan_compile, sharding
+from medjax import sharding
+from medjax.plan import compile as plan_compile
 from medjax.config import load_config
 
 TOLERANCE = 0.15

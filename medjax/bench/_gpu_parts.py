@@ -11,7 +11,7 @@ Full shapes are the issue's; ``--dry-run`` runs the same code at tiny shapes on 
 (CPU: Pallas in interpret mode, no cuDNN).
 
 Row keys: ``part``, ``case``, ``impl``, ``ms`` (median time of one step / call), ``rate`` +
-``unit`` (tokens/s, items/s), ``tflops``, ``mfu`` (against ``plan_compile.CHIPS``' bf16 peak of
+``unit`` (tokens/s, items/s), ``tflops``, ``mfu`` (against ``ops/hardware.py``' bf16 peak of
 this chip), ``peak_gib``, ``max_err`` (against the fp32 reference), ``vs`` + ``speedup`` (the
 medjax row this one is compared with, and this row's time over it: > 1 = medjax faster),
 ``error``.
@@ -58,7 +58,7 @@ def _err(e: BaseException) -> str:
 
 
 def _peak(device_kind):
-    from medjax.plan_compile import chip_of
+    from medjax.ops.hardware import chip_of
     chip = chip_of(device_kind or "")
     return chip.bf16_flops if chip else None
 

@@ -27,7 +27,7 @@ def measure(layers: int, scan: bool, *, preset: str, lora: bool, seq: int, batch
     from medjax import sharding
     from medjax.config import load_config
     from medjax.models import get_preset
-    from medjax.plan_compile import abstract_step
+    from medjax.plan.compile import abstract_step
     overrides = [f"model.preset={preset}", f"model.scan_layers={str(scan).lower()}",
                  f"model.remat={remat}", f"data.seq_len={seq}", f"train.batch_size={batch}",
                  "mesh.preset=dp", "model.attention=xla"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from medjax import bench
+from medjax.bench.__main__ import main as bench_main
 from medjax.bench import gpu
-from medjax.plan_compile import CHIPS, chip_of
+from medjax.ops.hardware import CHIPS, chip_of
 
 # Imported by medjax elsewhere but absent from the lent GPU image (docs/GPU.md): the check must
 # not need them.
@@ -86,7 +86,7 @@ def test_a_failed_smoke_part_stops_the_check(tmp_path):
 
 def test_unknown_part_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
-        bench.main(["gpu", "--parts", "smoke,speed"])
+        bench_main(["gpu", "--parts", "smoke,speed"])
     assert e.value.code == 2 and "speed" in capsys.readouterr().err
 
 
@@ -99,7 +99,7 @@ def test_dry_run_runs_every_part_without_the_packages_the_image_lacks(tmp_path, 
     root = Path(__file__).resolve().parents[2]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), str(blockers)]))
     out = tmp_path / "out"
-    assert bench.main(["gpu", "--dry-run", "--out", str(out)]) == 0
+    assert bench_main(["gpu", "--dry-run", "--out", str(out)]) == 0
     result = json.loads((out / "gpu_check.json").read_text())
     assert {name: p["error"] for name, p in result["parts"].items()} == \
         {name: None for name, *_ in gpu.PARTS}

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from medjax.models import Decoder, get_preset  # noqa: E402
-from medjax.plan_compile import _kernel_counts, compile_devices  # noqa: E402
+from medjax.plan.compile import _kernel_counts, compile_devices  # noqa: E402
 
 
 def main():

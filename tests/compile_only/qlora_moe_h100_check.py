@@ -1,6 +1,6 @@
 """Run in the CUDA venv (``make cuda-venv``): BiMediX's train step (configs/bimedix_mixtral_qlora.yaml:
 nf4 double-quant QLoRA r=128 on Mixtral-8x7B, remat full, 16 micro-batches of 4096 tokens) with the
-model cut to ``argv[1]`` layers, built by ``medjax.plan_compile`` (the trainer's own setup) and
+model cut to ``argv[1]`` layers, built by ``medjax.plan.compile`` (the trainer's own setup) and
 compiled for one compile-only H100. Prints one JSON line of XLA's bytes per device.
 """
 import dataclasses
@@ -11,7 +11,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from medjax import plan as P  # noqa: E402
-from medjax import plan_compile  # noqa: E402
+from medjax.plan import compile as plan_compile  # noqa: E402
 from medjax.config import load_config  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """8 simulated CPU devices: gradient accumulation's strided micro-batches (training/step.py
 ``micro_batches``) keep every batch row on its device, and accumulate to the one-batch step.
 
-* The compiled train step (built by ``medjax.plan_compile.abstract_step``, i.e. the trainer's own
+* The compiled train step (built by ``medjax.plan.compile.abstract_step``, i.e. the trainer's own
   ``build_trainable`` → ``step_fn``) with ``grad_accum > 1`` has exactly the row-carrying
   collectives of the ``grad_accum = 1`` step on one micro-batch (none at all under fsdp_ep with a
   tiny Mixtral): the split itself moves no row. The old contiguous split, patched in here only,
@@ -65,7 +65,7 @@ def row_collectives(hlo: str) -> collections.Counter:
 
 def _compiled_text(cfg) -> str:
     from medjax.plan import model_config
-    from medjax.plan_compile import abstract_step
+    from medjax.plan.compile import abstract_step
     step, args = abstract_step(cfg, sharding.make_mesh(cfg.mesh), model_config(cfg))
     return step.lower(*args).compile().as_text()
 

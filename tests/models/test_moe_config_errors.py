@@ -29,7 +29,7 @@ def test_too_many_experts_per_token_is_one_error_line(bad_run, cli, capsys):
     if cli == "train":
         from medjax.train.__main__ import main
     else:
-        from medjax.plan import main
+        from medjax.plan.__main__ import main
     yaml, model, k, E = bad_run
     rc = run_cli(main, ["--config", str(yaml)] + (["--num-devices", "1"] if cli == "plan" else []))
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-# chip name -> (topology for get_topology_desc, tpu_info.ChipVersion member name)
-CHIPS = {"v4": ("v4:2x2x1", "TPU_V4"), "v5e": ("v5e:2x2", "TPU_V5E"),
-         "v5p": ("v5p:2x2x1", "TPU_V5P"), "v6e": ("v6e:2x2", "TPU_V6E")}
+from medjax.ops.hardware import CHIPS as _HARDWARE, tpu_chips
+
+# the TPU rows of medjax/ops/hardware.py (small topology, Mosaic chip version): the chips here
+CHIPS = {name: _HARDWARE[name] for name in tpu_chips()}
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TPU_VENV_PYTHON = REPO_ROOT / ".venv-tpu" / "bin" / "python"
 
@@ -81,7 +82,7 @@ def require_compile_only_env():
 def tpu_devices(chip: str):
     """Compile-only devices of a small topology of ``chip`` (one of ``CHIPS``)."""
     require_compile_only_env()
-    return topology_devices(CHIPS[chip][0])
+    return topology_devices(CHIPS[chip].small_topology)
 
 
 def _tpu_info_modules() -> list:
@@ -102,7 +103,7 @@ def target_chip(chip: str):
     """While active, Pallas/Mosaic lowering targets ``chip`` instead of asking the CPU device."""
     modules = _tpu_info_modules()
     tpu_info = modules[0]
-    info = tpu_info.get_tpu_info_for_chip(getattr(tpu_info.ChipVersion, CHIPS[chip][1]), 1)
+    info = tpu_info.get_tpu_info_for_chip(getattr(tpu_info.ChipVersion, CHIPS[chip].tpu_version), 1)
     answer = lambda *a, **k: info
     saved = [m.get_tpu_info for m in modules]
     for m in modules:

@@ -1,9 +1,4 @@
-"""Memory planner: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
-
-    python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
-                          [--device-memory 80GB] [--num-devices N] [--compile]
-
-``--compile`` asks the real TPU / GPU compiler instead (medjax/plan_compile.py).
+"""The planner's accounting: per-device bytes of a training run, from shapes alone (``jax.eval_shape``).
 
 The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abstract model when
 ``lora.enabled``; each variable's per-device size follows the mesh preset's sharding rules
@@ -46,17 +41,11 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              layer's). Not counted: the runtime's own memory (compiled programs, the
              compiler's transients, the allocator): 3-12% of the QLoRA load measured in
              tests/hf/test_load_memory.py (docs/SCALE.md).
-Device sizes in GiB (2**30 bytes); ``--device-memory`` accepts GB (1e9) or GiB. A warning is
-printed when the total passes 90% of device memory (XLA needs room for temporaries).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +54,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax import sharding
-from medjax.config import ConfigError, RunConfig, load_config
+from medjax.config import RunConfig
+from medjax.errors import ConfigError, UserError
 
-GiB = 2 ** 30
-DEVICES_GIB = {"h100": 80, "h200": 141, "a100": 80, "a100-40": 40, "v4": 32, "v5e": 16,
-               "v5p": 95, "v6e": 32}
-# TPU slice names count TensorCores for v4/v5p (2 per chip = 1 JAX device) and chips for v5e/v6e.
-_CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-HEADROOM = 0.9
 
 
 @dataclass
@@ -101,34 +85,6 @@ class Plan:
                 + self.activations + self.temporaries)
 
 
-def parse_memory(text: str) -> float:
-    """'80GB' → 80e9, '80GiB' → 80*2**30, '512MiB', '1.5TB'; a bare number is GiB."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"--device-memory {text!r}: expected e.g. 80GB or 96GiB")
-    value, unit = float(m.group(1)), (m.group(2) or "GiB").upper()
-    power = "KMGT".index(unit[0]) + 1
-    return value * ((2 ** (10 * power)) if "I" in unit else 10 ** (3 * power))
-
-
-def parse_device(name: str) -> tuple[str, float, int | None]:
-    """'v5p-64' → ('v5p', bytes per device, 32 devices); 'h100' → ('h100', bytes, None);
-    'cpu' → this host's RAM as one device (JAX on CPU keeps every array in host memory)."""
-    if name.lower() == "cpu":
-        return "cpu", float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), 1
-    m = re.fullmatch(r"(h100|h200|a100-40|a100|v4|v5e|v5litepod|v5p|v6e)(?:-(\d+))?", name.lower())
-    if not m:
-        raise ConfigError(f"--device {name!r}: known {sorted(DEVICES_GIB)} (TPUs may add a slice "
-                         f"size, e.g. v5p-64)")
-    kind = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-    count = None
-    if m.group(2):
-        if kind not in _CORES_PER_DEVICE:
-            raise ConfigError(f"--device {name!r}: give GPU counts with --num-devices")
-        count = int(m.group(2)) // _CORES_PER_DEVICE[kind]
-    return kind, DEVICES_GIB[kind] * GiB, count
-
-
 # ----------------------------------------------------------------------------- model shapes
 def model_config(cfg: RunConfig):
     from medjax.models import ModelConfig, get_preset
@@ -140,7 +96,7 @@ def model_config(cfg: RunConfig):
         raise ConfigError(f"model.path: the planner reads an HF config.json; not found at {path}")
     try:
         return ModelConfig.from_hf_config(json.loads(config_json.read_text()))
-    except ValueError as e:
+    except UserError as e:               # an unsupported architecture or option: name the file
         raise ConfigError(f"{config_json}: {e}") from None
 
 
@@ -358,108 +314,3 @@ def expert_parallel_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict
             tokens, m.hidden_size, m.num_experts_per_tok, m.num_experts, ep,
             dtype, transport)
     return out
-
-
-# ----------------------------------------------------------------------------- report
-def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float | None) -> str:
-    g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
-    mesh = " ".join(f"{a}={p.axis_sizes[a]}" for a in sharding.MESH_AXES)
-    where = f"{p.devices} × {device_name or 'device'}" + (
-        f" ({device_bytes / GiB:.1f} GiB each)" if device_bytes else "")
-    what = cfg.model.preset or cfg.model.path
-    lora = f", LoRA r={cfg.lora.rank}" + (f" {cfg.lora.quantize}" if cfg.lora.quantize else "") \
-        if cfg.lora.enabled else ""
-    lines = [
-        f"medjax.plan: {what}{lora} · mesh {cfg.mesh.preset} [{mesh}] · {where}",
-        f"  {p.total_params:,} params, {p.trainable:,} trainable · optimizer {cfg.optim.name} · "
-        f"remat {cfg.model.remat} · attention {cfg.model.attention}",
-        f"  micro-batch {p.micro_batch_per_device:g} rows × {cfg.data.seq_len} tokens per device "
-        f"(batch {cfg.train.batch_size}, grad_accum {cfg.train.grad_accum})",
-        "  per device               GiB",
-        f"  params               {g(p.params)}",
-        *([f"  reference (DPO)      {g(p.reference)}"] if p.reference else []),
-        f"  grads                {g(p.grads)}",
-        f"  optimizer state      {g(p.optimizer)}",
-        *([f"  weight copies        {g(p.weight_copies)}   (fp32 masters cast to "
-           f"{cfg.model.dtype})"] if p.weight_copies else []),
-        f"  activations (est.)   {g(p.activations)}",
-        f"  temporaries (est.)   {g(p.temporaries)}",
-        f"  total                {g(p.total)}",
-        f"  load/init peak       {g(p.load_peak)}   (host RAM in flight per process: "
-        f"{p.host_load / GiB:.2f} GiB)",
-    ]
-    if p.moe:
-        lines.append(f"  MoE layer fwd+bwd per micro-batch: {p.moe['active_flops'] / 1e12:.3g} TFLOP "
-                     f"active, <= {p.moe['max_flops'] / 1e12:.3g} with block padding "
-                     f"({p.moe['block_rows']}-row blocks); temporaries ~"
-                     f"{p.moe['temp_bytes'] / GiB:.2f} GiB")
-        if p.moe.get("expert_parallel"):
-            lines.append(f"  all-to-all per step per device (expert={p.moe['expert_parallel']}): "
-                         f"{p.moe['all_to_all_ragged_bytes'] / GiB:.3g} GiB ragged (GPU/TPU), "
-                         f"{p.moe['all_to_all_padded_bytes'] / GiB:.3g} GiB padded (CPU)")
-    if p.quantized:
-        lines.insert(5, f"    of which quantized {g(p.quantized)}   ({cfg.lora.quantize} codes + scales)")
-    if device_bytes:
-        frac = p.total / device_bytes
-        if frac > 1:
-            if p.params + p.grads + p.optimizer > device_bytes:
-                hint = ("split the state over more devices (fsdp/tensor/expert), train LoRA, or "
-                        "use adafactor")
-            else:
-                hint = "enable model.remat, or raise train.grad_accum to shrink the micro-batch"
-            lines.append(f"  WARNING: needs {frac:.0%} of device memory — will not fit; {hint}")
-        elif frac > HEADROOM:
-            lines.append(f"  WARNING: uses {frac:.0%} of device memory (> {HEADROOM:.0%}); XLA "
-                         f"temporaries may not fit")
-        else:
-            lines.append(f"  fits: {frac:.0%} of device memory")
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's options (a function, so other planners can add theirs, e.g. ``--compile``)."""
-    ap = argparse.ArgumentParser(prog="python -m medjax.plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append",
-                    help="run config YAML (model, mesh, train, data, lora, optim); repeat to overlay")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.preset=fsdp")
-    ap.add_argument("--device", help="h100 | h200 | a100 | a100-40 | v4 | v5e | v5p | v6e | cpu (host RAM); TPU "
-                                     "slices may add their size (v5p-64 = 32 chips)")
-    ap.add_argument("--device-memory", help="memory per device, e.g. 80GB or 96GiB (overrides --device)")
-    ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
-                                                    "slice size, else the devices the config's mesh "
-                                                    "asks for: the product of its fixed axis sizes)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also compile the real train step for --device (compile-only TPU/GPU, "
-                         "needs the tpu/cuda extra; see medjax/plan_compile.py)")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.compile:
-        return _compile(args)
-    cfg = load_config(args.config, args.overrides)                 # ConfigError: one line, exit 2
-    name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
-    if args.device_memory:
-        device_bytes = parse_memory(args.device_memory)
-    p = plan(cfg, args.num_devices or count)
-    print(report(cfg, p, args.device and args.device.lower(), device_bytes))
-    return 1 if device_bytes and max(p.total, p.load_peak) > device_bytes else 0
-
-
-def _compile(args) -> int:
-    """``--compile``: medjax.plan_compile asks libtpu / XLA:GPU about the real train step."""
-    from medjax import plan_compile
-    if not args.device:
-        raise ConfigError("--compile needs --device (e.g. v5p-64, or h100 --num-devices 8)")
-    cfg = load_config(args.config, args.overrides)
-    memory = parse_memory(args.device_memory) if args.device_memory else None
-    kind, _, slice_count = parse_device(args.device)
-    return plan_compile.run(cfg, kind, args.num_devices or slice_count or 1, memory,
-                            model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
-
-
-if __name__ == "__main__":
-    from medjax.cli_errors import run_cli
-    sys.exit(run_cli(main))

@@ -30,7 +30,8 @@ GPU pipeline (CUDA). Nothing is allocated. Reported per device:
 The compile-only TPU needs libtpu (``make tpu-venv``), the GPU one the CUDA jaxlib plugin
 (``make cuda-venv``); each lives in its own venv. ``TPU_SKIP_MDS_QUERY=1`` is forced here so
 libtpu never asks a cloud metadata server for its configuration, and jax stays on the CPU; the
-host facts libtpu would otherwise warn about come from ``ops/pallas/tpu_compile.py``.
+host facts libtpu would otherwise warn about come from ``ops/pallas/tpu_compile.py``; the
+chips (HBM, peak FLOPs, bandwidth, topologies) from ``ops/hardware.py``.
 """
 from __future__ import annotations
 
@@ -40,53 +41,16 @@ import math
 import re
 
 from medjax.errors import ConfigError
+from medjax.ops.hardware import CHIPS, GiB, Chip
 from medjax.ops.pallas.tpu_compile import topology_devices, use_compile_only_libtpu
 
 use_compile_only_libtpu()       # before libtpu can be loaded: no metadata server, no host warnings
-
-GiB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    name: str
-    platform: str           # "tpu" | "cuda"
-    hbm_bytes: int          # per JAX device
-    bf16_flops: float       # dense peak per JAX device
-    hbm_bandwidth: float    # bytes/s per JAX device
-    topology_prefix: str    # topologies.get_topology_desc name prefix / GPU topology name
-    dims: int               # TPU torus dimensions (2 or 3); 0 for GPUs
-
-
-# Public spec sheets; one JAX device = one chip (v4/v5p megacore: two TensorCores per chip).
-CHIPS = {
-    "v4": Chip("TPU v4", "tpu", 32 * GiB, 275e12, 1.2e12, "v4", 3),
-    "v5e": Chip("TPU v5e", "tpu", 16 * GiB, 197e12, 0.82e12, "v5e", 2),
-    "v5p": Chip("TPU v5p", "tpu", 95 * GiB, 459e12, 2.76e12, "v5p", 3),
-    "v6e": Chip("TPU v6e", "tpu", 32 * GiB, 918e12, 1.64e12, "v6e", 2),
-    "h100": Chip("NVIDIA H100 80GB HBM3", "cuda", 84_942_979_072, 989e12, 3.35232e12, "h100", 0),
-    "h200": Chip("NVIDIA H200", "cuda", 150_754_820_096, 989e12, 4.8e12, "h200", 0),
-}
-
-
-def chip_of(device_kind: str) -> Chip | None:
-    """The ``CHIPS`` entry of a live device's ``device_kind`` ("NVIDIA H100 80GB HBM3",
-    "NVIDIA H200", "TPU v5p", ...), or None for chips not in the table (CPU, other GPUs)."""
-    kind = device_kind.upper()
-    for key, chip in CHIPS.items():
-        if chip.name.upper() == kind or (chip.platform == "cuda" and key.upper() in kind):
-            return chip
-    return None
-
 
 # Torus shapes by chip count (what a slice of that size is built as).
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
               256: "4x8x8", 512: "8x8x8"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
               256: "16x16"}
-
-
-CompilePlanError = ConfigError  # bad device / missing extra / does not fit: one ``error:`` line
 
 
 # ----------------------------------------------------------------------------- devices
@@ -110,7 +74,7 @@ device_description_str: "{chip.name}"
 def _require(module: str, extra: str, what: str):
     import importlib.util
     if importlib.util.find_spec(module) is None:
-        raise CompilePlanError(f"{what} needs the '{extra}' extra ({module} is not installed): "
+        raise ConfigError(f"{what} needs the '{extra}' extra ({module} is not installed): "
                                f"`make {extra}-venv` and run with .venv-{extra}/bin/python "
                                f"(or pip install 'medjax[{extra}]' in a venv of its own)")
 
@@ -118,18 +82,19 @@ def _require(module: str, extra: str, what: str):
 def compile_devices(kind: str, count: int):
     """``(chip, devices)``: ``count`` compile-only devices of ``kind`` (v5p, h100, ...)."""
     import jax
-    if kind not in CHIPS:
-        raise CompilePlanError(f"--compile --device {kind}: unknown chip; known {sorted(CHIPS)}")
+    targets = sorted(k for k, c in CHIPS.items() if c.compile_only)
+    if kind not in targets:
+        raise ConfigError(f"--compile --device {kind}: unknown chip to compile for; known {targets}")
     chip = CHIPS[kind]
     if chip.platform == "tpu":
         shapes = _SHAPES_3D if chip.dims == 3 else _SHAPES_2D
         if count not in shapes:
-            raise CompilePlanError(f"--device {kind} with {count} chips: unknown topology; "
+            raise ConfigError(f"--device {kind} with {count} chips: unknown topology; "
                                    f"known chip counts {sorted(shapes)}")
         _require("libtpu", "tpu", f"--compile --device {kind}")
     else:
         if count < 1 or count > 8:
-            raise CompilePlanError(f"--device {kind} --num-devices {count}: unknown topology; "
+            raise ConfigError(f"--device {kind} --num-devices {count}: unknown topology; "
                                    f"compile-only GPU topologies are one host of 1-8 GPUs")
         _require("jax_cuda12_plugin", "cuda", f"--compile --device {kind}")
     jax.config.update("jax_platforms", "cpu")     # the host runs on CPU; targets are compile-only
@@ -264,10 +229,10 @@ def _oom_error(e: Exception, chip: Chip, kind: str, n: int) -> Exception:
          or re.search(r"required for HLO temporaries \(([^)]+)\) exceeds available HBM \(([^)]+)\)",
                       msg))
     if m:
-        return CompilePlanError(f"{kind} x{n}: does not fit: needs {m.group(1)} per device, "
+        return ConfigError(f"{kind} x{n}: does not fit: needs {m.group(1)} per device, "
                                 f"{m.group(2)} HBM available (XLA compile)")
     if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
-        return CompilePlanError(f"{kind} x{n}: does not fit ({chip.hbm_bytes / GiB:.1f} GiB per "
+        return ConfigError(f"{kind} x{n}: does not fit ({chip.hbm_bytes / GiB:.1f} GiB per "
                                 f"device): {msg[:300]}")
     return e
 
@@ -328,15 +293,12 @@ def format_report(cfg, r: dict) -> str:
 def run(cfg, kind: str, count: int, device_memory: float | None = None, *, model_cfg,
         estimate_fn) -> int:
     """The ``--compile`` branch of ``python -m medjax.plan`` (which parses ``--device`` and passes
-    ``model_cfg`` / ``estimate_fn``, see :func:`compile_plan`); returns the exit code (2 when the
-    compiled step does not fit, after the report)."""
-    import sys
-
+    ``model_cfg`` / ``estimate_fn``, see :func:`compile_plan`): prints the report; a compiled step
+    that does not fit is then a ConfigError (``error:`` line, exit 2)."""
     r = compile_plan(cfg, kind, count, device_memory, model_cfg=model_cfg, estimate_fn=estimate_fn)
-    print(format_report(cfg, r))
+    print(format_report(cfg, r), flush=True)
     if r["total"] > r["chip"].hbm_bytes:
-        print(f"error: {kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
-              f"({r['total'] / GiB:.2f} GiB) per device, {r['chip'].hbm_bytes:,} bytes "
-              f"({r['chip'].hbm_bytes / GiB:.2f} GiB) available (compiled)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{kind} x{r['devices']}: does not fit: needs {r['total']:,} bytes "
+                          f"({r['total'] / GiB:.2f} GiB) per device, {r['chip'].hbm_bytes:,} bytes "
+                          f"({r['chip'].hbm_bytes / GiB:.2f} GiB) available (compiled)")
     return 0
