@@ -125,3 +125,14 @@ def test_tiny_med42_sft_then_dpo_raises_the_preference_margin(tmp_path, benchmar
     assert after["rewards_accuracy"] >= before["rewards_accuracy"]
     assert after["loss"] < before["loss"]
     assert Path(summary["exports"]["hf"], "config.json").is_file()
+
+
+def test_recipes_cli_lists_every_recipe_with_its_planned_hardware(capsys):
+    """``python -m medjax.recipes list`` (medjax/recipes/__main__.py) reads the library's tables."""
+    from medjax.recipes.__main__ import main
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(RECIPES)
+    for name, line in zip(RECIPES, lines):
+        device, count = PLANNED_DEVICES[name]
+        assert line.startswith(name) and f"configs/{name}.yaml" in line and f"{count} x {device}" in line

@@ -1,7 +1,7 @@
 """The seed recipes (configs/<recipe>.yaml): tiny CPU runs of them, their eval, their memory plan.
 
     python -m medjax.train --config configs/internist_mistral_cpt.yaml model=tiny
-    python -m medjax.recipes list
+    python -m medjax.recipes list                 # the CLI: medjax/recipes/__main__.py
     python -m medjax.recipes plan [--recipe NAME] [--device h100 --num-devices 8]
 
 ``model=tiny`` (understood by ``python -m medjax.train`` and :func:`load_recipe`) turns a
@@ -20,9 +20,7 @@ see :data:`PLANNED_DEVICES` and docs/RECIPES.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from medjax.errors import ConfigError
 from medjax.outputs import write_file
 from medjax.tokenizer import byte_tokenizer, preset_tokenizer  # noqa: F401  (re-exported)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TINY_DIR = CONFIG_DIR / "tiny"            # one overlay per family: configs/tiny/<family>.yaml
 RECIPES = ("melt_mixtral_lora", "melt_llama2_lora", "internist_mistral_cpt", "bimedix_mixtral_qlora",
            "med42_llama3_sft", "med42_dpo", "meditron_llama2_cpt")
@@ -194,30 +192,3 @@ def plan_recipe(name: str, device: str | None = None, num_devices: int | None = 
     count = num_devices or slice_count or planned_count
     p = planner.plan(cfg, count)
     return planner.report(cfg, p, device, device_bytes)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m medjax.recipes", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the recipes and their config files")
-    p = sub.add_parser("plan", help="per-device memory of each full-size recipe (jax.eval_shape)")
-    p.add_argument("--recipe", action="append", choices=RECIPES, help="only this recipe (repeatable)")
-    p.add_argument("--device", help="override the planned device (h100, h200, a100, v5p-64, ...)")
-    p.add_argument("--num-devices", type=int, help="override the planned device count")
-    args = ap.parse_args(argv)
-    if args.command == "list":
-        for name in RECIPES:
-            device, count = PLANNED_DEVICES[name]
-            print(f"{name:24s} configs/{name}.yaml  (planned: {count} x {device})")
-        return 0
-    for name in args.recipe or RECIPES:
-        print(f"== {name}")
-        print(plan_recipe(name, args.device, args.num_devices))
-        print()
-    return 0
-
-
-if __name__ == "__main__":
-    from medjax.cli_errors import run_cli
-    sys.exit(run_cli(main))
