@@ -270,11 +270,17 @@ class EvalSection:
     mode: str = "loglikelihood"           # loglikelihood | generate (greedy answer, letter extracted)
     batch_tokens: int = 4096              # padded tokens per scoring batch
     log_samples: bool = False
+    fewshot_as_multiturn: bool = True     # with chat_template: each few-shot example a turn of its own
+    max_new_tokens: int = 32              # answer length in mode generate
+    truthfulqa_primer: str = "qa"         # qa: the release's six QA pairs first | none
 
     def __post_init__(self):
+        from medjax.eval.truthfulqa import PRIMERS
         _choice("eval.score", self.score, ("letter", "full_answer"))
         _choice("eval.mode", self.mode, ("loglikelihood", "generate"))
+        _choice("eval.truthfulqa_primer", self.truthfulqa_primer, tuple(sorted(PRIMERS)))
         _positive("eval.batch_tokens", self.batch_tokens)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
         if self.num_fewshot < 0:
             raise ConfigError(f"eval.num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit < 1:

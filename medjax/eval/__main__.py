@@ -48,19 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "name (chatml, llama3, llama2, mistral, alpaca) or a jinja string; the "
                         "answer delimiter becomes '' as in lm-eval --apply_chat_template")
     p.add_argument("--no-fewshot-as-multiturn", dest="fewshot_as_multiturn", action="store_false",
+                   default=d.fewshot_as_multiturn,
                    help="with --chat-template, put all few-shot examples in one user turn")
     p.add_argument("--score", choices=("letter", "full_answer"), default=d.score,
                    help="letter: log-likelihood of ' A'..' D' (lm-eval); full_answer: of the option "
                         "text (Med42)")
     p.add_argument("--mode", choices=("loglikelihood", "generate"), default=d.mode,
                    help="generate: greedy answer, then the first option letter named in it")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in --mode generate")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="answer length in --mode generate (default %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
                    help="padded tokens per scoring batch (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="compute and weight dtype; auto (default) = lm-eval's dtype=auto: the "
                         "checkpoint's own (see above)")
-    p.add_argument("--truthfulqa-primer", choices=sorted(truthfulqa.PRIMERS), default="qa",
+    p.add_argument("--truthfulqa-primer", choices=sorted(truthfulqa.PRIMERS), default=d.truthfulqa_primer,
                    help="qa: the release's six QA pairs before each TruthfulQA question (default); "
                         "none: the bare 'Q: <question>\\nA:'")
     p.add_argument("--output", help="write results (and samples) to this JSON file")
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
     from medjax.config import mesh_overrides
     mesh_cfg = mesh_overrides(args.mesh)
     EvalSection(limit=args.limit, num_fewshot=args.num_fewshot, score=args.score, mode=args.mode,
-                batch_tokens=args.batch_tokens)                      # ConfigError: one line, exit 2
+                batch_tokens=args.batch_tokens, max_new_tokens=args.max_new_tokens,
+                truthfulqa_primer=args.truthfulqa_primer)           # ConfigError: one line, exit 2
     from medjax.eval.tasks import resolve
     task_list, _ = resolve(args.tasks)
     aliases = [n for n in dict.fromkeys(n.strip() for n in args.tasks.split(",")) if n in ALIASES]

@@ -36,7 +36,10 @@ def evaluate_section(eval_cfg, model_fn, tokenizer, out_path) -> dict | None:
     result = evaluate(model_fn(), tokenizer, tasks, data_dir, limit=eval_cfg.limit,
                       num_fewshot=eval_cfg.num_fewshot,
                       chat_template=True if template == "default" else (template or False),
-                      score=eval_cfg.score, mode=eval_cfg.mode, tokens_per_batch=eval_cfg.batch_tokens)
+                      fewshot_as_multiturn=eval_cfg.fewshot_as_multiturn, score=eval_cfg.score,
+                      mode=eval_cfg.mode, tokens_per_batch=eval_cfg.batch_tokens,
+                      max_new_tokens=eval_cfg.max_new_tokens, log_samples=eval_cfg.log_samples,
+                      truthfulqa_primer=eval_cfg.truthfulqa_primer)
     result["skipped_tasks"] = skipped
     path = Path(out_path)
     from medjax.distributed import is_main_process
