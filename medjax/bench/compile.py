@@ -3,9 +3,10 @@ layers scanned (``model.scan_layers=true``) vs a Python loop over them.
 
 The step is the trainer's own (``plan_compile.abstract_step``: ``training.setup.build_trainable``
 on a shape-only model, the run's shardings), lowered and compiled for this machine's first
-device; nothing is allocated. The model is a narrow Llama (``--preset``, default ``tiny-llama2``:
-hidden 64) with its depth set to each ``--layers`` value, so the time measured is the
-compiler's work on the program's size, not on wide matmuls. Each (layout, depth) is measured
+device; nothing is allocated. The run is ``--config`` with ``key=value`` overrides (as for
+``python -m medjax.train``: ``--config configs/melt_mixtral_lora.yaml model=tiny``), by default a
+narrow Llama (``tiny-llama2``: hidden 64, LoRA), with its depth set to each ``--layers`` value, so
+the time measured is the compiler's work on the program's size, not on wide matmuls. Each (layout, depth) is measured
 in a fresh process (no cache shared between runs): building the shape-only model, then the
 step's trace + lower and its XLA compile, in seconds; "step" = lower + compile.
 """
@@ -17,24 +18,42 @@ import subprocess
 import sys
 import time
 
+from medjax.config import load_config
+from medjax.errors import ConfigError
 
-def measure(layers: int, scan: bool, *, preset: str, lora: bool, seq: int, batch: int,
-            remat: str) -> dict:
-    """``{"build_s", "lower_s", "compile_s"}`` of one train step in this process: building the
-    shape-only model and trainable split, tracing + lowering the step, XLA compile."""
+
+# Without --config: a narrow LoRA Llama (hidden 64), so the time measured is the compiler's work
+# on the program's size, not on wide matmuls.
+DEFAULT_RUN = ("model.preset=tiny-llama2", "model.remat=full", "data.seq_len=128",
+               "train.batch_size=2", "lora.enabled=true")
+
+
+def run_config(config=None, overrides=(), *, scan: bool = True, preset=None, remat=None, seq=None,
+               batch=None, full: bool = False):
+    """The run whose train step is measured: ``--config`` file(s) and ``key=value`` overrides
+    through the one loader (``model=tiny`` included), else :data:`DEFAULT_RUN`; the flags given
+    win; then the layout measured, one device (``dp``) and XLA attention."""
+    flags = [f"model.preset={preset}" if preset else None, f"model.remat={remat}" if remat else None,
+             f"data.seq_len={seq}" if seq else None, f"train.batch_size={batch}" if batch else None]
+    flags += ["lora.enabled=false", "lora.quantize=null"] if full else []
+    fixed = [f"model.scan_layers={str(scan).lower()}", "model.attention=xla", "mesh.preset=dp",
+             "mesh.data=null", "mesh.fsdp=null", "mesh.tensor=null", "mesh.expert=null"]
+    cfg = load_config(config, [*(() if config else DEFAULT_RUN), *overrides, *filter(None, flags), *fixed])
+    if cfg.model.preset is None:
+        raise ConfigError("bench compile varies a preset's depth: the config needs model.preset")
+    return cfg
+
+
+def measure(layers: int, cfg) -> dict:
+    """``{"build_s", "lower_s", "compile_s"}`` of one train step of ``cfg`` with ``layers`` layers
+    in this process: building the shape-only model and trainable split, tracing + lowering the
+    step, XLA compile."""
     import jax
 
     from medjax import sharding
-    from medjax.config import load_config
     from medjax.models import get_preset
     from medjax.plan.compile import abstract_step
-    overrides = [f"model.preset={preset}", f"model.scan_layers={str(scan).lower()}",
-                 f"model.remat={remat}", f"data.seq_len={seq}", f"train.batch_size={batch}",
-                 "mesh.preset=dp", "model.attention=xla"]
-    if lora:
-        overrides.append("lora.enabled=true")
-    cfg = load_config(None, overrides)
-    model_cfg = get_preset(preset).replace(num_layers=layers)
+    model_cfg = get_preset(cfg.model.preset).replace(num_layers=layers)
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
     t0 = time.perf_counter()
     step, args = abstract_step(cfg, mesh, model_cfg)
@@ -51,11 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="4,8,16,32", help="comma-separated layer counts")
     p.add_argument("--layouts", default="scan,loop", help="scan and/or loop")
-    p.add_argument("--preset", default="tiny-llama2")
-    p.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA)")
-    p.add_argument("--remat", default="full", help="model.remat (default: full)")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--config", action="append",
+                   help="run config YAML (repeat to overlay); default: a LoRA tiny-llama2 step")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. model=tiny lora.rank=16")
+    p.add_argument("--preset", help="model.preset (default: tiny-llama2, or the config's)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA, or the config's)")
+    p.add_argument("--remat", help="model.remat (default: full, or the config's)")
+    p.add_argument("--seq", type=int, help="data.seq_len (default: 128, or the config's)")
+    p.add_argument("--batch", type=int, help="train.batch_size (default: 2, or the config's)")
     p.add_argument("--repeat", type=int, default=1,
                    help="fresh processes per cell; each column keeps its minimum (a shared, "
                         "loaded machine only ever adds time)")
@@ -66,23 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    kw = dict(preset=args.preset, lora=not args.full, seq=args.seq, batch=args.batch,
-              remat=args.remat)
+    knobs = dict(preset=args.preset, remat=args.remat, seq=args.seq, batch=args.batch, full=args.full)
     if args.one:
         layers, layout = args.one.split(",")
-        print(json.dumps(measure(int(layers), layout == "scan", **kw)))
+        cfg = run_config(args.config, args.overrides, scan=layout == "scan", **knobs)
+        print(json.dumps(measure(int(layers), cfg)))
         return 0
     import jax
+    cfg = run_config(args.config, args.overrides, **knobs)    # a bad config: one error, no processes
     layouts = args.layouts.split(",")
     depths = [int(x) for x in args.layers.split(",")]
-    print(f"compile time of one {'full' if args.full else 'LoRA'} train step, {args.preset} "
-          f"(depth varied), remat {args.remat}, batch {args.batch} x seq {args.seq}, "
-          f"{jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print(f"compile time of one {'LoRA' if cfg.lora.enabled else 'full'} train step, {cfg.model.preset} "
+          f"(depth varied), remat {cfg.model.remat}, batch {cfg.train.batch_size} x seq "
+          f"{cfg.data.seq_len}, {jax.devices()[0].device_kind} ({jax.default_backend()})")
     print(f"{'layers':>6} " + " ".join(f"{lay + ' build':>11} {lay + ' lower':>11} "
                                        f"{lay + ' compile':>13} {lay + ' step':>10}" for lay in layouts))
     rows = []
-    passthrough = [f"--preset={args.preset}", f"--remat={args.remat}", f"--seq={args.seq}",
-                   f"--batch={args.batch}"] + (["--full"] if args.full else [])
+    passthrough = [*(f"--config={c}" for c in args.config or ()),
+                   *(f"--{k}={v}" for k, v in knobs.items() if k != "full" and v is not None),
+                   *(["--full"] if args.full else []), *args.overrides]
     for L in depths:
         row = {"layers": L}
         for lay in layouts:

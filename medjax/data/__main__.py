@@ -51,14 +51,15 @@ def inspect(args) -> int:
     from medjax.data import make_dataset, packing_efficiency
     from medjax.data.pipeline import _Encode, resolve_sources
     from medjax.data.sources import SkipLog
-    from medjax.tokenizer import load_tokenizer
+    from medjax.errors import ConfigError
+    from medjax.tokenizer import load_tokenizer, preset_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     tokenizer_path = args.tokenizer or cfg.model.path
-    if tokenizer_path is None:
-        from medjax.errors import ConfigError
+    # a tiny-* preset (model=tiny) has its byte-level tokenizer
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else preset_tokenizer(cfg.model.preset)
+    if tokenizer is None:
         raise ConfigError("no tokenizer: set model.path or pass --tokenizer DIR|FILE")
-    tokenizer = load_tokenizer(tokenizer_path)
     data, seq_len = cfg.data, cfg.data.seq_len
     skips = SkipLog()
     sources = resolve_sources(data, tokenizer, skips=skips)
@@ -103,12 +104,12 @@ def decontaminate(args) -> int:
     from medjax.data.decontaminate import DEFAULT_TASKS, check_n
     from medjax.errors import ConfigError
     from medjax.eval.report import write_json
-    from medjax.recipes import load_run_config
+    from medjax.config import load_config
 
     check_n(args.n)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    cfg = load_run_config(args.config, args.overrides, check_inputs=False)
+    cfg = load_config(args.config, args.overrides)
     tasks = args.tasks.split(",") if args.tasks else (cfg.data.decontaminate or DEFAULT_TASKS)
     t0 = time.perf_counter()
     rep = contamination.report(cfg.data, tasks, cfg.eval.data_dir, n=args.n, workers=args.workers)

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     if args.peft and not cfg.lora.enabled:
         raise ConfigError(f"--peft needs a LoRA run (lora.enabled=true); {ckpt} is a full fine-tune")
     if args.peft:
-        from medjax.train.peft_export import save_peft
+        from medjax.hf.peft_export import save_peft
         out = save_peft(model, args.out, base_model_name_or_path=cfg.model.path)
     else:
         from medjax.hf.export import save_hf

@@ -46,10 +46,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from medjax.recipes import load_run_config   # understands `model=tiny` (the family overlay)
+    from medjax.config import load_config   # understands `model=tiny` (the family overlay)
     from medjax.run import run
     from medjax.train.loop import TrainingDiverged, TrainingInterrupted
-    cfg = load_run_config(args.config or [DEMO_CONFIG], args.overrides)   # ConfigError: exit 2
+    cfg = load_config(args.config or [DEMO_CONFIG], args.overrides, check_inputs=True)   # ConfigError: exit 2
     from medjax.distributed import initialize
     initialize(cfg.mesh)   # multi-host: jax.distributed from the launch environment; no-op alone
     try:

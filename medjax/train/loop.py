@@ -253,7 +253,7 @@ class Trainer:
                                   overwrite=True)
             out["hf"] = str(path)
         if "peft" in kinds and self.lora:
-            from medjax.train.peft_export import save_peft
+            from medjax.hf.peft_export import save_peft
             try:
                 out["peft"] = str(save_peft(model, self.out_dir / "export" / "peft",
                                             base_model_name_or_path=self.cfg.model.path))

@@ -98,7 +98,7 @@ def test_chat_template_option(tmp_path, capsys):
 def test_builtin_template_for_a_model_without_one():
     from medjax.arena.answers import AnswerSettings, chat_prompt
     from medjax.arena.questions import Question
-    from medjax.recipes import byte_tokenizer
+    from medjax.tokenizer import byte_tokenizer
     from medjax.tokenizer import TokenizerError
 
     tokenizer, question = byte_tokenizer(), Question("1", "Dose of aspirin?")

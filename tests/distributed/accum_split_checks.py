@@ -36,10 +36,10 @@ ROW_MOVING = ("all-gather", "all-to-all", "collective-permute")
 
 
 def _cfg(recipe, *overrides):
-    from medjax.recipes import load_run_config
-    return load_run_config([str(ROOT / "configs" / f"{recipe}.yaml")],
-                           ["model=tiny", f"data.seq_len={SEQ}", "lora.dropout=0",
-                            "train.neftune_alpha=0", *overrides])
+    from medjax.config import load_config
+    return load_config([str(ROOT / "configs" / f"{recipe}.yaml")],
+                       ["model=tiny", f"data.seq_len={SEQ}", "lora.dropout=0",
+                        "train.neftune_alpha=0", *overrides])
 
 
 def _contiguous(batch, grad_accum):

@@ -83,7 +83,7 @@ def test_stacked_peft_export_writes_the_loop_files(tmp_path):
 
     from medjax.config import LoraSection
     from medjax.lora import apply_lora
-    from medjax.train.peft_export import save_peft
+    from medjax.hf.peft_export import save_peft
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "models"))
     from test_scan import copy_into_stacked
     d = make_tiny_hf("mixtral", tmp_path / "src", seed=7)

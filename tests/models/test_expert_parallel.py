@@ -72,9 +72,9 @@ def test_lora_on_experts_trains_like_one_device_and_moves_tokens_by_all_to_all(t
     # the planner's all-to-all bytes per step (CPU: padded transport) == the rows the train
     # step's all-to-alls move off each device (the biggest dump is the train step)
     from medjax.plan import model_config, plan
-    from medjax.recipes import load_run_config
-    cfg = load_run_config([str(ROOT / "configs" / "melt_mixtral_lora.yaml")],
-                          ["model=tiny", *RUN, *EP_MESH, f"train.out_dir={tmp_path / 'ep'}"])
+    from medjax.config import load_config
+    cfg = load_config([str(ROOT / "configs" / "melt_mixtral_lora.yaml")],
+                      ["model=tiny", *RUN, *EP_MESH, f"train.out_dir={tmp_path / 'ep'}"])
     planned, hidden = plan(cfg, 8).moe, model_config(cfg).hidden_size
     step = max(steps, key=len)
     moved = 0
@@ -99,8 +99,8 @@ def test_fsdp_without_expert_axis_runs_each_devices_own_rows(tmp_path):
     _same_losses_as_one_device(tmp_path, dump=tmp_path / "hlo",
                                mesh=["mesh.preset=fsdp", "mesh.fsdp=8"])
     from medjax.plan import model_config
-    from medjax.recipes import load_run_config
-    cfg = load_run_config([str(ROOT / "configs" / "melt_mixtral_lora.yaml")], ["model=tiny", *RUN])
+    from medjax.config import load_config
+    cfg = load_config([str(ROOT / "configs" / "melt_mixtral_lora.yaml")], ["model=tiny", *RUN])
     rows = cfg.train.batch_size * cfg.data.seq_len * model_config(cfg).num_experts_per_tok
     step = max((p.read_text() for p in (tmp_path / "hlo").glob("*jit_traced*after_optimizations.txt")),
                key=len)

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
+from medjax.config import load_config
 from medjax.errors import ConfigError
-from medjax.recipes import load_run_config
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "melt_llama2_lora.yaml"
 INPUTS = ["model.path=/models/base", "data.train=my_med.jsonl"]
 
 
 def _train(*overrides):
-    return load_run_config(RECIPE, [*INPUTS, *overrides], check_inputs=False).train
+    return load_config(RECIPE, [*INPUTS, *overrides], check_inputs=False).train
 
 
 def test_recipe_epochs_decide_the_length_without_an_override():

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medjax.config import ConfigError
-from medjax.recipes import PLANNED_DEVICES, RECIPES, TINY_PRESETS, load_recipe, plan_recipe
+from medjax.config import TINY_PRESETS, ConfigError
+from medjax.recipes import PLANNED_DEVICES, RECIPES, load_recipe, plan_recipe
 
 FAST = ("melt_llama2_lora", "internist_mistral_cpt", "meditron_llama2_cpt")
 # the 10-step runs above already cover FAST; these are the other mechanisms (remat through
@@ -107,7 +107,7 @@ def test_tiny_recipe_runs_end_to_end(name, tmp_path, benchmarks_dir):
 
 @pytest.mark.slow
 def test_tiny_med42_sft_then_dpo_raises_the_preference_margin(tmp_path, benchmarks_dir):
-    from medjax.recipes import tiny_data
+    from medjax.config import tiny_data
     sft_cfg, sft = _run_tiny("med42_llama3_sft", tmp_path, f"eval.data_dir={benchmarks_dir}")
     # Pairs a tiny model can learn: the stand-in data's rejected answer is another question's
     # answer, so telling them apart needs question-answer knowledge that 15 steps of a random

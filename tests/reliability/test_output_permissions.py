@@ -24,7 +24,7 @@ def _write_everything(model, lora_model, tokenizer, out: Path) -> dict[str, int]
     import medjax
     from medjax.eval.report import write_json
     from medjax.train.checkpoint import Checkpointer
-    from medjax.train.peft_export import save_peft
+    from medjax.hf.peft_export import save_peft
     hf = medjax.save_hf(model, out / "hf", tokenizer=tokenizer)
     gguf = medjax.save_gguf(model, out / "model.gguf", tokenizer=tokenizer, type="f32")
     report = out / "reports" / "results.json"

@@ -14,7 +14,7 @@ from hf_fixtures import make_tiny_hf  # noqa: E402
 import medjax  # noqa: E402
 from medjax import lora  # noqa: E402
 from medjax.config import LoraSection  # noqa: E402
-from medjax.train.peft_export import save_peft  # noqa: E402
+from medjax.hf.peft_export import save_peft  # noqa: E402
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -1,25 +1,16 @@
-"""Run configuration: frozen dataclasses, loaded from YAML with dotted ``key=value`` overrides.
+"""The run config's sections: frozen dataclasses, each validating itself in ``__post_init__``.
 
-One language: YAML files, merged in order (``--config base.yaml --config overlay.yaml``: a later
-file's mappings merge into the earlier ones key by key, its other values replace), then
-``key=value`` overrides. Unknown keys are rejected with the closest valid name, and a key that was
-replaced names its replacement; values are type-checked against the dataclass annotations (``int``
-accepted where ``float`` is expected). Each section validates itself in ``__post_init__``;
-``RunConfig.__post_init__`` checks what spans sections (objective vs data format, DPO reference vs
-LoRA, mesh vs batch). Every error is a ``ConfigError`` naming the dotted key(s).
+``RunConfig.__post_init__`` checks what spans sections (objective vs data format, DPO reference
+vs LoRA, mesh vs batch). Every error is a ``ConfigError`` naming the dotted key(s). Loading
+(YAML files, ``key=value`` overrides, ``model=tiny``) is ``medjax.config.load``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
-
-import yaml
+from typing import Optional
 
 from medjax.errors import ConfigError
 
@@ -102,7 +93,7 @@ class DataSection:
                 raise ConfigError(f"{key}: expected a mapping like {{path: FILE, weight: 1.0}}")
             unknown = [k for k in source if k not in _SOURCE_KEYS]
             if unknown:
-                raise ConfigError(f"unknown config key {key + '.' + unknown[0]!r}{_suggest(unknown[0], _SOURCE_KEYS)}")
+                raise ConfigError(f"unknown config key {key + '.' + unknown[0]!r}{did_you_mean(unknown[0], _SOURCE_KEYS)}")
             if ("path" in source) == ("tfds" in source):
                 raise ConfigError(f"{key}: give exactly one of 'path' or 'tfds'")
             weight = source.get("weight", 1.0)
@@ -133,7 +124,7 @@ def _check_fields(key, fields):
         raise ConfigError(f"{key}: expected a mapping of field names, got {fields!r}")
     for name, value in fields.items():
         if name not in DATA_FIELDS:
-            raise ConfigError(f"unknown config key {key + '.' + name!r}{_suggest(name, DATA_FIELDS)}")
+            raise ConfigError(f"unknown config key {key + '.' + name!r}{did_you_mean(name, DATA_FIELDS)}")
         if not isinstance(value, str):
             raise ConfigError(f"{key}.{name}: expected a field name (string), got {value!r}")
 
@@ -381,15 +372,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# Keys that were removed, and what replaced them (None: nothing; the text says what to do).
-REPLACED_KEYS = {
-    "train.heldout_examples": "data.heldout_rows",
-    "train.max_examples": "data.max_rows",
-    "train.eval_mcqa": None,
-}
-_REMOVED_HOW = {"train.eval_mcqa": "list benchmark tasks in eval.tasks (scored after training)"}
-
-
 # ----------------------------------------------------------------------------- helpers
 def _choice(key, value, options):
     if value not in options:
@@ -401,148 +383,6 @@ def _positive(key, value):
         raise ConfigError(f"{key} must be > 0, got {value}")
 
 
-def _suggest(name, options) -> str:
+def did_you_mean(name, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(options))})"
-
-
-def _coerce(key: str, value: Any, annotation) -> Any:
-    """Check ``value`` against a dataclass field annotation; light coercion (int→float, list→tuple)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if annotation is Any:
-        return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is tuple or origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-    if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
-    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def build(cls, data: dict, prefix: str = ""):
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        k = unknown[0]
-        if prefix + k in REPLACED_KEYS:
-            new = REPLACED_KEYS[prefix + k]
-            how = f"use {new!r} instead" if new else _REMOVED_HOW[prefix + k]
-            raise ConfigError(f"config key {prefix + k!r} was removed: {how}")
-        raise ConfigError(f"unknown config key {prefix + k!r}{_suggest(k, fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        ann = hints[name]
-        if dataclasses.is_dataclass(ann):
-            kwargs[name] = build(ann, value or {}, prefix + name + ".")
-        else:
-            kwargs[name] = _coerce(prefix + name, value, ann)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required section is missing
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
-
-
-def apply_overrides(data: dict, overrides) -> dict:
-    data = _deepcopy(data)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-        node[path[-1]] = value
-    return data
-
-
-def _deepcopy(d):
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def merge(base: dict, overlay: dict) -> dict:
-    """``overlay`` on ``base``: mappings merge key by key, any other value replaces."""
-    out = _deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = _deepcopy(value) if isinstance(value, dict) else value
-    return out
-
-
-def read_yaml(path) -> dict:
-    """One config file as a dict (a ``ConfigError`` naming the file if it is missing or bad)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
-    return data
-
-
-def config_paths(path) -> list:
-    """``None`` / one path / a list of paths (``--config`` given several times) → a list."""
-    if path is None:
-        return []
-    return list(path) if isinstance(path, (list, tuple)) else [path]
-
-
-def load_dict(path=None, overrides=()) -> dict:
-    """The merged YAML of ``path`` (one file or a list, merged in order) with overrides applied."""
-    data: dict = {}
-    for p in config_paths(path):
-        data = merge(data, read_yaml(p))
-    return apply_overrides(data, overrides)
-
-
-def mesh_overrides(overrides, base: "MeshSection | None" = None) -> "MeshSection":
-    """The ``mesh.*`` ``key=value`` flags of ``python -m medjax.eval`` / ``export`` (the run
-    config's mesh keys: ``mesh.preset=fsdp mesh.fsdp=4``) applied to ``base`` (default: the
-    ``dp`` preset over every device)."""
-    other = [o for o in overrides if not str(o).startswith("mesh.")]
-    if other:
-        raise ConfigError(f"{other[0]!r}: only mesh.* settings are accepted here "
-                          f"(e.g. mesh.preset=fsdp mesh.fsdp=4)")
-    data = apply_overrides({"mesh": dataclasses.asdict(base or MeshSection())}, overrides)
-    return build(MeshSection, data["mesh"], "mesh.")
-
-
-def load_config(path=None, overrides=(), cls=RunConfig) -> RunConfig:
-    """Load YAML run config file(s) (merged in order) and apply ``key=value`` overrides."""
-    return build(cls, load_dict(path, overrides))

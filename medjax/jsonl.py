@@ -1,4 +1,4 @@
-"""Small JSONL helpers kept for callers outside the loop (the loop reads data via medjax.data)."""
+"""The strict JSONL reader: every row of a small JSONL file, a bad line a DataError naming ``file:line``."""
 from __future__ import annotations
 
 import json
