@@ -146,3 +146,16 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert order == sorted(order, reverse=True) and len(set(order)) == len(order), order
     # an import inside a function is a dependency too (sources reads tfds only when asked)
     assert "medjax.data.tfds_builders" in import_graph()["medjax.data.sources"]
+
+
+def test_no_module_imports_a_cli():
+    """Every CLI is ``medjax/<command>/__main__.py`` and nothing of medjax imports one: what two
+    commands share is a library module."""
+    graph = import_graph()
+    clis = {m for m in graph if m.endswith(".__main__")}
+    assert {"medjax.train.__main__", "medjax.plan.__main__", "medjax.recipes.__main__"} <= clis
+    importers = {m: sorted(t for t in ts if t in clis) for m, ts in graph.items()}
+    assert not {m: ts for m, ts in importers.items() if ts}
+    tops = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert not {"train", "eval", "export", "generate", "bench", "plan", "recipes", "arena"} & tops, \
+        "a command is a package with a __main__.py, not a top-level module"
