@@ -149,7 +149,7 @@ def test_sft_and_dpo_recipes_fail_through_the_same_loop(recipe, tmp_path, monkey
               "--no-progress"])
     frames = [(Path(f.filename).name, f.name) for f in traceback.extract_tb(info.value.__traceback__)]
     medjax_frames = [f for f in frames if f[1] != "_failing_loss"]
-    for frame in [("train.py", "main"), ("loop.py", "run"), ("loop.py", "train"),
+    for frame in [("__main__.py", "main"), ("run.py", "run"), ("loop.py", "train"),
                   ("step.py", "train_step"), ("step.py", "accumulate_grads")]:
         assert frame in medjax_frames, (frame, frames)
 
