@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medjax.data.jsonl import read_jsonl
+
 
 class MetricsLogger:
     """One line per logged step to ``<run_dir>/metrics.jsonl`` (appended on resume) and TensorBoard.
@@ -77,12 +79,7 @@ def _plain(v):
 
 def read_metrics(path) -> list[dict]:
     """Records of ``metrics.jsonl``; for repeated (step, kind) the LAST one wins (resumed runs)."""
-    latest = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                latest[(r["kind"], r["step"])] = r
+    latest = {(r["kind"], r["step"]): r for r in read_jsonl(path)}
     return sorted(latest.values(), key=lambda r: (r["kind"], r["step"]))
 
 
