@@ -1,15 +1,16 @@
 """What the user sees: a tqdm bar, ``metrics.jsonl``, TensorBoard events, and a final loss/LR plot."""
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 from medjax.data.jsonl import read_jsonl
+from medjax.outputs import write_file
 
 
 class MetricsLogger:
@@ -103,9 +104,7 @@ def plot_run(metrics_path, out_png) -> Path:
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return write_file(out_png, png.getvalue())
