@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from medjax.hf.safetensors_io import CheckpointError
+from medjax.errors import CheckpointError
 from medjax.paths import resolve_path  # noqa: F401  (re-exported: medjax.loading.resolve_path)
 
 

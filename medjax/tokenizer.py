@@ -33,7 +33,6 @@ from medjax.outputs import write_file
 from medjax.paths import resolve_path
 
 
-TokenizerError = CheckpointError  # a tokenizer file or chat template that cannot be used
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -55,9 +54,9 @@ class Tokenizer:
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
             if token is not None and backend.token_to_id(token) is None:
-                raise TokenizerError(f"{source}: {name} {token!r} is not in the vocabulary")
+                raise CheckpointError(f"{source}: {name} {token!r} is not in the vocabulary")
         if self.add_bos_token and bos_token is None:
-            raise TokenizerError(f"{source}: add_bos_token is set but there is no bos_token")
+            raise CheckpointError(f"{source}: add_bos_token is set but there is no bos_token")
         self._env = None
 
     # ---- ids
@@ -130,12 +129,12 @@ class Tokenizer:
         model's own template."""
         template = chat_template or self.chat_template
         if template is None:
-            raise TokenizerError(
+            raise CheckpointError(
                 f"{self.source}: the tokenizer has no chat template; pick a built-in one "
                 f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) or give a jinja string")
         template = BUILTIN_CHAT_TEMPLATES.get(template, template)
         if self._env is None:
-            self._env = sandbox(TokenizerError)
+            self._env = sandbox(CheckpointError)
         variables = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                          pad_token=self.pad_token or "", unk_token=self.unk_token or "")
         variables.update(kwargs)
@@ -144,7 +143,7 @@ class Tokenizer:
             return self._env.from_string(template).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
         except TemplateError as e:  # syntax, undefined names, the sandbox refusing an attribute
-            raise TokenizerError(f"{self.source}: chat template: {e}") from e
+            raise CheckpointError(f"{self.source}: chat template: {e}") from e
 
     # ---- files
     def save(self, out_dir) -> Path:
@@ -209,13 +208,13 @@ def load_tokenizer(path) -> Tokenizer:
         try:
             backend = BackendTokenizer.from_file(str(json_file))
         except Exception as e:  # the Rust error says what is wrong, not where
-            raise TokenizerError(f"{json_file}: not a valid tokenizers file: {e}") from None
+            raise CheckpointError(f"{json_file}: not a valid tokenizers file: {e}") from None
         defaults, source = {}, str(json_file)
     elif sp_bytes is not None:
         backend, defaults = _from_sentencepiece(sp_bytes, str(sp_file))
         source = str(sp_file)
     else:
-        raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or .gguf found")
+        raise CheckpointError(f"{path}: no tokenizer.json, tokenizer.model or .gguf found")
 
     def special(name):
         value = config.get(name, specials_map.get(name, defaults.get(name)))
@@ -243,7 +242,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: invalid JSON: {e}") from None
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
 
 
 def _chat_template_from(directory: Path, config: dict) -> str | None:
@@ -269,14 +268,14 @@ def _from_sentencepiece(model_bytes: bytes, source: str):
     try:
         proto.ParseFromString(model_bytes)
     except Exception as e:
-        raise TokenizerError(f"{source}: not a sentencepiece model: {e}") from None
+        raise CheckpointError(f"{source}: not a sentencepiece model: {e}") from None
     pieces = [p.piece for p in proto.pieces]
     scores = [p.score for p in proto.pieces]
     types = [p.type for p in proto.pieces]
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     kind = {1: "unigram", 2: "bpe"}.get(trainer.model_type)
     if kind is None:
-        raise TokenizerError(f"{source}: sentencepiece model_type {trainer.model_type} is not supported "
+        raise CheckpointError(f"{source}: sentencepiece model_type {trainer.model_type} is not supported "
                              "(only unigram and bpe)")
     backend = _sentencepiece_backend(
         pieces, scores, types, kind=kind, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback,
@@ -374,7 +373,7 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
     kind = get("ggml.model")
     tokens = list(get("ggml.tokens") or [])
     if not tokens:
-        raise TokenizerError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata")
+        raise CheckpointError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata")
     types = list(get("ggml.token_type") or [_SP_NORMAL] * len(tokens))
     merges = get("ggml.merges")
     merges = [tuple(m.split(" ", 1)) for m in merges] if merges is not None else None
@@ -404,7 +403,7 @@ def _from_gguf_metadata(meta: dict, source: str) -> Tokenizer:
             byte_fallback=True, add_prefix_space=True if add_prefix is None else bool(add_prefix), merges=merges)
         add_bos = True if add_bos is None else bool(add_bos)  # llama.cpp's default for this kind
     else:
-        raise TokenizerError(f"{source}: GGUF tokenizer.ggml.model {kind!r} is not supported "
+        raise CheckpointError(f"{source}: GGUF tokenizer.ggml.model {kind!r} is not supported "
                              "(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece BPE)")
 
     def token(key):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from medjax.tokenizer import BUILTIN_CHAT_TEMPLATES, Tokenizer, TokenizerError, load_tokenizer
+from medjax.errors import CheckpointError
+from medjax.tokenizer import BUILTIN_CHAT_TEMPLATES, Tokenizer, load_tokenizer
 from tokenizers import Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXTS = [
@@ -148,7 +149,7 @@ def test_builtin_chat_templates_match_transformers(family):
             ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
             assert ours.encode(text) == list(ids)
     if family in ("llama2", "mistral"):
-        with pytest.raises(TokenizerError, match="alternate"):
+        with pytest.raises(CheckpointError, match="alternate"):
             ours.apply_chat_template([{"role": "assistant", "content": "x"}])
 
 
@@ -169,10 +170,10 @@ def test_chat_template_is_sandboxed():
     from jinja2.exceptions import SecurityError
     tok = Tokenizer(tiny_backend(["<s>", "</s>"]), bos_token="<s>", eos_token="</s>")
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(TokenizerError, match="chat template: access to attribute") as refused:
+    with pytest.raises(CheckpointError, match="chat template: access to attribute") as refused:
         tok.apply_chat_template(CONVERSATIONS[0], chat_template=evil)
     assert isinstance(refused.value.__cause__, SecurityError)   # jinja2's sandbox refused it
-    with pytest.raises(TokenizerError, match="no chat template"):
+    with pytest.raises(CheckpointError, match="no chat template"):
         tok.apply_chat_template(CONVERSATIONS[0])
     dated = tok.apply_chat_template(CONVERSATIONS[0], chat_template="{{ strftime_now('%Y') }}")
     assert dated.isdigit()
@@ -196,17 +197,17 @@ def test_gguf_llama_kind_from_metadata(sentencepiece_model):
     reference = spm.SentencePieceProcessor(model_proto=sentencepiece_model)
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=True) == [1] + reference.encode(text)
-    with pytest.raises(TokenizerError, match="not supported"):
+    with pytest.raises(CheckpointError, match="not supported"):
         _from_gguf_metadata(dict(meta, **{"tokenizer.ggml.model": "rwkv"}), source="meta")
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
     tiny_backend(["<s>"]).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
-    with pytest.raises(TokenizerError, match="bos_token"):
+    with pytest.raises(CheckpointError, match="bos_token"):
         load_tokenizer(tmp_path)

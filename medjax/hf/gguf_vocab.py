@@ -19,7 +19,7 @@ import json
 import re
 
 from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
-from medjax.hf.safetensors_io import CheckpointError
+from medjax.errors import CheckpointError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")

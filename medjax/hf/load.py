@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from medjax.errors import CheckpointError
 from medjax.hf.names import IGNORED_SUFFIXES, Part, Source, param_sources
-from medjax.hf.safetensors_io import (CheckpointError, TensorInfo, check_weight_map, find_weight_files,
+from medjax.hf.safetensors_io import (TensorInfo, check_weight_map, find_weight_files,
                                      index_tensors)
 from medjax.models import Decoder, ModelConfig, abstract_decoder
 from medjax.models.stack import split_layer_path

@@ -13,7 +13,7 @@ from flax import nnx
 
 import medjax
 from hf_fixtures import make_tiny_hf
-from medjax.hf import CheckpointError
+from medjax.errors import CheckpointError
 
 gguf = pytest.importorskip("gguf")
 
