@@ -175,7 +175,7 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
     per process and lands straight in its shardings, or is quantized for QLoRA as it lands."""
     import gguf
 
-    from medjax.hf.load import StreamingLoader
+    from medjax.hf.fill import StreamingLoader
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
