@@ -182,7 +182,7 @@ def test_chat_template_is_sandboxed():
 def test_gguf_llama_kind_from_metadata(sentencepiece_model):
     """A 'llama' GGUF vocabulary (tokens + scores + types) encodes like the sentencepiece model."""
     spm = pytest.importorskip("sentencepiece")
-    from medjax.tokenizer import _from_gguf_metadata
+    from medjax.hf.gguf_vocab import tokenizer_from_metadata
     from sentencepiece import sentencepiece_model_pb2
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sentencepiece_model)
@@ -193,12 +193,12 @@ def test_gguf_llama_kind_from_metadata(sentencepiece_model):
             "tokenizer.ggml.token_type": [p.type for p in proto.pieces],
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
             "tokenizer.ggml.unknown_token_id": 0}
-    ours = _from_gguf_metadata(meta, source="meta")
+    ours = tokenizer_from_metadata(meta, source="meta")
     reference = spm.SentencePieceProcessor(model_proto=sentencepiece_model)
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=True) == [1] + reference.encode(text)
     with pytest.raises(CheckpointError, match="not supported"):
-        _from_gguf_metadata(dict(meta, **{"tokenizer.ggml.model": "rwkv"}), source="meta")
+        tokenizer_from_metadata(dict(meta, **{"tokenizer.ggml.model": "rwkv"}), source="meta")
 
 
 def test_bad_files(tmp_path):

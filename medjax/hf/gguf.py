@@ -217,9 +217,9 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
     _LAST[:] = [None, None]
     model = loader.model
     model.source_path = str(path.resolve())
-    from medjax.tokenizer import Tokenizer
+    from medjax.hf.gguf_vocab import read_tokenizer
     try:
-        tokenizer = Tokenizer.from_gguf(reader)
+        tokenizer = read_tokenizer(reader, source=str(path))
     except (ValueError, NotImplementedError) as e:
         import warnings
         warnings.warn(f"{path}: tokenizer not built from GGUF metadata: {e}")
