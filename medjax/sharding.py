@@ -39,9 +39,9 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from medjax.errors import ConfigError
+from medjax.ops.target import BATCH_AXES   # the mesh axes a global batch is split over
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")   # the mesh axes a global batch is split over
 # The mesh presets, the one table of them (medjax.config validates mesh.* against it): the mesh
 # axes a preset may give size > 1, the first being the one that takes "the rest" of the devices
 # when the config leaves sizes unset.
