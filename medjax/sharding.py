@@ -39,9 +39,9 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from medjax.errors import ConfigError
+from medjax.ops.target import BATCH_AXES   # the mesh axes a global batch is split over
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")   # the mesh axes a global batch is split over
 # The mesh presets, the one table of them (medjax.config validates mesh.* against it): the mesh
 # axes a preset may give size > 1, the first being the one that takes "the rest" of the devices
 # when the config leaves sizes unset.
@@ -51,7 +51,6 @@ PRESETS = tuple(PRESET_AXES)
 _REST_AXIS = {preset: axes[0] for preset, axes in PRESET_AXES.items()}
 
 
-ShardingError = ConfigError  # a mesh/rules/array combination that cannot be laid out
 
 
 MeshAxes = Optional[tuple]  # None (replicated) or a tuple of mesh axis names
@@ -68,7 +67,7 @@ class ShardingRules:
         if logical is None:
             return None
         if logical not in self.table:
-            raise ShardingError(f"{where}: logical axis {logical!r} has no rule in preset "
+            raise ConfigError(f"{where}: logical axis {logical!r} has no rule in preset "
                                 f"{self.name!r} (known: {sorted(self.table)})")
         return self.table[logical]
 
@@ -82,7 +81,7 @@ class ShardingRules:
             axes = self.mesh_axes(logical, where=where)
             for axis in axes or ():
                 if axis in used:
-                    raise ShardingError(
+                    raise ConfigError(
                         f"{where}: logical axes {used[axis]!r} and {logical!r} both map to mesh "
                         f"axis {axis!r} under preset {self.name!r}")
                 used[axis] = logical
@@ -92,14 +91,14 @@ class ShardingRules:
     def sharding(self, mesh: Mesh, logical_axes, shape=None, *, where: str = "array") -> NamedSharding:
         """NamedSharding for ``logical_axes``; with ``shape``, checks every dim divides evenly."""
         if shape is not None and len(shape) != len(logical_axes):
-            raise ShardingError(f"{where}: shape {tuple(shape)} has {len(shape)} dims but "
+            raise ConfigError(f"{where}: shape {tuple(shape)} has {len(shape)} dims but "
                                 f"logical_axes {tuple(logical_axes)} has {len(logical_axes)}")
         spec = self.spec(logical_axes, where=where)
         if shape is not None:
             for dim, (size, entry) in enumerate(zip(shape, spec)):
                 parts = _num_shards(mesh.shape, entry)
                 if size % parts:
-                    raise ShardingError(
+                    raise ConfigError(
                         f"{where}: dim {dim} ({logical_axes[dim]!r}, size {size}) is not divisible "
                         f"by mesh axes {entry!r} of total size {parts} (preset {self.name!r}); "
                         f"pick mesh sizes that divide it")
@@ -116,7 +115,7 @@ def _num_shards(axis_sizes: Mapping[str, int], entry) -> int:
 def rules_for(preset: str) -> ShardingRules:
     """The rules of one preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_ep``)."""
     if preset not in PRESETS:
-        raise ShardingError(f"unknown mesh preset {preset!r}; choose from {list(PRESETS)}")
+        raise ConfigError(f"unknown mesh preset {preset!r}; choose from {list(PRESETS)}")
     fsdp = ("fsdp",) if preset != "dp" else None
     tensor = ("tensor",) if preset == "fsdp_tp" else None
     table = {
@@ -137,7 +136,7 @@ def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
     """Resolve the config's axis sizes (None → preset default, -1 → the rest) for a device count."""
     preset = mesh_cfg.preset
     if preset not in PRESETS:
-        raise ShardingError(f"mesh.preset: unknown preset {preset!r}; choose from {list(PRESETS)}")
+        raise ConfigError(f"mesh.preset: unknown preset {preset!r}; choose from {list(PRESETS)}")
     sizes = {}
     for axis in MESH_AXES:
         value = getattr(mesh_cfg, axis)
@@ -146,23 +145,23 @@ def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
         sizes[axis] = value
     rest = [a for a, v in sizes.items() if v == -1]
     if len(rest) > 1:
-        raise ShardingError(f"mesh: only one axis may be -1, got {rest}")
+        raise ConfigError(f"mesh: only one axis may be -1, got {rest}")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if rest:
         if num_devices % fixed:
-            raise ShardingError(f"mesh: {num_devices} devices are not divisible by the fixed axis "
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axis "
                                 f"sizes {sizes} (product {fixed})")
         sizes[rest[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ShardingError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
+        raise ConfigError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
                             f"but there are {num_devices} devices")
     for axis, size in sizes.items():
         if size > 1 and axis not in PRESET_AXES[preset]:
-            raise ShardingError(f"mesh.{axis}={size} is unused by preset {preset!r}; use "
+            raise ConfigError(f"mesh.{axis}={size} is unused by preset {preset!r}; use "
                                 f"{'fsdp_tp' if axis == 'tensor' else 'fsdp_ep'} or set it to 1")
     dcn = getattr(mesh_cfg, "dcn_data", 1)
     if sizes["data"] % dcn:
-        raise ShardingError(f"mesh.dcn_data={dcn} must divide the data axis size {sizes['data']}")
+        raise ConfigError(f"mesh.dcn_data={dcn} must divide the data axis size {sizes['data']}")
     return sizes
 
 
@@ -190,15 +189,15 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
 
 
 def check_model(model_cfg, sizes: Mapping[str, int]) -> None:
-    """Raise ShardingError when heads/experts do not divide the tensor/expert axes."""
+    """Raise ConfigError when heads/experts do not divide the tensor/expert axes."""
     tensor, expert = sizes.get("tensor", 1), sizes.get("expert", 1)
     for field in ("num_heads", "num_kv_heads"):
         heads = getattr(model_cfg, field)
         if heads % tensor:
-            raise ShardingError(f"model.{field}={heads} is not divisible by mesh.tensor={tensor}")
+            raise ConfigError(f"model.{field}={heads} is not divisible by mesh.tensor={tensor}")
     experts = getattr(model_cfg, "num_experts", 0)
     if experts and experts % expert:
-        raise ShardingError(f"model.num_experts={experts} is not divisible by mesh.expert={expert}")
+        raise ConfigError(f"model.num_experts={experts} is not divisible by mesh.expert={expert}")
 
 
 # ----------------------------------------------------------------------------- placement
@@ -212,7 +211,7 @@ def _variable_sharding(path, variable, mesh: Mesh, rules: ShardingRules) -> Name
     shape = np.shape(variable.get_value())
     if logical is None:
         if isinstance(variable, nnx.Param):
-            raise ShardingError(f"{where}: nnx.Param has no logical_axes metadata")
+            raise ConfigError(f"{where}: nnx.Param has no logical_axes metadata")
         return NamedSharding(mesh, PartitionSpec())    # step counters, rng keys, ...
     if len(logical) != len(shape) and not isinstance(variable, nnx.Param):
         # optimizer statistics of another rank (e.g. Adafactor's factored rows) copy the
@@ -256,7 +255,7 @@ def loader_shardings(model_cfg, mesh: Mesh, rules: ShardingRules):
         try:
             return table[tuple(path)]
         except KeyError:
-            raise ShardingError(f"no sharding for parameter {'.'.join(map(str, path))}") from None
+            raise ConfigError(f"no sharding for parameter {'.'.join(map(str, path))}") from None
     return lookup
 
 
@@ -287,13 +286,13 @@ def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
     process owns one contiguous, disjoint block; each process loads only those rows.
     """
     if global_batch_size % batch_shards(mesh):
-        raise ShardingError(f"global batch size {global_batch_size} is not divisible by the "
+        raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
                             f"{batch_shards(mesh)} batch shards (mesh data×fsdp×expert)")
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
     starts = sorted({idx[0].start or 0 for idx in index_map.values()})
     stops = sorted({idx[0].stop or global_batch_size for idx in index_map.values()})
     if stops[-1] - starts[0] != len(starts) * (stops[0] - starts[0]):
-        raise ShardingError("this process's batch rows are not contiguous; use a mesh whose batch "
+        raise ConfigError("this process's batch rows are not contiguous; use a mesh whose batch "
                             "axes follow process order")
     return slice(starts[0], stops[-1])
 

@@ -70,18 +70,14 @@ def test_a_consistent_config_passes_the_cross_section_checks(tmp_path):
 
 
 def test_every_user_error_class_is_one_family():
-    from medjax.data import DataError as PipelineDataError, FieldError
+    from medjax import errors
+    from medjax.data import DataError as PipelineDataError
     from medjax.eval.readers import DataError as BenchmarkDataError
-    from medjax.eval.tasks import UnknownTaskError
     from medjax.hf.safetensors_io import CheckpointError as WeightsError
-    from medjax.models import UnsupportedModelError
-    from medjax.paths import PathError
-    from medjax.sharding import ShardingError
-    from medjax.tokenizer import TokenizerError
     from medjax.train.checkpoint import CheckpointError as TrainCheckpointError
-    assert PipelineDataError is BenchmarkDataError and WeightsError is TrainCheckpointError
-    for cls in (PipelineDataError, FieldError, UnknownTaskError, WeightsError, UnsupportedModelError,
-                PathError, ShardingError, TokenizerError, ConfigError):
+    assert PipelineDataError is BenchmarkDataError is errors.DataError
+    assert WeightsError is TrainCheckpointError is errors.CheckpointError
+    for cls in (errors.ConfigError, errors.DataError, errors.FieldError, errors.CheckpointError):
         assert issubclass(cls, UserError), cls
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from medjax.tokenizer import BUILTIN_CHAT_TEMPLATES, Tokenizer, TokenizerError, load_tokenizer
+from medjax.errors import CheckpointError
+from medjax.tokenizer import BUILTIN_CHAT_TEMPLATES, Tokenizer, load_tokenizer
 from tokenizers import Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXTS = [
@@ -148,7 +149,7 @@ def test_builtin_chat_templates_match_transformers(family):
             ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
             assert ours.encode(text) == list(ids)
     if family in ("llama2", "mistral"):
-        with pytest.raises(TokenizerError, match="alternate"):
+        with pytest.raises(CheckpointError, match="alternate"):
             ours.apply_chat_template([{"role": "assistant", "content": "x"}])
 
 
@@ -169,10 +170,10 @@ def test_chat_template_is_sandboxed():
     from jinja2.exceptions import SecurityError
     tok = Tokenizer(tiny_backend(["<s>", "</s>"]), bos_token="<s>", eos_token="</s>")
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(TokenizerError, match="chat template: access to attribute") as refused:
+    with pytest.raises(CheckpointError, match="chat template: access to attribute") as refused:
         tok.apply_chat_template(CONVERSATIONS[0], chat_template=evil)
     assert isinstance(refused.value.__cause__, SecurityError)   # jinja2's sandbox refused it
-    with pytest.raises(TokenizerError, match="no chat template"):
+    with pytest.raises(CheckpointError, match="no chat template"):
         tok.apply_chat_template(CONVERSATIONS[0])
     dated = tok.apply_chat_template(CONVERSATIONS[0], chat_template="{{ strftime_now('%Y') }}")
     assert dated.isdigit()
@@ -181,7 +182,7 @@ def test_chat_template_is_sandboxed():
 def test_gguf_llama_kind_from_metadata(sentencepiece_model):
     """A 'llama' GGUF vocabulary (tokens + scores + types) encodes like the sentencepiece model."""
     spm = pytest.importorskip("sentencepiece")
-    from medjax.tokenizer import _from_gguf_metadata
+    from medjax.hf.gguf_vocab import tokenizer_from_metadata
     from sentencepiece import sentencepiece_model_pb2
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sentencepiece_model)
@@ -192,21 +193,21 @@ def test_gguf_llama_kind_from_metadata(sentencepiece_model):
             "tokenizer.ggml.token_type": [p.type for p in proto.pieces],
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
             "tokenizer.ggml.unknown_token_id": 0}
-    ours = _from_gguf_metadata(meta, source="meta")
+    ours = tokenizer_from_metadata(meta, source="meta")
     reference = spm.SentencePieceProcessor(model_proto=sentencepiece_model)
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=True) == [1] + reference.encode(text)
-    with pytest.raises(TokenizerError, match="not supported"):
-        _from_gguf_metadata(dict(meta, **{"tokenizer.ggml.model": "rwkv"}), source="meta")
+    with pytest.raises(CheckpointError, match="not supported"):
+        tokenizer_from_metadata(dict(meta, **{"tokenizer.ggml.model": "rwkv"}), source="meta")
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match="tokenizer.json"):
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
     tiny_backend(["<s>"]).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
-    with pytest.raises(TokenizerError, match="bos_token"):
+    with pytest.raises(CheckpointError, match="bos_token"):
         load_tokenizer(tmp_path)

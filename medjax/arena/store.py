@@ -14,6 +14,9 @@ import json
 import os
 from pathlib import Path
 
+from medjax.data.jsonl import iter_lines, read_record
+from medjax.errors import DataError
+
 
 def record_key(*parts) -> str:
     """A stable hash of JSON-able ``parts``."""
@@ -36,16 +39,12 @@ class JsonlStore:
         if len(complete) != len(data):                  # torn last line from a kill: drop it
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
-        for line_no, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                self.records[record["key"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                from medjax.errors import DataError
+        for line_no, offset, raw in iter_lines(self.path):
+            record = read_record(self.path, line_no, offset, raw)
+            if "key" not in record:
                 raise DataError(f"{self.path}:{line_no}: not a record this tool wrote; "
-                                 "choose another --out or delete the file") from None
+                                "choose another --out or delete the file")
+            self.records[record["key"]] = record
 
     def __contains__(self, key: str) -> bool:
         return key in self.records

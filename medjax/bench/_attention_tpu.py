@@ -124,6 +124,6 @@ def main(args, argv) -> int:
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print("\n" + format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(jax=jax.__version__, rows=rows), f, indent=1)
+        from medjax.outputs import write_file
+        write_file(args.json, json.dumps(dict(jax=jax.__version__, rows=rows), indent=1))
     return 1 if any("error" in r for r in rows) else 0

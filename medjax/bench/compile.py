@@ -20,6 +20,7 @@ import time
 
 from medjax.config import load_config
 from medjax.errors import ConfigError
+from medjax.outputs import write_file
 
 
 # Without --config: a narrow LoRA Llama (hidden 64), so the time measured is the compiler's work
@@ -127,6 +128,5 @@ def main(argv=None) -> int:
         print(f"{lay}: step (lower + compile) at {depths[-1]} layers / at {depths[0]} layers = "
               f"{total[-1] / total[0]:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_file(args.json, json.dumps(rows, indent=2))
     return 0

@@ -185,6 +185,6 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['name']:28s} {r['s']:8.3f} {active / r['s'] / 1e9:8.1f} {r['s'] / dense:8.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        from medjax.outputs import write_file
+        write_file(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0

@@ -350,10 +350,11 @@ class RunConfig:
         if self.dpo.reference == "adapters_off" and not self.lora.enabled:
             raise ConfigError("dpo.reference=adapters_off needs lora.enabled=true (full fine-tuning "
                               "has no adapters to switch off; use dpo.reference=frozen_copy)")
-        # The global batch is split over data × fsdp × expert (medjax.sharding.BATCH_AXES), and
+        # The global batch is split over data × fsdp × expert (medjax.ops.target.BATCH_AXES), and
         # over processes: sizes fixed in the config must divide it (None / -1 are known only
         # once the devices are, and are checked then).
-        fixed = {a: getattr(self.mesh, a) for a in ("data", "fsdp", "expert")
+        from medjax.ops.target import BATCH_AXES
+        fixed = {a: getattr(self.mesh, a) for a in BATCH_AXES
                  if getattr(self.mesh, a) not in (None, -1)}
         shards = math.prod(fixed.values())
         if self.train.batch_size % shards:

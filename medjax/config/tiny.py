@@ -28,7 +28,7 @@ ASSET_INSTRUCT = "pkg://medjax/assets/med_instruct.jsonl"
 
 def _instruct_rows() -> list[dict]:
     from medjax.paths import resolve_path
-    from medjax.jsonl import read_jsonl
+    from medjax.data.jsonl import read_jsonl
     return read_jsonl(resolve_path(ASSET_INSTRUCT))
 
 

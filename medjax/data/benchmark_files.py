@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+from medjax.data.jsonl import iter_lines, read_record
 from medjax.errors import DataError
 
 LETTERS = "ABCDEFGHIJ"
@@ -57,17 +58,8 @@ def _records(path: Path) -> Iterator[tuple[dict, str, str]]:
             for i, record in enumerate(array):
                 yield record, f"{path}:item {i}", f"{path.name}:item {i}"
             return
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield record, where, f"{path.name}:{line_no}"
+    for line_no, offset, raw in iter_lines(path):
+        yield read_record(path, line_no, offset, raw), f"{path}:{line_no}", f"{path.name}:{line_no}"
 
 
 def letter_index(value, n: int, where: str, field: str) -> int:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from medjax.data.jsonl import decode_utf8, iter_lines, read_record
 from medjax.errors import DataError
-
 from medjax.paths import resolve_path
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -76,17 +76,8 @@ def read_file(path: Path, *, on_error: str = "raise", skips: SkipLog | None = No
         table = pq.read_table(path)
         return [Row(f"{path}:row {i}", rec) for i, rec in enumerate(table.to_pylist())]
     if suffix in TEXT_SUFFIXES:
-        return [Row(str(path), {"text": _decode(path.read_bytes(), path)})]
+        return [Row(str(path), {"text": decode_utf8(path.read_bytes(), path)})]
     raise DataError(f"{path}: unsupported file type {suffix!r} (use one of {', '.join(SUFFIXES)})")
-
-
-def _decode(data: bytes, where, base_offset: int = 0) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = base_offset + e.start
-        raise DataError(f"{where}: not UTF-8 at byte offset {offset} (byte 0x{data[e.start]:02x}); "
-                        "re-encode the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path, on_error: str, skips: SkipLog) -> list[Row]:
@@ -98,35 +89,19 @@ def iter_jsonl(path: Path, *, on_error: str = "raise", skips: SkipLog | None = N
     """Stream the rows of a JSON-lines file, or of the lines that begin in bytes ``[start, end)``
     (``start`` at a line start, numbered from ``first_line``), without reading the whole file."""
     skips = skips if skips is not None else SkipLog()
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset, line_no = start, first_line
-        for raw in f:
-            if end is not None and offset >= end:
-                break
-            line_offset, offset = offset, offset + len(raw)
-            line_no += 1
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no - 1}"
-            try:
-                text = _decode(raw.rstrip(b"\n"), where, line_offset)
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            except DataError as e:
-                if on_error != "skip":
-                    raise
-                skips.add(str(e))
-                continue
-            yield Row(where, record)
+    for line_no, offset, raw in iter_lines(path, start=start, end=end, first_line=first_line):
+        try:
+            record = read_record(path, line_no, offset, raw)
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            skips.add(str(e))
+            continue
+        yield Row(f"{path}:{line_no}", record)
 
 
 def _read_json(path: Path) -> list[Row]:
-    text = _decode(path.read_bytes(), path)
+    text = decode_utf8(path.read_bytes(), path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

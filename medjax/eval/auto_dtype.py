@@ -23,7 +23,8 @@ def _float_name(dtype) -> str | None:
 def hf_dtype(directory: Path) -> tuple[str, str]:
     import json
 
-    from medjax.hf.safetensors_io import CheckpointError, find_weight_files, read_header
+    from medjax.errors import CheckpointError
+    from medjax.hf.safetensors_io import find_weight_files, read_header
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     for key in ("dtype", "torch_dtype"):
         value = config.get(key)

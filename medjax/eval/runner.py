@@ -5,7 +5,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from medjax.errors import ConfigError
+from medjax.errors import CheckpointError, ConfigError
 from medjax.eval import readers, report, truthfulqa
 from medjax.eval.requests import LmEvalEncoder, build_items
 from medjax.eval.scorer import Scorer
@@ -17,13 +17,12 @@ def chat_renderer(tokenizer, template: str | None = None) -> Callable[[list[dict
     (which retries without the system turn when the template rejects it)."""
     import jinja2
 
-    from medjax.tokenizer import TokenizerError
 
     def render(messages: list[dict]) -> str:
         try:
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  chat_template=template)
-        except (TokenizerError, jinja2.TemplateError):
+        except (CheckpointError, jinja2.TemplateError):
             if not any(m["role"] == "system" for m in messages):
                 raise
             return render([m for m in messages if m["role"] != "system"])

@@ -125,7 +125,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
 ALIASES = {"medqa": "medqa_4options"}
 
 
-UnknownTaskError = ConfigError  # a task or group name that does not exist
 
 
 def valid_names() -> list[str]:
@@ -135,7 +134,7 @@ def valid_names() -> list[str]:
 def resolve(names: str | list[str]) -> tuple[list[Task], dict[str, tuple[str, ...]]]:
     """Comma list of task/group names → (tasks in first-seen order, groups requested).
 
-    Raises UnknownTaskError listing the valid names (and the closest one).
+    Raises ConfigError listing the valid names (and the closest one).
     """
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
@@ -151,10 +150,10 @@ def resolve(names: str | list[str]) -> tuple[list[Task], dict[str, tuple[str, ..
         else:
             close = difflib.get_close_matches(name, valid_names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UnknownTaskError(
+            raise ConfigError(
                 f"unknown task {name!r}{hint}; valid tasks: {', '.join(valid_names())}")
         for member in members:
             tasks.setdefault(member, TASKS[member])
     if not tasks:
-        raise UnknownTaskError(f"no task given; valid tasks: {', '.join(valid_names())}")
+        raise ConfigError(f"no task given; valid tasks: {', '.join(valid_names())}")
     return list(tasks.values()), groups

@@ -17,8 +17,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from medjax.errors import CheckpointError
 from medjax.hf.names import export_tensors
-from medjax.hf.safetensors_io import CheckpointError, write_safetensors
+from medjax.hf.safetensors_io import write_safetensors
 from medjax.models.stack import per_layer_flat
 from medjax.outputs import replace_dir, temp_dir_beside
 from medjax.sharding import host_value

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medjax.hf.safetensors_io import CheckpointError
-from medjax.models import ModelConfig, UnsupportedModelError, abstract_decoder
+from medjax.errors import CheckpointError
+from medjax.models import ModelConfig, abstract_decoder
 
 # GGUF name (per block where it has {i}) -> (medjax path suffix, transposed?)
 _GLOBAL = {
@@ -57,7 +57,7 @@ def _f32(value) -> float:
 def gguf_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (only 'llama': "
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported (only 'llama': "
                                     f"Llama, Mistral and Mixtral as llama.cpp writes them)")
     g = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
     names = {t.name for t in reader.tensors}
@@ -71,7 +71,7 @@ def gguf_config(reader) -> ModelConfig:
     if g("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
     elif g("rope.scaling.type") not in (None, "none"):
-        raise UnsupportedModelError(f"GGUF rope scaling {g('rope.scaling.type')!r} is not supported "
+        raise CheckpointError(f"GGUF rope scaling {g('rope.scaling.type')!r} is not supported "
                                     f"(supported: linear, and llama3 via rope_freqs)")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
@@ -132,7 +132,7 @@ def llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, context_len
                         rope_scaling=scaling)
     got = inv / np.asarray(rope_inv_freq(probe), np.float64)
     if not np.allclose(got, factors, rtol=1e-4):
-        raise UnsupportedModelError(f"rope_freqs {np.round(factors, 4).tolist()} is not a llama3 rope "
+        raise CheckpointError(f"rope_freqs {np.round(factors, 4).tolist()} is not a llama3 rope "
                                     f"scaling medjax can express")
     return scaling
 
@@ -175,7 +175,7 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
     per process and lands straight in its shardings, or is quantized for QLoRA as it lands."""
     import gguf
 
-    from medjax.hf.load import StreamingLoader
+    from medjax.hf.fill import StreamingLoader
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -217,9 +217,9 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=None, attention_impl="auto
     _LAST[:] = [None, None]
     model = loader.model
     model.source_path = str(path.resolve())
-    from medjax.tokenizer import Tokenizer
+    from medjax.hf.gguf_vocab import read_tokenizer
     try:
-        tokenizer = Tokenizer.from_gguf(reader)
+        tokenizer = read_tokenizer(reader, source=str(path))
     except (ValueError, NotImplementedError) as e:
         import warnings
         warnings.warn(f"{path}: tokenizer not built from GGUF metadata: {e}")

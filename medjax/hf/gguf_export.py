@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from medjax.hf.gguf import _BLOCK, _GLOBAL
-from medjax.hf.safetensors_io import CheckpointError
+from medjax.errors import CheckpointError
 from medjax.models.stack import per_layer_flat
 from medjax.outputs import temp_file_beside
 from medjax.sharding import host_value

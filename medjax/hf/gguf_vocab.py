@@ -1,6 +1,6 @@
-"""A medjax ``Tokenizer`` as GGUF ``tokenizer.*`` metadata (the keys llama.cpp reads).
+"""A medjax ``Tokenizer`` as GGUF ``tokenizer.*`` metadata (the keys llama.cpp reads), and back.
 
-Two vocabulary kinds, the two ``Tokenizer.from_gguf`` reads back:
+:func:`tokenizer_metadata` writes, :func:`read_tokenizer` reads. Two vocabulary kinds:
 
 * ``llama`` (sentencepiece BPE with byte fallback): tokens + scores + token types. From a
   ``tokenizer.model`` the pieces, scores and types are the protobuf's own. From a
@@ -18,10 +18,15 @@ from __future__ import annotations
 import json
 import re
 
-from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
-from medjax.hf.safetensors_io import CheckpointError
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+from medjax.chat_templates import BUILTIN_CHAT_TEMPLATES
+from medjax.errors import CheckpointError
+from medjax.tokenizer.core import Tokenizer
+from medjax.tokenizer.sentencepiece import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
+                                           add_typed_special_tokens, sentencepiece_backend)
+
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 # tokenizer.ggml.pre names whose split regex the importer knows (Llama-3's).
 _LLAMA3_PRE = "llama-bpe"
@@ -120,10 +125,88 @@ def _from_backend(tok) -> dict:
                 "tokenizer.ggml.add_space_prefix": prefix}
     pre = getattr(tok, "gguf_pre", None)
     if pre is None:
-        from medjax.tokenizer import _LLAMA3_SPLIT
         regexes = [step.get("pattern", {}).get("Regex") for step in _steps(spec.get("pre_tokenizer"))]
-        pre = _LLAMA3_PRE if _LLAMA3_SPLIT in regexes else "default"
+        pre = _LLAMA3_PRE if LLAMA3_SPLIT in regexes else "default"
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.add_space_prefix": False,
             "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": _types(tok, tokens, added, "gpt2"),
             "tokenizer.ggml.merges": merges}
+
+
+# ----------------------------------------------------------------------------- reading
+def read_tokenizer(reader, source: str | None = None) -> Tokenizer:
+    """The ``Tokenizer`` of a ``gguf.GGUFReader``'s ``tokenizer.*`` metadata."""
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    return tokenizer_from_metadata(meta, source or str(getattr(reader, "path", "gguf")))
+
+
+# Split pattern of Llama-3 style byte-level vocabularies (tiktoken's cl100k form).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {name: LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx")}
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def tokenizer_from_metadata(meta: dict, source: str) -> Tokenizer:
+    """A ``Tokenizer`` from GGUF ``tokenizer.*`` metadata (the inverse of :func:`tokenizer_metadata`)."""
+    def get(key, default=None):
+        return meta.get(f"tokenizer.{key}", default)
+
+    kind = get("ggml.model")
+    tokens = list(get("ggml.tokens") or [])
+    if not tokens:
+        raise CheckpointError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata")
+    types = list(get("ggml.token_type") or [NORMAL] * len(tokens))
+    merges = get("ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in merges] if merges is not None else None
+    add_bos = get("ggml.add_bos_token")
+    if kind == "gpt2":
+        byte_map = _byte_alphabet()
+        alphabet = set(byte_map.values())
+        spelled = [t if set(t) <= alphabet else "".join(byte_map[b] for b in t.encode("utf-8")) for t in tokens]
+        # no merges key: a bytes-only vocabulary (GGUF cannot store an empty array)
+        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges or [],
+                                              fuse_unk=False, dropout=None))
+        split = _GGUF_SPLITS.get(get("ggml.pre"))
+        if split is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        add_typed_special_tokens(backend, tokens, types, alphabet=alphabet)
+        add_bos = bool(add_bos) if add_bos is not None else False
+    elif kind == "llama":
+        scores = list(get("ggml.scores") or [0.0] * len(tokens))
+        add_prefix = get("ggml.add_space_prefix")
+        backend = sentencepiece_backend(
+            tokens, scores, types, kind="bpe", unk_id=get("ggml.unknown_token_id", 0),
+            byte_fallback=True, add_prefix_space=True if add_prefix is None else bool(add_prefix), merges=merges)
+        add_bos = True if add_bos is None else bool(add_bos)  # llama.cpp's default for this kind
+    else:
+        raise CheckpointError(f"{source}: GGUF tokenizer.ggml.model {kind!r} is not supported "
+                             "(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece BPE)")
+
+    def token(key):
+        token_id = get(f"ggml.{key}")
+        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+
+    tok = Tokenizer(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                    pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
+                    add_bos_token=add_bos, add_eos_token=bool(get("ggml.add_eos_token", False)),
+                    chat_template=get("chat_template"), source=source)
+    tok.gguf_pre = get("ggml.pre")  # llama.cpp's pre-tokenizer name, kept for GGUF export
+    return tok

@@ -33,7 +33,7 @@ def load_pretrained(path, dtype=jnp.float32, *, param_dtype=None, shardings=None
         raise CheckpointError(f"{p}: no such file or directory")
     if is_gguf(p):
         from medjax.hf.gguf import load_gguf
-        from medjax.hf.load import sharding_fn
+        from medjax.hf.fill import sharding_fn
         return load_gguf(p, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                          prepare=prepare, sharding_of=sharding_fn(shardings, mesh, rules),
                          scan_layers=scan_layers)

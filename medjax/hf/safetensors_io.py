@@ -150,10 +150,11 @@ def find_weight_files(directory: str | os.PathLike) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: invalid index ({e})") from None
-        from medjax.paths import PathError, inside
+        from medjax.errors import ConfigError
+        from medjax.paths import inside
         try:
             files = sorted({inside(d, f, what=f"{index.name} shard") for f in weight_map.values()})
-        except PathError as e:
+        except ConfigError as e:
             raise CheckpointError(f"{index}: {e}") from None
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

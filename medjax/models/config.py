@@ -16,7 +16,6 @@ _ARCH_FROM_HF = {v: k for k, v in ARCHITECTURES.items()}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-UnsupportedModelError = CheckpointError  # an architecture or option medjax does not support
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise UnsupportedModelError(f"architecture {self.architecture!r} not in {list(ARCHITECTURES)}")
+            raise CheckpointError(f"architecture {self.architecture!r} not in {list(ARCHITECTURES)}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
@@ -53,7 +52,7 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in _ROPE_TYPES:
-                raise UnsupportedModelError(f"rope_type {kind!r} not supported (supported: {_ROPE_TYPES})")
+                raise CheckpointError(f"rope_type {kind!r} not supported (supported: {_ROPE_TYPES})")
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise CheckpointError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
                                   f"1..{self.num_experts} (num_local_experts)")
@@ -73,14 +72,14 @@ class ModelConfig:
         if arch is None:
             arch = {"llama": "llama", "mistral": "mistral", "mixtral": "mixtral"}.get(hf.get("model_type"))
         if arch is None:
-            raise UnsupportedModelError(
+            raise CheckpointError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; medjax supports "
                 f"{sorted(ARCHITECTURES.values())}")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise UnsupportedModelError("attention_bias / mlp_bias = true is not supported")
+            raise CheckpointError("attention_bias / mlp_bias = true is not supported")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedModelError(f"hidden_act {act!r} not supported (only silu)")
+            raise CheckpointError(f"hidden_act {act!r} not supported (only silu)")
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)

@@ -53,10 +53,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from medjax.ops.grouped_matmul import block_layout, default_block_rows, max_blocks
-from medjax.ops.target import EXPERT_AXIS, context_mesh, on_target
+from medjax.ops.target import EXPERT_AXIS, context_mesh, on_target, row_axes
 
 EXPERTS_LOGICAL = "experts"      # the logical name of a weight's expert dim
-_NOT_ROWS = ("tensor",)          # mesh axes that never split the batch
 TRANSPORTS = ("auto", "ragged", "padded")
 
 
@@ -135,11 +134,6 @@ def moe_layer(moe, x_NH, mask_N, transport: str = "auto"):
 
 
 # ------------------------------------------------------------------------------ expert parallel
-def _row_axes(mesh) -> tuple:
-    """The mesh axes (size > 1) that split the batch's rows."""
-    return tuple(a for a in mesh.axis_names if a not in _NOT_ROWS and mesh.shape[a] > 1)
-
-
 def _row_devices(tokens: int) -> int:
     """Devices the context mesh splits ``tokens`` rows over, when they divide evenly (else 1:
     the layer then runs on all the rows as one array).
@@ -153,7 +147,7 @@ def _row_devices(tokens: int) -> int:
     if mesh is None:
         return 1
     n = 1
-    for a in _row_axes(mesh):
+    for a in row_axes(mesh):
         n *= mesh.shape[a]
     return n if tokens % n == 0 else 1
 
@@ -176,7 +170,7 @@ def moe_layer_expert_parallel(moe, x_NH, mask_N, transport: str = "auto"):
     ep = dict(mesh.shape).get(EXPERT_AXIS, 1)
     if E % ep:
         raise ValueError(f"num_experts={E} is not divisible by mesh axis {EXPERT_AXIS}={ep}")
-    rows = _row_axes(mesh)
+    rows = row_axes(mesh)
     n_rows = 1
     for a in rows:
         n_rows *= mesh.shape[a]

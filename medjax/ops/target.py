@@ -95,8 +95,14 @@ def on_target(branch: Callable[[str], object]):
     return jax.lax.platform_dependent(**per_platform, default=per_platform[platforms[0]])
 
 
-HEAD_AXIS = "tensor"
+HEAD_AXIS = "tensor"        # the mesh axis attention heads are split over (tensor parallelism)
 EXPERT_AXIS = "expert"      # the mesh axis MoE experts are split over (expert parallelism)
+BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)   # the mesh axes a global batch's rows are split over
+
+
+def row_axes(mesh) -> tuple:
+    """The axes of ``mesh`` (size > 1) that split the batch's rows (:data:`BATCH_AXES`)."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 def context_mesh():
@@ -115,7 +121,7 @@ def per_shard(fn, rows_first: dict, heads_third: dict):
     if mesh is None:
         return fn(**rows_first, **heads_third)
     B = next(iter(heads_third.values())).shape[0]
-    rows = tuple(a for a in mesh.axis_names if a != HEAD_AXIS and mesh.shape[a] > 1)
+    rows = row_axes(mesh)
     n_rows = 1
     for a in rows:
         n_rows *= mesh.shape[a]

@@ -1,13 +1,16 @@
 """What the user sees: a tqdm bar, ``metrics.jsonl``, TensorBoard events, and a final loss/LR plot."""
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from medjax.data.jsonl import read_jsonl
+from medjax.outputs import write_file
 
 
 class MetricsLogger:
@@ -77,12 +80,7 @@ def _plain(v):
 
 def read_metrics(path) -> list[dict]:
     """Records of ``metrics.jsonl``; for repeated (step, kind) the LAST one wins (resumed runs)."""
-    latest = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                latest[(r["kind"], r["step"])] = r
+    latest = {(r["kind"], r["step"]): r for r in read_jsonl(path)}
     return sorted(latest.values(), key=lambda r: (r["kind"], r["step"]))
 
 
@@ -106,9 +104,7 @@ def plot_run(metrics_path, out_png) -> Path:
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return write_file(out_png, png.getvalue())

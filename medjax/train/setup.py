@@ -48,7 +48,7 @@ from medjax.train.optimizer import make_optimizer
 def check_layout(cfg, mesh) -> None:
     """Errors that would otherwise fail mid-run or hang a process at a barrier, raised on EVERY
     process before any weights load: a global batch the mesh's batch shards cannot split
-    (``ShardingError``), heads / experts the tensor / expert axes cannot split (checked here for a
+    (``ConfigError``), heads / experts the tensor / expert axes cannot split (checked here for a
     preset's shapes; a checkpoint's are checked by the sharded load), processes started with
     different configs (``ConfigError``)."""
     from medjax.sharding import check_model, local_batch_rows
@@ -63,7 +63,7 @@ def check_layout(cfg, mesh) -> None:
         import numpy as np
         from jax.experimental import multihost_utils
 
-        from medjax.config import ConfigError
+        from medjax.errors import ConfigError
         text = json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
         digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8)
         every = multihost_utils.process_allgather(digest).reshape(jax.process_count(), -1)

@@ -72,7 +72,7 @@ def micro_batches(batch, grad_accum: int):
     its equal share, see the module docstring). Under a multi-device context mesh whose batch
     shards divide a micro-batch, the micro-batch rows are pinned to the batch axes."""
     from medjax.ops.target import context_mesh
-    from medjax.sharding import BATCH_AXES
+    from medjax.ops.target import BATCH_AXES
 
     def split(x):
         return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1)

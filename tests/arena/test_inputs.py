@@ -99,10 +99,10 @@ def test_builtin_template_for_a_model_without_one():
     from medjax.arena.answers import AnswerSettings, chat_prompt
     from medjax.arena.questions import Question
     from medjax.tokenizer import byte_tokenizer
-    from medjax.tokenizer import TokenizerError
+    from medjax.errors import CheckpointError
 
     tokenizer, question = byte_tokenizer(), Question("1", "Dose of aspirin?")
-    with pytest.raises(TokenizerError, match="no chat template"):
+    with pytest.raises(CheckpointError, match="no chat template"):
         chat_prompt(tokenizer, question, AnswerSettings())
     text = tokenizer.decode(chat_prompt(tokenizer, question, AnswerSettings(system="Be brief."), "llama3"),
                             skip_special_tokens=False)

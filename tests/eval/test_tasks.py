@@ -11,7 +11,8 @@ from medjax.cli_errors import run_cli
 from medjax.eval.__main__ import main as eval_main
 from medjax.eval.report import summarize
 from medjax.eval.requests import Item, Request
-from medjax.eval.tasks import GROUPS, TASKS, UnknownTaskError, resolve
+from medjax.errors import ConfigError
+from medjax.eval.tasks import GROUPS, TASKS, resolve
 
 
 def test_resolve_groups_and_unknown():
@@ -19,7 +20,7 @@ def test_resolve_groups_and_unknown():
     assert [t.name for t in tasks] == list(GROUPS["mmlu_medical"]) + ["medqa_4options"]
     assert set(groups) == {"mmlu_medical"}
     assert len(resolve("multimedqa")[0]) == 9
-    with pytest.raises(UnknownTaskError, match="mmlu_anatomy.*valid tasks: .*medmcqa"):
+    with pytest.raises(ConfigError, match="mmlu_anatomy.*valid tasks: .*medmcqa"):
         resolve("mmlu_anatomyy")
 
 

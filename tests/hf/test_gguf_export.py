@@ -13,7 +13,7 @@ from flax import nnx
 
 import medjax
 from hf_fixtures import make_tiny_hf
-from medjax.hf import CheckpointError
+from medjax.errors import CheckpointError
 
 gguf = pytest.importorskip("gguf")
 
@@ -45,10 +45,10 @@ def _write_tokenizer(family: str, out: Path) -> None:
     config = {"chat_template": TEMPLATE}
     if family == "llama3":
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-        from medjax.tokenizer import _LLAMA3_SPLIT
+        from medjax.hf.gguf_vocab import LLAMA3_SPLIT
         backend = Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         backend.decoder = decoders.ByteLevel()
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]

@@ -54,8 +54,8 @@ def test_non_llama_gguf_is_rejected(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from medjax.models import UnsupportedModelError
-    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2'"):
+    from medjax.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="GGUF architecture 'gpt2'"):
         medjax.load(tmp_path / "x.gguf")
 
 

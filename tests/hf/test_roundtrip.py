@@ -9,7 +9,7 @@ import transformers
 
 import medjax
 from hf_fixtures import make_tiny_hf_model
-from medjax.hf import CheckpointError
+from medjax.errors import CheckpointError
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "mixtral"])

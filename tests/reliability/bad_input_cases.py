@@ -354,7 +354,7 @@ def eval_cases():
         c("unknown-task", ("unknown task 'medqa5'",), lambda x: _eval(x, _eval_dir(x, _medqa()), "medqa5")),
         c("three-options-where-four-expected", ("medqa_usmle_4options_test.jsonl:2", "3 options, expected 4"),
           lambda x: _eval(x, _eval_dir(x, _medqa(), _medqa(options=("a", "b", "c"))))),
-        c("malformed-json-line", ("medqa_usmle_4options_test.jsonl:1", "not valid JSON"),
+        c("malformed-json-line", ("medqa_usmle_4options_test.jsonl:1", "invalid JSON"),
           lambda x: _eval(x, _eval_dir(x, "{oops"))),
         c("missing-field", ("medqa_usmle_4options_test.jsonl:1", "answer_idx"),
           lambda x: _eval(x, _eval_dir(x, _medqa(drop="answer_idx")))),

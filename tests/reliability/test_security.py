@@ -13,8 +13,9 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from medjax.hf.safetensors_io import MAX_HEADER_BYTES, CheckpointError, index_tensors, read_header
-from medjax.paths import PathError, inside, separate_output
+from medjax.errors import CheckpointError, ConfigError
+from medjax.hf.safetensors_io import MAX_HEADER_BYTES, index_tensors, read_header
+from medjax.paths import inside, separate_output
 
 PACKAGE = Path(__file__).resolve().parents[2] / "medjax"
 BANNED_NAMES = {"pickle", "cPickle", "dill", "marshal", "shelve", "joblib", "trust_remote_code"}
@@ -120,7 +121,7 @@ def test_paths_from_files_stay_inside_their_root(tmp_path):
     assert inside(root, "sub/../x.safetensors") == (root / "x.safetensors").resolve()
     for bad in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "link.safetensors",
                 "sub/../../secret.safetensors"):
-        with pytest.raises(PathError, match="escapes"):
+        with pytest.raises(ConfigError, match="escapes"):
             inside(root, bad)
 
 
@@ -128,7 +129,7 @@ def test_output_directory_never_overlaps_an_input(tmp_path):
     src = tmp_path / "run" / "checkpoints"
     assert separate_output(tmp_path / "export", src) == (tmp_path / "export").resolve()
     for bad in (src, tmp_path / "run", src / "inner", tmp_path):
-        with pytest.raises(PathError, match="overlaps the input"):
+        with pytest.raises(ConfigError, match="overlaps the input"):
             separate_output(bad, src)
 
 
@@ -141,10 +142,10 @@ def test_output_directory_never_overlaps_an_input(tmp_path):
     "{{ messages.append({'role': 'user'}) }}",          # immutable sandbox: no mutation either
 ])
 def test_chat_templates_are_sandboxed(rel_model_dir, template):
-    from medjax.tokenizer import TokenizerError, load_tokenizer
+    from medjax.tokenizer import load_tokenizer
     tok = load_tokenizer(rel_model_dir)
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises((jinja2.exceptions.SecurityError, TokenizerError)):
+    with pytest.raises((jinja2.exceptions.SecurityError, CheckpointError)):
         out = tok.apply_chat_template(messages, chat_template=template)
         # jinja's sandbox renders some unsafe attribute lookups as undefined (empty): that is a
         # refusal too, as long as nothing of Python's internals reaches the output
