@@ -17,8 +17,7 @@ ALLOWED_CLASSES = {
     "medjax/train/loop.py:TrainingDiverged": "the loss went non-finite: exit 3, not a user error",
     "medjax/train/loop.py:TrainingInterrupted": "preemption signal: checkpoint saved, exit 128+N",
 }
-# The entry helper removes this alias (s8-entry); exempt exactly that line until it lands.
-ALLOWED_ALIASES = {"medjax/plan_compile.py:CompilePlanError"}
+ALLOWED_ALIASES: set[str] = set()      # none: every alias is gone (CompilePlanError → ConfigError)
 
 
 def _name(node) -> str:
