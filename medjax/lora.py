@@ -34,13 +34,9 @@ from flax import nnx
 from medjax.errors import ConfigError
 from medjax.models.moe import EXPERT_PROJECTIONS
 from medjax.ops.grouped_matmul import grouped_matmul
-from medjax.surgery import is_experts, is_linear, module_at, replace_module
+from medjax.surgery import is_experts, is_linear, module_at, path_str, replace_module
 
 # ------------------------------------------------------------------------------ matching
-def path_str(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def matches(path: str, patterns) -> bool:
     """``pattern`` without a dot matches the last path component; with a dot, a path suffix."""
     last = path.rsplit(".", 1)[-1]

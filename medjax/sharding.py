@@ -112,6 +112,16 @@ def _num_shards(axis_sizes: Mapping[str, int], entry) -> int:
     return math.prod(axis_sizes[n] for n in names)
 
 
+def preset_of(mesh) -> str:
+    """The first preset (dp, fsdp, fsdp_tp, fsdp_ep) whose axes hold every axis of ``mesh`` of
+    size > 1."""
+    used = {a for a in mesh.axis_names if mesh.shape[a] > 1}
+    for preset, axes in PRESET_AXES.items():
+        if used <= set(axes):
+            return preset
+    raise ConfigError(f"mesh axes {sorted(used)} fit no preset ({PRESET_AXES})")
+
+
 def rules_for(preset: str) -> ShardingRules:
     """The rules of one preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_ep``)."""
     if preset not in PRESETS:

@@ -13,6 +13,11 @@ from medjax.models.moe import EXPERT_PROJECTIONS
 from medjax.models.stack import num_stacked
 
 
+def path_str(path) -> str:
+    """A module path as the dotted name reports and ``lora.targets`` patterns use."""
+    return ".".join(str(p) for p in path)
+
+
 def is_linear(module) -> bool:
     """A module with ``kernel [in, out]`` (``[L, in, out]`` in stacked layers)."""
     kernel = getattr(module, "kernel", None)

@@ -72,6 +72,7 @@ def naive_scan(path: Path, questions: list[str], n: int, max_bytes: int | None) 
 
 def main(argv=None) -> int:
     from medjax.data import decontaminate as dc
+    from medjax.data import decontaminate_scan as scan
 
     p = argparse.ArgumentParser(prog="python -m medjax.bench decontaminate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         index_s = time.perf_counter() - t0
         workers = args.workers or os.cpu_count() or 1
         t0 = time.perf_counter()
-        result = dc.scan_sources(index, dc.plan_chunks([{"path": str(corpus)}]), workers=workers)[str(corpus)]
+        result = scan.scan_sources(index, scan.plan_chunks([{"path": str(corpus)}]), workers=workers)[str(corpus)]
         fast_s = time.perf_counter() - t0
         fast_rows = {m.row for m in result["matches"]}
         cap = None if args.naive_mb is None else int(args.naive_mb * 1e6)

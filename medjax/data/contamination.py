@@ -16,6 +16,7 @@ from pathlib import Path
 from medjax.errors import ConfigError, DataError
 
 from medjax.data import decontaminate as dc
+from medjax.data import decontaminate_scan as scan
 
 FORMAT = "medjax-contamination-1"
 MARKDOWN_ITEMS = 30
@@ -44,9 +45,9 @@ def report(data_cfg, task_names, data_dir, *, n: int = 13, workers: int | None =
     dc.check_n(n)
     t0 = time.perf_counter()
     index = dc.BenchmarkIndex.build(test_items(task_names, data_dir), n)
-    chunks = dc.plan_chunks(dc.source_entries(data_cfg))
+    chunks = scan.plan_chunks(scan.source_entries(data_cfg))
     index_s, t1 = time.perf_counter() - t0, time.perf_counter()
-    scanned = dc.scan_sources(index, chunks, workers=workers, on_error=data_cfg.on_error)
+    scanned = scan.scan_sources(index, chunks, workers=workers, on_error=data_cfg.on_error)
     scan_s = time.perf_counter() - t1
     by_item: dict[int, list] = {}
     for result in scanned.values():

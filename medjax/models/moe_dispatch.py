@@ -53,9 +53,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from medjax.ops.grouped_matmul import block_layout, default_block_rows, max_blocks
-from medjax.ops.target import EXPERT_AXIS, context_mesh, on_target, row_axes
+from medjax.ops.target import EXPERT_AXIS, context_mesh, mesh_axes_of, on_target, row_axes
 
-EXPERTS_LOGICAL = "experts"      # the logical name of a weight's expert dim
 TRANSPORTS = ("auto", "ragged", "padded")
 
 
@@ -153,8 +152,11 @@ def _row_devices(tokens: int) -> int:
 
 
 def _spec_of(variable) -> P:
+    """A variable's spec inside the layer's ``shard_map``: split over ``expert`` where the sharding
+    rules split its first logical axis over it (the expert-stacked weights), else whole."""
     axes = variable.get_metadata().get("logical_axes") or (None,)
-    return P(EXPERT_AXIS) if axes[0] == EXPERTS_LOGICAL else P()
+    split = mesh_axes_of(axes[0]) if axes[0] is not None else ()
+    return P(EXPERT_AXIS) if EXPERT_AXIS in split else P()
 
 
 def moe_layer_expert_parallel(moe, x_NH, mask_N, transport: str = "auto"):

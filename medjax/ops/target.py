@@ -20,6 +20,7 @@ expert-parallel dispatch uses it too).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 from typing import Callable
@@ -98,6 +99,29 @@ def on_target(branch: Callable[[str], object]):
 HEAD_AXIS = "tensor"        # the mesh axis attention heads are split over (tensor parallelism)
 EXPERT_AXIS = "expert"      # the mesh axis MoE experts are split over (expert parallelism)
 BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)   # the mesh axes a global batch's rows are split over
+
+
+_LOGICAL_RULES: contextvars.ContextVar = contextvars.ContextVar("medjax_logical_rules", default=None)
+
+
+@contextlib.contextmanager
+def logical_rules(table):
+    """Within: the context mesh's sharding rules, logical axis name → mesh axes
+    (``medjax.sharding.ShardingRules.table``; set with the mesh by ``train.step.on_mesh``)."""
+    token = _LOGICAL_RULES.set(table)
+    try:
+        yield
+    finally:
+        _LOGICAL_RULES.reset(token)
+
+
+def mesh_axes_of(logical: str) -> tuple:
+    """The mesh axes the context's rules split logical axis ``logical`` over (``()``: whole)."""
+    table = _LOGICAL_RULES.get()
+    if table is None:
+        raise ValueError("no sharding rules in context: trace under medjax.train.step.on_mesh")
+    entry = table.get(logical)
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def row_axes(mesh) -> tuple:

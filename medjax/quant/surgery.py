@@ -14,7 +14,7 @@ from flax import nnx
 from medjax.quant.codec import storage_bytes
 from medjax.quant.modules import QuantizedArray, QuantizedExperts, QuantizedLinear, QuantizedTensor
 from medjax.models.moe import EXPERT_PROJECTIONS
-from medjax.surgery import is_experts, is_linear, replace_module
+from medjax.surgery import is_experts, is_linear, path_str, replace_module
 
 
 def quantize_model(model, fmt: str, *, block: int = 64, double_quant: bool = False):
@@ -33,10 +33,10 @@ def quantize_model(model, fmt: str, *, block: int = 64, double_quant: bool = Fal
             continue
         if is_linear(target):
             new = QuantizedLinear(target, fmt, block=block, double_quant=double_quant)
-            report.add(".".join(map(str, where)), [new.weight])
+            report.add(path_str(where), [new.weight])
         elif is_experts(target):
             new = QuantizedExperts(target, fmt, block=block, double_quant=double_quant)
-            report.add(".".join(map(str, where)),
+            report.add(path_str(where),
                        [getattr(new, n) for n in EXPERT_PROJECTIONS])
         else:
             continue
@@ -53,7 +53,7 @@ def quant_report(model, lora_cfg) -> "QuantReport":
     report = QuantReport(lora_cfg.quantize, lora_cfg.quant_block, lora_cfg.double_quant)
     for path, module in nnx.iter_modules(model):
         if isinstance(module, QuantizedTensor):
-            report.add(".".join(map(str, path)), [module])
+            report.add(path_str(path), [module])
     report.total_params = _total_params(model)
     report.total_bytes = _total_bytes(model)
     return report

@@ -138,13 +138,18 @@ def tree_shardings(tree, mesh, rules):
         tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def on_mesh(mesh, fn):
-    """``fn`` traced with ``mesh`` as the context mesh: the attention dispatcher then runs its
-    kernels (Mosaic / Triton custom calls, which GSPMD cannot partition) per device shard."""
+def on_mesh(mesh, fn, rules=None):
+    """``fn`` traced with ``mesh`` as the context mesh and ``rules`` (default: those of the
+    smallest preset that uses its axes) as the context's sharding rules: the attention dispatcher
+    then runs its kernels (Mosaic / Triton custom calls, which GSPMD cannot partition) per device
+    shard, and the MoE layer splits what the rules split over ``expert``."""
+    from medjax.ops.target import logical_rules
+    from medjax.sharding import preset_of, rules_for
     abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+    table = (rules or rules_for(preset_of(abstract))).table
 
     def traced(*args):
-        with jax.sharding.use_abstract_mesh(abstract):
+        with jax.sharding.use_abstract_mesh(abstract), logical_rules(table):
             return fn(*args)
     return traced
 
@@ -159,7 +164,7 @@ def jit_train_step(state, frozen, reference, *, mesh, rules, graphdef, tx, sched
                  tree_shardings(reference, mesh, rules))
     batch_sh = {k: batch_sharding(mesh) for k in objective.batch_keys}
     fn = on_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                                         objective=objective, grad_accum=grad_accum))
+                                         objective=objective, grad_accum=grad_accum), rules)
     step_fn = jax.jit(fn, in_shardings=(*shardings, batch_sh),
                       out_shardings=(shardings[0], _replicated(mesh)), donate_argnums=(0,))
     return step_fn, shardings

@@ -24,7 +24,7 @@ def test_chip_of_reads_the_one_device_table():
 
 
 def test_full_shapes_are_the_issues_and_fit_eight_minutes():
-    from medjax.bench._gpu_parts import FULL
+    from medjax.bench._gpu_sizes import FULL
     from medjax.models import get_preset
     assert FULL["attention"]["seqs"] == (2048, 4096, 8192, 32768)
     assert set(FULL["attention"]["heads"]) == {(32, 32), (32, 8)} and FULL["attention"]["D"] == 128

@@ -11,6 +11,7 @@ import pytest
 from medjax.config import DataSection
 from medjax.data import contamination
 from medjax.data import decontaminate as dc
+from medjax.data import decontaminate_scan as scan
 from medjax.data.sources import read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,18 +138,18 @@ def test_disjoint_corpus_flags_nothing(tmp_path, bench_dir):
 
 def test_chunks_read_the_rows_of_the_reader(tmp_path, bench_dir):
     path, _ = planted_corpus(tmp_path, bench_dir)
-    chunks = dc.plan_chunks([{"path": str(path)}], chunk_bytes=1500)
+    chunks = scan.plan_chunks([{"path": str(path)}], chunk_bytes=1500)
     assert len(chunks) > 10
-    assert [r for c in chunks for r in dc.chunk_rows(c)] == read_rows(str(path))
+    assert [r for c in chunks for r in scan.chunk_rows(c)] == read_rows(str(path))
 
 
 @pytest.mark.slow
 def test_process_pool_finds_what_one_process_finds(tmp_path, bench_dir):
     path, _ = planted_corpus(tmp_path, bench_dir)
-    chunks = dc.plan_chunks([{"path": str(path)}], chunk_bytes=1500)
+    chunks = scan.plan_chunks([{"path": str(path)}], chunk_bytes=1500)
     index = dc.BenchmarkIndex.build(contamination.test_items(TASKS, bench_dir), 13)
-    one = dc.scan_sources(index, chunks, workers=1)
-    two = dc.scan_sources(index, chunks, workers=2)
+    one = scan.scan_sources(index, chunks, workers=1)
+    two = scan.scan_sources(index, chunks, workers=2)
     assert sorted(one[str(path)]["matches"]) == sorted(two[str(path)]["matches"])
     assert one[str(path)]["rows"] == two[str(path)]["rows"] == 120
 
