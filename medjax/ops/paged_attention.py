@@ -37,12 +37,13 @@ def paged_attention_xla(q, k_pages, v_pages, page_table, kv_lengths, *, q_positi
     B, T, Hq, D = q.shape
     N, page, Hkv, _ = k_pages.shape
     G = Hq // Hkv
+    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     q_pos_BT = _query_positions(q_positions, kv_lengths, T)
     scale = D ** -0.5 if scale is None else scale
     ppb = max(1, min(pages_per_block, page_table.shape[1]))
     width = -(-page_table.shape[1] // ppb) * ppb
-    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, width - page_table.shape[1])))
+    table = jnp.pad(jnp.asarray(page_table, jnp.int32), ((0, 0), (0, width - page_table.shape[1])))
     table = jnp.clip(table, 0, N - 1)
     block = ppb * page
     q_BKGTD = (q.astype(jnp.float32) * scale).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
