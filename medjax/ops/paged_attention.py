@@ -1,8 +1,9 @@
 """Attention of a few query tokens against a paged KV cache (serving's decode step).
 
-The cache of one layer is a pool of fixed-size pages ``k_pages/v_pages [N, page, Hkv, D]``;
-sequence ``b`` owns the pages ``page_table[b, :]`` in order, so its key at position ``p`` is
-``k_pages[page_table[b, p // page], p % page]``. ``kv_lengths [B]`` counts each sequence's keys
+The cache of one layer is a pool of fixed-size pages ``k_pages/v_pages [N, Hkv, page, D]``
+(heads first: a kernel block is one page of one KV head); sequence ``b`` owns the pages
+``page_table[b, :]`` in order, so its key at position ``p`` is
+``k_pages[page_table[b, p // page], :, p % page]``. ``kv_lengths [B]`` counts each sequence's keys
 (entries of ``page_table`` past them are never read as keys: any index is fine there).
 
 ``paged_attention(q[B,T,Hq,D], k_pages, v_pages, page_table[B,P], kv_lengths[B], *,
@@ -35,7 +36,7 @@ def paged_attention_xla(q, k_pages, v_pages, page_table, kv_lengths, *, q_positi
                         sliding_window=None, scale=None, pages_per_block=8):
     """Plain-XLA paged attention (online softmax over gathered page blocks); fp32 softmax."""
     B, T, Hq, D = q.shape
-    N, page, Hkv, _ = k_pages.shape
+    N, Hkv, page, _ = k_pages.shape
     G = Hq // Hkv
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
@@ -51,8 +52,8 @@ def paged_attention_xla(q, k_pages, v_pages, page_table, kv_lengths, *, q_positi
     def body(j, carry):
         m, l, acc = carry
         pages_BJ = jax.lax.dynamic_slice_in_dim(table, j * ppb, ppb, axis=1)
-        k_BSKD = k_pages[pages_BJ].reshape(B, block, Hkv, D).astype(jnp.float32)
-        v_BSKD = v_pages[pages_BJ].reshape(B, block, Hkv, D).astype(jnp.float32)
+        k_BSKD = k_pages[pages_BJ].swapaxes(2, 3).reshape(B, block, Hkv, D).astype(jnp.float32)
+        v_BSKD = v_pages[pages_BJ].swapaxes(2, 3).reshape(B, block, Hkv, D).astype(jnp.float32)
         s = jnp.einsum("bkgtd,bskd->bkgts", q_BKGTD, k_BSKD)
         kv_pos_S = j * block + jnp.arange(block, dtype=jnp.int32)
         visible = ((kv_pos_S[None, None, :] < kv_lengths[:, None, None])

@@ -1,8 +1,8 @@
 """The paged KV cache: a fixed pool of pages per layer, a page table per sequence.
 
-Every layer holds ``k/v [num_pages, page_size, Hkv, D]``; sequence ``b`` of a batch owns the
+Every layer holds ``k/v [num_pages, Hkv, page_size, D]``; sequence ``b`` of a batch owns the
 pages ``page_table[b]`` in order (position ``p`` lives in page ``page_table[b, p // page_size]``
-at slot ``p % page_size``). The pool is allocated once, sized from a memory budget, so the
+at slot ``p % page_size``; the layout of ``ops.paged_attention``). The pool is allocated once, sized from a memory budget, so the
 server's KV memory is known before the first request. Unused entries of a page table hold
 ``num_pages`` (one past the pool): writes there are dropped, and reads never reach them
 (``kv_lengths`` bounds them).
@@ -29,7 +29,7 @@ from medjax.ops.paged_attention import paged_attention
 @struct.dataclass
 class PagedLayer:
     """One layer's pool plus the batch's page tables; ``attend`` is called by models/attention."""
-    k: jax.Array                    # [N, page, Hkv, D]
+    k: jax.Array                    # [N, Hkv, page, D]
     v: jax.Array
     page_table: jax.Array           # [B, P] int32
     kv_lengths: jax.Array           # [B] keys cached after this call
@@ -37,15 +37,15 @@ class PagedLayer:
 
     def attend(self, q_BTHD, k_BTKD, v_BTKD, positions_BT, *, causal, sliding_window,
                implementation):
-        N, page = self.k.shape[:2]
+        N, page = self.k.shape[0], self.k.shape[2]
         B, T = positions_BT.shape
         real_BT = positions_BT < self.kv_lengths[:, None]
         slot = jnp.clip(positions_BT // page, 0, self.page_table.shape[1] - 1)
         page_BT = jnp.take_along_axis(self.page_table, slot, axis=1)
         page_BT = jnp.where(real_BT, page_BT, N)                    # padding: dropped
         offset_BT = positions_BT % page
-        k = self.k.at[page_BT, offset_BT].set(k_BTKD.astype(self.k.dtype), mode="drop")
-        v = self.v.at[page_BT, offset_BT].set(v_BTKD.astype(self.v.dtype), mode="drop")
+        k = self.k.at[page_BT, :, offset_BT].set(k_BTKD.astype(self.k.dtype), mode="drop")
+        v = self.v.at[page_BT, :, offset_BT].set(v_BTKD.astype(self.v.dtype), mode="drop")
         if self.prefill:        # positions start at 0: the fresh keys are the whole sequence
             out = attention(q_BTHD, k_BTKD, v_BTKD, causal=causal, sliding_window=sliding_window,
                             q_positions=positions_BT, kv_positions=positions_BT,
@@ -87,7 +87,7 @@ def pages_in_budget(model_cfg, page_size: int, dtype, budget_bytes: float) -> in
 
 
 def init_pools(model_cfg, num_pages: int, page_size: int, dtype) -> tuple[tuple, tuple]:
-    shape = (num_pages, page_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+    shape = (num_pages, model_cfg.num_kv_heads, page_size, model_cfg.head_dim)
     k = tuple(jnp.zeros(shape, dtype) for _ in range(model_cfg.num_layers))
     v = tuple(jnp.zeros(shape, dtype) for _ in range(model_cfg.num_layers))
     return k, v
