@@ -69,8 +69,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *, q_pos
     step = lambda b, t, lo, hi: blocks.clamped_block(lo, hi, b, 0, t)   # noqa: E731
     kv_spec = pl.BlockSpec((None, None, page, D),
                            lambda b, h, s, t, tab, lo, hi: (tab[b, step(b, t, lo, hi)], h, 0, 0))
-    key_spec = pl.BlockSpec((None, 1, page),
-                            lambda b, h, s, t, tab, lo, hi: (b, 0, step(b, t, lo, hi)))
+    # key metadata [B, P, 1, page]: a block's last two dims equal the array's (Mosaic tiling)
+    key_spec = pl.BlockSpec((None, None, 1, page),
+                            lambda b, h, s, t, tab, lo, hi: (b, step(b, t, lo, hi), 0, 0))
     row_spec = pl.BlockSpec((None, Rp, 1), lambda b, h, s, t, tab, lo, hi: (b, 0, 0))
     q_spec = pl.BlockSpec((None, None, Rp, D), lambda b, h, s, t, tab, lo, hi: (b, h, 0, 0))
     out_spec = lambda last: pl.BlockSpec((None, None, None, Rp, last),   # noqa: E731
@@ -90,6 +91,6 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *, q_pos
                         pltpu.VMEM((Rp, D), jnp.float32)],
         cost=cost, head_dim=D, name="medjax_paged_decode",
     )(table, lo, hi, q_BKRD, k_pages, v_pages, row_pos[:, :, None], row_seg[:, :, None],
-      kv_pos[:, None, :], kv_seg[:, None, :])
+      kv_pos.reshape(B, P, 1, page), kv_seg.reshape(B, P, 1, page))
     out = out[:, :, 0, :rows].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4)
     return out.reshape(B, T, Hq, D).astype(q.dtype)
