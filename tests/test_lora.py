@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "training"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca  # noqa: E402
 
 import medjax  # noqa: E402

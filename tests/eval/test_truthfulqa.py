@@ -174,7 +174,7 @@ def test_run_checkpoint_evaluates_in_its_run_dtype(tmp_path, capsys):
     an explicit other dtype is one error line."""
     import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
     from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca
 
     from medjax.train.loop import run

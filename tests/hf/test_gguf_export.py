@@ -237,7 +237,7 @@ def test_type_the_tensor_cannot_hold(tmp_path):
 
 def test_export_cli(tmp_path, capsys):
     """``python -m medjax.export --gguf``: a trained run exports; a bad type is one error line."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
     from train_helpers import make_tiny_model_dir, tiny_config, write_alpaca
     from medjax.cli_errors import run_cli
     from medjax.export.__main__ import main
