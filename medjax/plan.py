@@ -429,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
                                                     "slice size, else the devices the config's mesh "
                                                     "asks for: the product of its fixed axis sizes)")
+    ap.add_argument("--serve", action="store_true",
+                    help="print the KV pages python -m medjax.serve fits beside Llama-3-8B on one "
+                         "H100 and on one v5e chip (no config needed)")
     ap.add_argument("--compile", action="store_true",
                     help="also compile the real train step for --device (compile-only TPU/GPU, "
                          "needs the tpu/cuda extra; see medjax/plan_compile.py)")
@@ -437,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.serve:      # the serving planner's lines (medjax/serve/plan.py)
+        from medjax.serve.plan import kv_pages_report
+        return print(kv_pages_report({d: DEVICES_GIB[d] * GiB for d in ("h100", "v5e")}, HEADROOM)) or 0
     if args.compile:
         return _compile(args)
     cfg = load_config(args.config, args.overrides)                 # ConfigError: one line, exit 2

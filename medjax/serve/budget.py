@@ -32,5 +32,9 @@ def kv_budget_bytes(model, requested_gib: float | None, device=None) -> tuple[fl
     limit = stats.get("bytes_limit")
     if not limit:
         return CPU_DEFAULT_BYTES, f"{device.device_kind} reports no memory limit; default"
-    free = limit * DEVICE_HEADROOM - params_bytes(model)
-    return max(0.0, free * (1 - ACTIVATION_RESERVE)), f"{device.device_kind} memory less weights"
+    return pool_bytes(limit, params_bytes(model)), f"{device.device_kind} memory less weights"
+
+
+def pool_bytes(device_bytes: float, weight_bytes: float, headroom: float = DEVICE_HEADROOM) -> float:
+    """What a device of ``device_bytes`` leaves the page pool beside ``weight_bytes`` of weights."""
+    return max(0.0, (device_bytes * headroom - weight_bytes) * (1 - ACTIVATION_RESERVE))
