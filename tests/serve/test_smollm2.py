@@ -2,7 +2,7 @@
 requests in one batch, token-identical to medjax.generate's Generator."""
 import pytest
 
-from conftest import smollm2_gguf
+from hf_fixtures import smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
