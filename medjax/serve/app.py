@@ -27,6 +27,9 @@ from medjax.serve.protocol import (ApiError, GenerationRequest, chat_request, ch
 from medjax.serve.text import TextStream
 
 log = logging.getLogger("medjax.serve")
+# A chat request without max_tokens: its pages are reserved at admission, so "up to the context"
+# would hold a whole context of pages per request.
+DEFAULT_MAX_TOKENS = 512
 
 
 class EngineFailed(Exception):
@@ -42,7 +45,7 @@ class Choice:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.text = TextStream(tokenizer, req.stop)
         self.stop_ids = frozenset(tokenizer.stop_ids)
-        max_tokens = req.max_tokens or engine.max_context - len(prompt)
+        max_tokens = req.max_tokens or max(1, min(DEFAULT_MAX_TOKENS, engine.max_context - len(prompt)))
         self.seq = Sequence(prompt=prompt, max_tokens=max_tokens, emit=self._emit,
                             stop_ids=self.stop_ids,
                             sampling=Sampling(req.temperature, req.top_k, req.top_p, seed, index))

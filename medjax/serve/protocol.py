@@ -27,7 +27,7 @@ class ApiError(Exception):
 @dataclass
 class GenerationRequest:
     prompts: list[list[int]]          # one per prompt (chat: one)
-    max_tokens: int | None            # None: up to the context
+    max_tokens: int | None            # None: app.DEFAULT_MAX_TOKENS, within the context
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
