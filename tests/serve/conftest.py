@@ -46,7 +46,7 @@ def free_port() -> int:
 class ServerThread:
     """``DrainingServer`` on a thread (uvicorn installs no signal handlers off the main thread): ``url``, ``engine``, ``stop()``."""
 
-    def __init__(self, model_dir, name="tiny", **engine_kw):
+    def __init__(self, model_dir, name="tiny", warmup=True, **engine_kw):
         import uvicorn
 
         import medjax
@@ -54,7 +54,8 @@ class ServerThread:
         from medjax.serve.engine import Engine, EngineConfig
         self.model, self.tokenizer = medjax.load(model_dir, progress=False)
         self.engine = Engine(self.model, EngineConfig(**{**SERVE_KW, **engine_kw}))
-        self.engine.warmup()
+        if warmup:
+            self.engine.warmup()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         config = uvicorn.Config(create_app(ServedModel(self.engine, self.tokenizer, name)),
@@ -73,7 +74,7 @@ class ServerThread:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tiny_model_dir):
     srv = ServerThread(tiny_model_dir)
     yield srv

@@ -10,7 +10,7 @@ from medjax.models import get_preset, init_decoder
 from medjax.serve.engine import (Engine, EngineConfig, QueueFull, RequestTooLarge, Sampling,
                                  Sequence)
 
-CONFIG = EngineConfig(page_size=8, max_slots=8, max_context=64, max_prefill_batch=2,
+CONFIG = EngineConfig(page_size=8, max_slots=4, max_context=64, max_prefill_batch=2,
                       kv_budget_bytes=2 << 20, max_queue=64)
 
 

@@ -55,7 +55,7 @@ def test_64_concurrent_clients_get_generates_answers_in_flat_memory(server, clie
 def test_beyond_the_queue_is_429(tiny_model_dir):
     import openai
     from conftest import ServerThread
-    srv = ServerThread(tiny_model_dir, max_queue=2, max_slots=1)
+    srv = ServerThread(tiny_model_dir, warmup=False, max_queue=2, max_slots=1)
     try:
         client = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=60)
 
