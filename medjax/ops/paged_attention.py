@@ -13,9 +13,10 @@ Queries attend causally by position (default: the last T positions of each seque
 * ``"xla"``: blocks of ``pages_per_block`` pages are gathered and folded into an online softmax
   by a ``while`` loop whose trip count is the batch's longest sequence, so the work follows the
   tokens actually cached, not the page table's width, and no length recompiles.
-* ``"pallas"``: the kernel of ``medjax.ops.pallas.paged_attention`` (Triton on GPU, Mosaic on
-  TPU, interpret mode for tests): the page table is scalar-prefetched and picks each key block.
-* ``"auto"``: by the platform compiled for (``medjax.ops.target``): CPU -> "xla", else "pallas".
+* ``"pallas"``: the kernel of ``medjax.ops.pallas.paged_attention`` (Mosaic on TPU, interpret
+  mode for tests): the page table is scalar-prefetched and picks each key block.
+* ``"auto"``: by the platform compiled for (``medjax.ops.target``): TPU -> "pallas", else "xla"
+  (Pallas' Triton backend has no scalar prefetch; a GPU kernel is not written yet).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def resolve_implementation(implementation: str, platform: str) -> str:
                          f"choose one of {_IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    return "xla" if platform == "cpu" else "pallas"
+    return "pallas" if platform == "tpu" else "xla"
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lengths, *, q_positions=None,

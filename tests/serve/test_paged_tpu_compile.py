@@ -2,7 +2,8 @@
 
 Llama-3-8B's attention shapes (Hq/Hkv = 32/8, D = 128, bf16), 16 sequences over a pool of 2048
 pages of 16 tokens, page tables 256 pages wide (4k tokens): it must compile for v5e with the
-Mosaic kernel in the HLO (not an XLA fallback) within the chip's scoped VMEM. Runs in
+Mosaic kernel in the HLO (``ops.paged_attention``'s "auto" picked it, not the XLA path) within
+the chip's scoped VMEM. Runs in
 ``.venv-tpu`` (libtpu lives only there) with the compile-only environment.
 """
 import json
@@ -20,12 +21,12 @@ SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp
 from medjax.ops.pallas import tpu_compile
-from medjax.ops.pallas.paged_attention import paged_decode_attention
+from medjax.ops.paged_attention import paged_attention
 B, Hq, Hkv, D, N, page, P = 16, 32, 8, 128, 2048, 16, 256
 S = jax.ShapeDtypeStruct
 args = [S((B, 1, Hq, D), jnp.bfloat16), S((N, Hkv, page, D), jnp.bfloat16),
         S((N, Hkv, page, D), jnp.bfloat16), S((B, P), jnp.int32), S((B,), jnp.int32)]
-fn = lambda q, k, v, t, n: paged_decode_attention(q, k, v, t, n, backend="mosaic_tpu")
+fn = lambda q, k, v, t, n: paged_attention(q, k, v, t, n)      # "auto": the TPU branch
 json.dump(tpu_compile.compile_for_tpu(fn, args, sys.argv[2]), open(sys.argv[1], "w"))
 """
 

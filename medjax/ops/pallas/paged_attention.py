@@ -11,7 +11,7 @@ no DMA is issued for them, and the kernel skips them.
 Backends: "mosaic_tpu" (compiled for TPU; checked compile-only with libtpu) and
 "mosaic_interpret"/"interpret" (the same program in interpret mode on CPU, for tests). Pallas'
 Triton backend has no scalar prefetch: a GPU kernel (a loop over the table inside the program)
-is not written yet, so ``backend="triton"`` takes ``ops.paged_attention_xla`` (docs/SERVE.md).
+is not written yet, so on GPU ``ops.paged_attention`` takes its XLA path (docs/SERVE.md).
 Forward only: decoding needs no gradient.
 """
 from __future__ import annotations
@@ -36,10 +36,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *, q_pos
     """``ops.paged_attention``'s contract with the Pallas kernel (see module docstring)."""
     backend = backend or blocks.default_backend()
     if backend == "triton":
-        from medjax.ops.paged_attention import paged_attention_xla
-        return paged_attention_xla(q, k_pages, v_pages, page_table, kv_lengths,
-                                   q_positions=q_positions, sliding_window=sliding_window,
-                                   scale=scale)
+        raise NotImplementedError("no Triton paged kernel yet: ops.paged_attention takes the XLA "
+                                  "path on GPU")
     if backend == "interpret":
         backend = "mosaic_interpret"
     B, T, Hq, D = q.shape
