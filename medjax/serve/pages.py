@@ -2,10 +2,10 @@
 
 Every layer holds ``k/v [num_pages, Hkv, page_size, D]``; sequence ``b`` of a batch owns the
 pages ``page_table[b]`` in order (position ``p`` lives in page ``page_table[b, p // page_size]``
-at slot ``p % page_size``; the layout of ``ops.paged_attention``). The pool is allocated once, sized from a memory budget, so the
-server's KV memory is known before the first request. Unused entries of a page table hold
-``num_pages`` (one past the pool): writes there are dropped, and reads never reach them
-(``kv_lengths`` bounds them).
+at slot ``p % page_size``; the layout of ``ops.paged_attention``). The pool is allocated once,
+sized from a memory budget, so the server's KV memory is known before the first request. Unused
+entries of a page table hold ``num_pages`` (one past the pool): writes there are dropped, and
+reads never reach them (``kv_lengths`` bounds them).
 
 ``PagedKVCache`` is what ``Decoder.forward(cache=...)`` takes instead of the dense ``KVCache``
 (same ``layer(i)`` / ``update(i, view)`` protocol); its layer view ``PagedLayer.attend`` writes

@@ -44,7 +44,8 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """``DrainingServer`` on a thread (uvicorn installs no signal handlers off the main thread): ``url``, ``engine``, ``stop()``."""
+    """``DrainingServer`` on a thread (uvicorn installs no signal handlers off the main thread):
+    ``url``, ``engine``, ``stop()``."""
 
     def __init__(self, model_dir, name="tiny", warmup=True, **engine_kw):
         import uvicorn
