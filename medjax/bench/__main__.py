@@ -39,6 +39,9 @@ BENCHMARKS = {
     "moe": ("forward+backward time of one Mixtral MoE layer: grouped matmul, ragged_dot, the whole "
             "layer and transformers' block, vs dense matmuls of the same active work",
             "~6.5 min"),
+    "serve": ("python -m medjax.serve vs transformers' continuous batching on SmolLM2-135M under the same "
+              "client load: output tokens/s, p50/p99 time to first token and per token at 1, 8, 32 "
+              "clients", "~5.5 min with --requests 1 --max-tokens 16 (docs/SERVE.md); the defaults, four times the tokens, were not timed"),
     "train": ("tokens/s, MFU and peak memory of a LoRA step and a full step vs transformers + PEFT "
               "on SmolLM2-135M", "~16.5 min (990 s): each side in its own process"),
     "train_profile": ("where the train step's time goes: per-op shares from jax.profiler (medjax) and "

@@ -45,23 +45,54 @@ class SamplingParams:
 MED42_SAMPLING = SamplingParams(temperature=0.4, top_k=150, top_p=0.75)
 
 
+def top_k_filter(logits_BV, k):
+    """Logits below each row's k-th largest set to -inf; ``k`` an int or ``[B, 1]`` (0 = off)."""
+    V = logits_BV.shape[-1]
+    if isinstance(k, int):
+        kth_B1 = jax.lax.top_k(logits_BV, min(k, V))[0][:, -1:]
+    else:
+        sorted_BV = -jnp.sort(-logits_BV, axis=-1)                      # descending
+        kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(k - 1, 0, V - 1), axis=-1)
+        kth_B1 = jnp.where(k > 0, kth_B1, -jnp.inf)
+    return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV, p):
+    """Drop the low tail whose total probability is <= 1 - p (always keep the top token);
+    ``p`` a float or ``[B, 1]`` (1 = off)."""
+    sorted_BV = jnp.sort(logits_BV, axis=-1)                           # ascending
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    cut_BV = cum_BV <= 1.0 - p
+    cut_BV = cut_BV.at[:, -1].set(False)
+    threshold_B1 = jnp.max(jnp.where(cut_BV, sorted_BV, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV <= threshold_B1, -jnp.inf, logits_BV)
+
+
 def sample_logits(logits_BV, key, params: SamplingParams):
     """Next token ids ``[B]`` from fp32 logits."""
     if params.temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV / params.temperature
     if params.top_k > 0:
-        kth_B1 = jax.lax.top_k(logits_BV, min(params.top_k, logits_BV.shape[-1]))[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+        logits_BV = top_k_filter(logits_BV, params.top_k)
     if params.top_p < 1.0:
-        # Drop the low tail whose total probability is <= 1 - top_p (always keep the top token).
-        sorted_BV = jnp.sort(logits_BV, axis=-1)                       # ascending
-        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-        cut_BV = cum_BV <= 1.0 - params.top_p
-        cut_BV = cut_BV.at[:, -1].set(False)
-        threshold_B1 = jnp.max(jnp.where(cut_BV, sorted_BV, -jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV <= threshold_B1, -jnp.inf, logits_BV)
+        logits_BV = top_p_filter(logits_BV, params.top_p)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+    """Next token ids ``[B]`` with each row's own sampling parameters and PRNG key (the serving
+    engine's batch mixes requests); rows with temperature 0 are greedy. Same filters and order
+    as :func:`sample_logits`."""
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        t_B1 = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        filtered = top_k_filter(logits_BV / t_B1, top_k_B[:, None])
+        filtered = top_p_filter(filtered, top_p_B[:, None])
+        drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys_B, filtered)
+        return jnp.where(temperature_B > 0, drawn.astype(jnp.int32), greedy_B)
+    return jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda: greedy_B)
 
 
 def _prefill(graphdef, params, state, ids_BP, lengths_B, cache, key):

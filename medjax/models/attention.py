@@ -26,7 +26,8 @@ class Attention(nnx.Module):
         """Returns ``(out_BTH, (k_cache, v_cache) | None)``.
 
         With ``kv_cache=(k_BSKD, v_BSKD)`` the new keys/values are written at slot == position and
-        the queries attend causally (by position) over the whole cache.
+        the queries attend causally (by position) over the whole cache. A cache view with an
+        ``attend(q, k, v, positions, **mask) -> (out, new_view)`` method stores and attends itself.
         """
         B, T, _ = x_BTH.shape
         q_BTHD = self.q_proj(x_BTH).reshape(B, T, self.num_heads, self.head_dim)
@@ -42,6 +43,9 @@ class Attention(nnx.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+            if hasattr(kv_cache, "attend"):        # another layout (serving's paged pool)
+                out_BTHD, new_cache = kv_cache.attend(q_BTHD, k_BTKD, v_BTKD, positions_BT, **kw)
+                return self.o_proj(out_BTHD.reshape(B, T, self.num_heads * self.head_dim)), new_cache
             k_cache, v_cache = kv_cache
             b_idx = jnp.arange(B)[:, None]
             k_cache = k_cache.at[b_idx, positions_BT].set(k_BTKD.astype(k_cache.dtype), mode="drop")

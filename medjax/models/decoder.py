@@ -28,9 +28,19 @@ REMAT_POLICIES = {
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values ``[L, B, S, Hkv, D]``; a token's slot is its position."""
+    """Per-layer keys/values ``[L, B, S, Hkv, D]``; a token's slot is its position.
+
+    ``forward`` reads layer ``i``'s cache with ``layer(i)`` and stores what the layer returns
+    with ``update(i, kv)``; another cache layout (serving's paged pool, ``medjax.serve.pages``)
+    provides the same two methods, its layer view an ``attend`` method (models/attention.py)."""
     k: jax.Array
     v: jax.Array
+
+    def layer(self, i: int):
+        return self.k[i], self.v[i]
+
+    def update(self, i: int, kv) -> "KVCache":
+        return KVCache(k=self.k.at[i].set(kv[0]), v=self.v.at[i].set(kv[1]))
 
 
 class DecoderOutput(NamedTuple):
@@ -155,20 +165,15 @@ class Decoder(nnx.Module):
             return self._finish(*self._scan(h_BTH, positions, inv_freq, segment_ids, cache),
                                 logits_at)
         router_stats = 0.0
-        new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
             if self.remat != "none" and cache is None:
                 h_BTH, stats = remat_layer(layer, self.remat, h_BTH, positions, inv_freq, segment_ids)
-                kv = None
             else:
+                kv = None if cache is None else cache.layer(i)
                 h_BTH, kv, stats = layer(h_BTH, positions, inv_freq, segment_ids, kv)
+                cache = None if cache is None else cache.update(i, kv)
             router_stats = router_stats + stats
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = None if cache is None else KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
-        return self._finish(h_BTH, new_cache, router_stats, logits_at)
+        return self._finish(h_BTH, cache, router_stats, logits_at)
 
     def _scan(self, h_BTH, positions, inv_freq, segment_ids, cache):
         policy = None if self.remat == "none" else remat_policy(self.remat)

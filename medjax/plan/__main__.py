@@ -2,6 +2,7 @@
 
     python -m medjax.plan --config FILE [key=value ...] [--device h100|h200|a100|v5p|v5e|v4|v6e[-N]]
                           [--device-memory 80GB] [--num-devices N] [--compile]
+    python -m medjax.plan --serve
 
 ``--compile`` asks the real TPU / GPU compiler instead (medjax/plan/compile.py). What is counted:
 medjax/plan/accounting.py; ``--device-memory`` accepts GB (1e9) or GiB.
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-devices", type=int, help="devices in the mesh (default: from --device "
                                                     "slice size, else the devices the config's mesh "
                                                     "asks for: the product of its fixed axis sizes)")
+    ap.add_argument("--serve", action="store_true",
+                    help="print the KV pages python -m medjax.serve fits beside Llama-3-8B on one "
+                         "H100 and on one v5e chip (no config needed)")
     ap.add_argument("--compile", action="store_true",
                     help="also compile the real train step for --device (compile-only TPU/GPU, "
                          "needs the tpu/cuda extra; see medjax/plan/compile.py)")
@@ -40,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.serve:      # the serving planner's lines (medjax/serve/plan.py)
+        from medjax.plan.report import HEADROOM
+        from medjax.serve.plan import kv_pages_report
+        print(kv_pages_report({d: parse_device(d)[1] for d in ("h100", "v5e")}, HEADROOM))
+        return 0
     if args.compile:
         return _compile(args)
     cfg = load_config(args.config, args.overrides)                 # ConfigError: one line, exit 2
