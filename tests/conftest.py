@@ -1,7 +1,20 @@
+"""The pytest session runs on 8 forced CPU devices, so multi-device checks run in-process.
+
+``jax_num_cpu_devices`` must be set before jax creates its CPU backend, so it is set here, at
+import. A test sees all 8 devices only when marked ``multidevice``; every other test gets a
+1-device ``medjax.sharding.make_mesh`` (the ``mesh_devices`` fixture), so that the meaning and the
+cost of the single-device tests do not change. Subprocesses are left for what needs them: several
+processes, kills, signals, and the libtpu / CUDA venvs.
+"""
+import contextlib
 import sys
 from pathlib import Path
 
+import jax
 import pytest
+
+SESSION_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", SESSION_DEVICES)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -14,6 +27,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+class MeshDevices:
+    """How many of the session's devices ``make_mesh`` lays out when not given devices."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    @contextlib.contextmanager
+    def use(self, count: int):
+        before, self.count = self.count, count
+        try:
+            yield jax.devices()[:count]
+        finally:
+            self.count = before
+
+
+@pytest.fixture(autouse=True)
+def mesh_devices(request, monkeypatch):
+    """``make_mesh`` over 1 device, or all 8 for tests marked ``multidevice``."""
+    from medjax import sharding
+    devices = MeshDevices(SESSION_DEVICES if request.node.get_closest_marker("multidevice") else 1)
+    make_mesh = sharding.make_mesh
+
+    def on_session_devices(mesh_cfg, devices_=None):
+        return make_mesh(mesh_cfg, jax.devices()[:devices.count] if devices_ is None else devices_)
+    monkeypatch.setattr(sharding, "make_mesh", on_session_devices)
+    return devices
 
 
 @pytest.fixture(scope="session")

@@ -90,38 +90,17 @@ def test_plan_buckets_covers_everything_and_trades_padding_for_shapes():
             assert len(plan) > 10
 
 
-_SHARDED_SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-sys.path.insert(0, "tests/eval")
-from test_scorer import random_items
-from medjax.eval.scorer import Scorer
-from medjax.models import get_preset, init_decoder
-assert jax.device_count() == 4
-model = init_decoder(get_preset("tiny-llama3"), seed=1)
-items = random_items(max_cont=int(sys.argv[1]))
-Scorer(model, tokens_per_batch=192, pack_length=30).score(items)
-print(json.dumps([[r.loglikelihood, r.is_greedy] for it in items for r in it.requests]))
-"""
-
-
+@pytest.mark.multidevice
 @pytest.mark.parametrize("max_cont", [1, 5])
-def test_scorer_on_four_devices_equals_one(max_cont):
+def test_scorer_on_four_devices_equals_one(max_cont, mesh_devices):
     """Batches split over 4 (simulated) devices: packed, bucketed and KV-cache paths."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(max_cont)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
-    items = random_items(max_cont)
-    Scorer(init_decoder(get_preset("tiny-llama3"), seed=1), tokens_per_batch=192, pack_length=30).score(items)
-    single = [[r.loglikelihood, r.is_greedy] for it in items for r in it.requests]
+    def scores(devices):
+        items = random_items(max_cont)
+        with mesh_devices.use(devices):
+            Scorer(init_decoder(get_preset("tiny-llama3"), seed=1), tokens_per_batch=192,
+                   pack_length=30).score(items)
+        return [[r.loglikelihood, r.is_greedy] for it in items for r in it.requests]
+    sharded, single = scores(4), scores(1)
     assert len(sharded) == len(single)
     for (ll_4, greedy_4), (ll_1, greedy_1) in zip(sharded, single):
         assert abs(ll_4 - ll_1) < 1e-4 and greedy_4 == greedy_1

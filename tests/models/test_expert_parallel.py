@@ -6,7 +6,7 @@ that does not divide the experts is one ``error:`` line.
 
 The layer-level checks (forward and every gradient for full fine-tuning, LoRA on experts and
 router, QLoRA nf4 + double quant and int8, remat; both transports; the planner's all-to-all bytes
-against the compiled HLO) are tests/distributed/expert_parallel_checks.py, run below as ``slow``.
+against the compiled HLO) are tests/distributed/test_expert_parallel_layers.py (in-process, 8 devices).
 """
 import json
 import math
@@ -119,15 +119,3 @@ def test_expert_axis_not_dividing_the_experts_is_one_error_line(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     errors = [ln for ln in lines if "error:" in ln]
     assert len(errors) == 1 and "num_experts=4" in errors[0] and "mesh.expert=8" in errors[0], errors
-
-
-@pytest.mark.slow
-def test_layer_checks_on_eight_devices():
-    """tests/distributed/expert_parallel_checks.py in a subprocess with 8 CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/distributed/expert_parallel_checks.py"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "failed" not in proc.stdout and "passed" in proc.stdout, proc.stdout[-2000:]

@@ -38,7 +38,7 @@ def test_grad_accum_4x2_equals_batch_8():
 
 def test_micro_batches_are_strided_and_keep_dpo_pairs_together():
     """Micro-batch i = rows i, i+A, ...: each device's contiguous block of the batch gives every
-    micro-batch the same share (tests/distributed/accum_split_checks.py checks the compiled
+    micro-batch the same share (tests/distributed/test_accum_split.py checks the compiled
     step); a DPO pair (row r of chosen_* and of rejected_*) lands at one index of one micro-batch."""
     B, A = 12, 3
     rows = np.arange(B)[:, None] * np.ones((1, 5), np.int32)

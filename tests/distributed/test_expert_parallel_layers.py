@@ -3,32 +3,29 @@
 plain experts, LoRA on experts and router, QLoRA (nf4 + double quant, int8) and remat; and the
 compiled step's collectives.
 
-Not collected by the default pytest run (the flag must be set before jax is imported):
-tests/models/test_expert_parallel.py runs this module in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+In-process on the session's 8 forced CPU devices (tests/conftest.py, marker ``multidevice``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from types import SimpleNamespace
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from medjax import sharding
+from medjax.config import MeshSection
+from medjax.models import get_preset, init_decoder, moe_dispatch
+from medjax.train.step import on_mesh
+from tests.distributed import common, hlo_groups
 
-from medjax import sharding  # noqa: E402
-from medjax.config import MeshSection  # noqa: E402
-from medjax.models import get_preset, init_decoder, moe_dispatch  # noqa: E402
-from medjax.train.step import on_mesh  # noqa: E402
-from tests.distributed import common, hlo_groups  # noqa: E402
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
 
 MESH = dict(fsdp=2, expert=4)
 EXPERT_AXIS = sharding.MESH_AXES.index("expert")
@@ -78,7 +75,7 @@ def _tokens(vocab):
 
 
 def test_eight_devices():
-    assert jax.device_count() == 8, "XLA_FLAGS was not applied before importing jax"
+    assert jax.device_count() == 8, "tests/conftest.py gives the session 8 CPU devices"
 
 
 def _assert_equals_one_device(model, wrt):

@@ -10,25 +10,22 @@
   batches, SFT and DPO, full and LoRA (dropout off: masks are drawn per micro-batch, so with
   dropout on the two runs draw different masks).
 
-Not collected by the default pytest run (the flag must be set before jax is imported):
-tests/train/test_accum_split.py runs this module in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the ``slow`` checks in a second one).
+In-process on the session's 8 forced CPU devices (tests/conftest.py, marker ``multidevice``).
 """
 from __future__ import annotations
 
 import collections
-import os
 import re
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import numpy as np
+import pytest
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+from medjax import sharding
+from medjax.train import step as S
 
-from medjax import sharding  # noqa: E402
-from medjax.train import step as S  # noqa: E402
+pytestmark = pytest.mark.multidevice
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 24        # no dimension of a tiny preset is 24: a collective of a shape with 24 carries batch rows
@@ -71,7 +68,7 @@ def _compiled_text(cfg) -> str:
 
 
 def test_eight_devices():
-    assert jax.device_count() == 8, "XLA_FLAGS was not applied before importing jax"
+    assert jax.device_count() == 8, "tests/conftest.py gives the session 8 CPU devices"
 
 
 @pytest.mark.slow

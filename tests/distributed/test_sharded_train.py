@@ -1,25 +1,22 @@
 """8 simulated CPU devices: tiny Llama / Mixtral train 5 steps under every mesh preset.
 
-Not collected by the default pytest run (the flag must be set before jax is imported):
-tests/test_sharding.py runs this module in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+In-process on the session's 8 forced CPU devices (tests/conftest.py, marker ``multidevice``).
 """
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from medjax import sharding
+from medjax.config import MeshSection
+from medjax.models import get_preset
+from tests.distributed import common
 
-from medjax import sharding  # noqa: E402
-from medjax.config import MeshSection  # noqa: E402
-from medjax.models import get_preset  # noqa: E402
-from tests.distributed import common  # noqa: E402
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
 
 STEPS, BATCH = 5, 8
 MESHES = {  # preset -> explicit axis sizes on 8 devices
@@ -94,7 +91,7 @@ def reference_losses():
 
 
 def test_eight_devices():
-    assert jax.device_count() == 8, "XLA_FLAGS was not applied before importing jax"
+    assert jax.device_count() == 8, "tests/conftest.py gives the session 8 CPU devices"
 
 
 def _train(step, state, frozen, model_name, mesh):
