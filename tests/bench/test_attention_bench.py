@@ -1,7 +1,7 @@
 """``python -m medjax.bench``: dispatcher and a CPU smoke run of the attention benchmark."""
 import json
 
-from medjax import bench
+from medjax.bench import __main__ as bench
 from medjax.cli_errors import run_cli
 from medjax.bench import attention as attention_bench
 

@@ -1,7 +1,7 @@
 """``python -m medjax.bench decontaminate`` on a tiny corpus: both scanners find the planted rows."""
 import json
 
-from medjax import bench
+from medjax.bench import __main__ as bench
 
 
 def test_decontaminate_bench_tiny(tmp_path, capsys):

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from medjax import bench
+from medjax.bench import __main__ as bench
 from medjax.bench import fullsize
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from medjax import bench
+from medjax.bench import __main__ as bench
 from medjax.bench import train
 
 
