@@ -23,7 +23,7 @@ def test_load_config_shrinks_a_recipe_to_its_family_tiny_run():
 
 
 def test_plan_takes_model_tiny(capsys):
-    from medjax.plan import main
+    from medjax.plan.__main__ import main
     assert main(["--config", MELT_MIXTRAL, "model=tiny", "--device", "h100"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("medjax.plan: tiny-mixtral, LoRA r=8 · mesh dp"), out
