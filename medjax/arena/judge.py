@@ -58,6 +58,7 @@ class Judge:
         from flax import nnx
 
         from medjax.eval.scorer import score_batch
+        from medjax.ops.target import compiler_options
 
         self.tokenizer, self.batch_size, self.chat_template = tokenizer, batch_size, chat_template
         self.max_length = model.config.max_position_embeddings
@@ -66,7 +67,8 @@ class Judge:
             raise CheckpointError(f"judge tokenizer: the verdict labels {VERDICTS} do not encode to "
                              f"distinct token sequences ({self.verdict_ids})")
         graphdef, self.state = nnx.split(model)
-        self._score = jax.jit(partial(score_batch, graphdef))
+        self._score = jax.jit(partial(score_batch, graphdef),
+                              compiler_options=compiler_options(self.state))
 
     def prompt_ids(self, text: str) -> list[int]:
         chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],

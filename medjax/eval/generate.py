@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from medjax.errors import ConfigError
+from medjax.ops.target import compiler_options
 from medjax.eval.scorer import bucket
 
 
@@ -116,8 +117,10 @@ class Generator:
         self.model = model
         graphdef, self.state = nnx.split(model)
         self.params = params
-        self._prefill = jax.jit(partial(_prefill, graphdef, params))
-        self._step = jax.jit(partial(_decode_step, graphdef, params), donate_argnums=(3,))
+        options = compiler_options(self.state)
+        self._prefill = jax.jit(partial(_prefill, graphdef, params), compiler_options=options)
+        self._step = jax.jit(partial(_decode_step, graphdef, params), donate_argnums=(3,),
+                             compiler_options=options)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                  stop_ids: Sequence[int] = (), seed: int = 0, pad_id: int = 0,

@@ -36,6 +36,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from medjax.eval.requests import Item, Request
+from medjax.ops.target import compiler_options
 
 LENGTH_BUCKETS = (32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1280,
                   1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192, 12288, 16384, 32768, 65536, 131072)
@@ -189,8 +190,11 @@ class Scorer:
         self.state = jax.tree.map(lambda x: x if _on(mesh, x) else place_array(x, replicated), state)
         self.batch_sharding = batch_sharding(mesh)
         # The graphdef is static; it is bound here (not hashed) because model configs hold dicts.
-        self._score_fn = jax.jit(partial(score_batch, graphdef), out_shardings=replicated)
-        self._packed_fn = jax.jit(partial(score_packed, graphdef), out_shardings=replicated)
+        options = compiler_options(mesh)
+        self._score_fn = jax.jit(partial(score_batch, graphdef), out_shardings=replicated,
+                                 compiler_options=options)
+        self._packed_fn = jax.jit(partial(score_packed, graphdef), out_shardings=replicated,
+                                  compiler_options=options)
         self.pack_length = pack_length
         self.tokens_per_batch = tokens_per_batch
         self.pad_id = pad_id

@@ -83,6 +83,29 @@ def host_platform() -> str:
     return backend
 
 
+# XLA:CPU has no bf16 dot: it converts each bf16 operand to f32, and its while-loop-invariant
+# code motion hoists that convert of a scanned layer stack out of the loop, so a step over bf16
+# weights holds an f32 copy of every layer (2x the weights: 25 GiB for Llama-2-7B). Without the
+# pass each layer is converted inside the loop, one at a time (tests/ops/test_compiler_options.py).
+_OPTIONS = {"cpu": {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}}
+
+
+def compiler_options(where) -> dict | None:
+    """The XLA options for ``jax.jit(..., compiler_options=)`` of a model's computation, for the
+    platform of ``where``: a ``Mesh``, a device, or a pytree of arrays (their first leaf's
+    devices). ``None`` (XLA's defaults) on GPU/TPU and for an abstract mesh."""
+    if isinstance(where, jax.sharding.Mesh):
+        device = where.devices.flat[0]
+    elif isinstance(where, jax.Device):
+        device = where
+    else:
+        leaf = next((x for x in jax.tree.leaves(where) if isinstance(x, jax.Array)), None)
+        if leaf is None:
+            return None
+        device = next(iter(leaf.devices()))
+    return _OPTIONS.get(device.platform)
+
+
 def on_target(branch: Callable[[str], object]):
     """``branch(platform)`` staged for every compilable platform; the compiler's target picks.
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from medjax.errors import ConfigError
+from medjax.ops.target import compiler_options
 from medjax.eval.generate import sample_rows
 from medjax.serve.pages import PageAllocator, PagedKVCache, init_pools, pages_in_budget
 
@@ -141,8 +142,11 @@ class Engine:
         self.prefill_rows = powers_of_two(min(config.max_prefill_batch, config.max_slots))
         self.prefill_lengths = powers_of_two(self.max_context, config.min_prefill_bucket)
         graphdef, self.state = nnx.split(model)
-        self._prefill = jax.jit(partial(_prefill, graphdef), donate_argnums=(1, 2))
-        self._decode = jax.jit(partial(_decode, graphdef), donate_argnums=(1, 2))
+        options = compiler_options(self.state)
+        self._prefill = jax.jit(partial(_prefill, graphdef), donate_argnums=(1, 2),
+                                compiler_options=options)
+        self._decode = jax.jit(partial(_decode, graphdef), donate_argnums=(1, 2),
+                               compiler_options=options)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._cv = threading.Condition()

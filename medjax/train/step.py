@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from medjax.ops.target import compiler_options
+
 from medjax.train.objectives import LM_KEYS as BATCH_KEYS  # noqa: F401  (the causal LM's batch)
 
 
@@ -166,7 +168,8 @@ def jit_train_step(state, frozen, reference, *, mesh, rules, graphdef, tx, sched
     fn = on_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                                          objective=objective, grad_accum=grad_accum), rules)
     step_fn = jax.jit(fn, in_shardings=(*shardings, batch_sh),
-                      out_shardings=(shardings[0], _replicated(mesh)), donate_argnums=(0,))
+                      out_shardings=(shardings[0], _replicated(mesh)), donate_argnums=(0,),
+                      compiler_options=compiler_options(mesh))
     return step_fn, shardings
 
 
@@ -177,4 +180,4 @@ def jit_eval_stats(params_sh, rngs_sh, frozen_sh, reference_sh, *, mesh, graphde
     batch_sh = {k: batch_sharding(mesh) for k in objective.batch_keys}
     return jax.jit(on_mesh(mesh, functools.partial(objective.eval_stats, graphdef=graphdef)),
                    in_shardings=(params_sh, rngs_sh, frozen_sh, reference_sh, batch_sh),
-                   out_shardings=_replicated(mesh))
+                   out_shardings=_replicated(mesh), compiler_options=compiler_options(mesh))
