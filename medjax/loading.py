@@ -87,7 +87,7 @@ def load(path, dtype=None, *, step: int | None = None, mesh_overrides=(), merge_
     if not merge_adapters:
         return run.model, run.tokenizer
     from medjax.train.setup import plain_model
-    return plain_model(run.model), run.tokenizer
+    return plain_model(run.model, keep=False), run.tokenizer
 
 
 def jnp_name(dtype) -> str:

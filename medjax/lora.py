@@ -25,6 +25,7 @@ takes them out again; ``merged_model`` returns a plain, wrapper-free copy for ex
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 
 import jax
@@ -197,14 +198,27 @@ def _adapters(wrapper):
     return [(name, getattr(wrapper, name)) for name in wrapper.projections]
 
 
+@functools.partial(jax.jit, static_argnames="scale")
+def _folded(w, a, b, scale):
+    """``w + scale * a @ b`` (fp32 sum, ``w``'s dtype kept) one ``[in, out]`` matrix at a time
+    over any leading layer / expert dims: at 7B, a whole stack's fp32 temporaries would be 11 GiB."""
+    def one(wab):
+        w, a, b = wab
+        return (w.astype(jnp.float32) + scale * jnp.dot(a, b)).astype(w.dtype)
+    if w.ndim == 2:
+        return one((w, a, b))
+    matrices = lambda x: x.reshape(-1, *x.shape[-2:])
+    return jax.lax.map(one, (matrices(w), matrices(a), matrices(b))).reshape(w.shape)
+
+
 def _fold(model, sign: float, merged_flag: bool):
     for _, wrapper in lora_modules(model):
         if wrapper.merged == merged_flag:
             continue
         for weight_name, adapter in _adapters(wrapper):
             var = getattr(wrapper.base, weight_name)
-            w = var[...]
-            var[...] = (w.astype(jnp.float32) + sign * adapter.delta_weight()).astype(w.dtype)
+            var[...] = _folded(var[...], adapter.lora_a[...], adapter.lora_b[...],
+                               sign * adapter.scale)
         wrapper.merged = merged_flag
     return model
 

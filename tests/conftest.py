@@ -44,17 +44,29 @@ class MeshDevices:
             self.count = before
 
 
-@pytest.fixture(autouse=True)
-def mesh_devices(request, monkeypatch):
-    """``make_mesh`` over 1 device, or all 8 for tests marked ``multidevice``."""
+_MESH_DEVICES = MeshDevices(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_device_make_mesh():
+    """Patched for the whole session, so module- and session-scoped fixtures (which pytest sets
+    up before any function-scoped one) also get the 1-device mesh."""
     from medjax import sharding
-    devices = MeshDevices(SESSION_DEVICES if request.node.get_closest_marker("multidevice") else 1)
     make_mesh = sharding.make_mesh
 
-    def on_session_devices(mesh_cfg, devices_=None):
-        return make_mesh(mesh_cfg, jax.devices()[:devices.count] if devices_ is None else devices_)
-    monkeypatch.setattr(sharding, "make_mesh", on_session_devices)
-    return devices
+    def on_session_devices(mesh_cfg, devices=None):
+        return make_mesh(mesh_cfg, jax.devices()[:_MESH_DEVICES.count] if devices is None else devices)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sharding, "make_mesh", on_session_devices)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def mesh_devices(request):
+    """``make_mesh`` over 1 device, or all 8 for tests marked ``multidevice``."""
+    count = SESSION_DEVICES if request.node.get_closest_marker("multidevice") else 1
+    with _MESH_DEVICES.use(count):
+        yield _MESH_DEVICES
 
 
 @pytest.fixture(scope="session")

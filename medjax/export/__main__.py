@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         from medjax.hf.export import save_hf
         from medjax.hf.gguf_export import save_gguf
         from medjax.train.setup import plain_model
-        plain = plain_model(model)        # QLoRA: adapters merged onto the dequantized trained-on base
+        plain = plain_model(model, keep=False)    # QLoRA: adapters merged onto the dequantized base
         if args.gguf:
             out = save_gguf(plain, args.out, tokenizer=tokenizer, type=args.gguf)
         else:

@@ -165,8 +165,11 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x):
         return quantized_matmul(self.weight.spec, x.astype(self.dtype), self.weight.arrays())
 
-    def to_float(self, param_dtype=jnp.float32):
+    def to_float(self, param_dtype=None):
+        """A plain ``Linear`` holding the dequantized weight, in ``param_dtype`` (default: the
+        compute dtype, i.e. exactly the weight the quantized forward multiplied by)."""
         from medjax.models.layers import Linear
+        param_dtype = param_dtype or self.dtype
         lin = nnx.eval_shape(lambda: Linear(self.in_features, self.out_features,
                                             logical_axes=self.weight.logical_axes,
                                             rngs=nnx.Rngs(0), dtype=self.dtype,
@@ -195,9 +198,11 @@ class QuantizedExperts(nnx.Module):
             self.project("up_proj", x_NH, group_sizes_E)
         return self.project("down_proj", h, group_sizes_E)
 
-    def to_float(self, param_dtype=jnp.float32):
-        """A plain ``Experts`` module holding the dequantized weights."""
+    def to_float(self, param_dtype=None):
+        """A plain ``Experts`` module holding the dequantized weights (``param_dtype`` as for
+        ``QuantizedLinear.to_float``)."""
         from types import SimpleNamespace
+        param_dtype = param_dtype or self.dtype
 
         from medjax.models.moe import Experts
         E, H, I = self.gate_proj.spec.shape

@@ -7,7 +7,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -59,8 +58,9 @@ def quant_report(model, lora_cfg) -> "QuantReport":
     return report
 
 
-def dequantize_model(model, param_dtype=jnp.float32):
-    """Replace every quantized module by a plain one holding its dequantized weights, in place."""
+def dequantize_model(model, param_dtype=None):
+    """Replace every quantized module by a plain one holding its dequantized weights, in place;
+    ``param_dtype`` None: each module's compute dtype, the weights its forward used."""
     for path, module in reversed(list(nnx.iter_modules(model))):
         if isinstance(module, (QuantizedLinear, QuantizedExperts)):
             replace_module(model, tuple(path), module.to_float(param_dtype))

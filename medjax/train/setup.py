@@ -137,16 +137,19 @@ def base_model(cfg, mesh=None):
     return model, tokenizer
 
 
-def plain_model(model):
-    """A wrapper-free fp copy for export / eval: quantized bases dequantized, then adapters merged
-    onto them — the base the adapters were trained against (the in-run and checkpoint exports
-    are the same function of the same arrays)."""
+def plain_model(model, *, keep: bool = True):
+    """A wrapper-free model for export / eval: quantized bases dequantized (to the compute dtype,
+    the weights the forward used), then adapters merged onto them — the base the adapters were
+    trained against (the in-run and checkpoint exports are the same function of the same arrays).
+
+    ``keep=False`` consumes ``model`` (merged in place): each adapted weight's old array is freed
+    as its merged one is made, so the host holds one copy of the weights, not two (7B export)."""
     from medjax.lora import lora_modules, merge_lora, strip_lora
     from medjax.quant import dequantize_model
     if not lora_modules(model):
         return model
-    # one float copy: merged in place on the dequantized clone (``merged_model`` would clone it again)
-    return strip_lora(merge_lora(dequantize_model(nnx.clone(model))))
+    # the clone shares the arrays; the merge makes new ones (``merged_model`` would clone again)
+    return strip_lora(merge_lora(dequantize_model(nnx.clone(model) if keep else model)))
 
 
 @dataclasses.dataclass
