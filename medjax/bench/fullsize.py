@@ -95,9 +95,18 @@ def rel_err(a, b) -> float:
 
 
 def _medjax_logits(model, ids):
+    """One jitted forward, compiled with medjax's options for the platform (on CPU: one layer of
+    a scanned bf16 stack converted to f32 at a time, not the whole stack)."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
-    return np.asarray(model(jnp.asarray([ids], jnp.int32)).astype(jnp.float32))[0]
+    from flax import nnx
+
+    from medjax.ops.target import compiler_options
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).astype(jnp.float32),
+                      compiler_options=compiler_options(state))
+    return np.asarray(forward(state, jnp.asarray([ids], jnp.int32)))[0]
 
 
 def _phase_logits_medjax(a) -> None:
@@ -142,8 +151,9 @@ def _phase_peft(a) -> None:
 
 def _phase_gguf(a) -> None:
     import numpy as np
+    import jax.numpy as jnp
     from medjax.loading import load
-    model, _ = load(a.model, progress=False)
+    model, _ = load(a.model, dtype=jnp.bfloat16, progress=False)   # bf16, as trained (f32: 2x RAM)
     _check("medjax(q8_0 GGUF) vs medjax", rel_err(_medjax_logits(model, _prompt_ids(a.fixture)),
                                                   np.load(a.reference)), MAX_REL_ERR_Q8)
 
