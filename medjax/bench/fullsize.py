@@ -66,7 +66,7 @@ def train_breakdown(run: Path) -> dict:
     steps = [json.loads(line)["step_time_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"kind": "train"' in line]
     out = {"load_setup_s": round(summary["total_seconds"] - summary["train_seconds"], 1),
-           "first_step_s": round(steps[0], 1)}
+           "first_step_s": round(steps[0], 1), "setup_peak_rss_gib": summary.get("setup_peak_rss_gib")}
     if len(steps) > 1:
         out["step_s"] = round(sum(steps[1:]) / len(steps[1:]), 1)
     return out
@@ -210,6 +210,11 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
             row.update(train_breakdown(run))
             print(f"  {'':14s} load+setup {row['load_setup_s']} s, step 1 (with compile) "
                   f"{row['first_step_s']} s, later steps {row.get('step_s', '-')} s each")
+            checkpoint = sum(f.stat().st_size for f in fixture.glob("*.safetensors")) / 2**30
+            if row.get("setup_peak_rss_gib"):
+                print(f"  {'':14s} peak RSS through load + setup {row['setup_peak_rss_gib']:.2f} GiB "
+                      f"= {row['setup_peak_rss_gib'] / checkpoint:.2f}x the {checkpoint:.2f} GiB "
+                      f"checkpoint (runtime included)")
             row["plan_gib"] = planned_peak_gib(config, overrides)
             if row["plan_gib"]:
                 off = row["peak_rss_gib"] / row["plan_gib"] - 1

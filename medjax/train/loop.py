@@ -177,7 +177,8 @@ class Trainer:
         from medjax.distributed import is_main_process
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
                             show_bar=self.show_bar, writer=is_main_process())
-        summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name}
+        summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name,
+                   "setup_peak_rss_gib": _peak_rss_gib()}     # the load + setup high-water mark
         try:
             if self.start_step == 0:
                 summary["heldout_before"] = before = self.heldout_metrics()
@@ -298,3 +299,9 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux ``ru_maxrss``: KiB)."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
