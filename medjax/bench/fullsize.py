@@ -72,10 +72,12 @@ def train_breakdown(run: Path) -> dict:
     return out
 
 
-def planned_peak_gib(config: str, overrides: list[str]) -> float | None:
-    """``python -m medjax.plan --device cpu``'s max(total, load/init peak) for the run, in GiB."""
+def planned_peak_gib(config: str, overrides: list[str], *, compile: bool = False) -> float | None:
+    """``python -m medjax.plan --device cpu``'s max(total, load/init peak) for the run, in GiB;
+    with ``compile``, ``--compile``'s total (the step compiled for this CPU + the runtime)."""
     out = subprocess.run([sys.executable, "-m", "medjax.plan", "--config", config, *overrides,
-                          "--device", "cpu"], capture_output=True, text=True, cwd=repo_root())
+                          "--device", "cpu", *(["--compile"] if compile else [])],
+                         capture_output=True, text=True, cwd=repo_root())
     values = {k: float(v) for k, v in re.findall(r"^\s*(total|load/init peak)\s+([0-9.]+)", out.stdout, re.M)}
     return max(values.values()) if values else None
 
@@ -215,10 +217,12 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
                 print(f"  {'':14s} peak RSS through load + setup {row['setup_peak_rss_gib']:.2f} GiB "
                       f"= {row['setup_peak_rss_gib'] / checkpoint:.2f}x the {checkpoint:.2f} GiB "
                       f"checkpoint (runtime included)")
-            row["plan_gib"] = planned_peak_gib(config, overrides)
-            if row["plan_gib"]:
-                off = row["peak_rss_gib"] / row["plan_gib"] - 1
-                print(f"  {'':14s} plan --device cpu: {row['plan_gib']:.2f} GiB (measured {off:+.0%})")
+            for key, flag in (("plan_gib", False), ("plan_compiled_gib", True)):
+                row[key] = planned_peak_gib(config, overrides, compile=flag)
+                if row[key]:
+                    off = row["peak_rss_gib"] / row[key] - 1
+                    print(f"  {'':14s} plan --device cpu{' --compile' if flag else ''}: "
+                          f"{row[key]:.2f} GiB (measured {off:+.1%})")
         rows.append(row)
         if row["rc"] != 0:
             break

@@ -17,7 +17,7 @@ GiB = 2 ** 30
 @dataclass(frozen=True)
 class Chip:
     name: str               # the device_kind JAX reports ("NVIDIA H100 80GB HBM3", "TPU v5p")
-    platform: str           # "tpu" | "cuda"
+    platform: str           # "tpu" | "cuda" | "cpu"
     hbm_bytes: int          # memory per JAX device
     bf16_flops: float       # dense bf16 peak per JAX device
     hbm_bandwidth: float    # bytes/s per JAX device
@@ -60,3 +60,11 @@ def chip_of(device_kind: str) -> Chip | None:
 def tpu_chips() -> list[str]:
     """The TPU rows' names (v4, v5e, v5p, v6e)."""
     return [k for k, c in CHIPS.items() if c.platform == "tpu"]
+
+
+def host_cpu() -> Chip:
+    """This host as a device: its RAM (JAX on CPU keeps every array in host memory). No peak
+    FLOPs: XLA:CPU's reach depends on the host (../shared/FACTS.md measures this machine's)."""
+    import os
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Chip("host CPU", "cpu", ram, 0.0, 0.0, "cpu", compile_only=False)

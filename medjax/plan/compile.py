@@ -41,7 +41,7 @@ import math
 import re
 
 from medjax.errors import ConfigError
-from medjax.ops.hardware import CHIPS, GiB, Chip
+from medjax.ops.hardware import CHIPS, GiB, Chip, host_cpu
 from medjax.ops.pallas.tpu_compile import topology_devices, use_compile_only_libtpu
 
 use_compile_only_libtpu()       # before libtpu can be loaded: no metadata server, no host warnings
@@ -80,8 +80,15 @@ def _require(module: str, extra: str, what: str):
 
 
 def compile_devices(kind: str, count: int):
-    """``(chip, devices)``: ``count`` compile-only devices of ``kind`` (v5p, h100, ...)."""
+    """``(chip, devices)``: ``count`` compile-only devices of ``kind`` (v5p, h100, ...), or this
+    host's own CPU devices for ``cpu``."""
     import jax
+    if kind == "cpu":
+        devices = jax.devices("cpu")
+        if not 1 <= count <= len(devices):
+            raise ConfigError(f"--device cpu --num-devices {count}: this process has {len(devices)} "
+                              f"CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        return host_cpu(), devices[:count]
     targets = sorted(k for k, c in CHIPS.items() if c.compile_only)
     if kind not in targets:
         raise ConfigError(f"--compile --device {kind}: unknown chip to compile for; known {targets}")
@@ -187,6 +194,13 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
         # v5p-16: 32.0 GiB vs a 20.7 GiB temp block); its own HBM check agrees with the peak
         # (docs/SCALE.md), so the peak is the bytes the step needs
         total = peak
+    host_process = 0
+    if chip.platform == "cpu":
+        # the arrays share the host's RAM with the Python + JAX runtime and the compiler: this
+        # process's own high-water mark (it built and compiled the step, holding no weights)
+        import resource
+        host_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        total += host_process
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     accum = cfg.train.grad_accum
@@ -194,6 +208,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
                argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
                alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, total=total, peak=peak,
+               host_process=host_process,
                sharded_arguments=sharded,
                model_matmul_flops=flops["matmul"] / n, model_attention_flops=flops["attention"] / n,
                kernels=kernels, grad_accum=accum,
@@ -205,7 +220,8 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
         if cost.get("optimal_seconds", 0) > 0:
             out["optimal_seconds"] = float(cost["optimal_seconds"]) * scale
     model_total = out["model_matmul_flops"] + out["model_attention_flops"]
-    out["roofline_seconds"] = max(out["compiled_flops"] or 0.0, model_total) / chip.bf16_flops
+    out["roofline_seconds"] = (max(out["compiled_flops"] or 0.0, model_total) / chip.bf16_flops
+                               if chip.bf16_flops else None)
     return out
 
 
@@ -261,9 +277,13 @@ def format_report(cfg, r: dict) -> str:
         lines.append(f"  peak (libtpu)          {g(r['peak'])}   (= arguments + "
                      f"{(r['peak'] - r['argument']) / GiB:.2f}: the total; temporaries above "
                      f"overstate it, docs/SCALE.md)")
+    if r.get("host_process"):
+        lines.append(f"  host process           {g(r['host_process'])}   (Python + JAX runtime + "
+                     f"compiler: this process's peak RSS; no weights)")
     lines += [
         f"  total                  {g(r['total'])}   {g(est.total)}",
-        f"  HBM                    {g(chip.hbm_bytes)}   -> {r['total'] / chip.hbm_bytes:.0%} used",
+        f"  {'host RAM' if chip.platform == 'cpu' else 'HBM':23s}{g(chip.hbm_bytes)}   -> "
+        f"{r['total'] / chip.hbm_bytes:.0%} used",
     ]
     matmul, attn = r["model_matmul_flops"], r["model_attention_flops"]
     if r["compiled_flops"] is not None:
@@ -285,8 +305,9 @@ def format_report(cfg, r: dict) -> str:
     if r["optimal_seconds"]:
         lines.append(f"  est. step time >= {r['optimal_seconds']:.3g} s (lower bound: compiler's "
                      f"optimal_seconds x grad_accum)")
-    lines.append(f"  est. step time >= {r['roofline_seconds']:.3g} s (lower bound: roofline, FLOPs "
-                 f"/ {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak)")
+    if r["roofline_seconds"] is not None:
+        lines.append(f"  est. step time >= {r['roofline_seconds']:.3g} s (lower bound: roofline, "
+                     f"FLOPs / {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak)")
     return "\n".join(lines)
 
 

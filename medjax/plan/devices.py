@@ -2,11 +2,10 @@
 device counts, read from THE hardware table (medjax/ops/hardware.py)."""
 from __future__ import annotations
 
-import os
 import re
 
 from medjax.errors import ConfigError
-from medjax.ops.hardware import CHIPS
+from medjax.ops.hardware import CHIPS, host_cpu
 
 _ALIASES = {"v5litepod": "v5e"}      # the Cloud TPU name of v5e slices
 
@@ -26,7 +25,7 @@ def parse_device(name: str) -> tuple[str, float, int | None]:
     'cpu' → this host's RAM as one device (JAX on CPU keeps every array in host memory).
     TPU slice names count TensorCores for v4/v5p (2 per chip = 1 JAX device), chips for v5e/v6e."""
     if name.lower() == "cpu":
-        return "cpu", float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), 1
+        return "cpu", float(host_cpu().hbm_bytes), 1
     names = sorted([*CHIPS, *_ALIASES], key=len, reverse=True)      # a100-40 before a100
     m = re.fullmatch(rf"({'|'.join(map(re.escape, names))})(?:-(\d+))?", name.lower())
     if not m:
