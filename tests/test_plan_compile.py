@@ -138,3 +138,24 @@ def test_gpu_target_config_matches_xla_h100_spec():
     fields = lambda text: dict(re.findall(r'(\w+): ("[^"]*"|[^\s}]+)', text))  # noqa: E731
     ours, xla = fields(gpu_target_config(CHIPS["h100"])), fields(H100_SPEC.read_text())
     assert ours == xla
+
+
+def test_cpu_compile_adds_the_host_process_to_the_compiled_step(capsys):
+    """``--device cpu --compile``: the step compiled for this host; its total is the compiler's
+    arguments + outputs - aliased + temporaries plus this process's runtime and compiler RSS."""
+    assert plan_main(["--config", "configs/melt_llama2_lora.yaml", "model=tiny", "--device", "cpu",
+                      "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert "1 × host CPU" in out and "host RAM" in out and "est. step time" not in out
+    b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
+    host = float(re.search(r"host process\s+([0-9.]+)", out).group(1)) * 2**30
+    assert 0.1 * 2**30 < host < 4 * 2**30
+    compiled = b["argument"] + b["output"] - b["alias"] + b["temp"]
+    assert abs(b["total"] - compiled - host) < 0.01 * 2**30
+
+
+def test_cpu_compile_more_devices_than_the_process_has_is_one_error_line(capsys):
+    rc = run_cli(plan_main, ["--config", "configs/melt_llama2_lora.yaml", "model=tiny", "--device",
+                             "cpu", "--num-devices", "64", "--compile"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "this process has 8 CPU devices" in err[0], err
