@@ -43,6 +43,7 @@ BAD_PATH = {
     "medjax.train": lambda t: ["--config", str(t / MISSING / "run.yaml")],
     "medjax.export": lambda t: ["--checkpoint", str(t / MISSING), "--out", str(t / "out")],
     "medjax.generate": lambda t: ["--model", str(t / MISSING), "--prompt", "hi"],
+    "medjax.serve": lambda t: ["--model", str(t / MISSING), "--port", "0"],
     "medjax.bench": lambda t: ["data", "--tokenizer", str(t / MISSING)],
     "medjax.bench.data": lambda t: ["--tokenizer", str(t / MISSING)],
     "medjax.bench._gpu_parts": lambda t: ["smoke", "--rows", str(t / MISSING / "rows.jsonl")],
