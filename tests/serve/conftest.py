@@ -29,10 +29,10 @@ def make_tiny_model_dir(out: Path, gguf_path: Path) -> Path:
 
     import medjax
     from medjax.models import get_preset, init_decoder
-    from medjax.tokenizer import Tokenizer
+    from medjax.hf.gguf_vocab import read_tokenizer
     cfg = dataclasses.replace(get_preset("tiny-llama3"), vocab_size=49152, bos_token_id=1,
                               eos_token_id=2, max_position_embeddings=512)
-    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(gguf_path))
+    tokenizer = read_tokenizer(gguf.GGUFReader(gguf_path))
     medjax.save_hf(init_decoder(cfg, seed=0), out, tokenizer=tokenizer)
     return out
 
