@@ -26,6 +26,8 @@ advanced: the run config refuses ``lora.dropout > 0`` with ``mesh.stage > 1``.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -76,6 +78,8 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
     axis = _stage_mesh_axis(S)
     mesh = context_mesh()
     rows = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names) or None
+    if rows and h_MBTH.shape[1] % math.prod(mesh.shape[a] for a in rows):
+        rows = None              # a micro-batch the batch axes cannot split: left to GSPMD
     unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
 
     # [L, ...] → [R, S, per, ...]: block r·S + s = layers [(r·S + s)·per, ...) on stage s
@@ -83,6 +87,7 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         x.reshape(R, S, per, *x.shape[1:]), axis,
         lambda y: (None, axis) + (unconstrained,) * (y.ndim - 2)), weights)
     act = lambda y: (axis, rows) + (None,) * (y.ndim - 2)   # noqa: E731  [S, B, ...] activations
+    micro = lambda y: (None, rows) + (None,) * (y.ndim - 2)  # noqa: E731  [M, B, ...] buffer
 
     def stage(w, h_BTH, positions_BT, segment_ids_BT):
         """One stage's ``per`` layers on one micro-batch: ``(h_BTH, router_stats)``."""
@@ -120,8 +125,8 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         out = _constrain(out, axis, act)
         last = m[S - 1]
         kept = jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False)
-        buffer = jax.lax.dynamic_update_index_in_dim(
-            buffer, jnp.where(valid[S - 1], out[S - 1], kept), last, 0)
+        buffer = _constrain(jax.lax.dynamic_update_index_in_dim(
+            buffer, jnp.where(valid[S - 1], out[S - 1], kept), last, 0), axis, micro)
         mask = valid.reshape((S,) + (1,) * (stats.ndim - 1))
         stats_M = stats_M.at[m].add(jnp.where(mask, stats, 0.0))
         return (jnp.roll(out, 1, axis=0), buffer, stats_M), None
@@ -130,6 +135,7 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
     stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[0, 0], blocks), h_MBTH[0],
                                  positions_MBT[0], segment_ids_MBT[0] if has_segments else None)[1]
     stats_M = jnp.zeros((M,) + stats_shape.shape, jnp.float32)
+    h_MBTH = _constrain(h_MBTH, axis, micro)
     (_, h_MBTH, stats_M), _ = jax.lax.scan(iteration, (state, h_MBTH, stats_M),
                                            jnp.arange(iterations(S, R, M)))
     return h_MBTH, stats_M

@@ -134,7 +134,6 @@ def base_model(cfg, mesh=None):
                              scan_layers=cfg.model.scan_layers)
         tokenizer = preset_tokenizer(cfg.model.preset)    # byte-level for tiny-* presets, else None
     model.remat = cfg.model.remat
-    model.pipeline_stages, model.pipeline_repeats = cfg.mesh.stage, cfg.train.pipeline_repeats
     return model, tokenizer
 
 
@@ -211,6 +210,8 @@ def build_trainable(cfg, model, mesh, *, objective=None, steps: int | None = Non
     tx, schedule = make_optimizer(cfg.optim, steps if steps is not None else cfg.train.steps)
     rules = rules_of(cfg.mesh)
     check_model(model.config, dict(mesh.shape), cfg.train.pipeline_repeats)
+    # micro-batched calls of the model run as a pipeline over the stage axis (models/pipeline.py)
+    model.pipeline_stages, model.pipeline_repeats = cfg.mesh.stage, cfg.train.pipeline_repeats
     lora = cfg.lora.enabled
 
     def split_and_init(model):

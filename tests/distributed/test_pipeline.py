@@ -1,0 +1,161 @@
+"""Pipeline parallelism (``mesh.stage``, ``train.pipeline_repeats``; medjax/models/pipeline.py)
+through the product path: ``python -m medjax.train``'s ``main`` in-process on the session's 8
+simulated CPU devices (tests/conftest.py) gives the per-step losses of the same run on one
+device; the compiled step moves activations with collective-permutes and gathers no layer
+weight across stages; a run saved with 2 stages resumes with 1; bad pipeline shapes are one
+``error:`` line naming both numbers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medjax.cli_errors import run_cli
+from tests.distributed import hlo_groups
+
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CPT = str(ROOT / "configs" / "meditron_llama2_cpt.yaml")          # full fine-tuning
+LORA = str(ROOT / "configs" / "melt_llama2_lora.yaml")            # LoRA on all 7 projections
+MIXTRAL = str(ROOT / "configs" / "melt_mixtral_lora.yaml")        # LoRA on every expert + router
+RUN = ["model=tiny", "train.steps=3", "train.batch_size=16", "train.grad_accum=4",
+       "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32",
+       "lora.dropout=0", "checkpoint.every=0"]
+MODELS = {  # name -> (config, 8-layer tiny preset: cut into 4 stages x 2 repeats)
+    "llama_full": (CPT, "tiny-llama2-8l"),
+    "llama_lora": (LORA, "tiny-llama2-8l"),
+    "mixtral_lora": (MIXTRAL, "tiny-mixtral-8l"),
+}
+ONE = ["mesh.preset=dp", "mesh.data=1"]
+STAGE2_FSDP4 = ["mesh.preset=fsdp", "mesh.stage=2", "mesh.fsdp=4"]
+STAGE4_DATA2 = ["mesh.preset=dp", "mesh.stage=4", "mesh.data=2"]
+
+
+def _train(out_dir, config, *overrides, resume=False) -> int:
+    from medjax.train.__main__ import main
+    argv = ["--no-progress", "--config", config, *RUN, f"train.out_dir={out_dir}", *overrides]
+    return run_cli(main, argv + (["--resume"] if resume else []))
+
+
+def _losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """name -> the 1-device losses (computed on first use)."""
+    cache = {}
+
+    def losses(name, mesh_devices):
+        if name not in cache:
+            config, preset = MODELS[name]
+            out = tmp_path_factory.mktemp(f"one-{name}")
+            with mesh_devices.use(1):
+                assert _train(out, config, f"model.preset={preset}", *ONE) == 0
+            cache[name] = _losses(out)
+        return cache[name]
+    return losses
+
+
+@pytest.mark.parametrize("name, mesh, repeats", [
+    ("llama_full", STAGE2_FSDP4, 1), ("llama_full", STAGE4_DATA2, 1),
+    ("llama_full", STAGE2_FSDP4, 2), ("llama_full", STAGE4_DATA2, 2),
+    ("llama_lora", STAGE2_FSDP4, 1), ("llama_lora", STAGE4_DATA2, 2),
+    ("mixtral_lora", STAGE2_FSDP4, 2), ("mixtral_lora", STAGE4_DATA2, 1),
+], ids=lambda x: x if isinstance(x, str) else "x".join(m.split("=")[1] for m in x[1:])
+   if isinstance(x, list) else f"R{x}")
+def test_pipeline_trains_like_one_device(tmp_path, mesh_devices, one_device, name, mesh, repeats):
+    """4 micro-batches (train.grad_accum) through S stages × R repeats on 8 devices: the three
+    steps' losses equal the 1-device run's within 1e-5."""
+    config, preset = MODELS[name]
+    with mesh_devices.use(8):
+        assert _train(tmp_path, config, f"model.preset={preset}", *mesh,
+                      f"train.pipeline_repeats={repeats}") == 0
+    got, ref = _losses(tmp_path), one_device(name, mesh_devices)
+    assert len(got) == len(ref) == 3
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert ref[0] != ref[-1]                  # it trained
+
+
+def _compiled_step(overrides) -> tuple[str, tuple, object]:
+    import jax
+
+    from medjax import sharding
+    from medjax.config import load_config
+    from medjax.models import get_preset
+    from medjax.plan.compile import abstract_step
+    cfg = load_config([CPT], [*RUN, *overrides])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
+    step, args = abstract_step(cfg, mesh, get_preset(cfg.model.preset))
+    shape = tuple(mesh.shape[a] for a in sharding.MESH_AXES)
+    return step.lower(*args).compile().as_text(), shape, args
+
+
+def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights():
+    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama: the step's HLO holds
+    collective-permutes between the two stages (the activations, forward and backward); every
+    all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
+    the stages carry activations (embedding rows), none a layer weight's trailing shape."""
+    hlo, shape, args = _compiled_step(["model.preset=tiny-llama2-8l", *STAGE2_FSDP4])
+    stage = 0                                             # MESH_AXES[0]
+    per_stage = int(np.prod(shape[1:]))
+    crossing = []
+    for line in hlo_groups.collectives(hlo, "collective-permute"):
+        pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[1].split("}}")[0] + "}")
+        if any(int(a) // per_stage != int(b) // per_stage for a, b in pairs):
+            crossing.append(line)
+    activation = [line for line in crossing if re.search(r"f32\[1,\d+,32,64\]", line)]
+    assert len(activation) >= 2, crossing                  # forward roll and its transpose
+
+    state = args[0]
+    import jax
+    weights = {tuple(leaf.shape[-2:]) for leaf in jax.tree.leaves(state.params)
+               if leaf.ndim >= 3}                          # stacked [L, in, out] layer kernels
+    assert weights
+    gathers = hlo_groups.collectives(hlo, "all-gather")
+    in_stage = [g for g in gathers if not hlo_groups.groups_spanning(g, "all-gather", shape, stage)]
+    assert any(re.search(r"f32\[1,64,(64|128|32)\]", g) for g in in_stage)   # fsdp weight gathers
+    for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, stage):
+        dims = tuple(int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",") if d)
+        assert dims[-2:] not in weights, f"a layer weight gathered across stages: {line[:300]}"
+
+
+def test_checkpoint_saved_with_two_stages_resumes_with_one(tmp_path, mesh_devices):
+    """The checkpoint holds the plain ``[L, ...]`` layer stack: 2 steps with mesh.stage=2,
+    resumed for 2 more on one device, give the uninterrupted 1-device run's 4 losses."""
+    config, preset = MODELS["llama_full"]
+    common = [f"model.preset={preset}", "train.steps=4", "checkpoint.every=2"]
+    with mesh_devices.use(1):
+        assert _train(tmp_path / "ref", config, *common, *ONE) == 0
+    with mesh_devices.use(8):
+        assert _train(tmp_path / "pp", config, *common, *STAGE2_FSDP4, "train.steps=2") == 0
+    with mesh_devices.use(1):
+        assert _train(tmp_path / "pp", config, *common, *ONE, resume=True) == 0
+    got, ref = _losses(tmp_path / "pp"), _losses(tmp_path / "ref")
+    assert len(ref) == 4 and len(got) == 4, got
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.preset=tiny-llama2", "mesh.stage=4", "mesh.data=2", "train.grad_accum=4"],
+     ["model.num_layers=2", "mesh.stage=4"]),
+    (["model.preset=tiny-llama2-8l", "mesh.stage=2", "train.pipeline_repeats=3",
+      "train.grad_accum=4", "train.batch_size=12"], ["model.num_layers=8", "train.pipeline_repeats=3"]),
+    (["model.preset=tiny-llama2-8l", "mesh.stage=4", "mesh.data=2", "train.grad_accum=2"],
+     ["train.grad_accum=2", "mesh.stage=4"]),
+    (["model.preset=tiny-llama2-8l", "mesh.stage=3", "train.grad_accum=4"],
+     ["mesh.stage=3", "8 devices"]),
+])
+def test_bad_pipeline_shapes_are_one_error_line(tmp_path, mesh_devices, capsys, overrides, words):
+    with mesh_devices.use(8):
+        assert _train(tmp_path / "run", CPT, "mesh.preset=dp", *overrides) == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), lines
+    assert all(w in lines[-1] for w in words), lines[-1]
+    assert "Traceback" not in "\n".join(lines)
