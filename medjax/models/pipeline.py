@@ -20,8 +20,11 @@ where the head reads it after the last pass. The backward is the transpose of th
 (``jax.grad`` through the scan): the same schedule in reverse, the same collective-permutes.
 
 The per-layer body is models/stack.py's: every layer variable (weights, frozen LoRA bases,
-quantized codes, adapters) is scanned within the stage, ``model.remat`` checkpoints each
-layer, router statistics are summed per micro-batch. Layer RNG streams (LoRA dropout) are not
+quantized codes, adapters) is scanned within the stage, router statistics are summed per
+micro-batch. With ``model.remat`` each layer is checkpointed with its policy AND each stage
+call is checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward
+starts, so what is kept is one stage input per iteration (not one per layer), and the backward
+recomputes a stage's layers (their inputs live for that stage only), one more forward pass. Layer RNG streams (LoRA dropout) are not
 advanced: the run config refuses ``lora.dropout > 0`` with ``mesh.stage > 1``.
 """
 from __future__ import annotations
@@ -99,6 +102,8 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         h_BTH, stats = jax.lax.scan(body, h_BTH, w)
         return h_BTH, jnp.sum(stats, axis=0)
+    if remat:   # keep each iteration's stage input only; the backward recomputes the stage
+        stage = jax.checkpoint(stage, prevent_cse=False)
 
     def pick_repeat(w, r):
         return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, r, 0, keepdims=False), w)
