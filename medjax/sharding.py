@@ -332,6 +332,16 @@ def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
     return slice(starts[0], stops[-1])
 
 
+def data_blocks(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """``(index, count)``: this process's rows are block ``index`` of ``count`` equal blocks of
+    the global batch (:func:`local_batch_rows`). ``count`` is the process count when processes
+    split the batch axes, fewer when an axis that replicates the batch (``stage``) spans
+    processes: then several processes hold, and load, the same rows."""
+    rows = local_batch_rows(mesh, global_batch_size)
+    size = rows.stop - rows.start
+    return rows.start // size, global_batch_size // size
+
+
 def place(state, shardings):
     """``device_put`` of a pytree onto shardings; also works across processes (each process
     holding the full value, e.g. the same seeded init or a checkpoint read)."""

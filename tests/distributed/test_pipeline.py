@@ -151,6 +151,27 @@ def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, fir
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
+def test_heldout_eval_and_export_unchanged_by_stages(tmp_path, mesh_devices):
+    """With mesh.stage=2 the run's held-out losses and its HF export (the plain model: the
+    layer stack is stored unsplit) equal the 1-device run's (within 1e-5)."""
+    from safetensors.numpy import load_file
+    config, preset, _ = MODELS["llama_full"]
+    extra = [f"model.preset={preset}", "data.heldout_rows=8", "train.export=[hf]", "train.steps=2"]
+    with mesh_devices.use(1):
+        assert _train(tmp_path / "one", config, *extra, *ONE) == 0
+    with mesh_devices.use(8):
+        assert _train(tmp_path / "pp", config, *extra, *STAGE2_FSDP4) == 0
+    heldout = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text()
+                                       .splitlines()) if r.get("kind") != "train" and "loss" in r]
+               for d in ("one", "pp")]
+    assert heldout[0] and len(heldout[0]) == len(heldout[1])
+    np.testing.assert_allclose(heldout[1], heldout[0], rtol=0, atol=1e-5)
+    one, pp = (load_file(str(tmp_path / d / "export" / "hf" / "model.safetensors")) for d in ("one", "pp"))
+    assert sorted(one) == sorted(pp) and any(".layers.7." in k for k in one)
+    for name in one:
+        np.testing.assert_allclose(pp[name], one[name], rtol=0, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["model.preset=tiny-llama2", "mesh.stage=4", "mesh.data=2", "train.grad_accum=4"],
      ["model.num_layers=2", "mesh.stage=4"]),
