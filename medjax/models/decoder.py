@@ -208,10 +208,15 @@ class Decoder(nnx.Module):
             self.model.layers, h_MBTH, positions, rope_inv_freq(self.config), segment_ids,
             stages=self.pipeline_stages, repeats=self.pipeline_repeats,
             remat=self.remat != "none", policy=policy)
-        logits = self._finish(h_MBTH.reshape(M * B, T, -1), None, None, None).logits
+        # the head on [M, B, T, H] as is: merging M into the row axis would lose the rows'
+        # split over the batch axes (GSPMD gathers every row onto every device)
+        if self.config.tie_word_embeddings:
+            logits = jax.vmap(lambda h: self._finish(h, None, None, None).logits)(h_MBTH)
+        else:
+            logits = self._finish(h_MBTH, None, None, None).logits
         aux_loss = (jnp.sum(jax.vmap(load_balancing_loss, in_axes=(0, None))(
             stats_M, self.config.num_experts)) if self.config.is_moe else jnp.zeros((), jnp.float32))
-        return DecoderOutput(logits.reshape(M, B, T, -1), None, aux_loss)
+        return DecoderOutput(logits, None, aux_loss)
 
     def _finish(self, h_BTH, new_cache, router_stats, logits_at) -> DecoderOutput:
         if logits_at is not None:

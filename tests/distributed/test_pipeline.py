@@ -1,7 +1,7 @@
 """Pipeline parallelism (``mesh.stage``, ``train.pipeline_repeats``; medjax/models/pipeline.py)
 through the product path: ``python -m medjax.train``'s ``main`` in-process on the session's 8
 simulated CPU devices (tests/conftest.py) gives the per-step losses of the same run on one
-device; the compiled step moves activations with collective-permutes and gathers no layer
+device (full fine-tuning with remat, LoRA, Mixtral LoRA on experts + router, DPO); the compiled step moves activations with collective-permutes and gathers no layer
 weight across stages; a run saved with 2 stages resumes with 1; bad pipeline shapes are one
 ``error:`` line naming both numbers.
 """
@@ -84,6 +84,25 @@ def test_pipeline_trains_like_one_device(tmp_path, mesh_devices, one_device, nam
     assert len(got) == len(ref) == 3
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert ref[0] != ref[-1]                  # it trained
+
+
+def test_dpo_pipeline_trains_like_one_device(tmp_path, mesh_devices):
+    """Med42's DPO (LoRA, the adapters-off reference: two pipelined forwards per step, chosen and
+    rejected rows of each micro-batch together) with 2 stages x fsdp 4: 4 steps within 1e-5."""
+    run = ["--config", str(ROOT / "configs" / "med42_dpo.yaml")]
+    extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=512",
+             "data.long_examples=truncate", "train.batch_size=16"]
+    from medjax.train.__main__ import main
+
+    def train(out, *mesh):
+        return run_cli(main, ["--no-progress", *run, *RUN, *extra, f"train.out_dir={out}", *mesh])
+    with mesh_devices.use(1):
+        assert train(tmp_path / "one", *ONE) == 0
+    with mesh_devices.use(8):
+        assert train(tmp_path / "pp", *STAGE2_FSDP4) == 0
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "pp")
+    assert len(ref) == len(got) == 4 and len(set(ref)) > 1
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
 def _compiled_step(overrides) -> tuple[str, tuple, object]:
