@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.models.stack import _unstacked_metadata
+from medjax.models.stack import unstacked_metadata
 from medjax.ops.target import BATCH_AXES, context_mesh
 
 STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
@@ -95,7 +95,7 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
     def stage(w, h_BTH, positions_BT, segment_ids_BT):
         """One stage's ``per`` layers on one micro-batch: ``(h_BTH, router_stats)``."""
         def body(h, w_layer):
-            layer = _unstacked_metadata(nnx.merge(graphdef, rng_state, w_layer))
+            layer = unstacked_metadata(nnx.merge(graphdef, rng_state, w_layer))
             h, _, stats = layer(h, positions_BT, inv_freq, segment_ids_BT, None)
             return h, stats
         if remat:
