@@ -1,7 +1,8 @@
 """Pipeline parallelism (``mesh.stage``, ``train.pipeline_repeats``; medjax/models/pipeline.py)
 through the product path: ``python -m medjax.train``'s ``main`` in-process on the session's 8
 simulated CPU devices (tests/conftest.py) gives the per-step losses of the same run on one
-device (full fine-tuning with remat, LoRA, Mixtral LoRA on experts + router, DPO); the compiled step moves activations with collective-permutes and gathers no layer
+device (full fine-tuning with remat, LoRA, Mixtral LoRA on experts + router, Mixtral nf4
+QLoRA, DPO); the compiled step moves activations with collective-permutes and gathers no layer
 weight across stages; a run saved with 2 stages resumes with 1; bad pipeline shapes are one
 ``error:`` line naming both numbers.
 """
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CPT = str(ROOT / "configs" / "meditron_llama2_cpt.yaml")          # full fine-tuning
 LORA = str(ROOT / "configs" / "melt_llama2_lora.yaml")            # LoRA on all 7 projections
 MIXTRAL = str(ROOT / "configs" / "melt_mixtral_lora.yaml")        # LoRA on every expert + router
+QLORA = str(ROOT / "configs" / "bimedix_mixtral_qlora.yaml")      # nf4 base, experts + router
 RUN = ["model=tiny", "train.steps=3", "train.batch_size=16", "train.grad_accum=4",
        "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32",
        "lora.dropout=0", "checkpoint.every=0"]
@@ -33,6 +35,7 @@ MODELS = {  # name -> (config, 8-layer tiny preset: cut into 4 stages x 2 repeat
     # equal to ~1e-7 relative: summation order, amplified by Adam and top-2 routing); 5e-4 still
     # trains and stays within 1e-5.
     "mixtral_lora": (MIXTRAL, "tiny-mixtral-8l", ("optim.lr=0.0005",)),
+    "mixtral_qlora": (QLORA, "tiny-mixtral-8l", ("optim.lr=0.0005",)),
 }
 ONE = ["mesh.preset=dp", "mesh.data=1"]
 STAGE2_FSDP4 = ["mesh.preset=fsdp", "mesh.stage=2", "mesh.fsdp=4"]
@@ -71,6 +74,7 @@ def one_device(tmp_path_factory):
     ("llama_full", STAGE2_FSDP4, 2), ("llama_full", STAGE4_DATA2, 2),
     ("llama_lora", STAGE2_FSDP4, 1), ("llama_lora", STAGE4_DATA2, 2),
     ("mixtral_lora", STAGE2_FSDP4, 2), ("mixtral_lora", STAGE4_DATA2, 1),
+    ("mixtral_qlora", STAGE2_FSDP4, 1),
 ], ids=lambda x: x if isinstance(x, str) else "x".join(m.split("=")[1] for m in x[1:])
    if isinstance(x, list) else f"R{x}")
 def test_pipeline_trains_like_one_device(tmp_path, mesh_devices, one_device, name, mesh, repeats):
