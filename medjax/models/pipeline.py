@@ -59,10 +59,12 @@ def _stage_mesh_axis(stages: int):
     return STAGE_AXIS
 
 
-def _constrain(x, axis, spec_tail):
+def _constrain(x, axis, spec_of):
+    """``x`` pinned to the layout ``spec_of(x)`` (mesh axes per dimension) when the stages are
+    split over a mesh axis (``axis``), else ``x`` unchanged."""
     if axis is None:
         return x
-    spec = jax.sharding.PartitionSpec(*spec_tail(x))
+    spec = jax.sharding.PartitionSpec(*spec_of(x))
     return jax.lax.with_sharding_constraint(x, spec)
 
 
