@@ -197,7 +197,7 @@ class Decoder(nnx.Module):
 
     def _pipelined(self, h_MBTH, positions, segment_ids) -> DecoderOutput:
         """M micro-batches through the pipelined layers; embedding and head run outside the
-        pipeline on every stage (docs/SCALE.md#pipeline-parallelism)."""
+        pipeline on every stage (docs/SCALE.md#pipeline-parallelism-meshstage)."""
         if not self.scan_layers:
             raise ValueError("a micro-batched (pipelined) forward needs scan_layers=True")
         M, B, T = h_MBTH.shape[:3]

@@ -291,7 +291,7 @@ def format_report(cfg, r: dict) -> str:
             lines.append(f"    pipelined: an UPPER bound, the head, embedding and loss (outside the "
                          f"loops) scaled too; cost_analysis counted {r['counted_flops']:.4e} with "
                          f"every loop body once (two compiles at M and M/2 separate the two parts, "
-                         f"docs/SCALE.md#pipeline-parallelism)")
+                         f"docs/SCALE.md#pipeline-parallelism-meshstage)")
     else:
         lines.append(f"  FLOPs per step per device: model {matmul + attn:.3e} (matmuls {matmul:.3e}"
                      f", attention {attn:.3e}); this compiler reports no cost analysis")
