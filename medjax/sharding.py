@@ -3,7 +3,7 @@
 Every weight says what its dimensions mean where it is defined
 (``nnx.Param(w, logical_axes=("embed", "mlp"))``); activations use ``batch`` and ``seq``.
 A :class:`ShardingRules` maps each logical name to zero or more of the four mesh axes
-``data, fsdp, tensor, expert``. Four presets cover the usual layouts:
+``stage, data, fsdp, tensor, expert``. Four presets cover the usual layouts:
 
 =========  ==========================================================================
 dp         params replicated; batch split over ``data`` (× fsdp × expert, size 1 here)
@@ -16,6 +16,11 @@ fsdp_ep    fsdp + expert parallel: ``experts`` over ``expert``; the expert axis 
 
 ``data`` is allowed in every preset (hybrid/HSDP: replicas of an fsdp group, e.g. one per
 TPU slice). An axis a preset does not use must have size 1 (ConfigError otherwise).
+
+``stage`` (``mesh.stage``, pipeline parallelism, medjax/models/pipeline.py) combines with every
+preset: it is the outermost axis (the slowest links: between nodes or slices), the rules of a
+mesh with ``stage > 1`` (:func:`rules_of`) split the stacked ``layers`` axis over it, and the
+preset's own rules apply inside each stage.
 
 Decisions (documented in docs/SCALE.md):
 - Mesh axes are ``AxisType.Auto``: arrays carry ``NamedSharding``s and GSPMD propagates them
@@ -41,7 +46,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from medjax.errors import ConfigError
 from medjax.ops.target import BATCH_AXES   # the mesh axes a global batch is split over
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("stage", "data", "fsdp", "tensor", "expert")
+PIPELINE_AXIS = "stage"     # pipeline stages; allowed with every preset (not in PRESET_AXES)
 # The mesh presets, the one table of them (medjax.config validates mesh.* against it): the mesh
 # axes a preset may give size > 1, the first being the one that takes "the rest" of the devices
 # when the config leaves sizes unset.
@@ -115,15 +121,23 @@ def _num_shards(axis_sizes: Mapping[str, int], entry) -> int:
 def preset_of(mesh) -> str:
     """The first preset (dp, fsdp, fsdp_tp, fsdp_ep) whose axes hold every axis of ``mesh`` of
     size > 1."""
-    used = {a for a in mesh.axis_names if mesh.shape[a] > 1}
+    used = {a for a in mesh.axis_names if mesh.shape[a] > 1 and a != PIPELINE_AXIS}
     for preset, axes in PRESET_AXES.items():
         if used <= set(axes):
             return preset
     raise ConfigError(f"mesh axes {sorted(used)} fit no preset ({PRESET_AXES})")
 
 
-def rules_for(preset: str) -> ShardingRules:
-    """The rules of one preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_ep``)."""
+def rules_of(mesh_cfg) -> ShardingRules:
+    """The rules of a ``mesh`` config section: its preset's, with the stacked ``layers`` split
+    over ``stage`` when ``mesh.stage > 1``."""
+    return rules_for(mesh_cfg.preset, stages=getattr(mesh_cfg, "stage", 1))
+
+
+def rules_for(preset: str, stages: int = 1) -> ShardingRules:
+    """The rules of one preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_ep``); ``stages > 1``
+    splits the stacked ``layers`` axis (and the pipeline's ``stage`` activations) over the
+    ``stage`` mesh axis, so each device holds its stage's layers only."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown mesh preset {preset!r}; choose from {list(PRESETS)}")
     fsdp = ("fsdp",) if preset != "dp" else None
@@ -135,8 +149,9 @@ def rules_for(preset: str) -> ShardingRules:
         "vocab": tensor, "embed": fsdp, "q_heads": tensor, "kv_heads": tensor,
         "head_dim": None, "mlp": tensor, "norm": None,
         "experts": ("expert",) if preset == "fsdp_ep" else None,
-        # stacked layers (scan) and LoRA rank dims stay whole
-        "layers": None, "lora_rank": None,
+        # stacked layers (scan) stay whole, or one block per pipeline stage; LoRA rank whole
+        "layers": (PIPELINE_AXIS,) if stages > 1 else None, "lora_rank": None,
+        "stage": (PIPELINE_AXIS,) if stages > 1 else None,
     }
     return ShardingRules(preset, table)
 
@@ -148,8 +163,11 @@ def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
     if preset not in PRESETS:
         raise ConfigError(f"mesh.preset: unknown preset {preset!r}; choose from {list(PRESETS)}")
     sizes = {}
+    stage = getattr(mesh_cfg, PIPELINE_AXIS, 1)
+    if num_devices % stage:
+        raise ConfigError(f"mesh.stage={stage} does not divide the {num_devices} devices")
     for axis in MESH_AXES:
-        value = getattr(mesh_cfg, axis)
+        value = getattr(mesh_cfg, axis, 1)
         if value is None:
             value = -1 if axis == _REST_AXIS[preset] else 1
         sizes[axis] = value
@@ -166,7 +184,7 @@ def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
         raise ConfigError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
                             f"but there are {num_devices} devices")
     for axis, size in sizes.items():
-        if size > 1 and axis not in PRESET_AXES[preset]:
+        if size > 1 and axis not in PRESET_AXES[preset] and axis != PIPELINE_AXIS:
             raise ConfigError(f"mesh.{axis}={size} is unused by preset {preset!r}; use "
                                 f"{'fsdp_tp' if axis == 'tensor' else 'fsdp_ep'} or set it to 1")
     dcn = getattr(mesh_cfg, "dcn_data", 1)
@@ -176,7 +194,7 @@ def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A ``Mesh`` with axes ``(data, fsdp, tensor, expert)`` (all ``AxisType.Auto``).
+    """A ``Mesh`` with axes ``(stage, data, fsdp, tensor, expert)`` (all ``AxisType.Auto``).
 
     Devices are laid out by ``mesh_utils`` so that the innermost axes sit on the fastest links.
     With ``mesh.dcn_data > 1`` the data axis is split across slices (TPU multi-slice) or, on
@@ -187,8 +205,9 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
     shape = tuple(sizes[a] for a in MESH_AXES)
     dcn = getattr(mesh_cfg, "dcn_data", 1)
     if dcn > 1:
-        ici_shape = (sizes["data"] // dcn,) + shape[1:]
-        dcn_shape = (dcn, 1, 1, 1)
+        data = MESH_AXES.index("data")
+        ici_shape = shape[:data] + (sizes["data"] // dcn,) + shape[data + 1:]
+        dcn_shape = tuple(dcn if a == "data" else 1 for a in MESH_AXES)
         by_process = not hasattr(devices[0], "slice_index")
         device_array = mesh_utils.create_hybrid_device_mesh(
             ici_shape, dcn_shape, devices, process_is_granule=by_process,
@@ -198,9 +217,15 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def check_model(model_cfg, sizes: Mapping[str, int]) -> None:
-    """Raise ConfigError when heads/experts do not divide the tensor/expert axes."""
+def check_model(model_cfg, sizes: Mapping[str, int], repeats: int = 1) -> None:
+    """Raise ConfigError when heads/experts do not divide the tensor/expert axes, or the layers
+    do not split into ``stage`` × ``repeats`` (train.pipeline_repeats) equal pipeline blocks."""
     tensor, expert = sizes.get("tensor", 1), sizes.get("expert", 1)
+    stages = sizes.get(PIPELINE_AXIS, 1)
+    if stages * repeats > 1 and model_cfg.num_layers % (stages * repeats):
+        raise ConfigError(f"model.num_layers={model_cfg.num_layers} is not divisible by "
+                          f"mesh.stage={stages} x train.pipeline_repeats={repeats} = "
+                          f"{stages * repeats} pipeline blocks")
     for field in ("num_heads", "num_kv_heads"):
         heads = getattr(model_cfg, field)
         if heads % tensor:
@@ -305,6 +330,16 @@ def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
         raise ConfigError("this process's batch rows are not contiguous; use a mesh whose batch "
                             "axes follow process order")
     return slice(starts[0], stops[-1])
+
+
+def data_blocks(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """``(index, count)``: this process's rows are block ``index`` of ``count`` equal blocks of
+    the global batch (:func:`local_batch_rows`). ``count`` is the process count when processes
+    split the batch axes, fewer when an axis that replicates the batch (``stage``) spans
+    processes: then several processes hold, and load, the same rows."""
+    rows = local_batch_rows(mesh, global_batch_size)
+    size = rows.stop - rows.start
+    return rows.start // size, global_batch_size // size
 
 
 def place(state, shardings):

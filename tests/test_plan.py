@@ -51,7 +51,7 @@ def test_llama3_70b_fsdp_bytes_by_hand():
     norms = _norm_elements(m)
     local = (p.total_params - norms) / 32 + norms
     assert p.params == 4 * local and p.grads == 4 * local and p.optimizer == 8 * local
-    assert p.axis_sizes == {"data": 1, "fsdp": 32, "tensor": 1, "expert": 1}
+    assert p.axis_sizes == {"stage": 1, "data": 1, "fsdp": 32, "tensor": 1, "expert": 1}
 
 
 def test_fsdp_ep_splits_experts_and_lora_trains_adapters_only():
@@ -125,3 +125,26 @@ def test_moe_temporaries_charge_the_gathered_expert_weights_under_fsdp():
     base = 3 * E * H * I * 2                       # gate, up [E, H, I] and down [E, I, H], bf16
     adapters = 3 * E * H * r * 4                   # gate/up lora_a [E, H, r], down lora_b [E, r, H]
     assert fsdp - dp == base + adapters, (fsdp - dp, base, adapters)
+
+
+def test_pipeline_stages_split_the_layers_and_report_bubble_and_ppermute_bytes():
+    """mesh.stage=4 × fsdp 2 on 8 devices: each device holds a quarter of the layers (their
+    matrices also split over fsdp), the embedding and head on every stage (split over fsdp
+    only); bubble (S-1)/(R*M+S-1) and the activations one device sends per step."""
+    cfg = load_config(None, ["model.preset=llama2-7b", "mesh.preset=fsdp", "mesh.stage=4",
+                             "mesh.fsdp=2", "train.grad_accum=8", "train.batch_size=16"])
+    p = planner.plan(cfg, 8)
+    m = get_preset("llama2-7b")
+    H, V, L = m.hidden_size, m.vocab_size, m.num_layers
+    layer_norms, outside = 2 * L * H, 2 * V * H
+    matrices = p.total_params - layer_norms - outside - H
+    local = matrices / 8 + layer_norms / 4 + outside / 2 + H
+    assert p.axis_sizes == {"stage": 4, "data": 1, "fsdp": 2, "tensor": 1, "expert": 1}
+    assert p.params == 4 * local and p.grads == 4 * local and p.optimizer == 8 * local
+    q = p.pipeline
+    assert (q["iterations"], q["layers_per_stage"]) == (11, 8)
+    assert q["bubble"] == 3 / 11
+    rows = 16 / 8 / 2                     # a micro-batch's rows on one device (fsdp 2)
+    assert q["ppermute_bytes"] == 2 * 11 * rows * cfg.data.seq_len * H * 4
+    from medjax.plan.report import report
+    assert "bubble 27.3% = (S-1)/(R*M+S-1)" in report(cfg, p, None, None)

@@ -88,10 +88,10 @@ def test_model_checks():
 
 def test_indivisible_dim_is_an_error_not_replicated():
     devices = np.array(jax.devices()[:1] * 1)
-    mesh = jax.sharding.Mesh(devices.reshape(1, 1, 1, 1), sharding.MESH_AXES)
+    mesh = jax.sharding.Mesh(devices.reshape(1, 1, 1, 1, 1), sharding.MESH_AXES)
     rules = sharding.rules_for("fsdp")
     assert rules.sharding(mesh, ("embed", "mlp"), (6, 4)).spec == P("fsdp", None)
-    abstract = jax.sharding.AbstractMesh((1, 3, 1, 1), sharding.MESH_AXES)
+    abstract = jax.sharding.AbstractMesh((1, 1, 3, 1, 1), sharding.MESH_AXES)
     with pytest.raises(sharding.ConfigError, match=r"w: dim 0 \('embed', size 64\) is not divisible"):
         rules.sharding(abstract, ("embed", "mlp"), (64, 4), where="w")
 
@@ -116,7 +116,7 @@ def test_lora_adapters_follow_their_base_weights_layout():
     from medjax.models import init_decoder
     model = nnx.eval_shape(lambda: apply_lora(init_decoder(get_preset("tiny-mixtral")),
                                               LoraSection(enabled=True, rank=4))[0])
-    mesh = jax.sharding.AbstractMesh((1, 2, 1, 4), sharding.MESH_AXES)
+    mesh = jax.sharding.AbstractMesh((1, 1, 2, 1, 4), sharding.MESH_AXES)
     shardings = sharding.param_shardings(model, mesh, sharding.rules_for("fsdp_ep"))
     specs = {".".join(map(str, path)): v.get_value().spec for path, v in nnx.to_flat_state(shardings)}
     lora_specs = {k: v for k, v in specs.items() if "lora" in k.lower() or "adapter" in k.lower()}

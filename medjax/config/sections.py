@@ -206,6 +206,7 @@ class MeshSection:
     fsdp: Optional[int] = None
     tensor: Optional[int] = None
     expert: Optional[int] = None
+    stage: int = 1                      # pipeline stages over the layer stack (any preset)
     dcn_data: int = 1                   # slices (TPU) / hosts the data axis spans over DCN
     # jax.distributed; unset = from env (MEDJAX_COORDINATOR, ...), SLURM or TPU auto-detection
     coordinator: Optional[str] = None   # host:port of process 0
@@ -229,6 +230,7 @@ class MeshSection:
                 raise ConfigError(f"mesh.{axis}={size} is unused by mesh.preset={self.preset!r}; "
                                   f"set it to 1 or pick a preset that uses it")
         _positive("mesh.dcn_data", self.dcn_data)
+        _positive("mesh.stage", self.stage)
         if self.num_processes is not None:
             _positive("mesh.num_processes", self.num_processes)
         if self.process_id is not None and not (
@@ -293,6 +295,8 @@ class TrainSection:
     export: tuple = ("hf", "peft")      # written to <out_dir>/export/{hf,peft} at the end
     objective: str = "sft"              # sft | dpo (preference pairs; medjax/train/dpo.py)
     neftune_alpha: float = 0.0          # NEFTune noise on input embeddings (Internist.ai: 5); 0 = off
+    pipeline_repeats: int = 1           # circular pipeline: passes of each micro-batch over the
+                                        # mesh.stage stages (layers split into stage x repeats)
     recipe: Optional[str] = None        # the published recipe a config reproduces (docs/RECIPES.md)
 
     def __post_init__(self):
@@ -303,6 +307,7 @@ class TrainSection:
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.log_every", self.log_every)
+        _positive("train.pipeline_repeats", self.pipeline_repeats)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
                               f"train.grad_accum ({self.grad_accum})")
@@ -364,10 +369,31 @@ class RunConfig:
         if self.data.decontaminate and self.eval.data_dir is None:
             raise ConfigError("data.decontaminate needs eval.data_dir (the directory with the "
                               "benchmark test files whose items it removes from the training data)")
+        self._check_pipeline()
         processes = self.mesh.num_processes
         if processes and self.train.batch_size % processes:
             raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by "
                               f"mesh.num_processes={processes} (each process loads its share)")
+
+    def _check_pipeline(self) -> None:
+        """mesh.stage / train.pipeline_repeats against the rest (medjax/models/pipeline.py); the
+        layer count is checked where it is known (``sharding.check_model``)."""
+        stages, repeats = self.mesh.stage, self.train.pipeline_repeats
+        if stages == 1:
+            if repeats != 1:
+                raise ConfigError(f"train.pipeline_repeats={repeats} needs mesh.stage > 1")
+            return
+        if self.train.grad_accum < stages:
+            raise ConfigError(f"train.grad_accum={self.train.grad_accum} micro-batches are fewer "
+                              f"than mesh.stage={stages} pipeline stages (each stage needs a "
+                              f"micro-batch in flight; raise train.grad_accum)")
+        if not self.model.scan_layers:
+            raise ConfigError(f"mesh.stage={stages} pipelines the stacked layers: it needs "
+                              f"model.scan_layers=true")
+        if self.lora.enabled and self.lora.dropout:
+            raise ConfigError(f"lora.dropout={self.lora.dropout} is not supported with "
+                              f"mesh.stage={stages} (the pipeline runs the stages' layers "
+                              f"side by side; set lora.dropout=0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

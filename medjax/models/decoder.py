@@ -18,6 +18,7 @@ from medjax.models.attention import Attention
 from medjax.models.config import ModelConfig
 from medjax.models.layers import MLP, Embed, Linear, RMSNorm, rope_inv_freq
 from medjax.models.moe import SparseMoE, load_balancing_loss
+from medjax.models.pipeline import pipeline_layers
 from medjax.models.stack import scan_layers, stack_modules
 
 REMAT_POLICIES = {
@@ -130,6 +131,9 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.scan_layers = scan_layers
+        # pipeline parallelism (models/pipeline.py) for micro-batched calls; set by the trainer
+        self.pipeline_stages = 1
+        self.pipeline_repeats = 1
         self.model = Backbone(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                               attention_impl=attention_impl, scan_layers=scan_layers)
         if not cfg.tie_word_embeddings:
@@ -155,8 +159,15 @@ class Decoder(nnx.Module):
         """Full forward. ``positions`` default to ``arange(T)``; ``segment_ids [B,T]`` (0 = pad)
         confine attention to each packed example; ``input_embeds`` replaces the embedding lookup
         (NEFTune adds noise there); ``logits_at [B, K]`` applies the output head only at those
-        positions (logits ``[B, K, V]``: scoring needs a few positions, not all T)."""
+        positions (logits ``[B, K, V]``: scoring needs a few positions, not all T).
+
+        Micro-batched call (training with ``mesh.stage > 1``): ``input_ids [M, B, T]`` (or
+        ``input_embeds [M, B, T, H]``) are M micro-batches run through the layers as a pipeline
+        of ``pipeline_stages`` stages (models/pipeline.py); logits ``[M, B, T, V]`` and
+        ``aux_loss`` the SUM of each micro-batch's router loss."""
         h_BTH = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        if h_BTH.ndim == 4:
+            return self._pipelined(h_BTH, positions, segment_ids)
         B, T = h_BTH.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -184,6 +195,29 @@ class Decoder(nnx.Module):
             policy=policy)
         return h_BTH, (None if cache is None else KVCache(k=kv[0], v=kv[1])), router_stats
 
+    def _pipelined(self, h_MBTH, positions, segment_ids) -> DecoderOutput:
+        """M micro-batches through the pipelined layers; embedding and head run outside the
+        pipeline on every stage (docs/SCALE.md#pipeline-parallelism-meshstage)."""
+        if not self.scan_layers:
+            raise ValueError("a micro-batched (pipelined) forward needs scan_layers=True")
+        M, B, T = h_MBTH.shape[:3]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (M, B, T))
+        policy = None if self.remat == "none" else remat_policy(self.remat)
+        h_MBTH, stats_M = pipeline_layers(
+            self.model.layers, h_MBTH, positions, rope_inv_freq(self.config), segment_ids,
+            stages=self.pipeline_stages, repeats=self.pipeline_repeats,
+            remat=self.remat != "none", policy=policy)
+        # the head on [M, B, T, H] as is: merging M into the row axis would lose the rows'
+        # split over the batch axes (GSPMD gathers every row onto every device)
+        if self.config.tie_word_embeddings:
+            logits = jax.vmap(lambda h: self._finish(h, None, None, None).logits)(h_MBTH)
+        else:
+            logits = self._finish(h_MBTH, None, None, None).logits
+        aux_loss = (jnp.sum(jax.vmap(load_balancing_loss, in_axes=(0, None))(
+            stats_M, self.config.num_experts)) if self.config.is_moe else jnp.zeros((), jnp.float32))
+        return DecoderOutput(logits, None, aux_loss)
+
     def _finish(self, h_BTH, new_cache, router_stats, logits_at) -> DecoderOutput:
         if logits_at is not None:
             h_BTH = jnp.take_along_axis(h_BTH, logits_at[..., None].astype(jnp.int32), axis=1)
@@ -193,7 +227,7 @@ class Decoder(nnx.Module):
         else:
             logits = self.lm_head(h_BTH).astype(jnp.float32)
         aux_loss = (load_balancing_loss(router_stats, self.config.num_experts)
-                    if self.config.is_moe else jnp.zeros((), jnp.float32))
+                    if self.config.is_moe and router_stats is not None else jnp.zeros((), jnp.float32))
         return DecoderOutput(logits.astype(jnp.float32), new_cache, aux_loss)
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None):

@@ -1,6 +1,8 @@
 """Named model presets: the published full-size shapes and tiny CPU-sized variants of each family."""
 from __future__ import annotations
 
+import dataclasses
+
 from medjax.models.config import ModelConfig
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -44,6 +46,9 @@ PRESETS.update({
     "tiny-mixtral": ModelConfig(architecture="mixtral", **_TINY, num_experts=4, num_experts_per_tok=2),
 })
 PRESETS["tiny-llama"] = PRESETS["tiny-llama2"]
+# 8 layers: enough to cut into pipeline stages x repeats (mesh.stage=4, train.pipeline_repeats=2)
+PRESETS["tiny-llama2-8l"] = dataclasses.replace(PRESETS["tiny-llama2"], num_layers=8)
+PRESETS["tiny-mixtral-8l"] = dataclasses.replace(PRESETS["tiny-mixtral"], num_layers=8)
 
 # Published parameter counts (model cards / HF safetensors index totals).
 PUBLISHED_PARAMS = {

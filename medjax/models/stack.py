@@ -56,7 +56,7 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
         h, rng = carry
         w, kv_i = xs
         drawn = _values(rng)       # before the call: merge may share variables with ``rng``
-        layer = _unstacked_metadata(nnx.merge(graphdef, rng, w))
+        layer = unstacked_metadata(nnx.merge(graphdef, rng, w))
         h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
         new_rng = nnx.state(layer, nnx.RngState)
         advanced.append(any(a is not b for a, b in zip(drawn, _values(new_rng))))
@@ -78,7 +78,7 @@ def _values(state) -> list:
             for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
 
 
-def _unstacked_metadata(layer):
+def unstacked_metadata(layer):
     """``layer`` (merged from one slice) with ``"layers"`` dropped from its variables'
     ``logical_axes``, so code inside a layer that reads them (sharding constraints, expert
     parallelism's specs) sees what a loop-layout layer has."""

@@ -41,6 +41,14 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              layer's). Not counted: the runtime's own memory (compiled programs, the
              compiler's transients, the allocator): 3-12% of the QLoRA load measured in
              tests/hf/test_load_memory.py (docs/SCALE.md).
+
+With pipeline stages (``mesh.stage`` S > 1, ``train.pipeline_repeats`` R, M = ``grad_accum``
+micro-batches; medjax/models/pipeline.py) each device holds its stage's ``L / S`` layers (the
+rules split ``layers`` over ``stage``) and the embedding and head whole (every stage runs them),
+so every stage plans the same bytes; the saved residuals are those of all ``R · M + S − 1``
+iterations of its ``L / (R · S)`` layers (all micro-batches are in flight before the backward),
+the head's logits those of all M micro-batches. :func:`pipeline_traffic` adds the bubble
+fraction and the bytes moved between stages.
 """
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ class Plan:
     total_params: int
     micro_batch_per_device: float
     moe: dict | None = None          # one MoE layer's FLOPs/temporaries (models.moe.moe_layer_cost)
+    pipeline: dict | None = None     # stages, bubble, bytes between stages (pipeline_traffic)
     temporaries: float = 0.0
     load_peak: float = 0.0        # per device, while loading + initialising the train state
     host_load: float = 0.0        # per process, RAM beyond its baseline for the tensor in flight
@@ -150,9 +159,11 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     model_cfg = model_config(cfg)
     num_devices = num_devices or mesh_devices(cfg.mesh)
     sizes = sharding.axis_sizes(cfg.mesh, num_devices)
-    sharding.check_model(model_cfg, sizes)
+    sharding.check_model(model_cfg, sizes, cfg.train.pipeline_repeats)
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
-    rules = sharding.rules_for(cfg.mesh.preset)
+    rules = sharding.rules_of(cfg.mesh)
+    pipelined = sizes["stage"] > 1
+    layer_bytes = 0.0          # this device's stacked layer variables (pipeline: its stage's)
     model = abstract_model(cfg, model_cfg)
     trainable_type = nnx.LoRAParam if cfg.lora.enabled else nnx.Param
     compute = jnp.dtype(cfg.model.dtype).itemsize
@@ -169,6 +180,8 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
         in_layer = bool(num_stacked(var)) or split_layer_path(path)[1] is not None
         n_global, n_local = _local_elements(var, mesh, rules)
         itemsize = jnp.dtype(var.get_value().dtype).itemsize
+        if num_stacked(var):
+            layer_bytes += n_local * itemsize
         if moe_whole and n_local < n_global and \
                 "experts" in (var.get_metadata().get("logical_axes") or ()):
             moe_gathered += n_global * itemsize / (var.get_value().shape[0] if num_stacked(var) else 1)
@@ -193,7 +206,9 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
             # fp32 gradient accumulator; with grad_accum > 1 under the layer scan a second set:
             # the backward scan returns every layer's gradient stacked before it is added in
             # (the loop layout adds each layer's as it is produced: measured slope on v5p)
-            second = cfg.train.grad_accum > 1 and (cfg.model.scan_layers or not in_layer)
+            # (pipelined: one gradient of all micro-batches, no accumulation loop)
+            second = (cfg.train.grad_accum > 1 and not pipelined
+                      and (cfg.model.scan_layers or not in_layer))
             grads += 4 * n_local * (2 if second else 1)
             if cfg.optim.name == "adamw":
                 opt += 8 * n_local
@@ -230,7 +245,9 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
                              _DTYPE_BYTES[cfg.model.dtype], gathered_weight_bytes=moe_gathered)
         moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
     temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
+    pipe = pipeline_traffic(cfg, model_cfg, sizes, micro, layer_bytes) if pipelined else None
     return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,
+                pipeline=pipe,
                 temporaries=temporaries, load_peak=params + reference + opt + in_flight,
                 host_load=host, quantized=quantized, reference=reference, weight_copies=copies)
 
@@ -257,7 +274,12 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
 
     The head's buffers are freed before the layers' backward starts, so the peak holds
     ``saved`` plus the larger of ``working`` and ``logits``, not both. DPO runs the policy on
-    the chosen and the rejected row of each pair (twice the sequences)."""
+    the chosen and the rejected row of each pair (twice the sequences).
+
+    Pipelined (``mesh.stage`` S > 1): ``saved`` holds all ``R · M + S − 1`` iterations of the
+    stage's ``L / (R · S)`` layers (with ``model.remat``: one stage input per iteration plus one
+    stage's residuals, models/pipeline.py), ``logits`` all M micro-batches, plus the embeddings / stage
+    outputs of the M micro-batches (``[M, B, T, H]``, with their gradient)."""
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     rows = cfg.train.batch_size / cfg.train.grad_accum / shards
     tokens = rows * cfg.data.seq_len * (2 if cfg.train.objective == "dpo" else 1)
@@ -283,14 +305,49 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
         probs = tokens / T * (m.num_heads / t) * visible * 4
     working = 2 * tokens * in_working * s + 2 * probs   # one layer's activations + their grads
     remat = cfg.model.remat
+    stages, micro = sizes.get("stage", 1), cfg.train.grad_accum
+    layers, buffers = m.num_layers, 0.0
+    if stages > 1:
+        from medjax.models.pipeline import iterations
+        repeats = cfg.train.pipeline_repeats
+        layers = iterations(stages, repeats, micro) * m.num_layers / (repeats * stages)
+        buffers = 2 * micro * tokens * H * s
     if remat == "none":
-        saved = m.num_layers * (tokens * everything * s + probs)
+        saved = layers * (tokens * everything * s + probs)
     elif remat == "dots_saveable":
-        saved = m.num_layers * tokens * (dots + H) * s
+        saved = layers * tokens * (dots + H) * s
     else:
-        saved = m.num_layers * tokens * H * s
-    logits = tokens * (m.vocab_size / t) * (4 + s)
-    return rows, saved + max(working, logits)
+        saved = layers * tokens * H * s
+    if stages > 1 and remat != "none":
+        # each stage call is checkpointed whole: one stage input per iteration, and one
+        # stage's layers' residuals while that stage is recomputed
+        per_stage = m.num_layers / (cfg.train.pipeline_repeats * stages)
+        saved = saved / layers * per_stage + iterations(
+            stages, cfg.train.pipeline_repeats, micro) * tokens * H * s
+    logits = tokens * (m.vocab_size / t) * (4 + s) * (micro if stages > 1 else 1)
+    return rows, saved + buffers + max(working, logits)
+
+
+def pipeline_traffic(cfg: RunConfig, m, sizes, micro_rows: float, layer_bytes: float) -> dict:
+    """The pipeline's bubble and the bytes one device sends to other stages per optimizer step
+    (medjax/models/pipeline.py): every iteration each stage passes its micro-batch's activations
+    ``[B, T, H]`` (its rows) to the next stage with a collective-permute, and the backward sends
+    their gradient back (``ppermute_bytes``); the last stage's output also goes to every stage
+    (the buffer the head and stage 0 read, ``last_stage_bytes``, forward and backward). With
+    ``R > 1`` the stacked weights, stored in layer order (checkpoints do not depend on S),
+    are regrouped by stage every step, an all-to-all of ``(S − 1) / S`` of the stage's layer
+    weights, and again for their gradient (``weight_all_to_all_bytes``)."""
+    from medjax.models.pipeline import bubble_fraction, iterations
+    S, R, M = sizes["stage"], cfg.train.pipeline_repeats, cfg.train.grad_accum
+    activation = micro_rows * cfg.data.seq_len * m.hidden_size * _DTYPE_BYTES[cfg.model.dtype]
+    if cfg.train.objective == "dpo":
+        activation *= 2
+    steps = iterations(S, R, M)
+    return {"stages": S, "repeats": R, "micro_batches": M, "iterations": steps,
+            "bubble": bubble_fraction(S, R, M), "layers_per_stage": m.num_layers // S,
+            "ppermute_bytes": 2 * steps * activation,
+            "last_stage_bytes": 2 * steps * activation,
+            "weight_all_to_all_bytes": 2 * layer_bytes * (S - 1) / S if R > 1 else 0.0}
 
 
 def expert_parallel_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict:

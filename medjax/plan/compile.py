@@ -216,7 +216,18 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     if cost:
         out["layer_scan_scale"] = _layer_scan_scale(cfg, model_cfg, estimate, flops)
         scale = accum * out["layer_scan_scale"]
-        out["compiled_flops"] = float(cost.get("flops", 0.0)) * scale
+        if cfg.mesh.stage > 1:
+            # pipelined (models/pipeline.py): no micro-batch loop; the body of the loop over
+            # R·M + S − 1 iterations runs one layer of the stage's L / (R·S)
+            from medjax.models.pipeline import iterations
+            R = cfg.train.pipeline_repeats
+            per = model_cfg.replace(num_layers=model_cfg.num_layers // (R * cfg.mesh.stage))
+            out["pipeline_iterations"] = iterations(cfg.mesh.stage, R, accum)
+            out["layer_scan_scale"] = _layer_scan_scale(
+                cfg, per, estimate, model_flops(cfg, per, estimate.trainable, estimate.total_params))
+            scale = out["pipeline_iterations"] * out["layer_scan_scale"]
+        out["counted_flops"] = float(cost.get("flops", 0.0))      # every loop body once
+        out["compiled_flops"] = out["counted_flops"] * scale
         if cost.get("optimal_seconds", 0) > 0:
             out["optimal_seconds"] = float(cost["optimal_seconds"]) * scale
     model_total = out["model_matmul_flops"] + out["model_attention_flops"]
@@ -290,10 +301,17 @@ def format_report(cfg, r: dict) -> str:
         model = matmul + attn
         scan = (f" x layer scan {r['layer_scan_scale']:.2f} (model FLOPs all layers / one; Mosaic "
                 "kernels inside the scan uncounted)" if r.get("layer_scan_scale", 1.0) != 1.0 else "")
+        loops = (f"pipeline iterations {r['pipeline_iterations']}" if r.get("pipeline_iterations")
+                 else f"grad_accum {r['grad_accum']}")
         lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} (loop body x "
-                     f"grad_accum {r['grad_accum']}{scan}; Pallas kernels by their cost estimates) vs "
+                     f"{loops}{scan}; Pallas kernels by their cost estimates) vs "
                      f"model {model:.3e} (matmuls {matmul:.3e} + attention {attn:.3e}) -> "
                      f"{r['compiled_flops'] / max(model, 1):.2f}x")
+        if r.get("pipeline_iterations"):
+            lines.append(f"    pipelined: an UPPER bound, the head, embedding and loss (outside the "
+                         f"loops) scaled too; cost_analysis counted {r['counted_flops']:.4e} with "
+                         f"every loop body once (two compiles at M and M/2 separate the two parts, "
+                         f"docs/SCALE.md#pipeline-parallelism-meshstage)")
     else:
         lines.append(f"  FLOPs per step per device: model {matmul + attn:.3e} (matmuls {matmul:.3e}"
                      f", attention {attn:.3e}); this compiler reports no cost analysis")

@@ -48,6 +48,17 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
             lines.append(f"  all-to-all per step per device (expert={p.moe['expert_parallel']}): "
                          f"{p.moe['all_to_all_ragged_bytes'] / GiB:.3g} GiB ragged (GPU/TPU), "
                          f"{p.moe['all_to_all_padded_bytes'] / GiB:.3g} GiB padded (CPU)")
+    if p.pipeline:
+        q = p.pipeline
+        lines.append(f"  pipeline: {q['stages']} stages x {q['repeats']} repeats, "
+                     f"{q['layers_per_stage']} layers per stage (embedding and head on every stage, "
+                     f"so each stage holds the bytes above), {q['micro_batches']} micro-batches, "
+                     f"{q['iterations']} iterations: bubble {q['bubble']:.1%} = (S-1)/(R*M+S-1)")
+        lines.append(f"  between stages per step per device: ppermute {q['ppermute_bytes'] / GiB:.3g} "
+                     f"GiB (activations fwd + grads bwd), last stage to all "
+                     f"{q['last_stage_bytes'] / GiB:.3g} GiB"
+                     + (f", weight regrouping all-to-all {q['weight_all_to_all_bytes'] / GiB:.3g} GiB "
+                        f"(repeats > 1)" if q["weight_all_to_all_bytes"] else ""))
     if p.quantized:
         lines.insert(5, f"    of which quantized {g(p.quantized)}   ({cfg.lora.quantize} codes + scales)")
     if device_bytes:

@@ -66,16 +66,21 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: 
 # ------------------------------------------------------------------------------ model → log-probs
 def pair_logps(model, batch):
     """Policy log-probs ``(chosen_BS, rejected_BS, valid_BS, aux_loss)`` with one forward over
-    2B rows (NEFTune noise on the embeddings when the model has it on: training only)."""
-    both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in LM_KEYS}
+    2B rows (NEFTune noise on the embeddings when the model has it on: training only).
+    Micro-batched ``[M, B, T]`` arrays (the pipeline) give ``[M, B, S]`` results."""
+    both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]], axis=-2)
+            for k in LM_KEYS}
     out = model.forward(both["input_ids"], positions=both["positions"], segment_ids=both["segment_ids"],
                         input_embeds=noisy_embeddings(model, both))
-    logp, count = segment_logps(out.logits, both["targets"], both["loss_mask"].astype(jnp.float32),
-                                both["segment_ids"])
-    B = batch["chosen_input_ids"].shape[0]
-    valid = (count[:B] > 0) & (count[B:] > 0)
-    valid = valid.at[:, 0].set(False)                       # slot 0 is padding
-    return logp[:B], logp[B:], valid, out.aux_loss.astype(jnp.float32)
+    lead, T = both["targets"].shape[:-1], both["targets"].shape[-1]
+    rows = lambda x: x.reshape(-1, *x.shape[len(lead):])    # noqa: E731  [..., 2B, T] → [rows, T]
+    logp, count = segment_logps(rows(out.logits), rows(both["targets"]),
+                                rows(both["loss_mask"].astype(jnp.float32)), rows(both["segment_ids"]))
+    logp, count = logp.reshape(*lead, T + 1), count.reshape(*lead, T + 1)
+    B = batch["chosen_input_ids"].shape[-2]
+    valid = (count[..., :B, :] > 0) & (count[..., B:, :] > 0)
+    valid = valid.at[..., 0].set(False)                     # slot 0 is padding
+    return logp[..., :B, :], logp[..., B:, :], valid, out.aux_loss.astype(jnp.float32)
 
 
 def mean_stats(stats):

@@ -84,13 +84,21 @@ def data_section(cfg: RunConfig):
     return data
 
 
-def prepare_data(cfg: RunConfig, tokenizer):
-    """``(train_iterator, heldout_batches, steps)`` from ``medjax.data.make_dataset``."""
+def prepare_data(cfg: RunConfig, tokenizer, mesh=None):
+    """``(train_iterator, heldout_batches, steps)`` from ``medjax.data.make_dataset``; with
+    ``mesh``, each process loads the block of rows its devices hold (``sharding.data_blocks``:
+    processes that differ only along ``stage`` load the same rows)."""
+    import functools
+
     from medjax.data import make_dataset
     if tokenizer is None:
         raise ConfigError("training on data needs a tokenizer: set model.path to a model with one")
     data = data_section(cfg)
     B = cfg.train.batch_size
+    if mesh is not None:
+        from medjax.sharding import data_blocks
+        index, count = data_blocks(mesh, B)
+        make_dataset = functools.partial(make_dataset, process_index=index, process_count=count)
     bench_dir = cfg.eval.data_dir           # the test files data.decontaminate removes from training
     train = make_dataset(data, tokenizer, batch_size=B, seed=data.seed, benchmarks_dir=bench_dir)
     has_eval = data.eval is not None or data.heldout_rows > 0
@@ -112,11 +120,13 @@ class Trainer:
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
         self.out_dir = Path(cfg.train.out_dir)     # made once the data and model are known good
         self.lora = cfg.lora.enabled
-        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer)
         mesh = make_mesh(cfg.mesh)
+        self.batches, self.heldout, self.steps = prepare_data(cfg, tokenizer, mesh)
         if self.heldout:   # the global batch: a process's own rows may all be padding
             objective.check_batch(global_batch(self.heldout[0], mesh))
         self.trainable = build_trainable(cfg, model, mesh, objective=objective, steps=self.steps)
+        from medjax.sharding import data_blocks
+        self.data_blocks = data_blocks(mesh, cfg.train.batch_size)[1]   # distinct row blocks
         if self.trainable.quant_report is not None:
             print(self.trainable.quant_report.summary())
         self.state, self.frozen, self.reference = (self.trainable.state, self.trainable.frozen,
@@ -212,7 +222,7 @@ class Trainer:
                         f"step {step + 1}, batch {json.dumps(batch_id)}; last good checkpoint: "
                         f"{good[-1] if good else 'none'} in {self.ckpt.directory}")
                 tokens_total += metrics["tokens"]
-                real_tokens = jax.process_count() * sum(float(np.sum(np.asarray(local[k]) > 0))
+                real_tokens = self.data_blocks * sum(float(np.sum(np.asarray(local[k]) > 0))
                                                         for k in batch if k.endswith("segment_ids"))
                 metrics = log.step(step + 1, metrics, real_tokens)
                 last = metrics

@@ -63,6 +63,12 @@ def noisy_embeddings(model, batch):
     neftune = getattr(model, "neftune", None)
     if neftune is None or neftune.deterministic or not neftune.alpha:
         return None
-    embeds_BTD = model.model.embed_tokens(batch["input_ids"])
-    noise = neftune_noise(neftune.rngs(), embeds_BTD.shape, batch.get("segment_ids"), neftune.alpha)
-    return (embeds_BTD.astype(jnp.float32) + noise).astype(embeds_BTD.dtype)
+    embeds = model.model.embed_tokens(batch["input_ids"])
+    segment_ids = batch.get("segment_ids")
+    if embeds.ndim == 4:     # [M, B, T, D] micro-batches (pipeline): one draw each, in order
+        noise = jnp.stack([neftune_noise(neftune.rngs(), embeds.shape[1:],
+                                         None if segment_ids is None else segment_ids[i],
+                                         neftune.alpha) for i in range(embeds.shape[0])])
+    else:
+        noise = neftune_noise(neftune.rngs(), embeds.shape, segment_ids, neftune.alpha)
+    return (embeds.astype(jnp.float32) + noise).astype(embeds.dtype)

@@ -55,7 +55,7 @@ def check_layout(cfg, mesh) -> None:
     local_batch_rows(mesh, cfg.train.batch_size)
     if cfg.model.preset:
         from medjax.models import get_preset
-        check_model(get_preset(cfg.model.preset), dict(mesh.shape))
+        check_model(get_preset(cfg.model.preset), dict(mesh.shape), cfg.train.pipeline_repeats)
     if jax.process_count() > 1:
         import hashlib
         import json
@@ -99,11 +99,11 @@ def load_prepared(cfg, mesh):
     import jax.numpy as jnp
 
     from medjax.hf.pretrained import load_pretrained
-    from medjax.sharding import rules_for
+    from medjax.sharding import rules_of
     param_dtype = jnp.dtype(cfg.model.param_dtype) if cfg.lora.enabled else jnp.float32
     model, tokenizer = load_pretrained(cfg.model.path, dtype=jnp.dtype(cfg.model.dtype),
                                        param_dtype=param_dtype, attention_impl=cfg.model.attention,
-                                       mesh=mesh, rules=rules_for(cfg.mesh.preset),
+                                       mesh=mesh, rules=rules_of(cfg.mesh),
                                        prepare=lambda m: prepare_model(cfg, m),
                                        scan_layers=cfg.model.scan_layers)
     model.prepared = True
@@ -174,7 +174,8 @@ class Trainable:
         fn, _ = S.jit_train_step(self.state, self.frozen, self.reference, mesh=self.mesh,
                                  rules=self.rules, graphdef=self.graphdef, tx=self.tx,
                                  schedule=self.schedule, objective=self.objective,
-                                 grad_accum=self.cfg.train.grad_accum)
+                                 grad_accum=self.cfg.train.grad_accum,
+                                 pipelined=self.cfg.mesh.stage > 1)
         return fn
 
     @functools.cached_property
@@ -207,10 +208,13 @@ def _abstract(tree, shardings):
 def build_trainable(cfg, model, mesh, *, objective=None, steps: int | None = None,
                     abstract: bool = False) -> Trainable:
     """wrap → quantize → NEFTune → split → init → place (see the module docstring)."""
-    from medjax.sharding import rules_for
+    from medjax.sharding import check_model, rules_of
     objective = objective if objective is not None else objective_for(cfg)
     tx, schedule = make_optimizer(cfg.optim, steps if steps is not None else cfg.train.steps)
-    rules = rules_for(cfg.mesh.preset)
+    rules = rules_of(cfg.mesh)
+    check_model(model.config, dict(mesh.shape), cfg.train.pipeline_repeats)
+    # micro-batched calls of the model run as a pipeline over the stage axis (models/pipeline.py)
+    model.pipeline_stages, model.pipeline_repeats = cfg.mesh.stage, cfg.train.pipeline_repeats
     lora = cfg.lora.enabled
 
     def split_and_init(model):

@@ -27,6 +27,11 @@ micro-batch ``i`` on a few devices and make XLA move rows between them every ste
 go together changes nothing in the summed loss and gradient; it does decide which LoRA dropout
 mask / NEFTune noise a row draws and what Mixtral's per-micro-batch router aux loss sees. A
 DPO pair is row ``r`` of every ``chosen_*`` and ``rejected_*`` array, so pairs stay together.
+
+Pipelined (``mesh.stage > 1``): the objective's loss takes all micro-batches at once
+(``[grad_accum, B / grad_accum, ...]`` arrays), the decoder runs them through its pipeline
+(models/pipeline.py) and ONE gradient of the summed loss replaces the scan of per-micro-batch
+gradients: the same sum, the micro-batches in flight together on different stages.
 """
 from __future__ import annotations
 
@@ -88,14 +93,20 @@ def micro_batches(batch, grad_accum: int):
         x, jax.sharding.NamedSharding(mesh, spec)), micro)
 
 
-def accumulate_grads(params, rngs, frozen, reference, batch, *, graphdef, objective, grad_accum: int):
+def accumulate_grads(params, rngs, frozen, reference, batch, *, graphdef, objective, grad_accum: int,
+                     pipelined: bool = False):
     """Gradients of ``objective`` over the batch, summed over ``grad_accum`` micro-batches
-    (``lax.scan``); each micro-batch's loss is divided by ``objective.normalizer`` of the WHOLE
-    batch. Returns ``(grads, rngs, metrics)`` with ``objective.metrics`` of the summed stats."""
+    (``lax.scan``; with ``pipelined`` one gradient of the loss of all micro-batches, run through
+    the decoder's pipeline); each micro-batch's loss is divided by ``objective.normalizer`` of the
+    WHOLE batch. Returns ``(grads, rngs, metrics)`` with ``objective.metrics`` of the summed stats."""
     norm = objective.normalizer(batch)
     micro = micro_batches({k: batch[k] for k in objective.batch_keys}, grad_accum)
     grad_fn = jax.grad(functools.partial(objective.loss, graphdef=graphdef, n_micro=grad_accum),
                        has_aux=True)
+    if pipelined:
+        grads, (stats, rngs) = grad_fn(params, rngs, frozen, reference, micro, norm)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        return grads, rngs, objective.metrics(stats, grad_accum)
 
     def one_micro(carry, mb):
         grads_acc, rngs, stats_acc = carry
@@ -115,11 +126,11 @@ def accumulate_grads(params, rngs, frozen, reference, batch, *, graphdef, object
 
 
 def train_step(state: TrainState, frozen, reference, batch, *, graphdef, tx, schedule, objective,
-               grad_accum: int = 1):
+               grad_accum: int = 1, pipelined: bool = False):
     """One optimizer step over ``batch`` (dict of ``[B, T]`` arrays). Returns ``(state, metrics)``."""
     grads, rngs, metrics = accumulate_grads(state.params, state.rngs, frozen, reference, batch,
                                             graphdef=graphdef, objective=objective,
-                                            grad_accum=grad_accum)
+                                            grad_accum=grad_accum, pipelined=pipelined)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
@@ -148,7 +159,7 @@ def on_mesh(mesh, fn, rules=None):
     from medjax.ops.target import logical_rules
     from medjax.sharding import preset_of, rules_for
     abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
-    table = (rules or rules_for(preset_of(abstract))).table
+    table = (rules or rules_for(preset_of(abstract), stages=dict(abstract.shape).get("stage", 1))).table
 
     def traced(*args):
         with jax.sharding.use_abstract_mesh(abstract), logical_rules(table):
@@ -157,7 +168,7 @@ def on_mesh(mesh, fn, rules=None):
 
 
 def jit_train_step(state, frozen, reference, *, mesh, rules, graphdef, tx, schedule, objective,
-                   grad_accum):
+                   grad_accum, pipelined: bool = False):
     """``(step_fn, (state_sh, frozen_sh, reference_sh))``: ``step_fn(state, frozen, reference, batch)``
     is ``train_step`` jitted with explicit shardings and ``state`` donated (``frozen`` and the
     objective's ``reference`` never are)."""
@@ -166,7 +177,8 @@ def jit_train_step(state, frozen, reference, *, mesh, rules, graphdef, tx, sched
                  tree_shardings(reference, mesh, rules))
     batch_sh = {k: batch_sharding(mesh) for k in objective.batch_keys}
     fn = on_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                                         objective=objective, grad_accum=grad_accum), rules)
+                                         objective=objective, grad_accum=grad_accum,
+                                         pipelined=pipelined), rules)
     step_fn = jax.jit(fn, in_shardings=(*shardings, batch_sh),
                       out_shardings=(shardings[0], _replicated(mesh)), donate_argnums=(0,),
                       compiler_options=compiler_options(mesh))

@@ -3,7 +3,8 @@
 Replica groups are printed explicitly (``replica_groups={{0,4},{1,5}}``), as an iota
 (``replica_groups=[4,2]<=[2,4]T(1,0)``: ``arange(8).reshape(2, 4).transpose(1, 0).reshape(4, 2)``),
 or over the compiler's own mesh (``replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}``: the
-ids ``arange(8).reshape(2, 4)``, a group varying ``axis_0``).
+ids ``arange(8).reshape(2, 4)``, a group varying ``axis_0``; with ``device_ids=([2,4]T(1,0))`` the
+mesh's positions hold ``arange(8).reshape(2, 4).transpose(1, 0)`` in row-major order).
 The ids are positions in the program's device assignment, i.e. flat indices into the mesh's
 device array, so a mesh axis coordinate of id ``i`` is ``np.unravel_index(i, mesh_shape)``.
 """
@@ -15,7 +16,8 @@ import re
 import numpy as np
 
 _EXPLICIT = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
-_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]"
+                   r"(?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}")
 _IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
@@ -27,8 +29,14 @@ def replica_groups(line: str) -> list[list[int]]:
     if m:   # the compiler's own mesh: axes name=size; a group varies the listed axes
         axes = [(name.strip("'"), int(size)) for name, size in
                 (a.split("=") for a in m.group(1).split(","))]
-        listed = [name.strip(" '") for name in m.group(2).split(",") if name.strip()]
-        ids = np.arange(math.prod(size for _, size in axes)).reshape([size for _, size in axes])
+        listed = [name.strip(" '") for name in m.group(4).split(",") if name.strip()]
+        ids = np.arange(math.prod(size for _, size in axes))
+        if m.group(2):      # device_ids=([dims]T(perm)): the devices at the mesh's positions
+            dims = [int(d) for d in m.group(2).split(",")]
+            ids = ids.reshape(dims)
+            if m.group(3):
+                ids = ids.transpose([int(p) for p in m.group(3).split(",")])
+        ids = ids.reshape([size for _, size in axes])
         names = [name for name, _ in axes]
         ids = np.moveaxis(ids, [names.index(n) for n in listed], range(-len(listed), 0))
         return ids.reshape(-1, math.prod(ids.shape[ids.ndim - len(listed):])).tolist()

@@ -22,8 +22,8 @@ from tests.distributed import hlo_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 EP_MESH = ["mesh.preset=fsdp_ep", "mesh.fsdp=2", "mesh.expert=4"]
-MESH_SHAPE = (1, 2, 1, 4)          # (data, fsdp, tensor, expert), medjax.sharding.MESH_AXES
-EXPERT_AXIS = 3
+MESH_SHAPE = (1, 1, 2, 1, 4)       # (stage, data, fsdp, tensor, expert), medjax.sharding.MESH_AXES
+EXPERT_AXIS = 4
 RUN = ["lora.dropout=0", "train.steps=3", "train.batch_size=8", "train.grad_accum=1",
        "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32"]
 

@@ -1,0 +1,148 @@
+"""Pipeline parallelism over the stacked layers (``mesh.stage``, ``train.pipeline_repeats``).
+
+The scanned layer stack ``[L, ...]`` (models/stack.py) is cut into ``S · R`` blocks of
+``L / (S · R)`` contiguous layers: block ``b = r · S + s`` runs on stage ``s`` in pass ``r``
+(``R = 1``: GPipe, stage ``s`` holds layers ``[s · L/S, (s + 1) · L/S)``; ``R > 1``: the circular
+schedule, each micro-batch goes round the stages ``R`` times). The ``M`` micro-batches are the
+step's gradient-accumulation micro-batches; ``M ≥ S``.
+
+One iteration ``t`` of a ``lax.scan`` over ``R · M + S − 1`` iterations runs every stage once,
+side by side: ``jax.vmap`` over the stage axis of the weights ``[R, S, L/(R·S), ...]`` and of the
+activations ``[S, B, T, H]``, both split over the ``stage`` mesh axis (``spmd_axis_name``), so
+each device runs its own stage's layers on the weights it holds. Stage ``s`` works on pass
+``k = t − s`` (micro-batch ``k mod M``, pass ``k // M``; idle when ``k`` is outside
+``[0, R · M)``: the bubble, a fraction ``(S − 1) / (R · M + S − 1)`` of the iterations). After the
+iteration the activations move one stage on, ``jnp.roll`` over the stage-split axis, which XLA
+lowers to a collective-permute. Stage 0 reads its input from ``buffer [M, B, T, H]`` (the
+embeddings at first); the last stage writes each micro-batch's output back into it, where
+stage 0 finds it for the next pass (``M ≥ S`` guarantees it is written before it is read) and
+where the head reads it after the last pass. The backward is the transpose of this loop
+(``jax.grad`` through the scan): the same schedule in reverse, the same collective-permutes.
+
+The per-layer body is models/stack.py's: every layer variable (weights, frozen LoRA bases,
+quantized codes, adapters) is scanned within the stage, router statistics are summed per
+micro-batch. With ``model.remat`` each layer is checkpointed with its policy AND each stage
+call is checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward
+starts, so what is kept is one stage input per iteration (not one per layer), and the backward
+recomputes a stage's layers (their inputs live for that stage only), one more forward pass. Layer RNG streams (LoRA dropout) are not
+advanced: the run config refuses ``lora.dropout > 0`` with ``mesh.stage > 1``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medjax.models.stack import unstacked_metadata
+from medjax.ops.target import BATCH_AXES, context_mesh
+
+STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
+
+
+def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
+    """Idle share of the stage iterations: ``(S − 1) / (R · M + S − 1)``."""
+    return (stages - 1) / (repeats * micro_batches + stages - 1)
+
+
+def iterations(stages: int, repeats: int, micro_batches: int) -> int:
+    return repeats * micro_batches + stages - 1
+
+
+def _stage_mesh_axis(stages: int):
+    """``"stage"`` when the context mesh splits ``stages`` over it, else None (one device runs
+    every stage: the same numbers, no collectives)."""
+    mesh = context_mesh()
+    if mesh is None or STAGE_AXIS not in mesh.axis_names or mesh.shape[STAGE_AXIS] != stages:
+        return None
+    return STAGE_AXIS
+
+
+def _constrain(x, axis, spec_of):
+    """``x`` pinned to the layout ``spec_of(x)`` (mesh axes per dimension) when the stages are
+    split over a mesh axis (``axis``), else ``x`` unchanged."""
+    if axis is None:
+        return x
+    spec = jax.sharding.PartitionSpec(*spec_of(x))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *, stages: int,
+                    repeats: int = 1, remat: bool = False, policy=None):
+    """Run the stacked ``layers`` over ``M`` micro-batches ``h_MBTH`` as an ``S``-stage pipeline.
+
+    Returns ``(h_MBTH, router_stats_M)``: each micro-batch's output of the last layer and its
+    router statistics summed over the layers (``[M, ...]``), the values ``stack.scan_layers``
+    gives for each micro-batch on its own.
+    """
+    graphdef, rng_state, weights = nnx.split(layers, nnx.RngState, ...)
+    S, R, M = stages, repeats, h_MBTH.shape[0]
+    L = jax.tree.leaves(weights)[0].shape[0]
+    per = L // (S * R)
+    axis = _stage_mesh_axis(S)
+    mesh = context_mesh()
+    rows = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names) or None
+    if rows and h_MBTH.shape[1] % math.prod(mesh.shape[a] for a in rows):
+        rows = None              # a micro-batch the batch axes cannot split: left to GSPMD
+    unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
+
+    # [L, ...] → [R, S, per, ...]: block r·S + s = layers [(r·S + s)·per, ...) on stage s
+    blocks = jax.tree.map(lambda x: _constrain(
+        x.reshape(R, S, per, *x.shape[1:]), axis,
+        lambda y: (None, axis) + (unconstrained,) * (y.ndim - 2)), weights)
+    act = lambda y: (axis, rows) + (None,) * (y.ndim - 2)   # noqa: E731  [S, B, ...] activations
+    micro = lambda y: (None, rows) + (None,) * (y.ndim - 2)  # noqa: E731  [M, B, ...] buffer
+
+    def stage(w, h_BTH, positions_BT, segment_ids_BT):
+        """One stage's ``per`` layers on one micro-batch: ``(h_BTH, router_stats)``."""
+        def body(h, w_layer):
+            layer = unstacked_metadata(nnx.merge(graphdef, rng_state, w_layer))
+            h, _, stats = layer(h, positions_BT, inv_freq, segment_ids_BT, None)
+            return h, stats
+        if remat:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        h_BTH, stats = jax.lax.scan(body, h_BTH, w)
+        return h_BTH, jnp.sum(stats, axis=0)
+    if remat:   # keep each iteration's stage input only; the backward recomputes the stage
+        stage = jax.checkpoint(stage, prevent_cse=False)
+
+    def pick_repeat(w, r):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, r, 0, keepdims=False), w)
+
+    stage_ids = jnp.arange(S)
+    has_segments = segment_ids_MBT is not None
+
+    def iteration(carry, t):
+        state, buffer, stats_M = carry
+        k = t - stage_ids                              # [S] the pass each stage works on
+        valid = (k >= 0) & (k < R * M)
+        k = jnp.clip(k, 0, R * M - 1)
+        r, m = k // M, k % M
+        first = jax.lax.dynamic_index_in_dim(buffer, t % M, 0, keepdims=False)
+        state = _constrain(jnp.where((stage_ids == 0).reshape((S,) + (1,) * first.ndim),
+                                     first[None], state), axis, act)
+        if R == 1:
+            w = jax.tree.map(lambda x: x[0], blocks)
+        else:                                          # stage s: block r[s] · S + s
+            w = jax.vmap(pick_repeat, in_axes=(1, 0), spmd_axis_name=axis)(blocks, r)
+        seg = segment_ids_MBT[m] if has_segments else None
+        out, stats = jax.vmap(stage, in_axes=(0, 0, 0, 0 if has_segments else None),
+                              spmd_axis_name=axis)(w, state, positions_MBT[m], seg)
+        out = _constrain(out, axis, act)
+        last = m[S - 1]
+        kept = jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False)
+        buffer = _constrain(jax.lax.dynamic_update_index_in_dim(
+            buffer, jnp.where(valid[S - 1], out[S - 1], kept), last, 0), axis, micro)
+        mask = valid.reshape((S,) + (1,) * (stats.ndim - 1))
+        stats_M = stats_M.at[m].add(jnp.where(mask, stats, 0.0))
+        return (jnp.roll(out, 1, axis=0), buffer, stats_M), None
+
+    state = _constrain(jnp.zeros((S,) + h_MBTH.shape[1:], h_MBTH.dtype), axis, act)
+    stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[0, 0], blocks), h_MBTH[0],
+                                 positions_MBT[0], segment_ids_MBT[0] if has_segments else None)[1]
+    stats_M = jnp.zeros((M,) + stats_shape.shape, jnp.float32)
+    h_MBTH = _constrain(h_MBTH, axis, micro)
+    (_, h_MBTH, stats_M), _ = jax.lax.scan(iteration, (state, h_MBTH, stats_M),
+                                           jnp.arange(iterations(S, R, M)))
+    return h_MBTH, stats_M
