@@ -16,6 +16,11 @@ EXCEPTION_BASES = ("Error", "Exception", "Interrupt", "Exit", "Warning")
 ALLOWED_CLASSES = {
     "medjax/train/loop.py:TrainingDiverged": "the loss went non-finite: exit 3, not a user error",
     "medjax/train/loop.py:TrainingInterrupted": "preemption signal: checkpoint saved, exit 128+N",
+    # the server's HTTP answers: control flow between the engine and the app, never a CLI error
+    "medjax/serve/protocol.py:ApiError": "a 4xx answer to one request; the server keeps serving",
+    "medjax/serve/engine.py:QueueFull": "the waiting queue is full: HTTP 429",
+    "medjax/serve/engine.py:Draining": "SIGTERM received, no new requests: HTTP 503",
+    "medjax/serve/app.py:EngineFailed": "an engine step raised for this request: HTTP 500",
 }
 ALLOWED_ALIASES: set[str] = set()      # none: every alias is gone (CompilePlanError → ConfigError)
 

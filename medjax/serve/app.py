@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from medjax.serve.engine import Draining, Engine, QueueFull, RequestTooLarge, Sampling, Sequence
+from medjax.errors import ConfigError
+from medjax.serve.engine import Draining, Engine, QueueFull, Sampling, Sequence
 from medjax.serve.protocol import (ApiError, GenerationRequest, chat_request, check_model,
                                    completion_request, parse_json)
 from medjax.serve.text import TextStream
@@ -95,7 +96,7 @@ async def _start(served: ServedModel, request: Request, parse) -> tuple[Generati
                for p, prompt in enumerate(req.prompts) for i in range(req.n)]
     try:
         served.engine.submit([c.seq for c in choices])
-    except RequestTooLarge as e:
+    except ConfigError as e:           # a request that can never run (context, pool)
         raise ApiError(400, str(e), param="max_tokens") from None
     except QueueFull as e:
         raise ApiError(429, str(e), kind="rate_limit_exceeded") from None

@@ -42,10 +42,6 @@ class Draining(Exception):
     """The engine is shutting down and takes no new request (HTTP 503)."""
 
 
-class RequestTooLarge(ConfigError):
-    """A request that can never run: prompt beyond the context, or more pages than the pool."""
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
@@ -157,20 +153,21 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def check(self, prompt_len: int, max_tokens: int) -> None:
-        """Raise ``RequestTooLarge`` for a request that can never run."""
+        """Raise ``ConfigError`` for a request that can never run (prompt beyond the context, or more
+        pages than the pool)."""
         if prompt_len < 1:
-            raise RequestTooLarge("the prompt is empty")
+            raise ConfigError("the prompt is empty")
         if prompt_len + max_tokens > self.max_context:
-            raise RequestTooLarge(
+            raise ConfigError(
                 f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
                 f"context of {self.max_context} tokens")
         pages = self.allocator.pages_for(prompt_len + max_tokens)
         if pages > self.allocator.num_pages:
-            raise RequestTooLarge(f"the request needs {pages} KV pages; the pool holds "
+            raise ConfigError(f"the request needs {pages} KV pages; the pool holds "
                                   f"{self.allocator.num_pages}")
 
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue sequences (all or none); ``QueueFull`` / ``Draining`` / ``RequestTooLarge``."""
+        """Queue sequences (all or none); ``QueueFull`` / ``Draining`` / ``ConfigError``."""
         for s in seqs:
             self.check(len(s.prompt), s.max_tokens)
         with self._cv:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medjax.errors import ConfigError
 from medjax.eval.generate import Generator
 from medjax.models import get_preset, init_decoder
-from medjax.serve.engine import (Engine, EngineConfig, QueueFull, RequestTooLarge, Sampling,
+from medjax.serve.engine import (Engine, EngineConfig, QueueFull, Sampling,
                                  Sequence)
 
 CONFIG = EngineConfig(page_size=8, max_slots=4, max_context=64, max_prefill_batch=2,
@@ -105,9 +106,9 @@ def test_limits():
     engine = Engine(model, EngineConfig(page_size=8, max_context=64, max_queue=2,
                                         kv_budget_bytes=4 * 8 * 2 * 2 * 2 * 16 * 4))   # 4 pages
     assert engine.allocator.num_pages == 4
-    with pytest.raises(RequestTooLarge, match="exceeds the context of 64"):
+    with pytest.raises(ConfigError, match="exceeds the context of 64"):
         engine.check(60, 10)
-    with pytest.raises(RequestTooLarge, match="needs 5 KV pages; the pool holds 4"):
+    with pytest.raises(ConfigError, match="needs 5 KV pages; the pool holds 4"):
         engine.check(30, 10)
     seq = lambda: Sequence(prompt=[1, 2], max_tokens=2, emit=lambda t, f: None)  # noqa: E731
     engine.submit([seq(), seq()])
