@@ -49,9 +49,12 @@ $(CUDA_STAMP): pyproject.toml
 
 cuda-venv: $(CUDA_STAMP)
 
-# Default CI run: everything but GPU tests; slow tests included (they are budgeted).
+# Default CI run: everything but GPU tests; slow tests included (they are budgeted). Two pytest
+# workers (pytest-xdist), a test file each at a time: one computes while the other waits on a
+# subprocess or a compile. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) $(TPU_STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)
