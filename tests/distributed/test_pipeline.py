@@ -41,6 +41,7 @@ MODELS = {  # name -> (config, 8-layer tiny preset: cut into 4 stages x 2 repeat
 ONE = ["mesh.preset=dp", "mesh.data=1"]
 STAGE2_FSDP4 = ["mesh.preset=fsdp", "mesh.stage=2", "mesh.fsdp=4"]
 STAGE4_DATA2 = ["mesh.preset=dp", "mesh.stage=4", "mesh.data=2"]
+STAGE2_EXPERT4 = ["mesh.preset=fsdp_ep", "mesh.stage=2", "mesh.expert=4"]   # EP inside a stage
 
 
 def _train(out_dir, config, *overrides, resume=False) -> int:
@@ -75,7 +76,7 @@ def one_device(tmp_path_factory):
     ("llama_full", STAGE2_FSDP4, 2), ("llama_full", STAGE4_DATA2, 2),
     ("llama_lora", STAGE2_FSDP4, 1), ("llama_lora", STAGE4_DATA2, 2),
     ("mixtral_lora", STAGE2_FSDP4, 2), ("mixtral_lora", STAGE4_DATA2, 1),
-    ("mixtral_qlora", STAGE2_FSDP4, 1),
+    ("mixtral_qlora", STAGE2_FSDP4, 1), ("mixtral_lora", STAGE2_EXPERT4, 1),
 ], ids=lambda x: x if isinstance(x, str) else "x".join(m.split("=")[1] for m in x[1:])
    if isinstance(x, list) else f"R{x}")
 def test_pipeline_trains_like_one_device(tmp_path, mesh_devices, one_device, name, mesh, repeats):
