@@ -59,7 +59,7 @@ def loss_agreement(medjax: dict, peer: dict, tol: float = LOSS_TOLERANCE) -> str
     diff = abs(peer["loss"] - medjax["loss"])
     if not diff <= tol:            # NaN fails too
         return (f"first-step loss {peer['loss']:.6f} vs medjax {medjax['loss']:.6f}: "
-                f"|diff| {diff:.2e} > {tol:g}: the sides do not compute the same step")
+                f"|diff| {diff:.2e} > {tol:.0e}: the sides do not compute the same step")
     return None
 
 
