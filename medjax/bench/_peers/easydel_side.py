@@ -108,8 +108,94 @@ def cpu(args) -> dict:
     return out
 
 
+def _abstract_sharded(state, model, mesh):
+    """``state`` (shapes only) with every leaf a ShapeDtypeStruct carrying the sharding that
+    EasyDeL's ``EasyDeLState.shard_state`` would ``device_put`` it with (its partition rules,
+    its divisibility fix-ups), for lowering without allocating."""
+    import jax
+    import eformer.escale as es
+    from eformer.escale import match_partition_rules
+    from easydel.infra.base_state import _sanitize_partition_specs_for_shape_tree
+    from jax.sharding import PartitionSpec
+    rules = model._get_partition_rules(None)
+    specs = match_partition_rules(rules, state)
+    specs, _ = _sanitize_partition_specs_for_shape_tree(partition_specs=specs, shape_tree=state, mesh=mesh)
+    with mesh:
+        shardings = jax.tree_util.tree_map(
+            lambda spec, leaf: (es.get_corrected_named_sharding(tuple(leaf.shape), spec)
+                                if isinstance(spec, PartitionSpec) and hasattr(leaf, "shape") else None),
+            specs, state)
+    return jax.tree_util.tree_map(
+        lambda sh, leaf: (jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
+                          if sh is not None else leaf),
+        shardings, state, is_leaf=lambda x: x is None)
+
+
+def _kernels_for_tpu():
+    """ejkernel picks a kernel's platform and implementation from ``jax.default_backend()``, the
+    CPU on this compile-only host, which would give its XLA fallback: in ejkernel's platform
+    detection and kernel registry (only there) the default backend is the TPU compiled for, as
+    on a TPU host, so "auto" picks its Pallas (Mosaic) TPU kernel."""
+    import importlib
+
+    import jax
+
+    class TpuJax:
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        @staticmethod
+        def default_backend():
+            return "tpu"
+    for name in ("ejkernel.modules.base", "ejkernel.kernels._registry"):
+        importlib.import_module(name).jax = TpuJax()
+    # ejkernel 0.0.78 (pinned by EasyDeL 0.3.0, written for jax 0.9) calls pltpu.repeat, which
+    # jax 0.10 removed; jax's own splash kernel replaced pltpu.repeat(x, r, axis=1) with
+    # jnp.tile(x, (1, r)): the same replacement here
+    from jax.experimental.pallas import tpu as pltpu
+    if not hasattr(pltpu, "repeat"):
+        import jax.numpy as jnp
+        pltpu.repeat = lambda x, repeats, axis: jnp.tile(
+            x, tuple(repeats if i == axis % x.ndim else 1 for i in range(x.ndim)))
+
+
 def tpu(args) -> dict:
-    raise NotImplementedError("EasyDeL TPU compile row: not written yet")
+    _import_easydel()
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from easydel.modules.llama import LlamaConfig, LlamaForCausalLM
+    from easydel.trainers.trainer._fn import training_step
+
+    devices = protocol.tpu_devices(args.topology)
+    names = ("dp", "fsdp", "ep", "tp", "sp")                 # its default mesh: (1, -1, 1, 1, 1)
+    mesh = Mesh(np.array(devices).reshape(1, len(devices), 1, 1, 1), names)
+    s = protocol.LLAMA2_7B
+    config = LlamaConfig(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"], num_hidden_layers=args.layers,
+        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+        head_dim=s["head_dim"], rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+        max_position_embeddings=args.seq, attn_mechanism="blocksparse", attn_dtype=jnp.bfloat16,
+        gradient_checkpointing="nothing_saveable", backend="tpu", tie_word_embeddings=False)
+    config.set_model_mesh(mesh)        # its own override: compile-only devices, not jax.devices()
+    _kernels_for_tpu()
+    t0 = time.perf_counter()
+    with protocol.target_v5p(), mesh:
+        model = LlamaForCausalLM.lazy_init(config=config, dtype=jnp.bfloat16,
+                                           param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        state = jax.eval_shape(lambda st: st.init_tx(_tx()), model.to_state())
+        state = _abstract_sharded(state, model, mesh)
+        batch_sharding = NamedSharding(mesh, PartitionSpec(("dp", "fsdp")))
+        ids = jax.ShapeDtypeStruct((args.global_batch, args.seq), jnp.int32, sharding=batch_sharding)
+        batch = {"input_ids": ids, "attention_mask": ids}
+        step = jax.jit(training_step, static_argnums=(2, 3, 4, 5, 6), donate_argnums=(0,))
+        compiled = step.lower(state, batch, None, None, None, 1, None).compile()
+    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=False)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def _levanter_config(hf_dir=None, **overrides):
     return dataclasses.replace(LlamaConfig.from_hf_config(hf), **overrides), hf.vocab_size
 
 
-def _make_step(frozen, lora: bool, policy=None):
+def _make_step(frozen, lora: bool, policy=None, compute_mapping=None):
     import equinox as eqx
+    import haliax as hax
     import jax.numpy as jnp
     import optax
     from levanter.models.lm_model import compute_next_token_loss
@@ -39,6 +40,12 @@ def _make_step(frozen, lora: bool, policy=None):
 
     def step(trainable, opt_state, frozen, example):
         def loss_fn(tr):
+            if compute_mapping is not None:           # as its Trainer's loss_fn: compute layout
+                with hax.axis_mapping(compute_mapping):
+                    return _loss(tr)
+            return _loss(tr)
+
+        def _loss(tr):
             model = eqx.combine(tr, frozen)
             if policy is not None:
                 model = policy.cast_to_compute(model)
@@ -144,34 +151,32 @@ def tpu(args) -> dict:
     s = protocol.LLAMA2_7B
     config = _levanter_config(
         seq_len=args.seq, hidden_dim=s["hidden_size"], intermediate_dim=s["intermediate_size"],
-        num_layers=s["num_layers"], num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
+        num_layers=args.layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
         layer_norm_epsilon=s["rms_norm_eps"], attn_backend=AttentionBackend.SPLASH,
         gradient_checkpointing=True, scan_layers=True)
     Vocab = hax.Axis("vocab", s["vocab_size"])
-    compute_mapping = {"batch": ("replica", "data")}
-    param_mapping = {"embed": "data"}
+    compute_mapping = {"batch": ("replica", "data")}             # its TrainerConfig's defaults:
+    param_mapping = {"embed": "data", "batch": ("replica", "data")}   # FSDP over "embed"
     policy = jmp.get_policy("p=f32,c=bfloat16")
     Batch, Pos = hax.Axis("batch", args.global_batch), config.Pos
+    ids = jax.ShapeDtypeStruct((args.global_batch, args.seq), jnp.int32)
     t0 = time.perf_counter()
-    with protocol.target_v5p(), jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh, \
-            hax.axis_mapping(param_mapping):
+    with protocol.target_v5p(), mesh, hax.axis_mapping(param_mapping):
         model = eqx.filter_eval_shape(LlamaLMHeadModel.init, Vocab, config, key=jax.random.PRNGKey(0))
         trainable, frozen, _ = _split(model, args.mode == "lora", jax.random.PRNGKey(1), concrete=False)
-        opt, step = _make_step(frozen, args.mode == "lora", policy)
+        opt, step = _make_step(frozen, args.mode == "lora", policy, compute_mapping)
         opt_state = eqx.filter_eval_shape(opt.init, trainable)
-        ids = jax.ShapeDtypeStruct((args.global_batch, args.seq), jnp.int32)
         example = eqx.filter_eval_shape(lambda i: _example(i, Batch, Pos), ids)
-
-        def shaped(tree, mapping):
-            shardings = hax.partitioning.infer_resource_partitions(tree, mapping, mesh=mesh)
-            return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                tree, shardings)
-        full_mapping = {**compute_mapping, **param_mapping}
-        args_ = (shaped(trainable, param_mapping), shaped(opt_state, param_mapping),
-                 shaped(frozen, param_mapping), shaped(example, compute_mapping))
-        with hax.axis_mapping(compute_mapping):
-            jitted = hax.named_jit(step, axis_resources=full_mapping, donate_args=(True, True, False, False))
-            compiled = jitted.lower(*args_).compile()
+        jitted = hax.named_jit(step, axis_resources=param_mapping, out_axis_resources=param_mapping,
+                               donate_args=(True, True, False, False))
+        # named_jit splits its arguments with equinox's is_array, which takes a ShapeDtypeStruct
+        # for a static value: for this lowering on shapes only, shapes count as arrays
+        is_array = hax.partitioning.is_array
+        hax.partitioning.is_array = lambda x: is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+        try:
+            compiled = jitted.lower(trainable, opt_state, frozen, example).compile()
+        finally:
+            hax.partitioning.is_array = is_array
     return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=True)
 
 

@@ -83,6 +83,8 @@ def side_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--topology", default="v5p:2x2x1", help="tpu: compile-only topology")
     p.add_argument("--global-batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=LLAMA2_7B["num_layers"],
+                   help="tpu: depth (fewer for a quick check of the side itself)")
     return p
 
 
@@ -147,4 +149,18 @@ def compile_report(compiled, seconds: float, scanned_layers: bool) -> dict:
             "compiled_flops": float(cost.get("flops", 0.0)),
             "optimal_seconds": float(cost.get("optimal_seconds", 0.0)) or None,
             "compile_s": seconds, "scanned_layers": scanned_layers,
-            "kernels": {"mosaic": text.count("tpu_custom_call")}}
+            "kernels": custom_calls(text)}
+
+
+def custom_calls(hlo_text: str) -> dict:
+    """``{custom call target: count}`` in compiled HLO text (Mosaic kernels: ``tpu_custom_call``,
+    named by their ``kernel_name``)."""
+    import collections
+    import re
+    found = collections.Counter()
+    for line in hlo_text.splitlines():
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target:
+            name = re.search(r'"kernel_name":"?([\w.-]+)', line) or re.search(r'name = "([\w.-]+)"', line)
+            found[target.group(1) + (f":{name.group(1)}" if name and target.group(1) == "tpu_custom_call" else "")] += 1
+    return dict(found)
