@@ -84,7 +84,8 @@ def cpu(args) -> dict:
     from easydel.utils.compiling_utils import ejit
 
     ids = protocol.load_batch(args.batch)
-    config = LlamaConfig.from_pretrained(args.weights)
+    # fp32 throughout, as every side: EasyDeL's attention otherwise computes in bf16 (attn_dtype)
+    config = LlamaConfig.from_pretrained(args.weights, attn_dtype=jnp.float32, kvdtype=jnp.float32)
     model = LlamaForCausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     load_hf_weights(model, args.weights)
     if args.mode == "lora":
