@@ -45,6 +45,7 @@ def summarize_tpu(run: dict) -> dict:
         return {"error": run["error"]}
     out = {"peak_gib": round(run["peak_bytes"] / 2**30, 2),
            "optimal_seconds": run.get("optimal_seconds") and round(run["optimal_seconds"], 3),
+           "scanned_layers": bool(run.get("scanned_layers")),
            "flops_ratio": None, "compile_s": round(run.get("compile_s", 0.0), 1)}
     if run.get("compiled_flops") and run.get("model_flops"):
         out["flops_ratio"] = round(run["compiled_flops"] / run["model_flops"], 3)

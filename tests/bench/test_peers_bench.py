@@ -77,9 +77,35 @@ def test_tpu_summary_and_table():
     run = {"peak_bytes": 40 * 2**30, "compiled_flops": 3e15, "model_flops": 2e15,
            "optimal_seconds": 1.25, "compile_s": 90.0}
     s = report.summarize_tpu(run)
-    assert s == {"peak_gib": 40.0, "optimal_seconds": 1.25, "flops_ratio": 1.5, "compile_s": 90.0}
+    assert s == {"peak_gib": 40.0, "optimal_seconds": 1.25, "flops_ratio": 1.5, "compile_s": 90.0,
+                 "scanned_layers": False}
     text = report.table({"tpu full (v5p-8)": {"medjax": s, "levanter": {"error": "x"}}}, ["levanter"])
     assert "peak memory per chip (GiB) | 40 | error |" in text
+
+
+def test_tpu_rows_use_medjax_model_flops_and_leave_scanned_peers_without_a_ratio(monkeypatch, tmp_path,
+                                                                              capsys):
+    for venv in peers.PEERS.values():
+        (tmp_path / venv / "bin").mkdir(parents=True)
+        (tmp_path / venv / "bin" / "python").touch()
+    monkeypatch.setattr(peers.peer_python, "__defaults__", (tmp_path,))
+    calls = []
+    monkeypatch.setattr(peers, "medjax_tpu", lambda kind, count, b, t, log: calls.append((kind, count)) or {
+        "peak_bytes": 30 * 2**30, "compiled_flops": 2.4e14, "model_flops": 2e14, "optimal_seconds": 1.2})
+    fake = {"easydel": {"peak_bytes": 20 * 2**30, "compiled_flops": 2.2e14, "optimal_seconds": 0.6,
+                        "scanned_layers": False},
+            "levanter": {"peak_bytes": 40 * 2**30, "compiled_flops": 3e12, "optimal_seconds": 0.02,
+                         "scanned_layers": True}}
+    monkeypatch.setattr(peers, "peer_tpu", lambda name, topo, b, t, log: dict(fake[name]))
+    out = tmp_path / "tpu.json"
+    assert bench.main(["peers", "--tpu", "v5p-8", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    assert calls == [("v5p", 4)]
+    text = capsys.readouterr().out
+    flops = next(line for line in text.splitlines() if "compiled FLOPs" in line)
+    assert "| 1.2 | 1.1 | 1.09 | easydel | – | – |" in flops       # levanter: scanned, no ratio
+    import json
+    raw = json.loads(out.read_text())["raw_tpu"]["levanter"]
+    assert raw["compiled_flops_raw"] == 3e12 and raw["optimal_seconds_raw"] == 0.02
 
 
 def test_loss_agreement_can_fail():
