@@ -88,4 +88,5 @@ def tpu_run(chip: str, count: int, mode: str, global_batch: int, seq: int) -> di
     return {"peak_bytes": r["total"], "compiled_flops": r["compiled_flops"],
             "model_flops": r["model_matmul_flops"] + r["model_attention_flops"],
             "optimal_seconds": r["optimal_seconds"], "compile_s": r["compile_seconds"],
-            "kernels": r["kernels"], "layer_scan_scale": r.get("layer_scan_scale")}
+            "kernels": r["kernels"], "layer_scan_scale": r.get("layer_scan_scale"),
+            "argument_bytes": r["argument"], "temp_bytes": r["temp"], "alias_bytes": r["alias"]}

@@ -149,6 +149,8 @@ def compile_report(compiled, seconds: float, scanned_layers: bool) -> dict:
             "compiled_flops": float(cost.get("flops", 0.0)),
             "optimal_seconds": float(cost.get("optimal_seconds", 0.0)) or None,
             "compile_s": seconds, "scanned_layers": scanned_layers,
+            "argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes,
             "kernels": custom_calls(text)}
 
 
