@@ -25,18 +25,23 @@ TPU_METRICS = [("peak_gib", "peak memory per chip", "GiB", False),
 
 
 def summarize_cpu(runs: list[dict], tokens: int) -> dict:
-    """One side's CPU runs → ``{tokens_per_s, tokens_per_s_min, first_step_s, peak_rss_gib, loss}``,
-    or ``{"error"}`` (the first run's error) if any run failed."""
+    """One side's CPU runs → ``{tokens_per_s, tokens_per_s_min, first_step_s, peak_rss_gib, loss}``
+    over the runs that finished (``failed_runs``: how many did not, ``error``: the first one's
+    error), or ``{"error"}`` if none did."""
+    done = [r for r in runs if "error" not in r]
     failed = [r for r in runs if "error" in r]
-    if failed or not runs:
+    if not done:
         return {"error": failed[0]["error"] if failed else "no runs"}
-    rates = [tokens / r["step_s"] for r in runs]
-    return {"tokens_per_s": round(statistics.median(rates), 1),
-            "tokens_per_s_min": round(min(rates), 1),
-            "first_step_s": round(statistics.median(r["first_step_s"] for r in runs), 1),
-            "second_step_s": round(statistics.median(r["second_step_s"] for r in runs), 2),
-            "peak_rss_gib": round(max(r["peak_rss_mib"] for r in runs) / 1024, 2),
-            "loss": runs[0]["loss"], "losses": [r["loss"] for r in runs], "runs": len(runs)}
+    rates = [tokens / r["step_s"] for r in done]
+    out = {"tokens_per_s": round(statistics.median(rates), 1),
+           "tokens_per_s_min": round(min(rates), 1),
+           "first_step_s": round(statistics.median(r["first_step_s"] for r in done), 1),
+           "second_step_s": round(statistics.median(r["second_step_s"] for r in done), 2),
+           "peak_rss_gib": round(max(r["peak_rss_mib"] for r in done) / 1024, 2),
+           "loss": done[0]["loss"], "losses": [r["loss"] for r in done], "runs": len(done)}
+    if failed:
+        out.update(failed_runs=len(failed), run_error=failed[0]["error"])
+    return out
 
 
 def summarize_tpu(run: dict) -> dict:
@@ -55,7 +60,7 @@ def summarize_tpu(run: dict) -> dict:
 def loss_agreement(medjax: dict, peer: dict, tol: float = LOSS_TOLERANCE) -> str | None:
     """None if the peer's first-step loss equals medjax's within ``tol``, else why not (one line).
     A side that failed has nothing to compare: its error is reported elsewhere, so None."""
-    if "error" in medjax or "error" in peer:
+    if "loss" not in medjax or "loss" not in peer:
         return None
     diff = abs(peer["loss"] - medjax["loss"])
     if not diff <= tol:            # NaN fails too
@@ -119,6 +124,9 @@ def errors(rows: dict) -> list[str]:
         for name, s in sides.items():
             if "error" in s:
                 out.append(f"{section} {name}: {s['error']}")
+            elif s.get("failed_runs"):
+                out.append(f"{section} {name}: {s['failed_runs']} of {s['runs'] + s['failed_runs']} runs "
+                           f"failed ({s['run_error']}); the row is over the others")
         if not section.startswith("tpu"):
             for name, s in sides.items():
                 bad = name != "medjax" and loss_agreement(sides.get("medjax", {}), s)

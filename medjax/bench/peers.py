@@ -137,7 +137,7 @@ def run_cpu(args, peers: list[str], workdir: Path) -> dict:
     from medjax.bench import _peers_medjax
     print(f"# preparing shared weights and batch ({args.model}) in {workdir}", flush=True)
     inputs = isolated(_peers_medjax.prepare, args.model, str(workdir), args.batch, args.seq)
-    rows = {}
+    rows, raw = {}, {}
     for mode in args.modes:
         runs = {side: [] for side in ["medjax", *peers]}
         for r in range(args.repeats):
@@ -154,7 +154,8 @@ def run_cpu(args, peers: list[str], workdir: Path) -> dict:
                       f"{json.dumps(res)[:300]} ({time.perf_counter() - t:.0f} s)", flush=True)
         rows[f"cpu {mode}"] = {s: report.summarize_cpu(rs, args.batch * args.seq)
                                for s, rs in runs.items()}
-    return rows
+        raw[f"cpu {mode}"] = runs
+    return rows, raw
 
 
 def run_tpu(args, peers: list[str], workdir: Path) -> dict:
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         rows, raw = run_tpu(args, peers, workdir)
         what = f"compile-only libtpu for {args.tpu}, Llama-2-7B shape, seq {args.tpu_seq}, global batch {args.tpu_batch}"
     else:
-        rows = run_cpu(args, peers, workdir)
+        rows, raw = run_cpu(args, peers, workdir)
         what = (f"CPU, {os.cpu_count()} cores, {args.model}, batch {args.batch} x {args.seq}, fp32, "
                 f"{args.repeats} runs per side x {args.steps} steps")
     load_end = _load_average()
@@ -241,6 +242,6 @@ def main(argv=None) -> int:
     if args.json:
         from medjax.outputs import write_file
         write_file(args.json, json.dumps({"date": date, "what": what, "load_average_start": load_start,
-                                          "load_average_end": load_end, "rows": rows, "raw_tpu": raw},
+                                          "load_average_end": load_end, "rows": rows, "raw": raw},
                                          indent=1, default=str))
     return 1 if problems else 0

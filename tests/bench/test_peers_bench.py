@@ -59,7 +59,10 @@ def test_summary_takes_median_and_min_of_runs():
     s = report.summarize_cpu([_run(2.0, 1.0), _run(2.0, 2.0), _run(2.0, 4.0, rss=3072.0)], 2048)
     assert s["tokens_per_s"] == 1024.0 and s["tokens_per_s_min"] == 512.0
     assert s["peak_rss_gib"] == 3.0 and s["first_step_s"] == 10.0 and s["runs"] == 3
-    assert report.summarize_cpu([_run(2.0, 1.0), {"error": "boom"}], 2048) == {"error": "boom"}
+    assert report.summarize_cpu([{"error": "boom"}], 2048) == {"error": "boom"}
+    partial = report.summarize_cpu([_run(2.0, 1.0), {"error": "exit -9"}], 2048)
+    assert partial["runs"] == 1 and partial["failed_runs"] == 1 and partial["tokens_per_s"] == 2048.0
+    assert any("1 of 2 runs failed (exit -9)" in p for p in report.errors({"cpu full": {"easydel": partial}}))
 
 
 def test_ratio_is_medjax_over_peer_and_the_better_side_follows_the_unit():
@@ -104,7 +107,7 @@ def test_tpu_rows_use_medjax_model_flops_and_leave_scanned_peers_without_a_ratio
     flops = next(line for line in text.splitlines() if "compiled FLOPs" in line)
     assert "| 1.2 | 1.1 | 1.09 | easydel | – | – |" in flops       # levanter: scanned, no ratio
     import json
-    raw = json.loads(out.read_text())["raw_tpu"]["levanter"]
+    raw = json.loads(out.read_text())["raw"]["levanter"]
     assert raw["compiled_flops_raw"] == 3e12 and raw["optimal_seconds_raw"] == 0.02
 
 
@@ -127,7 +130,7 @@ def test_a_loss_mismatch_fails_the_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(peers.peer_python, "__defaults__", (tmp_path,))
     rows = {"cpu full": {"medjax": report.summarize_cpu([_run(2.5, 1.0)], 100),
                          "easydel": report.summarize_cpu([_run(2.7, 1.0)], 100)}}
-    monkeypatch.setattr(peers, "run_cpu", lambda args, names, workdir: rows)
+    monkeypatch.setattr(peers, "run_cpu", lambda args, names, workdir: (rows, {}))
     assert bench.main(["peers", "--peers", "easydel", "--workdir", str(tmp_path / "w")]) == 1
     assert "problem: cpu full easydel: first-step loss" in capsys.readouterr().out
 
