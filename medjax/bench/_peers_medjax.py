@@ -67,9 +67,9 @@ def cpu_run(weights: str, batch_path: str, lora: bool, steps: int) -> dict:
         return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
 
 
-def tpu_overrides(mode: str, global_batch: int, seq: int) -> list[str]:
+def tpu_overrides(mode: str, global_batch: int, seq: int, unroll: bool = False) -> list[str]:
     """The run config compiled for the TPU rows (``protocol``'s shape, dtypes and remat)."""
-    return ["model.preset=llama2-7b", "model.dtype=bfloat16", "model.param_dtype=float32",
+    return [f"model.scan_layers={str(not unroll).lower()}", "model.preset=llama2-7b", "model.dtype=bfloat16", "model.param_dtype=float32",
             "model.remat=full", "model.attention=auto", f"data.seq_len={seq}",
             f"train.batch_size={global_batch}", "train.grad_accum=1", "mesh.preset=fsdp",
             f"lora.enabled={str(mode == 'lora').lower()}", f"lora.rank={protocol.LORA_RANK}",
@@ -77,13 +77,13 @@ def tpu_overrides(mode: str, global_batch: int, seq: int) -> list[str]:
             f"optim.clip_norm={protocol.CLIP_NORM}"]
 
 
-def tpu_run(chip: str, count: int, mode: str, global_batch: int, seq: int) -> dict:
+def tpu_run(chip: str, count: int, mode: str, global_batch: int, seq: int, unroll: bool = False) -> dict:
     """Compile medjax's train step for ``count`` × ``chip`` (compile-only libtpu): the numbers of
     ``plan --compile`` (peak bytes per chip, FLOPs scaled for the layer scan, optimal_seconds)."""
     from medjax.config import load_config
     from medjax.plan.accounting import model_config, plan
     from medjax.plan.compile import compile_plan
-    cfg = load_config(None, tpu_overrides(mode, global_batch, seq))
+    cfg = load_config(None, tpu_overrides(mode, global_batch, seq, unroll))
     r = compile_plan(cfg, chip, count, model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
     return {"peak_bytes": r["total"], "compiled_flops": r["compiled_flops"],
             "model_flops": r["model_matmul_flops"] + r["model_attention_flops"],

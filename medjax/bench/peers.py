@@ -108,20 +108,23 @@ def peer_cpu(name: str, inputs: dict, mode: str, steps: int, log: Path) -> dict:
     return run_process(cmd, side_env(), log)
 
 
-def peer_tpu(name: str, topology: str, global_batch: int, seq: int, log: Path) -> dict:
+def peer_tpu(name: str, topology: str, global_batch: int, seq: int, log: Path,
+             unroll: bool = False) -> dict:
     cmd = [str(peer_python(name)), str(SIDES_DIR / f"{name}_side.py"), "tpu", "--mode=full",
-           f"--topology={topology}", f"--global-batch={global_batch}", f"--seq={seq}"]
+           f"--topology={topology}", f"--global-batch={global_batch}", f"--seq={seq}",
+           *(["--unroll"] if unroll else [])]
     return run_process(cmd, side_env(), log)
 
 
-def medjax_tpu(kind: str, count: int, global_batch: int, seq: int, log: Path) -> dict:
+def medjax_tpu(kind: str, count: int, global_batch: int, seq: int, log: Path,
+               unroll: bool = False) -> dict:
     """medjax's compile row, from ``.venv-tpu``'s Python (libtpu) in a process of its own."""
     from medjax.ops.pallas import tpu_compile
     python = tpu_compile.libtpu_python()
     if python is None:
         raise ConfigError("--tpu: libtpu is not installed: run `make tpu-venv` (creates .venv-tpu)")
     cmd = [str(python), "-m", "medjax.bench", "peers", f"--side=medjax-tpu:{kind}:{count}",
-           f"--tpu-batch={global_batch}", f"--tpu-seq={seq}"]
+           f"--tpu-batch={global_batch}", f"--tpu-seq={seq}", *(["--unroll-layers"] if unroll else [])]
     return run_process(cmd, tpu_compile.compile_only_env(), log)
 
 
@@ -161,10 +164,12 @@ def run_cpu(args, peers: list[str], workdir: Path) -> dict:
 def run_tpu(args, peers: list[str], workdir: Path) -> dict:
     kind, count, topology = tpu_slice(args.tpu)
     print(f"# compiling for {args.tpu} ({count} x {kind}, {topology}), compile-only libtpu", flush=True)
-    raw = {"medjax": medjax_tpu(kind, count, args.tpu_batch, args.tpu_seq, workdir / "medjax-tpu.log")}
+    raw = {"medjax": medjax_tpu(kind, count, args.tpu_batch, args.tpu_seq, workdir / "medjax-tpu.log",
+                                args.unroll_layers)}
     print(f"# tpu medjax: {json.dumps(raw['medjax'])[:300]}", flush=True)
     for p in peers:
-        raw[p] = peer_tpu(p, topology, args.tpu_batch, args.tpu_seq, workdir / f"{p}-tpu.log")
+        raw[p] = peer_tpu(p, topology, args.tpu_batch, args.tpu_seq, workdir / f"{p}-tpu.log",
+                          args.unroll_layers)
         print(f"# tpu {p}: {json.dumps(raw[p])[:300]}", flush=True)
     model_flops = raw["medjax"].get("model_flops")       # the same model, shape and batch for all
     for p in peers:
@@ -196,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpu", help="compile for this TPU slice instead (e.g. v5p-8)")
     p.add_argument("--tpu-batch", type=int, default=4, help="global batch of the TPU rows")
     p.add_argument("--tpu-seq", type=int, default=4096)
+    p.add_argument("--unroll-layers", action="store_true",
+                   help="TPU rows: every stack's layers unrolled (medjax model.scan_layers=false, "
+                        "levanter scan_layers=False; EasyDeL's default), so cost_analysis counts every "
+                        "layer and the FLOPs and optimal_seconds rows compare (compiles take longer)")
     p.add_argument("--workdir", help="where the shared inputs and the sides' logs go (default: a "
                                      "temporary directory)")
     p.add_argument("--json", help="also write the rows here")
@@ -209,7 +218,7 @@ def main(argv=None) -> int:
         from medjax.bench import _peers_medjax
         _, kind, count = args.side.split(":")
         protocol.run_side(lambda: _peers_medjax.tpu_run(kind, int(count), "full", args.tpu_batch,
-                                                        args.tpu_seq))
+                                                        args.tpu_seq, args.unroll_layers))
         return 0
     if args.repeats < 1 or args.steps < 1:
         raise ConfigError("--repeats and --steps must be >= 1")

@@ -93,13 +93,13 @@ def test_tpu_rows_use_medjax_model_flops_and_leave_scanned_peers_without_a_ratio
         (tmp_path / venv / "bin" / "python").touch()
     monkeypatch.setattr(peers.peer_python, "__defaults__", (tmp_path,))
     calls = []
-    monkeypatch.setattr(peers, "medjax_tpu", lambda kind, count, b, t, log: calls.append((kind, count)) or {
+    monkeypatch.setattr(peers, "medjax_tpu", lambda kind, count, b, t, log, unroll=False: calls.append((kind, count)) or {
         "peak_bytes": 30 * 2**30, "compiled_flops": 2.4e14, "model_flops": 2e14, "optimal_seconds": 1.2})
     fake = {"easydel": {"peak_bytes": 20 * 2**30, "compiled_flops": 2.2e14, "optimal_seconds": 0.6,
                         "scanned_layers": False},
             "levanter": {"peak_bytes": 40 * 2**30, "compiled_flops": 3e12, "optimal_seconds": 0.02,
                          "scanned_layers": True}}
-    monkeypatch.setattr(peers, "peer_tpu", lambda name, topo, b, t, log: dict(fake[name]))
+    monkeypatch.setattr(peers, "peer_tpu", lambda name, topo, b, t, log, unroll=False: dict(fake[name]))
     out = tmp_path / "tpu.json"
     assert bench.main(["peers", "--tpu", "v5p-8", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
     assert calls == [("v5p", 4)]

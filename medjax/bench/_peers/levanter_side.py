@@ -75,6 +75,17 @@ def _zero_lora_b(model):
     return jax.tree_util.tree_map(zero, model, is_leaf=lambda x: isinstance(x, LowRankLinear))
 
 
+def _is_float(x) -> bool:
+    """equinox's is_inexact_array, also for the ShapeDtypeStructs of a shapes-only model (else a
+    shapes-only full fine-tuning step would have nothing to train: a forward pass only)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jnp.issubdtype(x.dtype, jnp.inexact)
+    return eqx.is_inexact_array(x)
+
+
 def _split(model, lora: bool, key, concrete: bool = True):
     import equinox as eqx
     from levanter.lora import LoraConfig, loraize, lora_trainable_params_filter
@@ -85,9 +96,9 @@ def _split(model, lora: bool, key, concrete: bool = True):
         if concrete:
             model = _zero_lora_b(model)
         adapters, base = eqx.partition(model, lora_trainable_params_filter(model))
-        trainable, rest = eqx.partition(adapters, eqx.is_inexact_array)   # as its Trainer does
+        trainable, rest = eqx.partition(adapters, _is_float)   # as its Trainer does
         return trainable, eqx.combine(base, rest), model
-    return (*eqx.partition(model, eqx.is_inexact_array), model)
+    return (*eqx.partition(model, _is_float), model)
 
 
 def _example(ids, Batch, Pos):
@@ -153,7 +164,7 @@ def tpu(args) -> dict:
         seq_len=args.seq, hidden_dim=s["hidden_size"], intermediate_dim=s["intermediate_size"],
         num_layers=args.layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
         layer_norm_epsilon=s["rms_norm_eps"], attn_backend=AttentionBackend.SPLASH,
-        gradient_checkpointing=True, scan_layers=True)
+        gradient_checkpointing=True, scan_layers=not args.unroll)
     Vocab = hax.Axis("vocab", s["vocab_size"])
     compute_mapping = {"batch": ("replica", "data")}             # its TrainerConfig's defaults:
     param_mapping = {"embed": "data", "batch": ("replica", "data")}   # FSDP over "embed"
@@ -167,8 +178,10 @@ def tpu(args) -> dict:
         opt, step = _make_step(frozen, args.mode == "lora", policy, compute_mapping)
         opt_state = eqx.filter_eval_shape(opt.init, trainable)
         example = eqx.filter_eval_shape(lambda i: _example(i, Batch, Pos), ids)
-        jitted = hax.named_jit(step, axis_resources=param_mapping, out_axis_resources=param_mapping,
-                               donate_args=(True, True, False, False))
+        # its state lives sharded by the parameter mapping (its trainer shards it at init): the
+        # same shardings in and out, so the donated state is updated in place
+        jitted = hax.named_jit(step, axis_resources=param_mapping, in_axis_resources=param_mapping,
+                               out_axis_resources=param_mapping, donate_args=(True, True, False, False))
         # named_jit splits its arguments with equinox's is_array, which takes a ShapeDtypeStruct
         # for a static value: for this lowering on shapes only, shapes count as arrays
         is_array = hax.partitioning.is_array
@@ -177,7 +190,7 @@ def tpu(args) -> dict:
             compiled = jitted.lower(trainable, opt_state, frozen, example).compile()
         finally:
             hax.partitioning.is_array = is_array
-    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=True)
+    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=not args.unroll)
 
 
 if __name__ == "__main__":

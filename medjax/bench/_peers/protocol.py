@@ -83,6 +83,8 @@ def side_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--topology", default="v5p:2x2x1", help="tpu: compile-only topology")
     p.add_argument("--global-batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--unroll", action="store_true",
+                   help="tpu: layers unrolled, not scanned, so cost_analysis counts every layer")
     p.add_argument("--layers", type=int, default=LLAMA2_7B["num_layers"],
                    help="tpu: depth (fewer for a quick check of the side itself)")
     return p
