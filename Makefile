@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medjax-installed
 
-.PHONY: demo test test-all bench clean-venv tpu-venv cuda-venv gpu-wheels
+.PHONY: demo test test-all bench clean-venv tpu-venv cuda-venv gpu-wheels peers-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,31 @@ $(CUDA_STAMP): pyproject.toml
 	touch $(CUDA_STAMP)
 
 cuda-venv: $(CUDA_STAMP)
+
+# The JAX peers of `python -m medjax.bench peers` (docs/PERFORMANCE.md), each in a venv of its own
+# with our jax 0.10.2 and libtpu (compile-only TPU rows; always run with TPU_SKIP_MDS_QUERY=1
+# JAX_PLATFORMS=cpu). EasyDeL 0.3.0 pins ejkernel 0.0.78, which pins jax~=0.9.0: the three
+# packages go in with --no-deps and their other requirements from launch/peers/. levanter is
+# built from its source (PyPI has only a 2023 release): LEVANTER_SRC is a checkout or
+# `git archive` export of stanford-crfm/levanter (src/, pyproject.toml), by default .peers-src/.
+PEERS_JAX := "jax[tpu]==0.10.2"
+LEVANTER_SRC ?= .peers-src/levanter
+EASYDEL_STAMP := .venv-easydel/.medjax-peer-installed
+LEVANTER_STAMP := .venv-levanter/.medjax-peer-installed
+
+$(EASYDEL_STAMP): launch/peers/easydel-requirements.txt
+	$(PY) -m venv .venv-easydel
+	TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-easydel/bin/pip install -q --no-deps easydel==0.3.0 eformer==0.0.99.12 ejkernel==0.0.78
+	TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-easydel/bin/pip install -q $(PEERS_JAX) -r launch/peers/easydel-requirements.txt
+	touch $@
+
+$(LEVANTER_STAMP):
+	@test -f $(LEVANTER_SRC)/pyproject.toml || { echo "no levanter source at $(LEVANTER_SRC): export stanford-crfm/levanter there (git archive HEAD src pyproject.toml README.md LICENSE) or set LEVANTER_SRC"; exit 1; }
+	$(PY) -m venv .venv-levanter
+	TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-levanter/bin/pip install -q ./$(LEVANTER_SRC) "haliax==1.4.dev413" $(PEERS_JAX) GitPython chex
+	touch $@
+
+peers-venv: $(EASYDEL_STAMP) $(LEVANTER_STAMP)
 
 # Default CI run: everything but GPU tests; slow tests included (they are budgeted). Two pytest
 # workers (pytest-xdist), a test file each at a time: one computes while the other waits on a

@@ -66,6 +66,11 @@ HOW = {
         "a benchmark (minutes, 1.2 GB of disk); tests/hf/test_fullsize.py runs the same path",
     "python -m medjax.bench eval --output eval_bench.json": "a benchmark (an hour on this CPU)",
     "python -m medjax.bench data": "a benchmark",
+    "python -m medjax.bench peers --tpu v5p-8 --unroll-layers": "a benchmark (15 min); its numbers are in the table",
+    "python -m medjax.bench peers --tpu v5p-8": "a benchmark (15 min; needs `make peers-venv` and `make tpu-venv`); "
+                                                "tests/bench/test_peers_bench.py runs its table logic",
+    "python -m medjax.bench peers --repeats 1 --steps 1": "a benchmark (about 20 min on this CPU; needs `make "
+                                                          "peers-venv`); its numbers are in the table",
     "python -m medjax.bench compile": "a benchmark (minutes); tests/bench/test_compile_bench.py "
                                       "runs it at tiny depths",
     ".venv-tpu/bin/python -m medjax.plan --config configs/meditron_llama2_cpt.yaml --device v5p-16 --compile":

@@ -39,6 +39,10 @@ BENCHMARKS = {
     "moe": ("forward+backward time of one Mixtral MoE layer: grouped matmul, ragged_dot, the whole "
             "layer and transformers' block, vs dense matmuls of the same active work",
             "~6.5 min"),
+    "peers": ("medjax vs the JAX peers EasyDeL and levanter (own venvs, `make peers-venv`) on "
+              "SmolLM2-135M: CPU tokens/s, first-step time, peak RSS and first-step loss of a full "
+              "and a LoRA step; --tpu v5p-8: libtpu compile-only peak memory, FLOPs, optimal_seconds "
+              "of a Llama-2-7B step", "see docs/PERFORMANCE.md (one process per side and run)"),
     "serve": ("python -m medjax.serve vs transformers' continuous batching on SmolLM2-135M under the same "
               "client load: output tokens/s, p50/p99 time to first token and per token at 1, 8, 32 "
               "clients", "~5.5 min with --requests 1 --max-tokens 16 (docs/SERVE.md); the defaults, four times the tokens, were not timed"),
@@ -49,7 +53,8 @@ BENCHMARKS = {
                       "a few minutes: one profiled step per side"),
 }
 # Left out of the run of every benchmark (no NAME): they need another machine or a long, idle one.
-NOT_IN_DEFAULT_RUN = {"fullsize": "45+ min and 13 GB of disk at 32 layers", "gpu": "needs a lent GPU"}
+NOT_IN_DEFAULT_RUN = {"fullsize": "45+ min and 13 GB of disk at 32 layers", "gpu": "needs a lent GPU",
+                      "peers": "needs the peer venvs (`make peers-venv`)"}
 
 
 def available() -> list[str]:
