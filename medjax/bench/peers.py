@@ -61,6 +61,10 @@ def parse_peers(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     if not names:
         raise ConfigError("--peers: give at least one of " + ", ".join(PEERS))
+    unknown = [n for n in names if n not in PEERS]     # named before any venv is looked for
+    if unknown:
+        raise ConfigError(f"--peers: unknown peer {unknown[0]!r}; known: {', '.join(PEERS)} "
+                          f"(their venvs: `make peers-venv`)")
     return names
 
 

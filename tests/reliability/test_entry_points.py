@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "medjax"
 MISSING = "no_such_input_here"
+# Not entry points of medjax: scripts `python -m medjax.bench peers` runs with a peer's own venv
+# (EasyDeL, levanter), which has no medjax to import run_cli from (docs/PERFORMANCE.md).
+PEER_SCRIPTS = PACKAGE / "bench" / "_peers"
 
 
 def _is_main_guard(node) -> bool:
@@ -28,6 +31,8 @@ def discover() -> dict[str, str]:
     """``{module: source of its __main__ block}`` for every entry point under medjax/."""
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
+        if PEER_SCRIPTS in path.parents:
+            continue
         rel = path.relative_to(ROOT).with_suffix("")
         module = ".".join(rel.parts[:-1] if rel.name == "__main__" else rel.parts)
         tree = ast.parse(path.read_text(encoding="utf-8"))
