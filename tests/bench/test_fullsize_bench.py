@@ -35,9 +35,11 @@ print(json.dumps(rows))
 
 
 def test_train_breakdown(tmp_path):
-    (tmp_path / "summary.json").write_text(json.dumps({"total_seconds": 70.0, "train_seconds": 47.5}))
+    (tmp_path / "summary.json").write_text(json.dumps({"total_seconds": 70.0, "train_seconds": 47.5,
+                                                       "setup_peak_rss_gib": 3.8}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "kind": "train", "step_time_s": 31.0}, {"step": 1, "kind": "eval", "step_time_s": 99},
         {"step": 2, "kind": "train", "step_time_s": 14.0},
         {"step": 3, "kind": "train", "step_time_s": 16.0}]))
-    assert fullsize.train_breakdown(tmp_path) == {"load_setup_s": 22.5, "first_step_s": 31.0, "step_s": 15.0}
+    assert fullsize.train_breakdown(tmp_path) == {"load_setup_s": 22.5, "first_step_s": 31.0, "step_s": 15.0,
+                                                  "setup_peak_rss_gib": 3.8}
