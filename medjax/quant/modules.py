@@ -148,9 +148,12 @@ class QuantizedTensor(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.names}
 
     def dequantize(self, dtype=None):
-        if self.layers:
-            return jax.vmap(lambda a: dequantize(self.spec, a, dtype))(self.arrays())
-        return dequantize(self.spec, self.arrays(), dtype)
+        """The whole float weight (export / eval), jitted: XLA fuses unpacking, level lookup and
+        scaling into one pass that writes ``dtype``; run eagerly, each step materialised int32
+        indices and f32 values of the whole stack (measured: a 2-layer Mixtral-width export
+        OOM-killed at 14.5 GiB)."""
+        one = functools.partial(dequantize, self.spec, dtype=dtype)
+        return jax.jit(jax.vmap(one) if self.layers else one)(self.arrays())
 
 
 class QuantizedLinear(nnx.Module):
