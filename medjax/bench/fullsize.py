@@ -205,14 +205,16 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
                              *common])]
     print(f"medjax.bench fullsize: {preset}, {cfg.num_layers} layers, {steps} steps; log {log}")
     print(f"  {'phase':14s} {'wall':>10s}  {'peak RSS':>11s}")
-    rows = []
+    rows, checkpoint = [], None
     for name, argv in phases:
         row = run_phase(name, argv, log)
+        if name == "fixture" and row["rc"] == 0:
+            checkpoint = sum(f.stat().st_size for f in fixture.glob("*.safetensors")) / 2**30
+            row["checkpoint_gib"] = round(checkpoint, 2)
         if name == "train" and row["rc"] == 0:
             row.update(train_breakdown(run))
             print(f"  {'':14s} load+setup {row['load_setup_s']} s, step 1 (with compile) "
                   f"{row['first_step_s']} s, later steps {row.get('step_s', '-')} s each")
-            checkpoint = sum(f.stat().st_size for f in fixture.glob("*.safetensors")) / 2**30
             if row.get("setup_peak_rss_gib"):
                 print(f"  {'':14s} peak RSS through load + setup {row['setup_peak_rss_gib']:.2f} GiB "
                       f"= {row['setup_peak_rss_gib'] / checkpoint:.2f}x the {checkpoint:.2f} GiB "
@@ -226,9 +228,6 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
         rows.append(row)
         if row["rc"] != 0:
             break
-    if rows and rows[0]["rc"] == 0:
-        files = fixture.glob("*.safetensors")
-        rows[0]["checkpoint_gib"] = round(sum(f.stat().st_size for f in files) / 2**30, 2)
     summary = {"preset": preset, "layers": cfg.num_layers, "steps": steps, "phases": rows,
                "load_average": os.getloadavg(),
                "ok": len(rows) == len(phases) and all(r["rc"] == 0 for r in rows)}
