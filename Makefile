@@ -79,7 +79,7 @@ peers-venv: $(EASYDEL_STAMP) $(LEVANTER_STAMP)
 # subprocess or a compile. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP) $(TPU_STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)

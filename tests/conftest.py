@@ -7,7 +7,9 @@ cost of the single-device tests do not change. Subprocesses are left for what ne
 processes, kills, signals, and the libtpu / CUDA venvs.
 """
 import contextlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -15,6 +17,14 @@ import pytest
 
 SESSION_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", SESSION_DEVICES)
+
+# One persistent compilation cache per test run, shared by the xdist workers and every subprocess
+# they start (the env var): `python -m medjax.train` in forty tests compiles the same tiny steps.
+# Per run, not per machine, so that a run's timing never depends on an earlier one.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"medjax-test-jax-cache-{_RUN_ID}"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -54,7 +54,7 @@ def test_64_concurrent_clients_get_generates_answers_in_flat_memory(server, clie
 
 def test_beyond_the_queue_is_429(tiny_model_dir):
     import openai
-    from conftest import ServerThread
+    from serve.serve_helpers import ServerThread
     srv = ServerThread(tiny_model_dir, warmup=False, max_queue=2, max_slots=1)
     try:
         client = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=60)
@@ -92,7 +92,7 @@ def test_sigterm_drains_requests_in_flight(tiny_model_dir):
     import signal
 
     import openai
-    from conftest import free_port
+    from serve.serve_helpers import free_port
     port = free_port()
     proc = _cli("--model", str(tiny_model_dir), "--name", "tiny", "--port", str(port),
                 "--max-context", "64", "--kv-memory", "0.01", "--max-slots", "2", "--no-warmup")
