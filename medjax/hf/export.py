@@ -8,6 +8,7 @@ half-written model under the final name (the temporary directory is removed on a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,15 +19,18 @@ import numpy as np
 from flax import nnx
 
 from medjax.errors import CheckpointError
-from medjax.hf.names import export_tensors
+from medjax.hf.names import export_shapes, export_tensors
 from medjax.hf.safetensors_io import write_safetensors
-from medjax.models.stack import per_layer_flat
+from medjax.models.stack import LayerSlice, per_layer_flat
 from medjax.outputs import replace_dir, temp_dir_beside
 from medjax.sharding import host_value
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
+def _shape(var) -> tuple:
+    """A variable's (or a stacked variable's layer slice's) shape, without reading it."""
+    return var.shape if isinstance(var, LayerSlice) else tuple(var.get_value().shape)
 
 
 def _generation_config(cfg) -> dict:
@@ -58,25 +62,36 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
             shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_dir_beside(out) if is_writer else None          # the umask's mode, not mkdtemp's 0700
     try:
-        shard, shard_bytes, shards = {}, 0, []
+        # Shards are planned from shapes, then each tensor is made only as its bytes are written:
+        # the host holds one tensor (one layer's slice) beyond the model, never a 5 GiB shard.
+        itemsize = np.dtype(np_dtype).itemsize
+        shapes = list(export_shapes(cfg, lambda p: _shape(flat[p])))
+        planned, shard_bytes, total = [[]], 0, 0
+        for name, shape in shapes:
+            nbytes = math.prod(shape) * itemsize
+            if planned[-1] and shard_bytes + nbytes > max_shard_bytes:
+                planned, shard_bytes = planned + [[]], 0
+            planned[-1].append((name, shape))
+            shard_bytes, total = shard_bytes + nbytes, total + nbytes
+        arrays = export_tensors(cfg, lambda p: host_value(flat[p].get_value()))
 
-        def flush():
-            nonlocal shard, shard_bytes
-            if shard and is_writer:
-                name = f"model-{len(shards) + 1:05d}.safetensors"
-                write_safetensors(tmp / name, [(k, a.dtype, a.shape, [a]) for k, a in shard.items()])
-                shards.append((name, list(shard)))
-            shard, shard_bytes = {}, 0
+        def tensor_bytes(name):
+            got, arr = next(arrays)         # every process pulls each tensor (gathers are collective)
+            if got != name:
+                raise CheckpointError(f"internal: export order {got!r} != planned {name!r}")
+            yield arr.astype(np_dtype, copy=False)
 
-        total = 0
-        for name, arr in export_tensors(cfg, lambda p: host_value(flat[p].get_value())):
-            arr = np.ascontiguousarray(arr.astype(np_dtype))
-            if shard and shard_bytes + arr.nbytes > max_shard_bytes:
-                flush()
-            shard[name] = arr
-            shard_bytes += arr.nbytes
-            total += arr.nbytes
-        flush()
+        shards = []
+        for i, group in enumerate(planned):
+            file = f"model-{i + 1:05d}.safetensors"
+            entries = [(name, np_dtype, shape, tensor_bytes(name)) for name, shape in group]
+            if is_writer:
+                write_safetensors(tmp / file, entries)
+            else:
+                for *_, chunks in entries:
+                    for _ in chunks:
+                        pass
+            shards.append((file, [name for name, _ in group]))
         if not is_writer:
             return out
         if len(shards) == 1:

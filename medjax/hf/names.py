@@ -108,5 +108,15 @@ def export_tensors(cfg: ModelConfig, get: Callable[[Path_], np.ndarray]):
             yield part.hf_name, TRANSFORMS[part.transform](block)
 
 
+def export_shapes(cfg: ModelConfig, shape_of: Callable[[Path_], tuple]):
+    """Yield ``(hf_name, shape)`` of what ``export_tensors`` yields, in its order, from the params'
+    shapes alone (a safetensors header is written before any tensor is made)."""
+    for path, src in param_sources(cfg).items():
+        shape = tuple(shape_of(path))
+        for part in src.parts:
+            block = shape if part.expert is None else shape[1:]
+            yield part.hf_name, block[::-1] if part.transform == "t" else block
+
+
 # Tensors some checkpoints carry that are derived buffers, not parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -117,6 +117,10 @@ class LayerSlice:
     def get_value(self):
         return self.var.get_value()[self.i]
 
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.var.get_value().shape[1:])
+
 
 def per_layer_flat(flat) -> dict:
     """``{per-layer path: variable | LayerSlice}`` from a model's flat state in either layout:
