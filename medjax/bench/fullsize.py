@@ -66,7 +66,8 @@ def train_breakdown(run: Path) -> dict:
     steps = [json.loads(line)["step_time_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"kind": "train"' in line]
     out = {"load_setup_s": round(summary["total_seconds"] - summary["train_seconds"], 1),
-           "first_step_s": round(steps[0], 1), "setup_peak_rss_gib": summary.get("setup_peak_rss_gib")}
+           "first_step_s": round(steps[0], 1), "load_peak_rss_gib": summary.get("load_peak_rss_gib"),
+           "setup_peak_rss_gib": summary.get("setup_peak_rss_gib")}
     if len(steps) > 1:
         out["step_s"] = round(sum(steps[1:]) / len(steps[1:]), 1)
     return out
@@ -215,6 +216,9 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
             row.update(train_breakdown(run))
             print(f"  {'':14s} load+setup {row['load_setup_s']} s, step 1 (with compile) "
                   f"{row['first_step_s']} s, later steps {row.get('step_s', '-')} s each")
+            if row.get("load_peak_rss_gib"):
+                print(f"  {'':14s} peak RSS through the load {row['load_peak_rss_gib']:.2f} GiB "
+                      f"= {row['load_peak_rss_gib'] / checkpoint:.2f}x the checkpoint (runtime included)")
             if row.get("setup_peak_rss_gib"):
                 print(f"  {'':14s} peak RSS through load + setup {row['setup_peak_rss_gib']:.2f} GiB "
                       f"= {row['setup_peak_rss_gib'] / checkpoint:.2f}x the {checkpoint:.2f} GiB "

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     name, device_bytes, count = parse_device(args.device) if args.device else (None, None, None)
     if args.device_memory:
         device_bytes = parse_memory(args.device_memory)
-    p = plan(cfg, args.num_devices or count)
+    p = plan(cfg, args.num_devices or count, host_cpu=name == "cpu")
     print(report(cfg, p, args.device and args.device.lower(), device_bytes))
     return 1 if device_bytes and max(p.total, p.load_peak) > device_bytes else 0
 

@@ -41,6 +41,12 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              layer's). Not counted: the runtime's own memory (compiled programs, the
              compiler's transients, the allocator): 3-12% of the QLoRA load measured in
              tests/hf/test_load_memory.py (docs/SCALE.md).
+* host CPU   (``host_cpu=True``, ``--device cpu``) XLA:CPU has no bf16 dot: it converts each
+             operand of a ``model.dtype`` matmul to fp32, so one layer's weights (the layer loop
+             holds one at a time: ``ops.target.compiler_options``) and the largest weight outside
+             the layers (embedding / lm_head) exist in fp32 beside the step; and the arrays share
+             the RAM with the runtime, charged as this planner's own high-water mark (Python, JAX,
+             medjax and the abstract model: what the trainer holds before its first array).
 
 With pipeline stages (``mesh.stage`` S > 1, ``train.pipeline_repeats`` R, M = ``grad_accum``
 micro-batches; medjax/models/pipeline.py) each device holds its stage's ``L / S`` layers (the
@@ -87,11 +93,13 @@ class Plan:
     quantized: float = 0.0        # of ``params``: codes + scales of the quantized kernels
     reference: float = 0.0        # DPO's frozen copy of the trainable weights (``param_dtype``)
     weight_copies: float = 0.0    # every layer's fp32 master kernels cast to ``model.dtype``
+    cpu_dot_operands: float = 0.0  # host CPU: fp32 copies of one layer's + the head's weights
+    runtime: float = 0.0          # host CPU: the process's own RAM (Python + JAX runtime)
 
     @property
     def total(self) -> float:
         return (self.params + self.reference + self.grads + self.optimizer + self.weight_copies
-                + self.activations + self.temporaries)
+                + self.activations + self.temporaries + self.cpu_dot_operands + self.runtime)
 
 
 # ----------------------------------------------------------------------------- model shapes
@@ -152,8 +160,9 @@ def _factored_elements(shape) -> int:
 
 
 # ----------------------------------------------------------------------------- planning
-def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
-    """Per-device bytes of ``cfg``'s training run; ``num_devices`` defaults to what the mesh asks."""
+def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = False) -> Plan:
+    """Per-device bytes of ``cfg``'s training run; ``num_devices`` defaults to what the mesh asks;
+    ``host_cpu``: on this host's CPU (XLA:CPU's fp32 dot operands and the runtime counted)."""
     from medjax.models.stack import num_stacked, split_layer_path
     from medjax.quant import QuantizedArray, QuantizedTensor, STREAM_CHUNK_ELEMENTS
     model_cfg = model_config(cfg)
@@ -172,7 +181,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
     params = grads = opt = quantized = reference = copies = 0.0
     trainable = total = 0
     dpo_copy = cfg.train.objective == "dpo" and not cfg.lora.enabled   # dpo.resolve_reference
-    in_flight = host = weight_temp = moe_gathered = 0.0
+    in_flight = host = weight_temp = moe_gathered = layer_dot_elements = head_dot_elements = 0.0
     # without an expert axis > 1, a batch split over devices runs each MoE layer per device with
     # its expert weights whole (models/moe_dispatch.py): one layer's are gathered at a time
     moe_whole = sizes["expert"] == 1 and sizes["data"] * sizes["fsdp"] > 1
@@ -217,6 +226,11 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
             itemsize = 4
         if isinstance(var, nnx.LoRAParam):
             continue                                        # created by init, never read
+        if compute != 4 and var.get_value().ndim >= 2 + num_stacked(var):
+            if in_layer:            # all layers' elements here; one layer's below
+                layer_dot_elements += n_local
+            else:
+                head_dot_elements = max(head_dot_elements, n_local)
         # a stacked [L, ...] weight is loaded, and used under the layer scan, one layer at a time
         layers = var.get_value().shape[0] if num_stacked(var) else 1
         in_flight = max(in_flight, n_local * itemsize / layers)
@@ -246,8 +260,13 @@ def plan(cfg: RunConfig, num_devices: int | None = None) -> Plan:
         moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
     temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
     pipe = pipeline_traffic(cfg, model_cfg, sizes, micro, layer_bytes) if pipelined else None
+    cpu_dots = runtime = 0.0
+    if host_cpu:
+        import resource
+        cpu_dots = 4 * (layer_dot_elements / model_cfg.num_layers + head_dot_elements)
+        runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Plan(num_devices, sizes, params, grads, opt, activations, trainable, total, micro, moe,
-                pipeline=pipe,
+                pipeline=pipe, cpu_dot_operands=cpu_dots, runtime=runtime,
                 temporaries=temporaries, load_peak=params + reference + opt + in_flight,
                 host_load=host, quantized=quantized, reference=reference, weight_copies=copies)
 

@@ -35,6 +35,10 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
            f"{cfg.model.dtype})"] if p.weight_copies else []),
         f"  activations (est.)   {g(p.activations)}",
         f"  temporaries (est.)   {g(p.temporaries)}",
+        *([f"  fp32 dot operands    {g(p.cpu_dot_operands)}   (XLA:CPU has no {cfg.model.dtype} "
+           f"dot: one layer's weights + the head in fp32)"] if p.cpu_dot_operands else []),
+        *([f"  host process         {g(p.runtime)}   (Python + JAX runtime: this planner's "
+           f"own peak RSS)"] if p.runtime else []),
         f"  total                {g(p.total)}",
         f"  load/init peak       {g(p.load_peak)}   (host RAM in flight per process: "
         f"{p.host_load / GiB:.2f} GiB)",

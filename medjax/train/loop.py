@@ -117,6 +117,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, objective, model, tokenizer, *, show_bar: bool = True):
         from medjax.sharding import global_batch, make_mesh
+        self.load_peak_rss_gib = _peak_rss_gib()      # the model is in: the load's high-water mark
         self.cfg, self.objective, self.tokenizer = cfg, objective, tokenizer
         self.out_dir = Path(cfg.train.out_dir)     # made once the data and model are known good
         self.lora = cfg.lora.enabled
@@ -188,6 +189,7 @@ class Trainer:
         log = MetricsLogger(self.out_dir, total_steps=self.steps, start_step=self.start_step,
                             show_bar=self.show_bar, writer=is_main_process())
         summary = {"steps": self.steps, "start_step": self.start_step, "objective": self.objective.name,
+                   "load_peak_rss_gib": self.load_peak_rss_gib,
                    "setup_peak_rss_gib": _peak_rss_gib()}     # the load + setup high-water mark
         try:
             if self.start_step == 0:
