@@ -13,10 +13,13 @@ Queries attend causally by position (default: the last T positions of each seque
 * ``"xla"``: blocks of ``pages_per_block`` pages are gathered and folded into an online softmax
   by a ``while`` loop whose trip count is the batch's longest sequence, so the work follows the
   tokens actually cached, not the page table's width, and no length recompiles.
-* ``"pallas"``: the kernel of ``medjax.ops.pallas.paged_attention`` (Mosaic on TPU, interpret
-  mode for tests): the page table is scalar-prefetched and picks each key block.
-* ``"auto"``: by the platform compiled for (``medjax.ops.target``): TPU -> "pallas", else "xla"
-  (Pallas' Triton backend has no scalar prefetch; a GPU kernel is not written yet).
+* ``"pallas"``: the kernel of ``medjax.ops.pallas.paged_attention`` for the platform compiled
+  for: on TPU (Mosaic) the page table is scalar-prefetched and picks each key block; on GPU
+  (Triton) each program loops over its sequence's pages, loading the page index from the table
+  and then that page; on CPU the Triton form in interpret mode (tests).
+* ``"auto"``: by the platform compiled for (``medjax.ops.target``): TPU -> "pallas"; GPU ->
+  "pallas" when the Triton kernel supports the shapes (page size and head_dim powers of two
+  >= 16), else "xla"; CPU -> "xla".
 """
 from __future__ import annotations
 
@@ -79,24 +82,31 @@ def paged_attention_xla(q, k_pages, v_pages, page_table, kv_lengths, *, q_positi
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, D).astype(q.dtype)
 
 
-def resolve_implementation(implementation: str, platform: str) -> str:
+def resolve_implementation(implementation: str, platform: str, *, page_size: int,
+                           head_dim: int) -> str:
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown paged attention implementation {implementation!r}; "
                          f"choose one of {_IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    return "pallas" if platform == "tpu" else "xla"
+    if platform == "tpu":
+        return "pallas"
+    if platform in ("cuda", "rocm"):
+        from medjax.ops.pallas.paged_attention import triton_supports
+        return "pallas" if triton_supports(page_size, head_dim) else "xla"
+    return "xla"
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lengths, *, q_positions=None,
                     sliding_window=None, scale=None, implementation="auto"):
     """Dispatch by the platform compiled for (see module docstring)."""
     from medjax.ops.target import on_target
-    resolve_implementation(implementation, "cpu")        # validates the name
+    shapes = dict(page_size=k_pages.shape[2], head_dim=q.shape[-1])
+    resolve_implementation(implementation, "cpu", **shapes)        # validates the name
     kwargs = dict(q_positions=q_positions, sliding_window=sliding_window, scale=scale)
 
     def for_platform(platform):
-        if resolve_implementation(implementation, platform) == "xla":
+        if resolve_implementation(implementation, platform, **shapes) == "xla":
             return paged_attention_xla(q, k_pages, v_pages, page_table, kv_lengths, **kwargs)
         from medjax.ops.pallas.blocks import backend_for
         from medjax.ops.pallas.paged_attention import paged_decode_attention

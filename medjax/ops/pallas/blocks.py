@@ -304,26 +304,36 @@ def softmax_step(carry, q_QD, k_KD, v_KD, mask_QK, cfg: KernelConfig):
     return m_new, l_new, acc_new
 
 
-def online_softmax(q_QD, qpos_Q1, qseg_Q1, k_ref, v_ref, kvpos_ref, kvseg_ref, lo, hi,
+def contiguous_kv(k_ref, v_ref, bk):
+    """Key-block loader over ``[Sp, D]`` refs: block ``j`` is rows ``[j*bk, (j+1)*bk)``."""
+    def load(j):
+        start = pl.multiple_of(j * bk, bk)
+        return k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+    return load
+
+
+def online_softmax(q_QD, qpos_Q1, qseg_Q1, kv_block, kvpos_ref, kvseg_ref, lo, hi,
                    cfg: KernelConfig):
     """Flash-attention inner loop over key blocks ``[lo, hi)``: returns (m, l, acc) in fp32.
 
-    ``k_ref``/``v_ref`` are ``[Sp, D]``; ``kvpos_ref``/``kvseg_ref`` are ``[1, Sp]``.
+    ``kv_block(j)`` loads key block ``j`` as ``(k [bk, D], v [bk, D])`` (:func:`contiguous_kv`,
+    or one page of a paged pool); it is called only for tiles with a visible key.
+    ``kvpos_ref``/``kvseg_ref`` are ``[1, Sp]``, indexed by key position.
     """
     rows, D = q_QD.shape
     bk = cfg.block_k
 
-    def step(carry, start, mask_QK):
-        return softmax_step(carry, q_QD, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :],
-                            mask_QK, cfg)
+    def step(carry, j, mask_QK):
+        k_KD, v_KD = kv_block(j)
+        return softmax_step(carry, q_QD, k_KD, v_KD, mask_QK, cfg)
 
     def body(j, carry):
-        start = pl.multiple_of(j * bk, bk)
         if not cfg.masked:
-            return step(carry, start, None)
+            return step(carry, j, None)
+        start = pl.multiple_of(j * bk, bk)
         mask_QK = tile_mask(qpos_Q1, qseg_Q1, kvpos_ref[:, pl.ds(start, bk)],
                             kvseg_ref[:, pl.ds(start, bk)], cfg)
-        return skip_if_empty(mask_QK, lambda c: step(c, start, mask_QK), carry)
+        return skip_if_empty(mask_QK, lambda c: step(c, j, mask_QK), carry)
 
     return lax.fori_loop(lo, hi, body, softmax_init(rows, D))
 

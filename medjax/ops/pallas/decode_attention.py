@@ -2,9 +2,11 @@
 
 During generation T is 1 (or a few draft tokens), so a query tile of ``bq`` rows per head would be
 mostly padding. Instead the G query heads that share a KV head are folded into the rows of ONE
-tile (``rows = G * T``), so each KV block is read once per KV head, and the key axis is split
-into ``num_splits`` chunks that run in parallel (grid ``(B, Hkv, splits)``). Each chunk returns a
-partial output and its log-sum-exp; XLA merges the chunks (a softmax over the chunk LSEs).
+tile (``rows = G * T``), so each KV block is read once per KV head, and each sequence's visible
+key range is split into ``num_splits`` even chunks that run in parallel (grid
+``(B, Hkv, splits)``). Each chunk returns a partial output and its log-sum-exp; XLA merges the
+chunks (a softmax over the chunk LSEs). The paged kernel (``paged_attention``) reuses this form
+with pages as key blocks.
 
 Per-sequence ``kv_lengths`` and ``q_positions`` bound the key blocks visited: blocks past a
 sequence's length (or outside its sliding window) are never loaded. The inner loop is the same
@@ -33,45 +35,95 @@ from medjax.ops.pallas.flash_attention import flash_attention
 from medjax.ops.pallas.flash_attention_tpu import forward_kernel as _blocked_decode_kernel
 
 
-def _decode_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kvpos_ref,
-                   kvseg_ref, o_ref, lse_ref, *, cfg):
+def decode_tile(lo_ref, hi_ref, q_ref, kv_block, qpos_ref, qseg_ref, kvpos_ref, kvseg_ref,
+                o_ref, lse_ref, cfg):
+    """One program of the looped form: the folded rows of (batch b, KV head) against key blocks
+    ``[lo, hi)`` of split s (``kv_block``: see ``blocks.online_softmax``); writes the split's
+    normalised output and log-sum-exp."""
     b, s = pl.program_id(0), pl.program_id(2)
-    m, l, acc = blocks.online_softmax(q_ref[...], qpos_ref[...], qseg_ref[...], k_ref, v_ref,
+    m, l, acc = blocks.online_softmax(q_ref[...], qpos_ref[...], qseg_ref[...], kv_block,
                                       kvpos_ref, kvseg_ref, lo_ref[b, s], hi_ref[b, s], cfg)
     out_RD, lse_R1 = blocks.finish_softmax(m, l, acc)
     o_ref[...] = out_RD
     lse_ref[...] = lse_R1
 
 
-def _split_ranges(visible_BJ, num_splits):
-    """Per (batch, split) key-block range: the visible blocks inside the split's chunk."""
-    nk = visible_BJ.shape[-1]
-    chunk = -(-nk // num_splits)
-    split_of_block = jnp.arange(nk) // chunk
-    visible_BSJ = visible_BJ[:, None, :] & (split_of_block[None, None, :] ==
-                                            jnp.arange(num_splits)[None, :, None])
-    return blocks.visible_range(visible_BSJ)
+def _decode_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, cfg):
+    decode_tile(lo_ref, hi_ref, q_ref, blocks.contiguous_kv(k_ref, v_ref, cfg.block_k), *refs,
+                cfg=cfg)
 
 
-def _looped_call(cfg, args, out_shape, cost):
-    """Grid ``(B, Hkv, splits)``; each program loops over its split's blocks (Triton)."""
+def split_ranges(visible_BJ, num_splits):
+    """Per (batch, split) key-block range ``[B, splits]``: each sequence's visible range (first
+    to last visible block) cut into ``num_splits`` even chunks, so the splits share the work of
+    a short sequence in a wide cache too. Invisible blocks inside a range are skipped in-kernel."""
+    lo_B, hi_B = blocks.visible_range(visible_BJ)
+    chunk_B = -(-(hi_B - lo_B) // num_splits)
+    starts_BS = lo_B[:, None] + chunk_B[:, None] * jnp.arange(num_splits, dtype=jnp.int32)
+    return jnp.minimum(starts_BS, hi_B[:, None]), jnp.minimum(starts_BS + chunk_B[:, None],
+                                                               hi_B[:, None])
+
+
+def fold_query_heads(q, num_kv_heads, rows_padded):
+    """``[B, T, Hq, D]`` -> ``[B, Hkv, Rp, D]``: row ``r = g * T + t`` of KV head h's tile is
+    query head ``h * G + g`` at token t; rows past ``G * T`` are zero."""
+    B, T, Hq, D = q.shape
+    G = Hq // num_kv_heads
+    q_BKRD = q.reshape(B, T, num_kv_heads, G, D).transpose(0, 2, 3, 1, 4)
+    return blocks.pad_axis(q_BKRD.reshape(B, num_kv_heads, G * T, D), 2, rows_padded)
+
+
+def merge_splits(o_parts, lse_parts, T, Hq, dtype):
+    """Softmax over the splits' log-sum-exps ``[B, Hkv, splits, Rp, 1]`` (empty: -inf) merges
+    their outputs ``[B, Hkv, splits, Rp, D]``; returns ``[B, T, Hq, D]``."""
+    lse_max = jnp.max(lse_parts, axis=2, keepdims=True)
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    w_BKSR1 = jnp.exp(lse_parts - lse_max)
+    total = jnp.sum(w_BKSR1, axis=2)
+    out_BKRD = jnp.sum(w_BKSR1 * o_parts, axis=2) / jnp.where(total == 0, 1.0, total)
+    return unfold_query_heads(out_BKRD, T, Hq, dtype)
+
+
+def unfold_query_heads(out_BKRD, T, Hq, dtype):
+    """Inverse of :func:`fold_query_heads`: ``[B, Hkv, Rp, D]`` -> ``[B, T, Hq, D]``."""
+    B, Hkv, _, D = out_BKRD.shape
+    G = Hq // Hkv
+    out = out_BKRD[:, :, :G * T].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4)
+    return out.reshape(B, T, Hq, D).astype(dtype)
+
+
+def looped_call(kernel, cfg, args, out_shape, cost, *, kv_spec, num_tables=2,
+                name="medjax_flash_decode"):
+    """Grid ``(B, Hkv, splits)``; each program loops over its split's key blocks (Triton).
+
+    ``args``: ``num_tables`` small int32 tables read with scalar indices (split ranges first),
+    then q ``[B, Hkv, Rp, D]``, k, v (``kv_spec``), row positions/segments ``[B, Rp, 1]``, key
+    positions/segments ``[B, 1, Sp]``."""
     B, Hkv, splits, Rp, D = out_shape[0].shape
-    Sp = args[3].shape[2] if cfg.heads_first else args[3].shape[1]
-    if cfg.heads_first:
-        kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, s: (b, h, 0, 0))
-    else:
-        kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
+    Sp = args[-1].shape[-1]
     table = blocks.scalar_table_spec(cfg)
     row_spec = pl.BlockSpec((None, Rp, 1), lambda b, h, s: (b, 0, 0))
     key_spec = pl.BlockSpec((None, 1, Sp), lambda b, h, s: (b, 0, 0))
     return blocks.pallas_call(
-        functools.partial(_decode_kernel, cfg=cfg), cfg, grid=(B, Hkv, splits),
-        in_specs=[table, table, pl.BlockSpec((None, None, Rp, D), lambda b, h, s: (b, h, 0, 0)),
+        functools.partial(kernel, cfg=cfg), cfg, grid=(B, Hkv, splits),
+        in_specs=[*[table] * num_tables,
+                  pl.BlockSpec((None, None, Rp, D), lambda b, h, s: (b, h, 0, 0)),
                   kv_spec, kv_spec, row_spec, row_spec, key_spec, key_spec],
         out_specs=[pl.BlockSpec((None, None, None, Rp, D), lambda b, h, s: (b, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, Rp, 1), lambda b, h, s: (b, h, s, 0, 0))],
-        out_shape=out_shape, cost=cost, head_dim=D, name="medjax_flash_decode",
+        out_shape=out_shape, cost=cost, head_dim=D, name=name,
     )(*args)
+
+
+def _looped_call(cfg, args, out_shape, cost):
+    """The contiguous cache: program (b, h, s) sees rows ``[Sp, D]`` of KV head h."""
+    D = out_shape[0].shape[-1]
+    Sp = args[-1].shape[-1]
+    if cfg.heads_first:
+        kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, s: (b, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, s: (b, 0, h, 0))
+    return looped_call(_decode_kernel, cfg, args, out_shape, cost, kv_spec=kv_spec)
 
 
 def _blocked_call(cfg, args, out_shape, steps, cost):
@@ -123,15 +175,14 @@ def _decode_forward(static, q, k, v, mask_args):
         mask_args["kv_lengths"], Rp, Sp)
     visible = blocks.block_visibility(row_pos, row_seg, kv_pos, kv_seg, block_q=Rp, block_k=bk,
                                       causal=causal, window=window)[:, 0]
-    lo, hi = _split_ranges(visible, splits)
+    lo, hi = split_ranges(visible, splits)
 
     cfg = KernelConfig(scale=scale, causal=causal, window=window,
                        masked=bool(causal or window is not None or segmented
                                    or mask_args["kv_lengths"] is not None or Sp != S),
                        block_q=Rp, block_k=bk, backend=backend, heads_first=heads_first,
                        fp32=q.dtype == jnp.float32)
-    q_BKRD = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rows, D)
-    q_BKRD = blocks.pad_axis(q_BKRD, 2, Rp)
+    q_BKRD = fold_query_heads(q, Hkv, Rp)
     k_p, v_p = blocks.pad_axis(k, 1, Sp), blocks.pad_axis(v, 1, Sp)
     if heads_first:
         k_p, v_p = k_p.transpose(0, 2, 1, 3), v_p.transpose(0, 2, 1, 3)
@@ -147,14 +198,7 @@ def _decode_forward(static, q, k, v, mask_args):
     else:
         o_parts, lse_parts = _looped_call(cfg, args, out_shape, cost)
 
-    # Merge the splits: weights exp(lse_s - max lse); empty splits have lse = -inf.
-    lse_max = jnp.max(lse_parts, axis=2, keepdims=True)
-    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
-    w_BKSR1 = jnp.exp(lse_parts - lse_max)
-    total = jnp.sum(w_BKSR1, axis=2)
-    out_BKRD = jnp.sum(w_BKSR1 * o_parts, axis=2) / jnp.where(total == 0, 1.0, total)
-    out = out_BKRD[:, :, :rows].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4)
-    return out.reshape(B, T, Hq, D).astype(q.dtype)
+    return merge_splits(o_parts, lse_parts, T, Hq, q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -60,7 +60,8 @@ def _head_tile(ref, cfg, g, start, size):
 def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kvpos_ref, kvseg_ref,
                 o_ref, lse_ref, *, cfg):
     b, i = pl.program_id(0), pl.program_id(2)
-    m, l, acc = blocks.online_softmax(q_ref[...], qpos_ref[...], qseg_ref[...], k_ref, v_ref,
+    kv_block = blocks.contiguous_kv(k_ref, v_ref, cfg.block_k)
+    m, l, acc = blocks.online_softmax(q_ref[...], qpos_ref[...], qseg_ref[...], kv_block,
                                       kvpos_ref, kvseg_ref, lo_ref[b, i], hi_ref[b, i], cfg)
     out_QD, lse_Q1 = blocks.finish_softmax(m, l, acc)
     o_ref[...] = out_QD.astype(o_ref.dtype)
