@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.ops.attention import attention_reference
-from medjax.ops.paged_attention import paged_attention, paged_attention_xla
+from medjax.ops.paged_attention import paged_attention, paged_attention_xla, resolve_implementation
 
 
 def paged_case(seed=0, B=3, T=1, Hq=4, Hkv=2, D=16, page=4, width=6, lengths=(5, 17, 24)):
@@ -67,3 +67,84 @@ def test_pallas_kernel_matches_xla_in_interpret_mode(T, window):
                                  sliding_window=window, backend="mosaic_interpret")
     want = paged_attention_xla(q, pk, pv, table, lengths, q_positions=q_pos, sliding_window=window)
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def _poison_unread_pages(pool, table, lengths, q_pos, window):
+    """NaN in every page a sequence must never read (wholly past its length or before its
+    window), and garbage table entries past the length: a kernel that reads any of them, even
+    masked, returns NaN (0 * NaN in p @ v)."""
+    pool, table = np.array(pool), np.array(table)
+    N, page = pool.shape[0], pool.shape[2]
+    rng = np.random.default_rng(1)
+    for b, n in enumerate(lengths):
+        first = 0 if window is None else max(0, int(q_pos[b].min()) - window + 1) // page
+        last = -(-int(n) // page)
+        for j in [*range(first), *range(last, table.shape[1])]:
+            pool[table[b, j]] = np.nan
+        table[b, last:] = rng.choice([N, N + 7, -3, *table[b, :last]], table.shape[1] - last)
+    return pool, table
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("T,window,Hq,splits", [(1, None, 2, 1), (1, None, 8, 4), (3, None, 4, 2),
+                                                (1, 20, 4, 3), (2, 33, 16, 8)])
+def test_triton_kernel_matches_xla_and_dense_in_interpret_mode(dtype, T, window, Hq, splits):
+    """The GPU (Triton) form, run in interpret mode: ragged lengths (a part-filled page, one
+    page, six), GQA ratios 1-8, draft tokens, windows, garbage past each length."""
+    from medjax.ops.pallas.paged_attention import paged_decode_attention
+    (q, pk, pv, table, lengths, q_pos), (k, v) = paged_case(T=T, Hq=Hq, D=16, page=16,
+                                                            lengths=(9, 16, 96))
+    q, pk, pv = (jnp.asarray(x, dtype) for x in (q, pk, pv))
+    want = attention_reference(q.astype(jnp.float32), jnp.asarray(k, dtype).astype(jnp.float32),
+                               jnp.asarray(v, dtype).astype(jnp.float32), sliding_window=window,
+                               q_positions=q_pos, kv_lengths=jnp.asarray(lengths))
+    xla = paged_attention_xla(q, pk, pv, table, lengths, q_positions=q_pos, sliding_window=window)
+    pk_bad, table_bad = _poison_unread_pages(pk, table, lengths, q_pos, window)
+    pv_bad, _ = _poison_unread_pages(pv, table, lengths, q_pos, window)
+    got = paged_decode_attention(q, jnp.asarray(pk_bad, dtype), jnp.asarray(pv_bad, dtype),
+                                 table_bad, lengths, q_positions=q_pos, sliding_window=window,
+                                 num_splits=splits, backend="interpret")
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(xla, np.float32), atol=tol)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol)
+
+
+def test_triton_kernel_default_positions_and_scale():
+    """``q_positions=None``: the last T positions of each sequence; ``scale`` is applied."""
+    from medjax.ops.pallas.paged_attention import paged_decode_attention
+    (q, pk, pv, table, lengths, _), _ = paged_case(T=2, D=16, page=16, lengths=(3, 17, 40))
+    got = paged_decode_attention(q, pk, pv, table, lengths, scale=0.3, backend="interpret")
+    want = paged_attention_xla(q, pk, pv, table, lengths, scale=0.3)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_triton_kernel_refuses_shapes_triton_cannot_tile():
+    from medjax.ops.pallas.paged_attention import paged_decode_attention
+    (q, pk, pv, table, lengths, _), _ = paged_case(page=8, D=16)
+    with pytest.raises(ValueError, match="page 8, head_dim 16"):
+        paged_decode_attention(q, pk, pv, table, lengths, backend="triton")
+
+
+@pytest.mark.parametrize("platform,page,D,want", [
+    ("cuda", 16, 128, "pallas"), ("cuda", 8, 128, "xla"), ("cuda", 16, 80, "xla"),
+    ("rocm", 32, 64, "pallas"), ("tpu", 8, 128, "pallas"), ("cpu", 16, 128, "xla")])
+def test_auto_picks_the_kernel_by_target_and_shapes(platform, page, D, want):
+    assert resolve_implementation("auto", platform, page_size=page, head_dim=D) == want
+    assert resolve_implementation("xla", "cuda", page_size=page, head_dim=D) == "xla"
+    with pytest.raises(ValueError, match="unknown paged attention implementation"):
+        resolve_implementation("triton", "cuda", page_size=page, head_dim=D)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_auto_lowers_to_the_triton_kernel_for_cuda(dtype):
+    """Traced for CPU and CUDA (no plugin needed to lower): the CUDA program's only custom call is
+    the Pallas Triton kernel, and it has no ``while`` (the XLA path's page loop)."""
+    from medjax.ops.target import target_platforms
+    S = jax.ShapeDtypeStruct
+    args = [S((4, 1, 8, 64), dtype), S((32, 2, 16, 64), dtype), S((32, 2, 16, 64), dtype),
+            S((4, 8), jnp.int32), S((4,), jnp.int32)]
+    with target_platforms("cpu", "cuda"):
+        text = jax.jit(paged_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call") == 1 and "__gpu$xla.gpu.triton" in text
+    assert "stablehlo.while" not in text
