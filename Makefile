@@ -38,7 +38,8 @@ tpu-venv: $(TPU_STAMP)
 
 # Compile-only CUDA tooling (jax[cuda12], ~5.5 GB of NVIDIA wheels) in a venv of its own, never
 # in .venv and not needed by `make test` (the cuDNN dispatch test skips without it). Used by
-# `python -m medjax.plan --device h100 --compile` and tests/test_plan_compile.py.
+# `python -m medjax.plan --device h100 --compile`, tests/test_plan_compile.py and
+# tests/serve/test_paged_gpu_compile.py.
 CUDA_VENV := .venv-cuda
 CUDA_STAMP := $(CUDA_VENV)/.medjax-cuda-installed
 
