@@ -148,3 +148,18 @@ def test_auto_lowers_to_the_triton_kernel_for_cuda(dtype):
         text = jax.jit(paged_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call") == 1 and "__gpu$xla.gpu.triton" in text
     assert "stablehlo.while" not in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_triton_kernel_matches_xla_on_a_gpu(dtype):
+    """Compiled Triton kernel vs the XLA path on a CUDA GPU, Llama-3-8B attention shapes."""
+    B, T, Hq, Hkv, D, page, width = 4, 1, 32, 8, 128, 16, 64
+    (q, pk, pv, table, lengths, q_pos), _ = paged_case(
+        B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, page=page, width=width, lengths=(1, 100, 517, 1024))
+    q, pk, pv = (jnp.asarray(x, dtype) for x in (q, pk, pv))
+    with jax.default_matmul_precision("highest"):
+        want = paged_attention_xla(q, pk, pv, table, lengths, q_positions=q_pos)
+    got = jax.jit(paged_attention)(q, pk, pv, table, lengths, q_positions=q_pos)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
