@@ -19,12 +19,24 @@ SESSION_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", SESSION_DEVICES)
 
 # One persistent compilation cache per test run, shared by the xdist workers and every subprocess
-# they start (the env var): `python -m medjax.train` in forty tests compiles the same tiny steps.
-# Per run, not per machine, so that a run's timing never depends on an earlier one.
-_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(Path(tempfile.gettempdir()) / f"medjax-test-jax-cache-{_RUN_ID}"))
+# they start (the env vars): `python -m medjax.train` in forty tests compiles the same tiny steps,
+# about half of a tiny run's time. Every program is cached (tiny ones compile in under the default
+# 1 s threshold). Per run, not per machine, so that a run's timing never depends on an earlier one;
+# the run that made the directory removes it (``pytest_unconfigure``).
+_CACHE_OWNER = "MEDJAX_TEST_JAX_CACHE_OWNER"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="medjax-test-jax-cache-")
+    os.environ[_CACHE_OWNER] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+        import shutil
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -137,21 +137,6 @@ def test_pipeline_stages_spanning_two_processes_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_identically(tmp_path):
-    """Both processes stopped after the step-2 checkpoint (what comes later removed), then
-    ``--resume`` in both: every host restores its own iterator position and the steps repeat."""
-    import shutil
-    first = _train(tmp_path / "two", processes=2)
-    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
-    got = _losses(tmp_path / "two")
-    shutil.rmtree(tmp_path / "two" / "checkpoints" / "4")
-    resumed = _train(tmp_path / "two", processes=2, resume=True)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    again = _losses(tmp_path / "two")
-    assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
-
-
-@pytest.mark.slow
 def test_a_batch_the_mesh_cannot_split_stops_every_process_with_one_error(tmp_path):
     bad = _train(tmp_path / "bad", "train.batch_size=12", "train.grad_accum=1", processes=2)
     assert bad.returncode == 2, (bad.stdout + bad.stderr)[-3000:]
@@ -230,8 +215,9 @@ def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
 def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
     """A real kill: both processes (and the launcher) SIGKILLed once the step-4 checkpoint is on
     disk, mid-run (a later checkpoint may be half written); ``--resume`` in both continues from
-    the newest complete checkpoint and every step's loss equals the uninterrupted run's."""
-    steps = ("train.steps=24", "checkpoint.every=4")
+    the newest complete checkpoint (each host restores its own data iterator position) and every
+    step's loss equals the uninterrupted run's."""
+    steps = ("train.steps=10", "checkpoint.every=2")
     _ok(_train(tmp_path / "ref", *steps, processes=2))
     run = tmp_path / "killed"
     cmd = _command("medjax.train", ["--no-progress", *SFT, f"train.out_dir={run}", *steps], 2, 4)
@@ -246,10 +232,10 @@ def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert max(_losses(run)) < 24, "killed after the run had finished: nothing was interrupted"
+    assert max(_losses(run)) < 10, "killed after the run had finished: nothing was interrupted"
     _ok(_train(run, *steps, processes=2, resume=True))
     ref, got = _losses(tmp_path / "ref"), _losses(run)
-    assert sorted(got) == sorted(ref) == list(range(1, 25))
+    assert sorted(got) == sorted(ref) == list(range(1, 11))
     assert [got[s] for s in ref] == [ref[s] for s in ref]
 
 
