@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from medjax.lora import LoRAExperts, LoRALinear, lora_modules
 from medjax.models.stack import num_stacked, unstack_module
@@ -93,7 +94,8 @@ def _per_layer_wrappers(model):
             out.append((path, wrapper))
             continue
         head, tail = path.split(".layers.", 1)
-        out.extend((f"{head}.layers.{i}.{tail}", w) for i, w in enumerate(unstack_module(wrapper)))
+        per_layer = unstack_module(wrapper, leave=nnx.PathContains("base"))   # adapters only
+        out.extend((f"{head}.layers.{i}.{tail}", w) for i, w in enumerate(per_layer))
     return out
 
 

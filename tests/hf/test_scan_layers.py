@@ -79,6 +79,7 @@ def test_stacked_qlora_streaming_quantizes_each_layer_as_the_loop(fmt, tmp_path)
 
 @pytest.mark.slow   # the recipes' default-run exports go through it too (scan is their default)
 def test_stacked_peft_export_writes_the_loop_files(tmp_path):
+    from medjax.lora import lora_modules as lora_modules_of
     from safetensors.numpy import load_file
 
     from medjax.config import LoraSection
@@ -105,3 +106,12 @@ def test_stacked_peft_export_writes_the_loop_files(tmp_path):
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
     assert json.loads((outs[0] / "adapter_config.json").read_text()) == \
         json.loads((outs[1] / "adapter_config.json").read_text())
+    # the per-layer views the export reads slice the adapters only: the frozen base stays whole,
+    # shared, never copied (unstacking it copied every stacked weight: 12 GiB at 7B)
+    from medjax.hf.peft_export import _per_layer_wrappers
+    stacked = dict(lora_modules_of(models[1]))
+    for path, wrapper in _per_layer_wrappers(models[1]):
+        whole = stacked[path.replace(".layers." + path.split(".layers.")[1].split(".")[0], ".layers", 1)]
+        for (_, mine), (_, theirs) in zip(nnx.to_flat_state(nnx.state(wrapper.base)),
+                                          nnx.to_flat_state(nnx.state(whole.base))):
+            assert mine.get_value() is theirs.get_value(), path
