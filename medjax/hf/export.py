@@ -21,16 +21,11 @@ from flax import nnx
 from medjax.errors import CheckpointError
 from medjax.hf.names import export_shapes, export_tensors
 from medjax.hf.safetensors_io import write_safetensors
-from medjax.models.stack import LayerSlice, per_layer_flat
+from medjax.models.stack import per_layer_flat, value_shape
 from medjax.outputs import replace_dir, temp_dir_beside
 from medjax.sharding import host_value
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
-def _shape(var) -> tuple:
-    """A variable's (or a stacked variable's layer slice's) shape, without reading it."""
-    return var.shape if isinstance(var, LayerSlice) else tuple(var.get_value().shape)
 
 
 def _generation_config(cfg) -> dict:
@@ -65,7 +60,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
         # Shards are planned from shapes, then each tensor is made only as its bytes are written:
         # the host holds one tensor (one layer's slice) beyond the model, never a 5 GiB shard.
         itemsize = np.dtype(np_dtype).itemsize
-        shapes = list(export_shapes(cfg, lambda p: _shape(flat[p])))
+        shapes = list(export_shapes(cfg, lambda p: value_shape(flat[p])))
         planned, shard_bytes, total = [[]], 0, 0
         for name, shape in shapes:
             nbytes = math.prod(shape) * itemsize

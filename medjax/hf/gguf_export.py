@@ -26,7 +26,7 @@ from flax import nnx
 
 from medjax.hf.gguf import _BLOCK, _GLOBAL
 from medjax.errors import CheckpointError
-from medjax.models.stack import per_layer_flat
+from medjax.models.stack import per_layer_flat, value_shape
 from medjax.outputs import temp_file_beside
 from medjax.sharding import host_value
 
@@ -162,7 +162,7 @@ def save_gguf(model, path, *, tokenizer=None, type: str = "f16", name: str | Non
     factors = rope_freq_factors(cfg)
     shapes = {}
     for tname, mpath, transposed in plan:
-        shape = tuple(flat[mpath].get_value().shape)
+        shape = value_shape(flat[mpath])
         shapes[tname] = shape[:-2] + shape[:-3:-1] if transposed else shape
     if factors is not None:
         shapes["rope_freqs.weight"] = factors.shape

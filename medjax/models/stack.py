@@ -125,6 +125,11 @@ class LayerSlice:
         return tuple(self.var.get_value().shape[1:])
 
 
+def value_shape(var) -> tuple:
+    """A variable's shape, or a ``LayerSlice``'s, without reading (slicing) the value."""
+    return var.shape if isinstance(var, LayerSlice) else tuple(var.get_value().shape)
+
+
 def per_layer_flat(flat) -> dict:
     """``{per-layer path: variable | LayerSlice}`` from a model's flat state in either layout:
     stacked ``("model", "layers", *rest)`` becomes ``("model", "layers", i, *rest)``."""

@@ -71,15 +71,14 @@ def test_stale_tmp_of_killed_export_is_cleaned(tmp_path):
 @pytest.mark.parametrize("family,scan", [("llama3", False), ("mixtral", True)])
 def test_export_shapes_are_the_exported_tensors_shapes(family, scan, tmp_path):
     """save_hf writes each safetensors header from ``export_shapes`` before making any tensor."""
-    from medjax.hf.export import _shape
     from medjax.hf.names import export_shapes, export_tensors
     from medjax.models import get_preset, init_decoder
-    from medjax.models.stack import per_layer_flat
+    from medjax.models.stack import per_layer_flat, value_shape
     from flax import nnx
     model = init_decoder(get_preset(f"tiny-{family}"), seed=0, scan_layers=scan)
     flat = per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     made = [(n, a.shape) for n, a in export_tensors(model.config, lambda p: np.asarray(flat[p].get_value()))]
-    assert list(export_shapes(model.config, lambda p: _shape(flat[p]))) == made
+    assert list(export_shapes(model.config, lambda p: value_shape(flat[p]))) == made
 
 
 def test_export_holds_one_tensor_not_a_shard(tmp_path, monkeypatch):
