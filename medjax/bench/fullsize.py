@@ -35,7 +35,7 @@ RECIPES = {"llama2-7b": "configs/melt_llama2_lora.yaml",
            "mixtral-8x7b-2l": "configs/bimedix_mixtral_qlora.yaml"}
 PROMPT = "A 45-year-old man presents with crushing chest pain radiating to the left arm, sweating and nausea."
 PROMPT_TOKENS = 16
-MAX_REL_ERR = 2e-2          # bf16 logits, the issue's bound
+MAX_REL_ERR = 2e-2          # fp32 compute over the same bf16 weights (the issue's bf16 bound)
 MAX_REL_ERR_Q8 = 5e-2       # q8_0 GGUF read back (8-bit weights)
 
 
@@ -97,15 +97,21 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _medjax_logits(model, ids):
+def _medjax_logits(model, ids, *, fp32: bool = True):
     """One jitted forward, compiled with medjax's options for the platform (on CPU: one layer of
-    a scanned bf16 stack converted to f32 at a time, not the whole stack)."""
+    a scanned bf16 stack converted to f32 at a time, not the whole stack). ``fp32``: every
+    module computes in float32 over its bf16 weights (the comparisons' reference: bf16 rounding
+    of the activations grows with depth, ~sqrt(layers), and is not what they check)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from medjax.ops.target import compiler_options
+    if fp32:
+        for _, module in nnx.iter_modules(model):
+            if getattr(module, "dtype", None) in (jnp.bfloat16, jnp.float16):
+                module.dtype = jnp.float32
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).astype(jnp.float32),
                       compiler_options=compiler_options(state))
@@ -117,13 +123,39 @@ def _phase_logits_medjax(a) -> None:
     import numpy as np
     from medjax.loading import load
     model, _ = load(a.run)                          # a run: rebuilt, adapters merged
-    np.save(a.out, _medjax_logits(model, _prompt_ids(a.fixture)))
+    ids = _prompt_ids(a.fixture)
+    np.save(_bf16_reference(a.out), _medjax_logits(model, ids, fp32=False))   # as trained
+    np.save(a.out, _medjax_logits(model, ids))
 
 
-def _torch_logits(model, ids):
+def _bf16_reference(path) -> Path:
+    return Path(path).with_suffix(".bf16.npy")
+
+
+def _torch_logits(model, ids, *, fp32: bool = True):
+    """The logits of a bf16 transformers model; ``fp32``: computed in float32 over its bf16
+    weights, each decoder layer upcast just before it runs and cast back after (exact: bf16 ->
+    fp32 -> bf16), so the host holds one fp32 layer (a 7B model in fp32 is 25 GiB)."""
     import torch
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+    def upcast(layer, args):
+        layer.float()                   # a hook that returns None keeps the layer's inputs
+
+    def downcast(layer, args, out):
+        layer.to(torch.bfloat16)        # ... and its outputs
+
+    hooks = []
+    if fp32:
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for module in (core.model.embed_tokens, core.model.norm, core.lm_head):
+            module.float()
+        for layer in core.model.layers:
+            hooks += [layer.register_forward_pre_hook(upcast), layer.register_forward_hook(downcast)]
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].float().numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _check(what: str, err: float, bound: float) -> None:
@@ -137,8 +169,11 @@ def _phase_compare_hf(a) -> None:
     import torch
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
-    _check("transformers(merged export) vs medjax", rel_err(_torch_logits(model, _prompt_ids(a.fixture)),
-                                                            np.load(a.reference)), MAX_REL_ERR)
+    ids = _prompt_ids(a.fixture)
+    print(f"transformers(merged export) vs medjax, both computing in bf16: relative error "
+          f"{rel_err(_torch_logits(model, ids, fp32=False), np.load(_bf16_reference(a.reference))):.3e}")
+    _check("transformers(merged export) vs medjax, fp32 compute over the bf16 weights",
+           rel_err(_torch_logits(model, ids), np.load(a.reference)), MAX_REL_ERR)
 
 
 def _phase_peft(a) -> None:
@@ -148,17 +183,17 @@ def _phase_peft(a) -> None:
     from peft import PeftModel
     base = transformers.AutoModelForCausalLM.from_pretrained(a.fixture, dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(base, a.model).eval()
-    _check("peft(fixture + adapter) vs medjax", rel_err(_torch_logits(model, _prompt_ids(a.fixture)),
-                                                        np.load(a.reference)), MAX_REL_ERR)
+    _check("peft(fixture + adapter) vs medjax, fp32 compute over the bf16 weights",
+           rel_err(_torch_logits(model, _prompt_ids(a.fixture)), np.load(a.reference)), MAX_REL_ERR)
 
 
 def _phase_gguf(a) -> None:
     import numpy as np
     import jax.numpy as jnp
     from medjax.loading import load
-    model, _ = load(a.model, dtype=jnp.bfloat16, progress=False)   # bf16, as trained (f32: 2x RAM)
-    _check("medjax(q8_0 GGUF) vs medjax", rel_err(_medjax_logits(model, _prompt_ids(a.fixture)),
-                                                  np.load(a.reference)), MAX_REL_ERR_Q8)
+    model, _ = load(a.model, dtype=jnp.bfloat16, progress=False)   # bf16 weights (f32: 2x RAM)
+    _check("medjax(q8_0 GGUF) vs medjax, fp32 compute", rel_err(
+        _medjax_logits(model, _prompt_ids(a.fixture)), np.load(a.reference)), MAX_REL_ERR_Q8)
 
 
 PHASES = {"logits-medjax": _phase_logits_medjax, "compare-hf": _phase_compare_hf,

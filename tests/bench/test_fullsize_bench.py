@@ -36,10 +36,36 @@ print(json.dumps(rows))
 
 def test_train_breakdown(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"total_seconds": 70.0, "train_seconds": 47.5,
-                                                       "setup_peak_rss_gib": 3.8}))
+                                                       "load_peak_rss_gib": 3.1, "setup_peak_rss_gib": 3.8}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "kind": "train", "step_time_s": 31.0}, {"step": 1, "kind": "eval", "step_time_s": 99},
         {"step": 2, "kind": "train", "step_time_s": 14.0},
         {"step": 3, "kind": "train", "step_time_s": 16.0}]))
     assert fullsize.train_breakdown(tmp_path) == {"load_setup_s": 22.5, "first_step_s": 31.0, "step_s": 15.0,
-                                                  "setup_peak_rss_gib": 3.8}
+                                                  "load_peak_rss_gib": 3.1, "setup_peak_rss_gib": 3.8}
+
+
+def test_fp32_comparisons_compute_in_fp32_over_the_bf16_weights(tmp_path):
+    """The fullsize comparisons' fp32 mode: transformers with each decoder layer upcast as it runs,
+    and medjax with every module's compute dtype float32, both over the same bf16 weights, equal
+    the same model loaded in fp32 (and each other); the bf16 forwards differ from them."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+
+    import medjax
+    from hf_fixtures import make_tiny_hf_model
+    make_tiny_hf_model("llama3", seed=3).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ids = list(range(3, 19))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    hf_fp32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    theirs = fullsize._torch_logits(hf, ids)
+    want = fullsize._torch_logits(hf_fp32, ids, fp32=False)
+    assert fullsize.rel_err(theirs, want) < 1e-5
+    assert all(p.dtype == torch.bfloat16 for p in hf.model.layers.parameters())   # cast back
+    ours_bf16, _ = medjax.load(tmp_path / "bf16", dtype=jnp.bfloat16, progress=False)
+    ours = fullsize._medjax_logits(ours_bf16, ids)
+    assert fullsize.rel_err(ours, want) < 1e-4
+    ours_bf16, _ = medjax.load(tmp_path / "bf16", dtype=jnp.bfloat16, progress=False)
+    assert fullsize.rel_err(fullsize._medjax_logits(ours_bf16, ids, fp32=False), want) > 1e-4
