@@ -9,7 +9,8 @@ Phases: ``fixture`` (``_fullsize_fixture``: written once, then reused from the c
 projection, or BiMediX nf4 QLoRA with adapters on experts and router; remat full, scanned
 layers, bf16; it loads, compiles and runs the steps), ``export-hf`` / ``export-peft`` /
 ``export-gguf`` (``python -m medjax.export``; the GGUF for Llama only), ``logits-medjax`` (the
-trained model restored from its checkpoint, merged, on a fixed 16-token prompt),
+trained model restored from its checkpoint, merged, on a fixed 16-token prompt;
+``logits-adapters``: the same with the adapters applied unmerged, peft's reference),
 ``compare-hf`` (transformers loads the merged export; relative error of its logits),
 ``peft`` (transformers + peft load the adapter onto the fixture) and ``gguf`` (medjax reads the
 GGUF back). Each row gives wall time and the peak RSS of that process (``wait4``'s rusage; Linux
@@ -119,12 +120,14 @@ def _medjax_logits(model, ids, *, fp32: bool = True):
 
 
 def _phase_logits_medjax(a) -> None:
-    """The trained model (restored from its checkpoint, adapters merged) on the prompt."""
+    """The trained model (restored from its checkpoint, adapters merged in bf16 as the export
+    writes them; ``--adapters``: applied unmerged, as peft does) on the prompt."""
     import numpy as np
     from medjax.loading import load
-    model, _ = load(a.run)                          # a run: rebuilt, adapters merged
+    model, _ = load(a.run, merge_adapters=not a.adapters)     # a run: rebuilt as it trained
     ids = _prompt_ids(a.fixture)
-    np.save(_bf16_reference(a.out), _medjax_logits(model, ids, fp32=False))   # as trained
+    if not a.adapters:
+        np.save(_bf16_reference(a.out), _medjax_logits(model, ids, fp32=False))   # as trained
     np.save(a.out, _medjax_logits(model, ids))
 
 
@@ -191,7 +194,9 @@ def _phase_gguf(a) -> None:
     import numpy as np
     import jax.numpy as jnp
     from medjax.loading import load
-    model, _ = load(a.model, dtype=jnp.bfloat16, progress=False)   # bf16 weights (f32: 2x RAM)
+    # bf16 weights (f32: 2x RAM), layers scanned as trained: the loop layout's 32 layers give
+    # XLA:CPU 32 independent fp32 converts, which it scheduled together (26 GB at 7B)
+    model, _ = load(a.model, dtype=jnp.bfloat16, scan_layers=True, progress=False)
     _check("medjax(q8_0 GGUF) vs medjax, fp32 compute", rel_err(
         _medjax_logits(model, _prompt_ids(a.fixture)), np.load(a.reference)), MAX_REL_ERR_Q8)
 
@@ -236,7 +241,11 @@ def run_all(preset: str, layers: int | None, steps: int, work: Path, max_shard_b
                                   "--out", str(ref), *common]),
                ("compare-hf", [py, "-m", me, "--phase", "compare-hf", "--model", str(out / "hf"), *common])]
     if llama:
-        phases += [("peft", [py, "-m", me, "--phase", "peft", "--model", str(out / "peft"), *common]),
+        unmerged = work / "logits_medjax_adapters.npy"       # peft's reference: adapters not merged
+        phases += [("logits-adapters", [py, "-m", me, "--phase", "logits-medjax", "--run", str(run),
+                                        "--adapters", "--out", str(unmerged), *common]),
+                   ("peft", [py, "-m", me, "--phase", "peft", "--model", str(out / "peft"),
+                             "--fixture", str(fixture), "--reference", str(unmerged)]),
                    ("gguf", [py, "-m", me, "--phase", "gguf", "--model", str(out / "model.q8_0.gguf"),
                              *common])]
     print(f"medjax.bench fullsize: {preset}, {cfg.num_layers} layers, {steps} steps; log {log}")
@@ -287,6 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     for hidden in ("--run", "--out", "--model", "--fixture", "--reference"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--adapters", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.phase:
         PHASES[a.phase](a)
