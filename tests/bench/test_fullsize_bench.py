@@ -69,3 +69,13 @@ def test_fp32_comparisons_compute_in_fp32_over_the_bf16_weights(tmp_path):
     assert fullsize.rel_err(ours, want) < 1e-4
     ours_bf16, _ = medjax.load(tmp_path / "bf16", dtype=jnp.bfloat16, progress=False)
     assert fullsize.rel_err(fullsize._medjax_logits(ours_bf16, ids, fp32=False), want) > 1e-4
+
+
+def test_q8_0_excess_accepts_q8_0_rounding_and_catches_a_layout_error():
+    import gguf
+    import numpy as np
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    t = gguf.GGMLQuantizationType.Q8_0
+    back = gguf.quants.dequantize(gguf.quants.quantize(w, t), t).reshape(w.shape)
+    assert 0.3 < fullsize._q8_0_excess(back, w) <= 0.51
+    assert fullsize._q8_0_excess(back.reshape(256, 64).T.copy(), w) > 10    # a transpose bug
