@@ -224,6 +224,9 @@ def _set(variables: dict, layer, shardings: dict, shapes: dict, reads: dict):
     else:                                   # abstract until the first layer: create and write
         structs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stacked.items()}
         written = jax.jit(functools.partial(_new_stack, structs), out_shardings=shardings)(placed, layer)
+    # the update runs asynchronously: without this wait the next layers are read while earlier
+    # ones still wait to be written, and their buffers pile up (7B load peak 1.12-1.18x, varying)
+    jax.block_until_ready(written)
     for k, value in written.items():
         variables[k].set_value(value)
 

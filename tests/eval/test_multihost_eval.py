@@ -31,9 +31,8 @@ def _eval(model_dir, data_dir, out_json, *, processes, devices):
             "--tasks", "medqa_4options,medmcqa", "--limit", "6", "--batch-tokens", "2048",
             "--log-samples", "--output", str(out_json), "mesh.preset=fsdp"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    if processes == 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if processes == 1:     # the session's XLA_FLAGS (tests/conftest.py) + the device count
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
         cmd = args
     else:
         cmd = [str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(processes), "-d", str(devices),

@@ -29,7 +29,7 @@ RUN = ["lora.dropout=0", "train.steps=3", "train.batch_size=8", "train.grad_accu
 
 
 def _train(out_dir, devices: int, *extra, dump: Path | None = None):
-    flags = f"--xla_force_host_platform_device_count={devices}"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     if dump is not None:
         flags += f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*traced.*"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)

@@ -51,7 +51,6 @@ def env(cache_dir: Path) -> dict:
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    e.pop("XLA_FLAGS", None)
     return e
 
 

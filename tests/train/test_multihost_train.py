@@ -34,9 +34,8 @@ DPO = ("--config", str(ROOT / "configs" / "med42_dpo.yaml"), "model=tiny", "mesh
 
 def _env(processes, devices):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    if processes == 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if processes == 1:     # the session's XLA_FLAGS (tests/conftest.py) + the device count
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 
 
@@ -250,7 +249,8 @@ def test_processes_started_with_different_configs_stop_with_one_error(tmp_path):
     try:
         for i, lr in enumerate(("0.002", "0.003")):
             env = dict(_env(2, 4), MEDJAX_COORDINATOR=f"127.0.0.1:{port}", MEDJAX_NUM_PROCESSES="2",
-                       MEDJAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                       MEDJAX_PROCESS_ID=str(i),
+                       XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "medjax.train", "--no-progress", *SFT,
                  f"train.out_dir={tmp_path / 'bad'}", f"optim.lr={lr}"],
