@@ -219,7 +219,8 @@ def _phase_gguf(a) -> None:
     flat = per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     excess, names = 0.0, []
     for name, arr in export_tensors(model.config, lambda p: host_value(flat[p].get_value())):
-        excess, names = max(excess, _q8_0_excess(arr, exported[name].read())), names + [name]
+        excess = max(excess, _q8_0_excess(arr, exported[name].read()))
+        names.append(name)
     if sorted(names) != sorted(exported):
         raise SystemExit(f"GGUF read back: tensors {sorted(set(exported) ^ set(names))[:4]} differ")
     print(f"medjax(q8_0 GGUF) vs medjax, fp32 compute: relative error "
