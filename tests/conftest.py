@@ -37,7 +37,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 # inherit XLA_FLAGS; the ones that set a device count append to it): most of a test's time is
 # compiling tiny programs, not running them (a 3-step tiny train: 9.7 s -> 7.9 s, same losses).
 # Before jax creates its CPU backend (at the first computation), like jax_num_cpu_devices.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+_O0 = "--xla_backend_optimization_level=0"
+if _O0 not in os.environ.get("XLA_FLAGS", ""):      # xdist workers inherit the controller's
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
 
 
 def pytest_unconfigure(config):
