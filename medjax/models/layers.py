@@ -31,7 +31,12 @@ class Linear(nnx.Module):
                                 logical_axes=logical_axes)
 
     def __call__(self, x):
-        return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        """One 2-D matmul over the flattened tokens. Written as ``einsum("...i,io->...o")`` the
+        weight gradient contracts two token dims, and XLA:CPU then writes the output gradient
+        transposed inside its elementwise producer (the SwiGLU backward): 20% of a full
+        fine-tuning step of SmolLM2 at batch 4 x 512 (issue 38)."""
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        return (x.reshape(-1, self.in_features) @ kernel).reshape(*x.shape[:-1], self.out_features)
 
 
 class RMSNorm(nnx.Module):
