@@ -60,7 +60,7 @@ HOW = {
         "a template: <recipe> and /your/... are the reader's",
     "python -m medjax.recipes plan": "every recipe's plan: tests/recipes/test_recipes.py",
     "python -m medjax.bench train --steps 5": "a benchmark (minutes); its numbers are in the table",
-    "python -m medjax.bench train --batch 4 --steps 1 --repeats 2": "a benchmark (minutes); its numbers are in "
+    "python -m medjax.bench train --batch 4 --steps 3 --repeats 3": "a benchmark (minutes); its numbers are in "
                                                                      "the table",
     "python -m medjax.bench fullsize --preset llama2-7b --layers 2 --max-shard-bytes 600000000":
         "a benchmark (minutes, 1.2 GB of disk); tests/hf/test_fullsize.py runs the same path",
