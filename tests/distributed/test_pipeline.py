@@ -73,7 +73,8 @@ def one_device(tmp_path_factory):
 
 @pytest.mark.parametrize("name, mesh, repeats", [
     ("llama_full", STAGE2_FSDP4, 1), ("llama_full", STAGE4_DATA2, 1),
-    ("llama_full", STAGE2_FSDP4, 2), ("llama_full", STAGE4_DATA2, 2),
+    ("llama_full", STAGE2_FSDP4, 2),
+    ("llama_full", STAGE4_DATA2 + ["model.remat=dots_saveable"], 2),   # the recipe's is full
     ("llama_lora", STAGE2_FSDP4, 1), ("llama_lora", STAGE4_DATA2, 2),
     ("mixtral_lora", STAGE2_FSDP4, 2), ("mixtral_lora", STAGE4_DATA2, 1),
     ("mixtral_qlora", STAGE2_FSDP4, 1), ("mixtral_lora", STAGE2_EXPERT4, 1),
