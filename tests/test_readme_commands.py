@@ -71,7 +71,7 @@ HOW = {
     "python -m medjax.bench peers --tpu v5p-8 --unroll-layers": "a benchmark (15 min); its numbers are in the table",
     "python -m medjax.bench peers --tpu v5p-8": "a benchmark (15 min; needs `make peers-venv` and `make tpu-venv`); "
                                                 "tests/bench/test_peers_bench.py runs its table logic",
-    "python -m medjax.bench peers --repeats 1 --steps 1": "a benchmark (about 20 min on this CPU; needs `make "
+    "python -m medjax.bench peers --repeats 3 --steps 3": "a benchmark (about 22 min on this CPU; needs `make "
                                                           "peers-venv`); its numbers are in the table",
     "python -m medjax.bench compile": "a benchmark (minutes); tests/bench/test_compile_bench.py "
                                       "runs it at tiny depths",
