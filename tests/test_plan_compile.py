@@ -149,7 +149,10 @@ def test_cpu_compile_adds_the_host_process_to_the_compiled_step(capsys):
     assert "1 × host CPU" in out and "host RAM" in out and "est. step time" not in out
     b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
     host = float(re.search(r"host process\s+([0-9.]+)", out).group(1)) * 2**30
-    assert 0.1 * 2**30 < host < 4 * 2**30
+    # this process's high-water mark: in a pytest worker it includes the tests run before this one
+    # (`python -m medjax.plan` is a fresh process), so the bound is the worker's own, read after
+    import resource
+    assert 0.1 * 2**30 < host <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + 0.01 * 2**30
     compiled = b["argument"] + b["output"] - b["alias"] + b["temp"]
     assert abs(b["total"] - compiled - host) < 0.01 * 2**30
 

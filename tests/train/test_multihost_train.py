@@ -174,14 +174,17 @@ def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
     two = _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft2"), "--peft",
                       processes=2, devices=4))
     assert two.stdout.count("exported step") == 1 and "[p0] exported step" in two.stdout, two.stdout  # p0 alone
-    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft1"), "--peft",
-                "mesh.preset=dp", devices=1))
-    _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf1"), "mesh.preset=dp",
-                devices=1))
-    for name, where in (("eval2", dict(processes=2, devices=4)), ("eval1", dict(devices=1))):
-        flags = () if name == "eval2" else ("mesh.preset=dp",)    # the run's fsdp mesh / one device
-        _ok(_module("medjax.eval", "--model", ckpt, "--data-dir", str(benchmarks_dir), "--tasks", "medmcqa",
-                    "--limit", "4", "--log-samples", "--output", str(tmp_path / f"{name}.json"), *flags, **where))
+    # the 1-process references: the CLIs' mains in this pytest process, on one device
+    from medjax.cli_errors import run_cli
+    from medjax.eval.__main__ import main as eval_main
+    from medjax.export.__main__ import main as export_main
+    assert run_cli(export_main, ["--checkpoint", ckpt, "--out", str(tmp_path / "peft1"), "--peft",
+                                 "mesh.preset=dp"]) == 0
+    assert run_cli(export_main, ["--checkpoint", ckpt, "--out", str(tmp_path / "hf1"), "mesh.preset=dp"]) == 0
+    evaluate = ("--model", ckpt, "--data-dir", str(benchmarks_dir), "--tasks", "medmcqa", "--limit", "4",
+                "--log-samples", "--output")
+    _ok(_module("medjax.eval", *evaluate, str(tmp_path / "eval2.json"), processes=2, devices=4))  # fsdp
+    assert run_cli(eval_main, [*evaluate, str(tmp_path / "eval1.json"), "mesh.preset=dp"]) == 0
     one, two = (json.loads((tmp_path / f"eval{n}.json").read_text())["samples"]["medmcqa"] for n in (1, 2))
     for a, b in zip(one, two, strict=True):
         assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-5, rel=1e-5)
