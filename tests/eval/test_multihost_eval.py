@@ -6,14 +6,10 @@ blocks), every batch is split over both processes' devices, and process 0 alone 
 tiny model's tokenizer) through the bucketed one.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from train.test_multihost_train import _module     # the launcher / one-process runner
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +23,10 @@ def tiny_hf_dir(tmp_path_factory):
 
 
 def _eval(model_dir, data_dir, out_json, *, processes, devices):
-    args = [sys.executable, "-m", "medjax.eval", "--model", str(model_dir), "--data-dir", str(data_dir),
-            "--tasks", "medqa_4options,medmcqa", "--limit", "6", "--batch-tokens", "2048",
-            "--log-samples", "--output", str(out_json), "mesh.preset=fsdp"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    if processes == 1:     # the session's XLA_FLAGS (tests/conftest.py) + the device count
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-        cmd = args
-    else:
-        cmd = [str(ROOT / "launch" / "local_multiprocess.sh"), "-n", str(processes), "-d", str(devices),
-               "--", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return _module("medjax.eval", "--model", str(model_dir), "--data-dir", str(data_dir),
+                   "--tasks", "medqa_4options,medmcqa", "--limit", "6", "--batch-tokens", "2048",
+                   "--log-samples", "--output", str(out_json), "mesh.preset=fsdp",
+                   processes=processes, devices=devices)
 
 
 @pytest.mark.slow

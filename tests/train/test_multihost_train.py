@@ -33,9 +33,11 @@ DPO = ("--config", str(ROOT / "configs" / "med42_dpo.yaml"), "model=tiny", "mesh
        "train.export=[]", "eval.tasks=[]", "checkpoint.every=2")
 
 
-def _env(processes, devices):
+def _env(devices=None):
+    """The subprocess environment; ``devices``: the forced CPU device count, appended to the
+    session's XLA_FLAGS (tests/conftest.py). None where the launcher sets it (``-d``)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    if processes == 1:     # the session's XLA_FLAGS (tests/conftest.py) + the device count
+    if devices is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 
@@ -51,7 +53,8 @@ def _command(module, args, processes=1, devices=8):
 def _module(module, *args, processes=1, devices=8):
     """``python -m module args`` in one process, or in ``processes`` under the local launcher."""
     return subprocess.run(_command(module, args, processes, devices), cwd=ROOT,
-                          env=_env(processes, devices), capture_output=True, text=True, timeout=900)
+                          env=_env(devices if processes == 1 else None), capture_output=True, text=True,
+                          timeout=900)
 
 
 def _train(out_dir, *extra, processes=1, resume=False, recipe=SFT):
@@ -62,12 +65,9 @@ def _train(out_dir, *extra, processes=1, resume=False, recipe=SFT):
 def _train_here(out_dir, *extra, recipe=SFT):
     """The 1-process reference: ``python -m medjax.train``'s ``main`` in this pytest process on
     the session's 8 devices (the test is marked ``multidevice``), as the subprocess would run it."""
-    from types import SimpleNamespace
-
     from medjax.cli_errors import run_cli
     from medjax.train.__main__ import main
-    rc = run_cli(main, ["--no-progress", *recipe, f"train.out_dir={out_dir}", *extra])
-    return SimpleNamespace(returncode=rc, stdout="", stderr=f"in-process medjax.train exited {rc}")
+    assert run_cli(main, ["--no-progress", *recipe, f"train.out_dir={out_dir}", *extra]) == 0
 
 
 def _ok(proc):
@@ -95,7 +95,7 @@ def test_two_processes_train_like_one(tmp_path):
     import json
     uneven = ("data.max_rows=33", "data.heldout_rows=9", "train.epochs=1")
     by_epochs = tuple(a for a in SFT if not a.startswith("train.steps="))   # both given: an error
-    _ok(_train_here(tmp_path / "one", *uneven, recipe=by_epochs))
+    _train_here(tmp_path / "one", *uneven, recipe=by_epochs)
     _ok(_train(tmp_path / "two", *uneven, processes=2, recipe=by_epochs))
     ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(ref) == sorted(got) == list(range(1, 6))
@@ -115,7 +115,7 @@ def test_pipeline_stages_spanning_two_processes_train_like_one(tmp_path):
     import json
     stages = ("mesh.stage=2", "mesh.fsdp=4", "lora.dropout=0", "train.batch_size=16",
               "train.grad_accum=4", "data.heldout_rows=8")
-    _ok(_train_here(tmp_path / "one", *stages))
+    _train_here(tmp_path / "one", *stages)
     _ok(_train(tmp_path / "two", *stages, processes=2))
     ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(ref) == list(range(1, 5))
@@ -214,7 +214,7 @@ def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
     _ok(_train(tmp_path / "ref", *steps, processes=2))
     run = tmp_path / "killed"
     cmd = _command("medjax.train", ["--no-progress", *SFT, f"train.out_dir={run}", *steps], 2, 4)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(2, 4), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -242,9 +242,8 @@ def test_processes_started_with_different_configs_stop_with_one_error(tmp_path):
     procs = []
     try:
         for i, lr in enumerate(("0.002", "0.003")):
-            env = dict(_env(2, 4), MEDJAX_COORDINATOR=f"127.0.0.1:{port}", MEDJAX_NUM_PROCESSES="2",
-                       MEDJAX_PROCESS_ID=str(i),
-                       XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
+            env = dict(_env(4), MEDJAX_COORDINATOR=f"127.0.0.1:{port}", MEDJAX_NUM_PROCESSES="2",
+                       MEDJAX_PROCESS_ID=str(i))
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "medjax.train", "--no-progress", *SFT,
                  f"train.out_dir={tmp_path / 'bad'}", f"optim.lr={lr}"],
