@@ -193,7 +193,8 @@ def lora_modules(model):
             if isinstance(m, (LoRALinear, LoRAExperts))]
 
 
-def _adapters(wrapper):
+def weight_adapters(wrapper):
+    """``[(base_weight_name, _Adapter)]`` of a LoRA wrapper."""
     if isinstance(wrapper, LoRALinear):
         return [("kernel", wrapper.adapter)]
     return [(name, getattr(wrapper, name)) for name in wrapper.projections]
@@ -225,7 +226,7 @@ def _fold(model, sign: float, merged_flag: bool):
     for _, wrapper in lora_modules(model):
         if wrapper.merged == merged_flag:
             continue
-        for weight_name, adapter in _adapters(wrapper):
+        for weight_name, adapter in weight_adapters(wrapper):
             var = getattr(wrapper.base, weight_name)
             var[...] = _folded(var[...], adapter.lora_a[...], adapter.lora_b[...],
                                sign * adapter.scale)

@@ -12,7 +12,8 @@ from flax import nnx
 from medjax.models.moe import EXPERT_PROJECTIONS
 from medjax.models.stack import LAYERS_AXIS, num_stacked
 from medjax.ops.grouped_matmul import GroupWeights, grouped_matmul
-from medjax.quant.codec import DOUBLE_QUANT_GROUP, QSpec, dequantize, quantize
+from medjax.ops.target import compiler_options
+from medjax.quant.codec import DOUBLE_QUANT_GROUP, QSpec, _nf4_scales, dequantize, quantize
 
 
 class QuantizedArray(nnx.Variable):
@@ -147,13 +148,49 @@ class QuantizedTensor(nnx.Module):
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in self.names}
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, dtype=None, adapter=None):
         """The whole float weight (export / eval), jitted: XLA fuses unpacking, level lookup and
         scaling into one pass that writes ``dtype``; run eagerly, each step materialised int32
         indices and f32 values of the whole stack (measured: a 2-layer Mixtral-width export
-        OOM-killed at 14.5 GiB)."""
-        one = functools.partial(dequantize, self.spec, dtype=dtype)
-        return jax.jit(jax.vmap(one) if self.layers else one)(self.arrays())
+        OOM-killed at 14.5 GiB).
+
+        ``adapter`` (a LoRA ``_Adapter`` stacked like this weight): the merged weight
+        ``w + scale * A @ B`` instead, ``w`` rounded to the compute dtype first (the weight the
+        quantized forward multiplied by) and the sum taken in fp32, one ``[in, out]`` matrix at a
+        time: neither the dequantized stack nor a stack-sized fp32 product ever exists."""
+        dtype = jnp.dtype(dtype or self.spec.dtype)
+        if adapter is None:
+            one = functools.partial(dequantize, self.spec, dtype=dtype)
+            return jax.jit(jax.vmap(one) if self.layers else one)(self.arrays())
+        a, b = adapter.lora_a[...], adapter.lora_b[...]
+        options = tuple(sorted((compiler_options(a) or {}).items()))
+        return _merged_program(self.spec, bool(self.layers), dtype, adapter.scale, options)(
+            self.arrays(), a, b)
+
+
+@functools.cache
+def _merged_program(spec: QSpec, stacked: bool, dtype, scale: float, options: tuple):
+    """``QuantizedTensor.dequantize(adapter=...)``'s jitted pass. The first-level scales are made
+    plain for the whole weight (small), then ``lax.map`` runs over every leading (layer, expert)
+    index. Compiled with ``ops.target.compiler_options``: XLA:CPU otherwise hoists the loop's
+    convert of the whole code stack out of it."""
+    def plain(arrays):
+        if spec.fmt != "nf4":
+            return arrays
+        return {"codes": arrays["codes"], "scales": _nf4_scales(spec, arrays)}
+
+    def merged(arrays, a, b):
+        arrays = jax.vmap(plain)(arrays) if stacked else plain(arrays)
+        lead = arrays["codes"].shape[:-2]
+        flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
+
+        def one(matrix):
+            arrays, a, b = matrix
+            w = dequantize(spec, arrays, spec.dtype, expert=True).astype(jnp.float32)
+            return (w + scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
+        out = jax.lax.map(one, (jax.tree.map(flat, arrays), flat(a), flat(b)))
+        return out.reshape(*lead, *out.shape[1:])
+    return jax.jit(merged, compiler_options=dict(options) or None)
 
 
 class QuantizedLinear(nnx.Module):
@@ -168,16 +205,17 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x):
         return quantized_matmul(self.weight.spec, x.astype(self.dtype), self.weight.arrays())
 
-    def to_float(self, param_dtype=None):
+    def to_float(self, param_dtype=None, adapters=None):
         """A plain ``Linear`` holding the dequantized weight, in ``param_dtype`` (default: the
-        compute dtype, i.e. exactly the weight the quantized forward multiplied by)."""
+        compute dtype, i.e. exactly the weight the quantized forward multiplied by); with
+        ``adapters`` (``{"kernel": _Adapter}``) the LoRA-merged weight."""
         from medjax.models.layers import Linear
         param_dtype = param_dtype or self.dtype
         lin = nnx.eval_shape(lambda: Linear(self.in_features, self.out_features,
                                             logical_axes=self.weight.logical_axes,
                                             rngs=nnx.Rngs(0), dtype=self.dtype,
                                             param_dtype=param_dtype))
-        lin.kernel = nnx.Param(self.weight.dequantize(param_dtype),
+        lin.kernel = nnx.Param(self.weight.dequantize(param_dtype, (adapters or {}).get("kernel")),
                                logical_axes=self.weight.logical_axes)
         return lin
 
@@ -201,9 +239,9 @@ class QuantizedExperts(nnx.Module):
             self.project("up_proj", x_NH, group_sizes_E)
         return self.project("down_proj", h, group_sizes_E)
 
-    def to_float(self, param_dtype=None):
-        """A plain ``Experts`` module holding the dequantized weights (``param_dtype`` as for
-        ``QuantizedLinear.to_float``)."""
+    def to_float(self, param_dtype=None, adapters=None):
+        """A plain ``Experts`` module holding the dequantized weights (``param_dtype`` and
+        ``adapters``, by projection name, as for ``QuantizedLinear.to_float``)."""
         from types import SimpleNamespace
         param_dtype = param_dtype or self.dtype
 
@@ -214,5 +252,6 @@ class QuantizedExperts(nnx.Module):
                                                param_dtype=param_dtype))
         for name in EXPERT_PROJECTIONS:
             q = getattr(self, name)
-            setattr(plain, name, nnx.Param(q.dequantize(param_dtype), logical_axes=q.logical_axes))
+            merged = q.dequantize(param_dtype, (adapters or {}).get(name))
+            setattr(plain, name, nnx.Param(merged, logical_axes=q.logical_axes))
         return plain

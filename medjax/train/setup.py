@@ -139,8 +139,9 @@ def base_model(cfg, mesh=None):
 
 def plain_model(model, *, keep: bool = True):
     """A wrapper-free model for export / eval: quantized bases dequantized (to the compute dtype,
-    the weights the forward used), then adapters merged onto them — the base the adapters were
-    trained against (the in-run and checkpoint exports are the same function of the same arrays).
+    the weights the forward used) with the adapters merged onto them in the same pass, one matrix
+    at a time (``quant.dequantize_model``) — the base the adapters were trained against (the in-run
+    and checkpoint exports are the same function of the same arrays); float bases merged in place.
 
     ``keep=False`` consumes ``model`` (merged in place): each adapted weight's old array is freed
     as its merged one is made, so the host holds one copy of the weights, not two (7B export)."""
@@ -149,7 +150,8 @@ def plain_model(model, *, keep: bool = True):
     if not lora_modules(model):
         return model
     # the clone shares the arrays; the merge makes new ones (``merged_model`` would clone again)
-    return strip_lora(merge_lora(dequantize_model(nnx.clone(model) if keep else model)))
+    model = nnx.clone(model) if keep else model
+    return strip_lora(merge_lora(dequantize_model(model, merge_adapters=True)))
 
 
 @dataclasses.dataclass

@@ -205,3 +205,36 @@ def test_bimedix_step_compiled_for_h100_holds_no_dequantized_expert_stack():
     assert lines, res.stdout[-2000:] + res.stderr[-3000:]
     r = json.loads(lines[-1])
     assert r["temp"] < 5 * 2 ** 30, r
+
+
+@pytest.mark.parametrize("preset,targets,fmt,double_quant,scan", [
+    CASES[0] + ("int8", False, False), CASES[0] + ("nf4", True, True),
+    CASES[1] + ("nf4", True, True), CASES[1] + ("int8", False, True)])
+def test_export_merges_each_quantized_weight_in_one_pass_as_dequantize_then_merge(
+        preset, targets, fmt, double_quant, scan):
+    """``plain_model`` (export, eval of a run) dequantizes each weight and adds ``scale * A @ B``
+    one matrix at a time; it must equal dequantizing the whole model to the compute dtype, then
+    merging — the weights the QLoRA forward used plus the adapters. bf16 compute, so the rounding
+    of the dequantized base to bf16 before the fp32 sum is checked too."""
+    from medjax.lora import lora_modules, merge_lora, strip_lora
+    from medjax.train.setup import plain_model
+    model = init_decoder(get_preset(preset), seed=0, scan_layers=scan, dtype=jnp.bfloat16,
+                         param_dtype=jnp.bfloat16)
+    apply_lora(model, LoraSection(enabled=True, rank=4, alpha=8, targets=targets), seed=0)
+    state = nnx.state(model, nnx.LoRAParam)
+    noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), state)
+    nnx.update(model, noisy)
+    quant.quantize_model(model, fmt, block=64, double_quant=double_quant)
+    want = strip_lora(merge_lora(quant.dequantize_model(nnx.clone(model))))
+    got = plain_model(model)                                   # keep=True: model left quantized
+    assert not lora_modules(got) and lora_modules(model)
+    assert jax.tree.leaves(nnx.state(model, quant.QuantizedArray))
+    want_flat, got_flat = nnx.to_flat_state(nnx.state(want)), nnx.to_flat_state(nnx.state(got))
+    assert [k for k, _ in want_flat] == [k for k, _ in got_flat]
+    for (key, w), (_, g) in zip(want_flat, got_flat):
+        w, g = w.get_value(), g.get_value()
+        assert w.dtype == g.dtype and w.shape == g.shape, key
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=1e-2, atol=1e-6, err_msg=str(key))
+        # bf16 output: equal except where the fp32 sums differ in their last bits and round apart
+        assert np.mean(np.asarray(g) != np.asarray(w)) < 1e-3, key
