@@ -238,6 +238,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
         if itemsize != compute and var.get_value().ndim >= 2 + num_stacked(var):
             weight_temp = max(weight_temp,
                               _local_elements(var, mesh, rules, gathered=True)[1] * compute / layers)
+    expert_codes = 0.0
     for _, q in nnx.iter_modules(model):
         if isinstance(q, QuantizedTensor):
             total += q.n_params
@@ -250,7 +251,16 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
             host = max(host, storage + chunk * (file_bytes + 4 + 4 + 4))
             codes_global, codes_used = _local_elements(q.codes, mesh, rules, gathered=True)
             gathered = q.spec.n_params * codes_used / codes_global   # dequantized where used
-            weight_temp = max(weight_temp, gathered * (4 + compute))
+            # an expert stack is dequantized one expert at a time inside the grouped matmul
+            # (quant.QuantizedGroups): one [in, out] matrix with its int32 level indices and
+            # fp32 values, not the layer's [E, in, out]
+            groups = math.prod(q.spec.shape[:-2])
+            weight_temp = max(weight_temp, gathered / groups * (4 + 4 + compute))
+            if q.layers and groups > 1:
+                # the layer scan's slice of the stacked codes feeds the loop over experts, so
+                # XLA materialises it: one layer's codes of every expert stack (compiled 2-layer
+                # Mixtral-width QLoRA step on XLA:CPU: three u8[8, 2048, 14336] per layer)
+                expert_codes += storage * codes_used / codes_global
     micro, activations = activation_bytes(cfg, model_cfg, sizes)
     moe = None
     if model_cfg.is_moe:
@@ -258,7 +268,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
         moe = moe_layer_cost(model_cfg, max(1, round(micro * cfg.data.seq_len)),
                              _DTYPE_BYTES[cfg.model.dtype], gathered_weight_bytes=moe_gathered)
         moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
-    temporaries = weight_temp + (moe["temp_bytes"] if moe else 0.0)
+    temporaries = weight_temp + expert_codes + (moe["temp_bytes"] if moe else 0.0)
     pipe = pipeline_traffic(cfg, model_cfg, sizes, micro, layer_bytes) if pipelined else None
     cpu_dots = runtime = 0.0
     if host_cpu:
@@ -325,7 +335,14 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
     # one layer's activations + their grads; a dense layer's MLP elementwise buffers count once
     # (since Linear's weight gradient is a 2-D matmul, XLA no longer keeps a transposed copy of
     # the SwiGLU backward beside it: compiled tiny Llama at remat=full, 1.20x -> 1.03-1.04x)
-    working = (2 * in_working - (0 if m.is_moe else mlp)) * tokens * s + 2 * probs
+    # LoRA: the adapters' backward reads each adapted projection's input (their dA = xᵀ·dh), kept
+    # beside the recomputed set: the dense MLP's elementwise set counts twice again, and a MoE
+    # layer keeps its routed rows' expert inputs ([N·k, H] for gate/up, [N·k, inner] for down)
+    # (compiled tiny Llama / Mixtral, LoRA r8 on all seven projections, remat=full: 0.90 / 0.86
+    # without these terms)
+    lora = cfg.lora.enabled
+    working = (2 * in_working - (0 if m.is_moe or lora else mlp)
+               + (k * (H + inner) if m.is_moe and lora else 0)) * tokens * s + 2 * probs
     remat = cfg.model.remat
     stages, micro = sizes.get("stage", 1), cfg.train.grad_accum
     layers, buffers = m.num_layers, 0.0
