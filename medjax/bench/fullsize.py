@@ -210,7 +210,7 @@ def _phase_gguf(a) -> None:
     from medjax.hf.names import export_tensors
     from medjax.hf.safetensors_io import find_weight_files, index_tensors
     from medjax.loading import load
-    from medjax.models.stack import per_layer_flat
+    from medjax.models.stack import per_layer_flat, read_value
     from medjax.sharding import host_value
     # bf16 weights (f32: 2x RAM), layers scanned as trained: the loop layout's 32 layers give
     # XLA:CPU 32 independent fp32 converts, which it scheduled together (26 GB at 7B)
@@ -218,7 +218,7 @@ def _phase_gguf(a) -> None:
     exported = index_tensors(find_weight_files(a.hf))
     flat = per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     excess, names = 0.0, []
-    for name, arr in export_tensors(model.config, lambda p: host_value(flat[p].get_value())):
+    for name, arr in export_tensors(model.config, lambda p, index=(): host_value(read_value(flat[p], index))):
         excess = max(excess, _q8_0_excess(arr, exported[name].read()))
         names.append(name)
     if sorted(names) != sorted(exported):

@@ -21,7 +21,7 @@ from flax import nnx
 from medjax.errors import CheckpointError
 from medjax.hf.names import export_shapes, export_tensors
 from medjax.hf.safetensors_io import write_safetensors
-from medjax.models.stack import per_layer_flat, value_shape
+from medjax.models.stack import per_layer_flat, read_value, value_shape
 from medjax.outputs import replace_dir, temp_dir_beside
 from medjax.sharding import host_value
 
@@ -68,7 +68,7 @@ def save_hf(model, out_dir, *, tokenizer=None, dtype: str = "float32",
                 planned, shard_bytes = planned + [[]], 0
             planned[-1].append((name, shape))
             shard_bytes, total = shard_bytes + nbytes, total + nbytes
-        arrays = export_tensors(cfg, lambda p: host_value(flat[p].get_value()))
+        arrays = export_tensors(cfg, lambda p, index=(): host_value(read_value(flat[p], index)))
 
         def tensor_bytes(name):
             got, arr = next(arrays)         # every process pulls each tensor (gathers are collective)

@@ -98,13 +98,15 @@ def param_sources(cfg: ModelConfig, available: set[str] | None = None) -> dict[P
     return out
 
 
-def export_tensors(cfg: ModelConfig, get: Callable[[Path_], np.ndarray]):
-    """Yield ``(hf_name, array)`` in HF's on-disk layout (per-expert w1/w2/w3 for Mixtral)."""
+def export_tensors(cfg: ModelConfig, get: Callable[..., np.ndarray]):
+    """Yield ``(hf_name, array)`` in HF's on-disk layout (per-expert w1/w2/w3 for Mixtral).
+    ``get(path, index=())`` reads ``param[index]``: one expert is read on its own, so the host
+    holds one ``[in, out]`` matrix, not its layer's whole expert stack (0.94 GB at Mixtral
+    width, held twice while it was copied off the device)."""
     for path, src in param_sources(cfg).items():
-        w = get(path)
         for part in src.parts:
             assert part.transform in ("copy", "t"), part  # export always writes the on-disk form
-            block = w if part.expert is None else w[part.expert]
+            block = get(path) if part.expert is None else get(path, (part.expert,))
             yield part.hf_name, TRANSFORMS[part.transform](block)
 
 

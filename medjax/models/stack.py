@@ -117,12 +117,18 @@ class LayerSlice:
     def __init__(self, var, i: int):
         self.var, self.i = var, i
 
-    def get_value(self):
-        return self.var.get_value()[self.i]
+    def get_value(self, index: tuple = ()):
+        """Layer ``i`` (``index``: of it, e.g. one expert), sliced in one read."""
+        return self.var.get_value()[(self.i, *index)]
 
     @property
     def shape(self) -> tuple:
         return tuple(self.var.get_value().shape[1:])
+
+
+def read_value(var, index: tuple = ()):
+    """``var``'s value (a variable or a ``LayerSlice``) at ``index``, sliced in one read."""
+    return var.get_value(index) if isinstance(var, LayerSlice) else var.get_value()[index]
 
 
 def value_shape(var) -> tuple:

@@ -73,11 +73,12 @@ def test_export_shapes_are_the_exported_tensors_shapes(family, scan, tmp_path):
     """save_hf writes each safetensors header from ``export_shapes`` before making any tensor."""
     from medjax.hf.names import export_shapes, export_tensors
     from medjax.models import get_preset, init_decoder
-    from medjax.models.stack import per_layer_flat, value_shape
+    from medjax.models.stack import per_layer_flat, read_value, value_shape
     from flax import nnx
     model = init_decoder(get_preset(f"tiny-{family}"), seed=0, scan_layers=scan)
     flat = per_layer_flat(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    made = [(n, a.shape) for n, a in export_tensors(model.config, lambda p: np.asarray(flat[p].get_value()))]
+    made = [(n, a.shape) for n, a in export_tensors(
+        model.config, lambda p, index=(): np.asarray(read_value(flat[p], index)))]
     assert list(export_shapes(model.config, lambda p: value_shape(flat[p]))) == made
 
 

@@ -30,8 +30,8 @@ def _write_checkpoint(out):
     from medjax.hf.names import export_tensors
     flat = dict(nnx.to_flat_state(nnx.state(abstract_decoder(CFG), nnx.Param)))
     rng = np.random.default_rng(0)
-    tensors = dict(export_tensors(CFG, lambda p: rng.standard_normal(
-        flat[p].get_value().shape, dtype=np.float32) * 0.02))
+    tensors = dict(export_tensors(CFG, lambda p, index=(): rng.standard_normal(
+        flat[p].get_value().shape[len(index):], dtype=np.float32) * 0.02))
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(CFG.to_hf_config()))
 
