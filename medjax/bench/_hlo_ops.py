@@ -143,23 +143,31 @@ def parse_instr(line: str) -> Instr | None:
 
 
 def parse_module(text: str) -> tuple[dict, str]:
-    """``({computation: {instr name: Instr}}, entry name)`` of an HLO module's text."""
-    comps, entry, current = {}, None, None
-    for line in text.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)", line)
-            if m and not line.startswith("HloModule"):
-                current = comps.setdefault(m.group(2), {})
-                if m.group(1):
-                    entry = m.group(2)
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        if current is not None:
-            ins = parse_instr(line)
+    """``({computation: {instr name: Instr}}, entry name)`` of an HLO module's text. An
+    instruction may span lines (a kernel's backend config can hold newlines in a string)."""
+    comps, entry, current, pending = {}, None, None, []
+
+    def flush():
+        if current is not None and pending:
+            ins = parse_instr(" ".join(pending))
             if ins:
                 current[ins.name] = ins
+        pending.clear()
+    for line in text.splitlines():
+        if current is None:
+            m = re.match(r"(ENTRY\s+)?%([\w.\-]+) .*\{$", line.rstrip())
+            if m:
+                current = comps.setdefault(m.group(2), {})
+                entry = m.group(2) if m.group(1) else entry
+            continue
+        if line.rstrip() == "}":
+            flush()
+            current = None
+        elif re.match(r"\s+(ROOT\s+)?%[\w.\-]+ = ", line):
+            flush()
+            pending.append(line)
+        elif pending:                       # the rest of a multi-line instruction
+            pending.append(line)
     return comps, entry
 
 

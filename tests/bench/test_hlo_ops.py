@@ -7,7 +7,8 @@ RATES = hlo_ops.LIBTPU_RATES["v5p"]
 # q-projection as GSPMD wrote it before constrain_rows: heads as a spatial dim of a convolution
 # over a padded window (one valid tap per output); a plain dot with libtpu's cycle estimate; a
 # Mosaic kernel with and without a cost estimate; a VMEM prefetch; an async all-gather wrapped
-# in a fusion; a [T, 1] fp32 array padded to 128 lanes.
+# in a fusion; a [T, 1] fp32 array padded to 128 lanes; a kernel whose config string holds a
+# newline (levanter's splash kernels: the next line starts with "}", which does not end ENTRY).
 MODULE = """HloModule jit_step, entry_computation_layout={()}
 
 %fused_conv (p0: bf16[4,4096,1024,1], p1: bf16[32,128,1024,1]) -> bf16[4,4096,32,128] {
@@ -39,7 +40,8 @@ ENTRY %main (a: bf16[4,4096,1024,1], w: bf16[32,128,1024,1], x: bf16[4096,4096],
   %copy-done.1 = bf16[4096,11008]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.1)
   %fusion.2 = bf16[4096,11008]{1,0:T(8,128)(2,1)} fusion(%x, %copy-done.1), kind=kOutput, calls=%fused_dot, backend_config={"window_config":{"estimated_cycles":"3500000"}}
   %medjax_flash_fwd.1 = (bf16[1,32,4096,128]{3,2,1,0:T(8,128)(2,1)}, f32[1,32,4096,1]{3,2,1,0:T(8,128)}) custom-call(%x, %x, %x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"TUzv","cost_estimate":{"flops":"394000000000","transcendentals":"268500992","bytes_accessed":"134742016","remote_bytes_transferred":"0"}}}
-  %splash_mha_dq_segmented_block_q_512.1 = bf16[32,4096,128]{2,1,0:T(8,128)(2,1)} custom-call(%x, %x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"TUzv"}}
+  %splash_mha_dq_segmented_block_q_512.1 = bf16[32,4096,128]{2,1,0:T(8,128)(2,1)} custom-call(%x, %x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"TUzv"},"xprof_metadata":"{\"block_q\": 512
+}"}, metadata={op_name="splash"}
   %fusion.3 = bf16[4096,4096]{1,0:T(8,128)(2,1)} fusion(%s), kind=kCustom, calls=%gather_fusion
   %neg.1 = f32[4096,1]{1,0:T(8,128)} negate(%l)
   ROOT %tuple.1 = (bf16[4096,11008]) tuple(%fusion.2)
