@@ -19,6 +19,12 @@ that has libtpu installed starts with ``TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu``
   every layer rematerialised, FSDP over the slice, each stack's own TPU flash attention; per
   side the peak memory per chip, compiled FLOPs over the model's FLOPs, libtpu's
   optimal_seconds. medjax's row comes from ``.venv-tpu`` (``make tpu-venv``) in the same run.
+  Each side also writes its compiled step's HLO text to the workdir, and the command prints each
+  stack's costliest op groups (``--per-op N``, ``_hlo_ops.py``). libtpu counts a Mosaic kernel
+  that declares no cost estimate as 0 FLOPs and 0 s (EasyDeL's and levanter's splash kernels
+  declare none, medjax's do): with ``--unroll-layers`` two more rows cost every side's attention
+  kernels alike, an undeclared one at medjax's declared cost for its kind (fwd, dq, dkv); the
+  raw rows stay as libtpu printed them.
 
 Ratios are medjax / peer. An unknown peer or a missing venv is one ``error:`` line naming the
 make target.
