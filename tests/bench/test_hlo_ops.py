@@ -94,3 +94,63 @@ def test_totals_group_and_imputed_kernels():
     assert "| side | matmul 4096x4096 . 4096x11008 | 1 |" in text
     assert "kernel splash_mha_dq_segmented (no cost declared)" in text     # kernels always listed
     assert "| side | all ops | 7 |" in text
+
+
+# What libtpu charges, asked of libtpu itself (``.venv-tpu``): a Mosaic call declaring one cost
+# at a time, none, and all three; a bf16 matmul whose per-op estimate is libtpu's cycles.
+LIBTPU_PROBE = """
+import json, re, sys
+import jax, jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import SingleDeviceSharding
+from medjax.ops.pallas import tpu_compile
+device = tpu_compile.topology_devices("v5p:2x2x1")[0]
+x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=SingleDeviceSharding(device))
+
+def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+
+def call(cost):
+    spec = pl.BlockSpec((256, 4096), lambda i: (i, 0))
+    return lambda a: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(a.shape, a.dtype), grid=(16,),
+                                    in_specs=[spec], out_specs=spec, cost_estimate=cost)(a)
+
+out = {}
+with tpu_compile.target_chip("v5p"):
+    for name, ftb in {"flops": (1e12, 0, 0), "bytes": (0, 0, 2.76e9), "transcendentals": (0, 1e9, 0),
+                      "all": (4.59e11, 1e9, 2.76e9), "none": None}.items():
+        cost = ftb and pl.CostEstimate(flops=int(ftb[0]), transcendentals=int(ftb[1]), bytes_accessed=int(ftb[2]))
+        out[name] = jax.jit(call(cost)).lower(x).compile().cost_analysis().get("optimal_seconds", 0.0)
+    matmul = jax.jit(lambda a, b: a @ b).lower(x, x).compile()
+    out["matmul_text"] = matmul.as_text()
+    out["matmul"] = matmul.cost_analysis()["optimal_seconds"]
+print(json.dumps(out))
+"""
+
+
+def test_libtpu_rates_are_what_libtpu_charges():
+    """``LIBTPU_RATES`` re-measured: libtpu's optimal_seconds of a Mosaic call is the largest of its
+    declared FLOPs, bytes and transcendentals over these rates (0 s when it declares none), and
+    a matmul's estimated_cycles at the clock come within 25% of its optimal_seconds."""
+    import json
+    import subprocess
+
+    import pytest
+
+    from medjax.ops.pallas import tpu_compile
+    if not tpu_compile.TPU_VENV_PYTHON.exists():
+        pytest.skip("no .venv-tpu (libtpu): `make tpu-venv`")
+    proc = subprocess.run([str(tpu_compile.TPU_VENV_PYTHON), "-c", LIBTPU_PROBE], capture_output=True,
+                          text=True, env=tpu_compile.compile_only_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["none"] == 0.0
+    for name, expected in {"flops": 1e12 / RATES["flops"], "bytes": 2.76e9 / RATES["bytes"],
+                           "transcendentals": 1e9 / RATES["transcendentals"],
+                           "all": max(4.59e11 / RATES["flops"], 2.76e9 / RATES["bytes"],
+                                      1e9 / RATES["transcendentals"])}.items():
+        assert abs(got[name] / expected - 1) < 0.01, (name, got[name], expected)
+    ops = hlo_ops.op_costs(got["matmul_text"], RATES)
+    (dot,) = [op for op in ops if op.label.startswith("matmul")]
+    assert dot.flops == 2 * 4096 ** 3 and dot.cycles
+    assert abs(dot.seconds / got["matmul"] - 1) < 0.25, (dot.seconds, got["matmul"])
