@@ -21,7 +21,12 @@ CPU_METRICS = [("tokens_per_s", "tokens/s (median of runs)", "tok/s", True),
                ("peak_rss_gib", "peak RSS (max of runs)", "GiB", False)]
 TPU_METRICS = [("peak_gib", "peak memory per chip", "GiB", False),
                ("flops_ratio", "compiled FLOPs / model FLOPs", "", False),
-               ("optimal_seconds", "libtpu optimal_seconds", "s", False)]
+               ("optimal_seconds", "libtpu optimal_seconds", "s", False),
+               # layers unrolled: a Mosaic kernel declaring no cost counts 0 FLOPs and 0 s in
+               # libtpu's figures; here each such attention kernel counts medjax's declared cost
+               # for its kind (fwd, dq, dkv), so that both sides' attention is costed alike
+               ("flops_ratio_imputed", "compiled FLOPs / model FLOPs, every attention kernel costed", "", False),
+               ("optimal_seconds_imputed", "libtpu optimal_seconds, every attention kernel costed", "s", False)]
 
 
 def summarize_cpu(runs: list[dict], tokens: int) -> dict:
@@ -54,7 +59,34 @@ def summarize_tpu(run: dict) -> dict:
            "flops_ratio": None, "compile_s": round(run.get("compile_s", 0.0), 1)}
     if run.get("compiled_flops") and run.get("model_flops"):
         out["flops_ratio"] = round(run["compiled_flops"] / run["model_flops"], 3)
+    if run.get("compiled_flops_imputed") and run.get("model_flops"):
+        out["flops_ratio_imputed"] = round(run["compiled_flops_imputed"] / run["model_flops"], 3)
+    if run.get("optimal_seconds_imputed"):
+        out["optimal_seconds_imputed"] = round(run["optimal_seconds_imputed"], 3)
     return out
+
+
+def per_op_section(per_op: dict, n: int) -> str:
+    """``bench peers --tpu``'s per-op table (``peers.per_op``'s result) and what it covers."""
+    from medjax.bench import _hlo_ops as hlo_ops
+    lines = [f"\nper op (each side's {n} costliest op groups of its compiled step, per chip; ms: libtpu's "
+             f"estimated_cycles at the clock, else its rates for the FLOPs/bytes; GB gathered: what "
+             f"the collectives in the op deliver):", hlo_ops.top_table(per_op, n)]
+    for side, v in per_op.items():
+        t, line = v["totals"], f"{side}: per-op sums {v['totals']['flops']:.4g} FLOPs"
+        if v.get("compiler_flops"):
+            line += f" (cost_analysis {v['compiler_flops']:.4g})"
+        line += f", {t['seconds']:.4g} s"
+        if v.get("compiler_optimal_seconds"):
+            line += f" (optimal_seconds {v['compiler_optimal_seconds']:.4g})"
+        line += f"; {t['kernels']} Mosaic kernels, {t['undeclared_kernels']} declaring no cost"
+        imp = v.get("imputed")
+        if imp and imp["kernels"]:
+            line += (f"; costed at medjax's declared cost: +{imp['flops']:.4g} FLOPs, "
+                     f"+{imp['seconds']:.4g} s ({imp['kernels']} kernels"
+                     + (f", {imp['missing']} of no known kind left at 0" if imp["missing"] else "") + ")")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def loss_agreement(medjax: dict, peer: dict, tol: float = LOSS_TOLERANCE) -> str | None:

@@ -19,6 +19,12 @@ that has libtpu installed starts with ``TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu``
   every layer rematerialised, FSDP over the slice, each stack's own TPU flash attention; per
   side the peak memory per chip, compiled FLOPs over the model's FLOPs, libtpu's
   optimal_seconds. medjax's row comes from ``.venv-tpu`` (``make tpu-venv``) in the same run.
+  Each side also writes its compiled step's HLO text to the workdir, and the command prints each
+  stack's costliest op groups (``--per-op N``, ``_hlo_ops.py``). libtpu counts a Mosaic kernel
+  that declares no cost estimate as 0 FLOPs and 0 s (EasyDeL's and levanter's splash kernels
+  declare none, medjax's do): with ``--unroll-layers`` two more rows cost every side's attention
+  kernels alike, an undeclared one at medjax's declared cost for its kind (fwd, dq, dkv); the
+  raw rows stay as libtpu printed them.
 
 Ratios are medjax / peer. An unknown peer or a missing venv is one ``error:`` line naming the
 make target.
@@ -113,23 +119,52 @@ def peer_cpu(name: str, inputs: dict, mode: str, steps: int, log: Path) -> dict:
 
 
 def peer_tpu(name: str, topology: str, global_batch: int, seq: int, log: Path,
-             unroll: bool = False) -> dict:
+             unroll: bool = False, hlo: Path | None = None) -> dict:
     cmd = [str(peer_python(name)), str(SIDES_DIR / f"{name}_side.py"), "tpu", "--mode=full",
            f"--topology={topology}", f"--global-batch={global_batch}", f"--seq={seq}",
-           *(["--unroll"] if unroll else [])]
+           *(["--unroll"] if unroll else []), *([f"--hlo={hlo}"] if hlo else [])]
     return run_process(cmd, side_env(), log)
 
 
 def medjax_tpu(kind: str, count: int, global_batch: int, seq: int, log: Path,
-               unroll: bool = False) -> dict:
+               unroll: bool = False, hlo: Path | None = None) -> dict:
     """medjax's compile row, from ``.venv-tpu``'s Python (libtpu) in a process of its own."""
     from medjax.ops.pallas import tpu_compile
     python = tpu_compile.libtpu_python()
     if python is None:
         raise ConfigError("--tpu: libtpu is not installed: run `make tpu-venv` (creates .venv-tpu)")
     cmd = [str(python), "-m", "medjax.bench", "peers", f"--side=medjax-tpu:{kind}:{count}",
-           f"--tpu-batch={global_batch}", f"--tpu-seq={seq}", *(["--unroll-layers"] if unroll else [])]
+           f"--tpu-batch={global_batch}", f"--tpu-seq={seq}", *(["--unroll-layers"] if unroll else []),
+           *([f"--tpu-hlo={hlo}"] if hlo else [])]
     return run_process(cmd, tpu_compile.compile_only_env(), log)
+
+
+def per_op(raw: dict, hlo: dict, kind: str, unrolled: bool) -> dict | None:
+    """Each side's compiled step op by op (``hlo_ops``), and, layers unrolled, the peers' rows
+    with their undeclared attention kernels costed at medjax's declared cost per kernel kind
+    (``*_imputed``; medjax's own: its raw figures). None when libtpu's rates for ``kind`` are
+    unknown (only v5p's are measured)."""
+    from medjax.bench import _hlo_ops as hlo_ops
+    rates = hlo_ops.LIBTPU_RATES.get(kind)
+    if rates is None:
+        return None
+    ops = {s: hlo_ops.op_costs(p.read_text(), rates) for s, p in hlo.items()
+           if "error" not in raw[s] and p.exists()}
+    out = {}
+    for side, side_ops in ops.items():
+        r = raw[side]
+        out[side] = {"totals": hlo_ops.totals(side_ops), "groups": hlo_ops.group(side_ops)[:40],
+                     "compiler_flops": r.get("compiled_flops") or r.get("compiled_flops_raw"),
+                     "compiler_optimal_seconds": r.get("optimal_seconds") or r.get("optimal_seconds_raw")}
+        if not unrolled or "medjax" not in ops or r.get("compiled_flops") is None:
+            continue
+        imputed = hlo_ops.impute_kernels(side_ops, ops["medjax"], rates)
+        out[side]["imputed"] = imputed
+        r["imputed_kernels"] = imputed["kernels"]
+        r["compiled_flops_imputed"] = r["compiled_flops"] + imputed["flops"]
+        if r.get("optimal_seconds"):
+            r["optimal_seconds_imputed"] = r["optimal_seconds"] + imputed["seconds"]
+    return out
 
 
 def _load_average():
@@ -168,12 +203,13 @@ def run_cpu(args, peers: list[str], workdir: Path) -> dict:
 def run_tpu(args, peers: list[str], workdir: Path) -> dict:
     kind, count, topology = tpu_slice(args.tpu)
     print(f"# compiling for {args.tpu} ({count} x {kind}, {topology}), compile-only libtpu", flush=True)
+    hlo = {side: workdir / f"{side}-tpu.hlo.txt" for side in ["medjax", *peers]}
     raw = {"medjax": medjax_tpu(kind, count, args.tpu_batch, args.tpu_seq, workdir / "medjax-tpu.log",
-                                args.unroll_layers)}
+                                args.unroll_layers, hlo["medjax"])}
     print(f"# tpu medjax: {json.dumps(raw['medjax'])[:300]}", flush=True)
     for p in peers:
         raw[p] = peer_tpu(p, topology, args.tpu_batch, args.tpu_seq, workdir / f"{p}-tpu.log",
-                          args.unroll_layers)
+                          args.unroll_layers, hlo[p])
         print(f"# tpu {p}: {json.dumps(raw[p])[:300]}", flush=True)
     model_flops = raw["medjax"].get("model_flops")       # the same model, shape and batch for all
     for p in peers:
@@ -187,7 +223,11 @@ def run_tpu(args, peers: list[str], workdir: Path) -> dict:
             # below its LM head's FLOPs alone): no scale recovers its total, so no ratio
             r["compiled_flops_raw"], r["compiled_flops"] = r["compiled_flops"], None
             r["optimal_seconds_raw"], r["optimal_seconds"] = r["optimal_seconds"], None
-    return {f"tpu full ({args.tpu})": {s: report.summarize_tpu(r) for s, r in raw.items()}}, raw
+    ops = per_op(raw, hlo, kind, args.unroll_layers)
+    rows = {f"tpu full ({args.tpu})": {s: report.summarize_tpu(r) for s, r in raw.items()}}
+    if ops is not None:
+        raw["per_op"] = ops
+    return rows, raw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,10 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPU rows: every stack's layers unrolled (medjax model.scan_layers=false, "
                         "levanter scan_layers=False; EasyDeL's default), so cost_analysis counts every "
                         "layer and the FLOPs and optimal_seconds rows compare (compiles take longer)")
-    p.add_argument("--workdir", help="where the shared inputs and the sides' logs go (default: a "
-                                     "temporary directory)")
+    p.add_argument("--per-op", type=int, default=8, metavar="N",
+                   help="TPU rows: print each stack's N costliest op groups of its compiled step "
+                        "(from the HLO text each side writes to the workdir; medjax/bench/_hlo_ops.py)")
+    p.add_argument("--workdir", help="where the shared inputs, the sides' logs and (TPU) their "
+                                     "compiled HLO text go (default: a temporary directory)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--side", help=argparse.SUPPRESS)        # internal: medjax-tpu:KIND:COUNT
+    p.add_argument("--tpu-hlo", help=argparse.SUPPRESS)     # internal: where that side writes its HLO
     return p
 
 
@@ -222,7 +266,8 @@ def main(argv=None) -> int:
         from medjax.bench import _peers_medjax
         _, kind, count = args.side.split(":")
         protocol.run_side(lambda: _peers_medjax.tpu_run(kind, int(count), "full", args.tpu_batch,
-                                                        args.tpu_seq, args.unroll_layers))
+                                                        args.tpu_seq, args.unroll_layers,
+                                                        args.tpu_hlo))
         return 0
     if args.repeats < 1 or args.steps < 1:
         raise ConfigError("--repeats and --steps must be >= 1")
@@ -249,6 +294,8 @@ def main(argv=None) -> int:
     print(f"\n{date}; {what}; load average (1/5/15 min) start {load_start}, end {load_end}")
     print("command: python -m medjax.bench peers " + " ".join(argv if argv is not None else sys.argv[2:]))
     print(report.table(rows, peers))
+    if raw and raw.get("per_op") and args.per_op > 0:
+        print(report.per_op_section(raw["per_op"], args.per_op))
     problems = report.errors(rows)
     for line in problems:
         print("problem: " + line)

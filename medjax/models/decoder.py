@@ -20,6 +20,7 @@ from medjax.models.layers import MLP, Embed, Linear, RMSNorm, rope_inv_freq
 from medjax.models.moe import SparseMoE, load_balancing_loss
 from medjax.models.pipeline import pipeline_layers
 from medjax.models.stack import scan_layers, stack_modules
+from medjax.ops.target import constrain_rows
 
 REMAT_POLICIES = {
     "full": None,
@@ -63,6 +64,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg, rngs=rngs, **kw)
 
     def __call__(self, h_BTH, positions_BT, inv_freq, segment_ids, kv_cache):
+        h_BTH = constrain_rows(h_BTH)          # rows split, hidden whole: weights are gathered
         attn_out, kv_cache = self.self_attn(self.input_layernorm(h_BTH), positions_BT, inv_freq,
                                             segment_ids=segment_ids, kv_cache=kv_cache)
         h_BTH = h_BTH + attn_out

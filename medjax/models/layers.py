@@ -112,13 +112,15 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
 
 
 def apply_rope(x_BTHD, positions_BT, inv_freq):
-    """Rotate-half RoPE (HF convention): pairs (i, i + D/2)."""
+    """Rotate-half RoPE (HF convention): pairs (i, i + D/2), in fp32. Written per half
+    (``x1·cos - x2·sin``, ``x2·cos + x1·sin``: the same fp32 operations as HF's
+    ``x·cos + rotate_half(x)·sin``, bit for bit) so that XLA fuses it into one bf16 output; the
+    rotate-half form left two fp32 half-tensors per call in HBM (TPU: 3 fusions of 2 x
+    ``f32[B, T, H, D/2]`` per layer, forward, recompute and backward)."""
     angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
     cos = jnp.cos(angles_BTF)[:, :, None, :]
     sin = jnp.sin(angles_BTF)[:, :, None, :]
-    cos = jnp.concatenate([cos, cos], -1)
-    sin = jnp.concatenate([sin, sin], -1)
     x32 = x_BTHD.astype(jnp.float32)
     half = x32.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
-    return (x32 * cos + rotated * sin).astype(x_BTHD.dtype)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTHD.dtype)

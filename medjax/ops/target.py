@@ -152,6 +152,25 @@ def row_axes(mesh) -> tuple:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
+def constrain_rows(x_B):
+    """``x_B`` (``[B, ...]``: the residual stream) pinned to rows split over the context mesh's
+    batch axes, every other dimension whole; unchanged without a multi-device mesh or when the
+    rows do not split evenly. Without it GSPMD lets the embedding table's fsdp-split ``embed``
+    dimension flow into the activations: every projection then ran on the whole batch with its
+    contraction split, plus all-to-alls into and out of the attention kernel and partial sums to
+    reduce (Llama-2-7B on v5p-8: 1.34x EasyDeL's optimal_seconds, docs/PERFORMANCE.md)."""
+    mesh = context_mesh()
+    if mesh is None:
+        return x_B
+    rows = row_axes(mesh)
+    n = 1
+    for a in rows:
+        n *= mesh.shape[a]
+    if not rows or x_B.shape[0] % n:
+        return x_B
+    return jax.lax.with_sharding_constraint(x_B, P(rows, *(None,) * (x_B.ndim - 1)))
+
+
 def context_mesh():
     """The multi-device context mesh (``jax.set_mesh`` / ``training.step.on_mesh``), or None."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -93,13 +93,13 @@ def test_tpu_rows_use_medjax_model_flops_and_leave_scanned_peers_without_a_ratio
         (tmp_path / venv / "bin" / "python").touch()
     monkeypatch.setattr(peers.peer_python, "__defaults__", (tmp_path,))
     calls = []
-    monkeypatch.setattr(peers, "medjax_tpu", lambda kind, count, b, t, log, unroll=False: calls.append((kind, count)) or {
+    monkeypatch.setattr(peers, "medjax_tpu", lambda kind, count, b, t, log, unroll=False, hlo=None: calls.append((kind, count)) or {
         "peak_bytes": 30 * 2**30, "compiled_flops": 2.4e14, "model_flops": 2e14, "optimal_seconds": 1.2})
     fake = {"easydel": {"peak_bytes": 20 * 2**30, "compiled_flops": 2.2e14, "optimal_seconds": 0.6,
                         "scanned_layers": False},
             "levanter": {"peak_bytes": 40 * 2**30, "compiled_flops": 3e12, "optimal_seconds": 0.02,
                          "scanned_layers": True}}
-    monkeypatch.setattr(peers, "peer_tpu", lambda name, topo, b, t, log, unroll=False: dict(fake[name]))
+    monkeypatch.setattr(peers, "peer_tpu", lambda name, topo, b, t, log, unroll=False, hlo=None: dict(fake[name]))
     out = tmp_path / "tpu.json"
     assert bench.main(["peers", "--tpu", "v5p-8", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
     assert calls == [("v5p", 4)]
@@ -109,6 +109,39 @@ def test_tpu_rows_use_medjax_model_flops_and_leave_scanned_peers_without_a_ratio
     import json
     raw = json.loads(out.read_text())["raw"]["levanter"]
     assert raw["compiled_flops_raw"] == 3e12 and raw["optimal_seconds_raw"] == 0.02
+
+
+def test_tpu_per_op_costs_undeclared_kernels_at_medjax_declared_cost(monkeypatch, tmp_path, capsys):
+    """Layers unrolled: each side's HLO text is read op by op, and a peer's attention kernels
+    that declare no cost get medjax's declared cost per kind in the *costed* rows."""
+    from test_hlo_ops import MODULE
+    for venv in peers.PEERS.values():
+        (tmp_path / venv / "bin").mkdir(parents=True)
+        (tmp_path / venv / "bin" / "python").touch()
+    monkeypatch.setattr(peers.peer_python, "__defaults__", (tmp_path,))
+    medjax_text = MODULE.replace("splash_mha_dq_segmented_block_q_512.1", "medjax_flash_bwd_dq.1").replace(
+        '"body":"TUzv"}', '"body":"TUzv","cost_estimate":{"flops":"788000000000","bytes_accessed":"1"}}')
+    easydel_text = MODULE.replace("medjax_flash_fwd.1", "splash_mha_fwd.1").replace(
+        ',"cost_estimate":{"flops":"394000000000","transcendentals":"268500992","bytes_accessed":"134742016","remote_bytes_transferred":"0"}', "")
+
+    def medjax(kind, count, b, t, log, unroll=False, hlo=None):
+        hlo.write_text(medjax_text)
+        return {"peak_bytes": 2**30, "compiled_flops": 2.4e12, "model_flops": 2e12, "optimal_seconds": 0.012}
+
+    def peer(name, topo, b, t, log, unroll=False, hlo=None):
+        hlo.write_text(easydel_text)
+        return {"peak_bytes": 2**30, "compiled_flops": 1.2e12, "optimal_seconds": 0.009, "scanned_layers": False}
+    monkeypatch.setattr(peers, "medjax_tpu", medjax)
+    monkeypatch.setattr(peers, "peer_tpu", peer)
+    assert bench.main(["peers", "--tpu", "v5p-8", "--peers", "easydel", "--unroll-layers",
+                       "--workdir", str(tmp_path / "w")]) == 0
+    text = capsys.readouterr().out
+    costed = next(line for line in text.splitlines() if "optimal_seconds, every attention kernel costed" in line)
+    assert "| 0.012 | 0.012 | 1 |" in costed                 # 0.009 + 1 ms fwd + 2 ms dq
+    ratio = next(line for line in text.splitlines() if "model FLOPs, every attention kernel costed" in line)
+    assert "| 1.2 | 1.191 |" in ratio                        # (1.2e12 + 394e9 + 788e9) / 2e12
+    assert "| easydel | kernel splash_mha_fwd (no cost declared) | 1 |" in text
+    assert "costed at medjax's declared cost: +1.182e+12 FLOPs, +0.003 s (2 kernels)" in text
 
 
 def test_loss_agreement_can_fail():

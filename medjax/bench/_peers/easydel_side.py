@@ -196,7 +196,8 @@ def tpu(args) -> dict:
         batch = {"input_ids": ids, "attention_mask": ids}
         step = jax.jit(training_step, static_argnums=(2, 3, 4, 5, 6), donate_argnums=(0,))
         compiled = step.lower(state, batch, None, None, None, 1, None).compile()
-    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=False)
+    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=False,
+                                   hlo_path=args.hlo)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,8 @@ def tpu(args) -> dict:
             compiled = jitted.lower(trainable, opt_state, frozen, example).compile()
         finally:
             hax.partitioning.is_array = is_array
-    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=not args.unroll)
+    return protocol.compile_report(compiled, time.perf_counter() - t0, scanned_layers=not args.unroll,
+                                   hlo_path=args.hlo)
 
 
 if __name__ == "__main__":

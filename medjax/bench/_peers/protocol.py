@@ -87,6 +87,7 @@ def side_parser(prog: str) -> argparse.ArgumentParser:
                    help="tpu: layers unrolled, not scanned, so cost_analysis counts every layer")
     p.add_argument("--layers", type=int, default=LLAMA2_7B["num_layers"],
                    help="tpu: depth (fewer for a quick check of the side itself)")
+    p.add_argument("--hlo", help="tpu: also write the compiled step's HLO text here (per-op costs)")
     return p
 
 
@@ -136,10 +137,11 @@ class target_v5p:
         return False
 
 
-def compile_report(compiled, seconds: float, scanned_layers: bool) -> dict:
+def compile_report(compiled, seconds: float, scanned_layers: bool, hlo_path=None) -> dict:
     """What the compiler says about one compiled step, per chip: peak bytes (libtpu's
     ``peak_memory_in_bytes``, else argument + output - alias + temp), raw cost-analysis FLOPs and
-    ``optimal_seconds`` (a scan's body counted once: ``scanned_layers`` tells the caller to scale)."""
+    ``optimal_seconds`` (a scan's body counted once: ``scanned_layers`` tells the caller to scale).
+    ``hlo_path``: the optimized HLO text is written there too (``medjax/bench/_hlo_ops.py`` reads it)."""
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
@@ -147,6 +149,9 @@ def compile_report(compiled, seconds: float, scanned_layers: bool) -> dict:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
     return {"peak_bytes": peak if peak >= mem.argument_size_in_bytes else total,
             "compiled_flops": float(cost.get("flops", 0.0)),
             "optimal_seconds": float(cost.get("optimal_seconds", 0.0)) or None,
