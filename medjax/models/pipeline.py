@@ -24,8 +24,14 @@ quantized codes, adapters) is scanned within the stage, router statistics are su
 micro-batch. With ``model.remat`` each layer is checkpointed with its policy AND each stage
 call is checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward
 starts, so what is kept is one stage input per iteration (not one per layer), and the backward
-recomputes a stage's layers (their inputs live for that stage only), one more forward pass. Layer RNG streams (LoRA dropout) are not
-advanced: the run config refuses ``lora.dropout > 0`` with ``mesh.stage > 1``.
+recomputes a stage's layers (their inputs live for that stage only), one more forward pass.
+
+Layer RNG streams (LoRA dropout) draw what the layer scan draws. There, each stream is drawn once
+per layer call and its counter rides through the layers and the micro-batches: layer ``g`` of
+micro-batch ``m`` draws with counter ``c + m · L + g`` (``c`` the counter at the step's start).
+Here the stages run side by side, so each stage starts its layers from that counter, computed
+from its pass (``m``, and the block ``r · S + s`` that gives ``g``): the same keys, so the same
+dropout masks as the run without a pipeline, and the streams end the step at ``c + M · L``.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.models.stack import unstacked_metadata
+from medjax.models.stack import unstacked_metadata, variable_values
 from medjax.ops.target import BATCH_AXES, context_mesh
 
 STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
@@ -94,15 +100,22 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
     act = lambda y: (axis, rows) + (None,) * (y.ndim - 2)   # noqa: E731  [S, B, ...] activations
     micro = lambda y: (None, rows) + (None,) * (y.ndim - 2)  # noqa: E731  [M, B, ...] buffer
 
-    def stage(w, h_BTH, positions_BT, segment_ids_BT):
-        """One stage's ``per`` layers on one micro-batch: ``(h_BTH, router_stats)``."""
-        def body(h, w_layer):
-            layer = unstacked_metadata(nnx.merge(graphdef, rng_state, w_layer))
+    advanced = []        # set while tracing: did a layer draw from its RNG streams?
+
+    def stage(w, h_BTH, positions_BT, segment_ids_BT, draws):
+        """One stage's ``per`` layers on one micro-batch: ``(h_BTH, router_stats)``; its RNG
+        streams start ``draws`` draws after the step's (module docstring)."""
+        def body(carry, w_layer):
+            h, rng = carry
+            drawn = variable_values(rng)
+            layer = unstacked_metadata(nnx.merge(graphdef, rng, w_layer))
             h, _, stats = layer(h, positions_BT, inv_freq, segment_ids_BT, None)
-            return h, stats
+            rng = nnx.state(layer, nnx.RngState)
+            advanced.append(any(a is not b for a, b in zip(drawn, variable_values(rng))))
+            return (h, rng), stats
         if remat:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        h_BTH, stats = jax.lax.scan(body, h_BTH, w)
+        (h_BTH, _), stats = jax.lax.scan(body, (h_BTH, moved_on(rng_state, draws)), w)
         return h_BTH, jnp.sum(stats, axis=0)
     if remat:   # keep each iteration's stage input only; the backward recomputes the stage
         stage = jax.checkpoint(stage, prevent_cse=False)
@@ -127,8 +140,9 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         else:                                          # stage s: block r[s] · S + s
             w = jax.vmap(pick_repeat, in_axes=(1, 0), spmd_axis_name=axis)(blocks, r)
         seg = segment_ids_MBT[m] if has_segments else None
-        out, stats = jax.vmap(stage, in_axes=(0, 0, 0, 0 if has_segments else None),
-                              spmd_axis_name=axis)(w, state, positions_MBT[m], seg)
+        draws = m * L + (r * S + stage_ids) * per      # layer scan's draws before this block
+        out, stats = jax.vmap(stage, in_axes=(0, 0, 0, 0 if has_segments else None, 0),
+                              spmd_axis_name=axis)(w, state, positions_MBT[m], seg, draws)
         out = _constrain(out, axis, act)
         last = m[S - 1]
         kept = jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False)
@@ -140,9 +154,19 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
 
     state = _constrain(jnp.zeros((S,) + h_MBTH.shape[1:], h_MBTH.dtype), axis, act)
     stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[0, 0], blocks), h_MBTH[0],
-                                 positions_MBT[0], segment_ids_MBT[0] if has_segments else None)[1]
+                                 positions_MBT[0], segment_ids_MBT[0] if has_segments else None,
+                                 jnp.zeros((), jnp.int32))[1]
     stats_M = jnp.zeros((M,) + stats_shape.shape, jnp.float32)
     h_MBTH = _constrain(h_MBTH, axis, micro)
     (_, h_MBTH, stats_M), _ = jax.lax.scan(iteration, (state, h_MBTH, stats_M),
                                            jnp.arange(iterations(S, R, M)))
+    if any(advanced):     # written back only when drawn from, as models/stack.scan_layers does
+        nnx.update(layers, moved_on(rng_state, jnp.asarray(M * L, jnp.int32)))
     return h_MBTH, stats_M
+
+
+def moved_on(rng_state, draws):
+    """``rng_state`` with every stream's counter ``draws`` further on (keys unchanged)."""
+    return jax.tree.map(lambda v: v.replace(v.get_value() + draws.astype(v.get_value().dtype))
+                        if isinstance(v, nnx.RngCount) else v, rng_state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))

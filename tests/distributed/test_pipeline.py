@@ -29,8 +29,8 @@ RUN = ["model=tiny", "train.steps=3", "train.batch_size=16", "train.grad_accum=4
        "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32",
        "lora.dropout=0", "checkpoint.every=0"]
 MODELS = {  # name -> (config, 8-layer tiny preset: cut into 4 stages x 2 repeats, overrides)
-    "llama_full": (CPT, "tiny-llama2-8l", ()),
-    "llama_lora": (LORA, "tiny-llama2-8l", ()),
+    "llama_full": (CPT, "tiny-llama2-8l", ("train.neftune_alpha=5",)),   # + Internist's NEFTune
+    "llama_lora": (LORA, "tiny-llama2-8l", ("lora.dropout=0.05",)),       # the recipe's dropout
     # Mixtral: Adam's first step is ~lr * sign(g); a gradient element near 0 whose sign differs
     # by rounding (measured: gradients equal to 4e-7 relative, one such sign flip in v_proj's
     # lora_b) moved the step-2 loss by 4.6e-5 at lr 5e-4 with the default eps 1e-8. With eps
@@ -76,7 +76,7 @@ def one_device(tmp_path_factory):
     ("llama_full", STAGE2_FSDP4, 2),
     ("llama_full", STAGE4_DATA2 + ["model.remat=dots_saveable"], 2),   # the recipe's is full
     ("llama_lora", STAGE2_FSDP4, 1), ("llama_lora", STAGE4_DATA2, 2),
-    ("mixtral_lora", STAGE2_FSDP4, 2), ("mixtral_lora", STAGE4_DATA2, 1),
+    ("mixtral_lora", STAGE4_DATA2, 1),          # R = 2: test_moe_dropout_... below
     ("mixtral_qlora", STAGE2_FSDP4, 1), ("mixtral_lora", STAGE2_EXPERT4, 1),
 ], ids=lambda x: x if isinstance(x, str) else "x".join(m.split("=")[1] for m in x[1:])
    if isinstance(x, list) else f"R{x}")
@@ -93,12 +93,34 @@ def test_pipeline_trains_like_one_device(tmp_path, mesh_devices, one_device, nam
     assert ref[0] != ref[-1]                  # it trained
 
 
+def test_moe_dropout_pipeline_trains_like_the_same_rows_per_device(tmp_path, mesh_devices):
+    """Mixtral LoRA with the recipe's dropout (0.05) on every expert: 2 stages x fsdp 4, R = 2,
+    gives the losses of fsdp 4 without stages within 1e-5. Not those of one device: a MoE layer
+    routes each device's own rows (models/moe_dispatch.py), and the dropout mask is drawn over
+    that device's routed rows, so it depends on how many devices split a micro-batch (fsdp 4
+    vs 1 device: 1e-4 apart at step 2; dense layers draw over the whole batch and equal one
+    device, the llama_lora cases above). The pipeline keeps a micro-batch's rows on the 4
+    devices of a stage, as fsdp 4 does."""
+    config, preset, extra = MODELS["mixtral_lora"]
+    extra = [f"model.preset={preset}", *extra, "lora.dropout=0.05"]
+    with mesh_devices.use(4):
+        assert _train(tmp_path / "fsdp4", config, *extra, "mesh.preset=fsdp", "mesh.fsdp=4") == 0
+    with mesh_devices.use(8):
+        assert _train(tmp_path / "pp", config, *extra, *STAGE2_FSDP4,
+                      "train.pipeline_repeats=2") == 0
+    ref, got = _losses(tmp_path / "fsdp4"), _losses(tmp_path / "pp")
+    assert len(ref) == len(got) == 3 and ref[0] != ref[-1]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
 def test_dpo_pipeline_trains_like_one_device(tmp_path, mesh_devices):
-    """Med42's DPO (LoRA, the adapters-off reference: two pipelined forwards per step, chosen and
-    rejected rows of each micro-batch together) with 2 stages x fsdp 4: 4 steps within 1e-5."""
+    """Med42's DPO with LoRA and dropout 0.05 (the adapters-off reference: two pipelined
+    forwards per step, chosen and rejected rows of each micro-batch together; the policy's
+    dropout draws as without stages) with 2 stages x fsdp 4: 4 steps within 1e-5."""
     run = ["--config", str(ROOT / "configs" / "med42_dpo.yaml")]
     extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=512",
-             "data.long_examples=truncate", "train.batch_size=16"]
+             "data.long_examples=truncate", "train.batch_size=16", "lora.enabled=true",
+             "lora.dropout=0.05"]
     from medjax.train.__main__ import main
 
     def train(out, *mesh):
