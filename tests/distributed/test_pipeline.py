@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,33 +149,43 @@ def _compiled_step(overrides) -> tuple[str, tuple, object]:
     return step.lower(*args).compile().as_text(), shape, args
 
 
-def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights():
-    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama: the step's HLO holds
-    collective-permutes between the two stages (the activations, forward and backward); every
-    all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
-    the stages carry activations (embedding rows), none a layer weight's trailing shape."""
-    hlo, shape, args = _compiled_step(["model.preset=tiny-llama2-8l", *STAGE2_FSDP4])
-    stage = 0                                             # MESH_AXES[0]
+def _assert_stages_pass_activations_not_weights(hlo, shape, weights, activation) -> None:
+    """``hlo`` (a program on a mesh of ``shape``, ``stage`` its first axis) moves activations
+    (regex ``activation``) between the stages with collective-permutes, forward and backward
+    (training) or at least once (inference), and no all-gather that spans the stages carries a
+    layer weight (a shape whose trailing dims are in ``weights``)."""
     per_stage = int(np.prod(shape[1:]))
     crossing = []
     for line in hlo_groups.collectives(hlo, "collective-permute"):
         pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[1].split("}}")[0] + "}")
         if any(int(a) // per_stage != int(b) // per_stage for a, b in pairs):
             crossing.append(line)
-    activation = [line for line in crossing if re.search(r"f32\[1,\d+,32,64\]", line)]
-    assert len(activation) >= 2, crossing                  # forward roll and its transpose
-
-    state = args[0]
-    import jax
-    weights = {tuple(leaf.shape[-2:]) for leaf in jax.tree.leaves(state.params)
-               if leaf.ndim >= 3}                          # stacked [L, in, out] layer kernels
-    assert weights
-    gathers = hlo_groups.collectives(hlo, "all-gather")
-    in_stage = [g for g in gathers if not hlo_groups.groups_spanning(g, "all-gather", shape, stage)]
-    assert any(re.search(r"f32\[1,64,(64|128|32)\]", g) for g in in_stage)   # fsdp weight gathers
-    for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, stage):
+    assert [line for line in crossing if re.search(activation, line)], crossing
+    for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, 0):
         dims = tuple(int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",") if d)
         assert dims[-2:] not in weights, f"a layer weight gathered across stages: {line[:300]}"
+
+
+def _layer_kernel_shapes(tree) -> set:
+    import jax
+    return {tuple(leaf.shape[-2:]) for leaf in jax.tree.leaves(tree) if leaf.ndim >= 3}
+
+
+def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights():
+    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama: the step's HLO holds
+    collective-permutes between the two stages (the activations, forward and backward); every
+    all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
+    the stages carry activations (embedding rows), none a layer weight's trailing shape."""
+    hlo, shape, args = _compiled_step(["model.preset=tiny-llama2-8l", *STAGE2_FSDP4])
+    activation = r"f32\[1,\d+,32,64\]"
+    assert len([line for line in hlo_groups.collectives(hlo, "collective-permute")
+                if re.search(activation, line)]) >= 2          # forward roll and its transpose
+    weights = _layer_kernel_shapes(args[0].params)              # stacked [L, in, out] kernels
+    assert weights
+    _assert_stages_pass_activations_not_weights(hlo, shape, weights, activation)
+    gathers = hlo_groups.collectives(hlo, "all-gather")
+    in_stage = [g for g in gathers if not hlo_groups.groups_spanning(g, "all-gather", shape, 0)]
+    assert any(re.search(r"f32\[1,64,(64|128|32)\]", g) for g in in_stage)   # fsdp weight gathers
 
 
 @pytest.mark.parametrize("first, second", [(STAGE4_DATA2, ONE), (ONE, STAGE2_FSDP4)],
@@ -199,9 +210,32 @@ def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, fir
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
-def test_heldout_eval_and_export_unchanged_by_stages(tmp_path, mesh_devices):
+def _eval(model, out_json, *flags) -> dict:
+    from medjax.eval.__main__ import main
+    argv = ["--model", str(model), "--data-dir", str(ROOT.parent / "shared" / "data" / "benchmarks"),
+            "--log-samples", "--output", str(out_json), *flags]
+    assert run_cli(main, argv) == 0
+    return json.loads(Path(out_json).read_text())
+
+
+def _same_scores(got: dict, ref: dict) -> None:
+    assert got["samples"].keys() == ref["samples"].keys()
+    for task, samples in ref["samples"].items():
+        assert len(samples) == len(got["samples"][task]) > 0
+        for a, b in zip(samples, got["samples"][task]):
+            assert (a["doc_id"], a["acc"]) == (b["doc_id"], b["acc"])
+            assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-5, rel=1e-6)
+
+
+def test_heldout_eval_scoring_and_export_unchanged_by_stages(tmp_path, mesh_devices):
     """With mesh.stage=2 the run's held-out losses and its HF export (the plain model: the
-    layer stack is stored unsplit) equal the 1-device run's (within 1e-5)."""
+    layer stack is stored unsplit) equal the 1-device run's (within 1e-5); and inference runs
+    through the pipeline as one device computes it: ``python -m medjax.eval`` of the HF export
+    loaded straight into ``mesh.stage=4 mesh.data=2`` (letter scoring, packed and bucketed:
+    per-choice log-likelihoods), and generation from the run on its own mesh (stage 2 x fsdp 4;
+    the KV cache split over the stages with its layers: prefill and decode logits). The
+    compiled scoring forward moves activations between the stages and gathers no layer weight
+    across them."""
     from safetensors.numpy import load_file
     config, preset, _ = MODELS["llama_full"]
     extra = [f"model.preset={preset}", "data.heldout_rows=8", "train.export=[hf]", "train.steps=2"]
@@ -218,6 +252,38 @@ def test_heldout_eval_and_export_unchanged_by_stages(tmp_path, mesh_devices):
     assert sorted(one) == sorted(pp) and any(".layers.7." in k for k in one)
     for name in one:
         np.testing.assert_allclose(pp[name], one[name], rtol=0, atol=1e-5, err_msg=name)
+
+    letter = ["--tasks", "medmcqa,medqa_4options", "--limit", "4"]
+    with mesh_devices.use(1):
+        ref = _eval(tmp_path / "one" / "export" / "hf", tmp_path / "one.json", *letter)
+    with mesh_devices.use(8):
+        got = _eval(tmp_path / "pp" / "export" / "hf", tmp_path / "pp.json", *letter,
+                    "mesh.stage=4", "mesh.data=2")
+    _same_scores(got, ref)
+
+    import medjax
+    from medjax.eval.generate import Generator
+    prompts = [list(b"Aspirin is"), list(b"The heart"), list(b"A"), list(b"Insulin lowers")]
+    logits = []
+    for run, devices in (("one", 1), ("pp", 8)):        # the run on its own mesh: 2 stages
+        with mesh_devices.use(devices):
+            model, _ = medjax.load(tmp_path / run)
+            logits.append(Generator(model).generate(prompts, max_new_tokens=3, return_logits=True)[1])
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
+
+    with mesh_devices.use(8):           # the pipelined scoring forward's collectives
+        from medjax.eval.scorer import Scorer
+        from medjax.loading import load_run
+        model = load_run(tmp_path / "pp").model
+        assert model.pipeline_stages == 2
+        scorer = Scorer(model, pad_id=0)
+        rows, length = scorer.n_devices, scorer.pack_length
+        arrays = scorer._on_mesh(*(np.zeros((rows, length), np.int32) for _ in range(3)),
+                                 np.zeros((rows, 2), np.int32), np.zeros((rows, 2, 4), np.int32))
+        hlo = scorer._packed_fn.lower(scorer.state, *arrays).compile().as_text()
+        mesh = next(x.sharding.mesh for x in jax.tree.leaves(scorer.state) if hasattr(x, "sharding"))
+        _assert_stages_pass_activations_not_weights(
+            hlo, tuple(mesh.shape.values()), _layer_kernel_shapes(scorer.state), rf"f32\[1,\d+,{length},64\]")
 
 
 @pytest.mark.parametrize("overrides, words", [
