@@ -116,10 +116,12 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         """One stage's block ``r`` of its ``w_R [R, per, ...]`` on one micro-batch:
         ``(h_BTH, router_stats, kv_stage)`` (``kv_stage``: the layers' cache ``[per, B, ...]``
         or None); its RNG streams start ``draws`` draws after the step's (module docstring).
-        The block is picked here, inside the checkpointed stage (``model.remat``): picked
-        outside, every iteration's block would be saved for the backward (R = 2, Llama-2-7B on
-        v5p-16, stage 4 x fsdp 2, M = 16: a 50.96 GiB peak, 26.08 with the pick inside)."""
-        w = pick_repeat(w_R, r)
+        With ``R > 1`` the block is picked here, inside the checkpointed stage (``model.remat``):
+        picked outside, every iteration's block would be saved for the backward (Llama-2-7B on
+        v5p-16, stage 4 x fsdp 2, M = 16: a 50.96 GiB peak, 26.08 with the pick inside). With
+        ``R = 1`` it is a static slice (a dynamic one copies the stage's weights every
+        iteration: Llama-2-70B on v5p-128, 60.88 GiB against 54.15)."""
+        w = jax.tree.map(lambda x: x[0], w_R) if R == 1 else pick_repeat(w_R, r)
         def body(carry, xs):
             h, rng = carry
             w_layer, kv_layer = xs
