@@ -188,11 +188,13 @@ def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights()
     assert any(re.search(r"f32\[1,64,(64|128|32)\]", g) for g in in_stage)   # fsdp weight gathers
 
 
-@pytest.mark.parametrize("first, second", [(STAGE4_DATA2, ONE), (ONE, STAGE2_FSDP4)],
-                         ids=["stage4-then-1", "stage1-then-2"])
+@pytest.mark.parametrize("first, second", [(STAGE4_DATA2 + ["train.pipeline_repeats=2"], ONE),
+                                           (ONE, STAGE2_FSDP4)],
+                         ids=["stage4R2-then-1", "stage1-then-2"])
 def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, first, second):
     """Checkpoints hold the plain ``[L, ...]`` layer stack: 2 steps saved with one stage count
-    and resumed for 2 more with another give the losses of the same interrupted run on one
+    (4 stages: the circular schedule, R = 2) and resumed for 2 more with another give the
+    losses of the same interrupted run on one
     device (the interruption itself changes nothing but the stage count: ``train.steps`` of the
     first part shapes its schedule)."""
     config, preset, _ = MODELS["llama_full"]
