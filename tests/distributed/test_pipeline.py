@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,13 +116,12 @@ def test_moe_dropout_pipeline_trains_like_the_same_rows_per_device(tmp_path, mes
 
 
 def test_dpo_pipeline_trains_like_one_device(tmp_path, mesh_devices):
-    """Med42's DPO with LoRA and dropout 0.05 (the adapters-off reference: two pipelined
-    forwards per step, chosen and rejected rows of each micro-batch together; the policy's
-    dropout draws as without stages) with 2 stages x fsdp 4: 4 steps within 1e-5."""
+    """Med42's DPO as the recipe has it (full fine-tuning, the frozen-copy reference: two
+    pipelined forwards per step, chosen and rejected rows of each micro-batch together) with
+    2 stages x fsdp 4: 4 steps within 1e-5. (LoRA dropout's masks: the llama_lora cases.)"""
     run = ["--config", str(ROOT / "configs" / "med42_dpo.yaml")]
     extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=512",
-             "data.long_examples=truncate", "train.batch_size=16", "lora.enabled=true",
-             "lora.dropout=0.05"]
+             "data.long_examples=truncate", "train.batch_size=16"]
     from medjax.train.__main__ import main
 
     def train(out, *mesh):
@@ -236,8 +236,8 @@ def test_heldout_eval_scoring_and_export_unchanged_by_stages(tmp_path, mesh_devi
     loaded straight into ``mesh.stage=4 mesh.data=2`` (letter scoring, packed and bucketed:
     per-choice log-likelihoods), and generation from the run on its own mesh (stage 2 x fsdp 4;
     the KV cache split over the stages with its layers: prefill and decode logits). The
-    compiled scoring forward moves activations between the stages and gathers no layer weight
-    across them."""
+    compiled prefill moves activations between the stages and gathers no layer weight across
+    them."""
     from safetensors.numpy import load_file
     config, preset, _ = MODELS["llama_full"]
     extra = [f"model.preset={preset}", "data.heldout_rows=8", "train.export=[hf]", "train.steps=2"]
@@ -270,22 +270,20 @@ def test_heldout_eval_scoring_and_export_unchanged_by_stages(tmp_path, mesh_devi
     for run, devices in (("one", 1), ("pp", 8)):        # the run on its own mesh: 2 stages
         with mesh_devices.use(devices):
             model, _ = medjax.load(tmp_path / run)
-            logits.append(Generator(model).generate(prompts, max_new_tokens=3, return_logits=True)[1])
+            generator = Generator(model)
+            logits.append(generator.generate(prompts, max_new_tokens=3, return_logits=True)[1])
     np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
 
-    with mesh_devices.use(8):           # the pipelined scoring forward's collectives
-        from medjax.eval.scorer import Scorer
-        from medjax.loading import load_run
-        model = load_run(tmp_path / "pp").model
-        assert model.pipeline_stages == 2
-        scorer = Scorer(model, pad_id=0)
-        rows, length = scorer.n_devices, scorer.pack_length
-        arrays = scorer._on_mesh(*(np.zeros((rows, length), np.int32) for _ in range(3)),
-                                 np.zeros((rows, 2), np.int32), np.zeros((rows, 2, 4), np.int32))
-        hlo = scorer._packed_fn.lower(scorer.state, *arrays).compile().as_text()
-        mesh = next(x.sharding.mesh for x in jax.tree.leaves(scorer.state) if hasattr(x, "sharding"))
-        _assert_stages_pass_activations_not_weights(
-            hlo, tuple(mesh.shape.values()), _layer_kernel_shapes(scorer.state), rf"f32\[1,\d+,{length},64\]")
+    # the prefill just run (the same shapes: a compile-cache hit) through the split KV cache
+    assert model.pipeline_stages == 2
+    P = 32                                              # bucket() of the longest prompt
+    with mesh_devices.use(8):
+        hlo = generator._prefill.lower(
+            generator.state, jnp.zeros((4, P), jnp.int32), jnp.ones((4,), jnp.int32),
+            model.init_cache(4, P + 3), jax.random.key(0)).compile().as_text()
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(generator.state) if hasattr(x, "sharding"))
+    _assert_stages_pass_activations_not_weights(
+        hlo, tuple(mesh.shape.values()), _layer_kernel_shapes(generator.state), r"f32\[1,\d+,32,64\]")
 
 
 @pytest.mark.parametrize("overrides, words", [
