@@ -176,7 +176,8 @@ def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights()
     collective-permutes between the two stages (the activations, forward and backward); every
     all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
     the stages carry activations (embedding rows), none a layer weight's trailing shape."""
-    hlo, shape, args = _compiled_step(["model.preset=tiny-llama2-8l", *STAGE2_FSDP4])
+    _, preset, extra = MODELS["llama_full"]            # the llama_full-2x4-R1 run's step
+    hlo, shape, args = _compiled_step([f"model.preset={preset}", *extra, *STAGE2_FSDP4])
     activation = r"f32\[1,\d+,32,64\]"
     assert len([line for line in hlo_groups.collectives(hlo, "collective-permute")
                 if re.search(activation, line)]) >= 2          # forward roll and its transpose
