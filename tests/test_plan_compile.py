@@ -142,11 +142,24 @@ def test_gpu_target_config_matches_xla_h100_spec():
 
 def test_cpu_compile_adds_the_host_process_to_the_compiled_step(capsys):
     """``--device cpu --compile``: the step compiled for this host; its total is the compiler's
-    arguments + outputs - aliased + temporaries plus this process's runtime and compiler RSS."""
-    assert plan_main(["--config", "configs/melt_llama2_lora.yaml", "model=tiny", "--device", "cpu",
-                      "--compile"]) == 0
+    arguments + outputs - aliased + temporaries plus this process's runtime and compiler RSS.
+    Pipelined (stage 4 x data 2 on 8 host devices, M = 8): the step is compiled again at M = 4,
+    and the FLOPs per step are the part outside the loops plus the iterations x the stage's
+    layers x one layer's body, both parts from the two counts (``_pipeline_rows``)."""
+    assert plan_main(["--config", "configs/meditron_llama2_cpt.yaml", "model=tiny",
+                      "model.preset=tiny-llama2-8l", "mesh.stage=4", "mesh.data=2",
+                      "train.grad_accum=8", "train.batch_size=16", "--device", "cpu",
+                      "--num-devices", "8", "--compile"]) == 0
     out = capsys.readouterr().out
-    assert "1 × host CPU" in out and "host RAM" in out and "est. step time" not in out
+    assert "8 × host CPU" in out and "host RAM" in out and "est. step time" not in out
+    assert "bubble (S-1)/(R*M+S-1) = 27.3% at M=8 (2*S), 15.8% at M=16 (4*S)" in out, out
+    rows = re.findall(r"M=(\d+) +bubble ([\d.]+)%: compiled ([\d.e+]+) = ([\d.e+]+) \+ (\d+) x 2 x "
+                      r"([\d.e+]+) -> ([\d.]+)x model .*counted ([\d.e+]+)", out)
+    assert [(r[0], r[1], r[4]) for r in rows] == [("8", "27.3", "11"), ("4", "42.9", "7")], out
+    (_, _, f8, o, _, b8, x8, c8), (_, _, f4, _, _, b4, x4, c4) = [[float(v) for v in r] for r in rows]
+    assert b4 == pytest.approx(2 * b8, rel=1e-3)               # a micro-batch of twice the rows
+    assert o + b8 == pytest.approx(c8, rel=1e-3) and o + b4 == pytest.approx(c4, rel=1e-3)
+    assert f8 == pytest.approx(o + 11 * 2 * b8, rel=1e-3) and x4 > x8 > 1
     b = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", out.split("bytes per device:")[1])}
     host = float(re.search(r"host process\s+([0-9.]+)", out).group(1)) * 2**30
     # this process's high-water mark: in a pytest worker it includes the tests run before this one

@@ -390,10 +390,6 @@ class RunConfig:
         if not self.model.scan_layers:
             raise ConfigError(f"mesh.stage={stages} pipelines the stacked layers: it needs "
                               f"model.scan_layers=true")
-        if self.lora.enabled and self.lora.dropout:
-            raise ConfigError(f"lora.dropout={self.lora.dropout} is not supported with "
-                              f"mesh.stage={stages} (the pipeline runs the stages' layers "
-                              f"side by side; set lora.dropout=0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,7 +10,10 @@ dtype/torch_dtype, a GGUF file in bfloat16 when quantized (else its own float ty
 checkpoint in its run's model.dtype.
 
 Trailing ``mesh.key=value`` flags lay the model out on a device mesh (``mesh.preset=fsdp``:
-each device holds 1/N of every matrix); the weights load straight into it. Under
+each device holds 1/N of every matrix); the weights load straight into it. ``mesh.stage=S``
+splits the layers into S pipeline stages (a run trained with stages is scored on its own mesh,
+so with them): each device holds its stage's layers only, and every batch runs through the
+pipeline as S micro-batches (docs/SCALE.md#pipeline-parallelism-meshstage). Under
 ``launch/local_multiprocess.sh -n 2 -d 4 -- python -m medjax.eval ...`` the mesh spans both
 processes: every process builds the same batches, each feeds its devices' rows, and the scores
 come back to all; process 0 prints and writes ``--output``.
@@ -91,7 +94,7 @@ def _load(path: str, requested: str, mesh_flags=()):
     from medjax.eval.auto_dtype import auto_dtype
     from medjax.loading import load_run, run_checkpoints
     from medjax.paths import resolve_path
-    from medjax.sharding import make_mesh, rules_for
+    from medjax.sharding import check_model, make_mesh, rules_of
 
     if run_checkpoints(path) is not None:
         run = load_run(path, mesh_overrides=mesh_flags)
@@ -103,8 +106,11 @@ def _load(path: str, requested: str, mesh_flags=()):
     dtype, why = (requested, "--dtype") if requested != "auto" else auto_dtype(resolve_path(path))
     mesh_cfg = mesh_overrides(mesh_flags)
     from medjax.loading import load
-    model, tokenizer = load(path, getattr(jnp, dtype), mesh=make_mesh(mesh_cfg),
-                            rules=rules_for(mesh_cfg.preset), scan_layers=True)
+    mesh = make_mesh(mesh_cfg)
+    model, tokenizer = load(path, getattr(jnp, dtype), mesh=mesh, rules=rules_of(mesh_cfg),
+                            scan_layers=True)
+    check_model(model.config, dict(mesh.shape))
+    model.pipeline_stages = mesh_cfg.stage     # mesh.stage > 1: scored through the pipeline
     return model, tokenizer, dtype, why
 
 

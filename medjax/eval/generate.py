@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from medjax.errors import ConfigError
 from medjax.ops.target import compiler_options
-from medjax.eval.scorer import bucket
+from medjax.eval.scorer import bucket, mesh_of, traced_for
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,11 @@ class Generator:
         graphdef, self.state = nnx.split(model)
         self.params = params
         options = compiler_options(self.state)
-        self._prefill = jax.jit(partial(_prefill, graphdef, params), compiler_options=options)
-        self._step = jax.jit(partial(_decode_step, graphdef, params), donate_argnums=(3,),
-                             compiler_options=options)
+        mesh = mesh_of(self.state) if getattr(model, "pipeline_stages", 1) > 1 else None
+        self._prefill = jax.jit(traced_for(model, mesh, partial(_prefill, graphdef, params)),
+                                compiler_options=options)
+        self._step = jax.jit(traced_for(model, mesh, partial(_decode_step, graphdef, params)),
+                             donate_argnums=(3,), compiler_options=options)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                  stop_ids: Sequence[int] = (), seed: int = 0, pad_id: int = 0,

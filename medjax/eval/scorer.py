@@ -156,7 +156,7 @@ def score_batch(graphdef, state, ids_BT, ctx_len_B, cont_BKM, cont_len_BK):
     return total_BK, greedy_BK
 
 
-def _mesh_of(state):
+def mesh_of(state):
     """The mesh the model's weights were placed on (``medjax.sharding`` axes), else a ``dp``
     mesh over every device."""
     from medjax.sharding import MESH_AXES, make_mesh
@@ -166,6 +166,18 @@ def _mesh_of(state):
             return sharding.mesh
     from medjax.config import MeshSection
     return make_mesh(MeshSection(preset="dp"))
+
+
+def traced_for(model, mesh, fn):
+    """``fn`` as the model's forward needs it traced: a model whose layers run as a pipeline
+    (``pipeline_stages > 1``: a run trained with ``mesh.stage``, or ``medjax.eval ...
+    mesh.stage=S``) is traced with ``mesh`` as the context mesh and its sharding rules
+    (``train.step.on_mesh``), so each stage runs the layers it holds (models/pipeline.py);
+    other models as they are."""
+    if getattr(model, "pipeline_stages", 1) <= 1:
+        return fn
+    from medjax.train.step import on_mesh
+    return on_mesh(mesh, fn)
 
 
 def _on(mesh, x) -> bool:
@@ -184,23 +196,25 @@ class Scorer:
                  compile_cost: int | None = None, pack_length: int | None = 384):
         from medjax.sharding import batch_sharding, batch_shards, place_array
         graphdef, state = nnx.split(model)
-        mesh = _mesh_of(state)
+        mesh = mesh_of(state)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # weights not on the mesh (loaded unsharded) are replicated onto it
         self.state = jax.tree.map(lambda x: x if _on(mesh, x) else place_array(x, replicated), state)
         self.batch_sharding = batch_sharding(mesh)
         # The graphdef is static; it is bound here (not hashed) because model configs hold dicts.
         options = compiler_options(mesh)
-        self._score_fn = jax.jit(partial(score_batch, graphdef), out_shardings=replicated,
-                                 compiler_options=options)
-        self._packed_fn = jax.jit(partial(score_packed, graphdef), out_shardings=replicated,
-                                  compiler_options=options)
+        self._score_fn = jax.jit(traced_for(model, mesh, partial(score_batch, graphdef)),
+                                 out_shardings=replicated, compiler_options=options)
+        self._packed_fn = jax.jit(traced_for(model, mesh, partial(score_packed, graphdef)),
+                                  out_shardings=replicated, compiler_options=options)
         self.pack_length = pack_length
         self.tokens_per_batch = tokens_per_batch
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.compile_cost = compile_cost
-        self.n_devices = batch_shards(mesh)     # batches are a multiple of the batch shards
+        # batches are a multiple of the batch shards (pipelined: of them x the stages, so that
+        # each of the S micro-batches splits over them)
+        self.n_devices = batch_shards(mesh) * max(1, getattr(model, "pipeline_stages", 1))
 
     def _on_mesh(self, *arrays) -> tuple:
         """Host batches (the same on every process) → global arrays split over the batch axes."""

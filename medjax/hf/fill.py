@@ -219,7 +219,13 @@ def _set(variables: dict, layer, shardings: dict, shapes: dict, reads: dict):
             variables[k].set_value(value)
         return
     stacked = {k: var.get_value() for k, var in variables.items()}
-    if all(isinstance(v, jax.Array) for v in stacked.values()):
+    split = _stage_split_writer(shardings)
+    if split is not None:                   # pipeline stages: each writes the layers it holds
+        if not all(isinstance(v, jax.Array) for v in stacked.values()):
+            stacked = jax.jit(lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in stacked.items()},
+                              out_shardings=shardings)()
+        written = split(stacked, placed, jnp.asarray(layer, jnp.int32))
+    elif all(isinstance(v, jax.Array) for v in stacked.values()):
         written = _write_layer(stacked, placed, layer)
     else:                                   # abstract until the first layer: create and write
         structs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stacked.items()}
@@ -247,13 +253,47 @@ _write_layer = jax.jit(_with_layer, donate_argnums=0)
 
 
 def _layer_sharding(sharding):
-    """One layer's sharding from its stacked variable's (whose ``layers`` axis is never split)."""
+    """One layer's sharding from its stacked variable's: its other dims split alike, whole over
+    the axis that splits the ``layers`` axis (``stage`` with pipeline stages), so the stage that
+    holds the layer finds it on its devices."""
     if sharding is None:
         return None
     spec = tuple(sharding.spec)
-    if spec and spec[0] is not None:
-        raise CheckpointError(f"internal: a stacked variable is split over its layers axis ({spec})")
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+
+def _stage_split_writer(shardings: dict):
+    """For stacked buffers whose ``layers`` axis is split over a mesh axis (pipeline stages,
+    ``sharding.rules_of``): ``write(stacked, values, layer)``, each device writing the layer into
+    its own block when it holds it (``shard_map``; GSPMD would gather the whole stack to update
+    one layer of a split axis). None when no buffer's ``layers`` axis is split."""
+    specs = {k: tuple(sh.spec) for k, sh in shardings.items() if sh is not None}
+    if not any(spec and spec[0] is not None for spec in specs.values()):
+        return None
+    if len(specs) != len(shardings):
+        raise CheckpointError("internal: stacked buffers of one weight with and without shardings")
+    mesh = next(iter(shardings.values())).mesh
+    return _split_writer(mesh, tuple(sorted(specs.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _split_writer(mesh, specs: tuple):
+    from jax.sharding import PartitionSpec as P
+
+    def local(stacked, values, layer):
+        out = {}
+        for k, spec in specs:
+            s, v = stacked[k], values[k]
+            i = layer - jax.lax.axis_index(spec[0]) * s.shape[0]      # the layer's local index
+            held = (i >= 0) & (i < s.shape[0])
+            i = jnp.clip(i, 0, s.shape[0] - 1)
+            v = jnp.where(held, v.astype(s.dtype), jax.lax.dynamic_index_in_dim(s, i, 0, False))
+            out[k] = jax.lax.dynamic_update_index_in_dim(s, v, i, 0)
+        return out
+    stacked = {k: P(*spec) for k, spec in specs}
+    values = {k: P(*spec[1:]) for k, spec in specs}
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(stacked, values, P()),
+                                 out_specs=stacked, check_vma=False), donate_argnums=0)
 
 
 def _init_missing(model, build, sharding_of, is_missing):

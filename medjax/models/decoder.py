@@ -174,6 +174,9 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         inv_freq = rope_inv_freq(self.config)
+        if self.scan_layers and self.pipeline_stages > 1 and (cache is None or isinstance(cache, KVCache)):
+            return self._finish(*self._pipelined_rows(h_BTH, positions, inv_freq, segment_ids, cache),
+                                logits_at)
         if self.scan_layers:
             return self._finish(*self._scan(h_BTH, positions, inv_freq, segment_ids, cache),
                                 logits_at)
@@ -206,7 +209,7 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (M, B, T))
         policy = None if self.remat == "none" else remat_policy(self.remat)
-        h_MBTH, stats_M = pipeline_layers(
+        h_MBTH, _, stats_M = pipeline_layers(
             self.model.layers, h_MBTH, positions, rope_inv_freq(self.config), segment_ids,
             stages=self.pipeline_stages, repeats=self.pipeline_repeats,
             remat=self.remat != "none", policy=policy)
@@ -219,6 +222,30 @@ class Decoder(nnx.Module):
         aux_loss = (jnp.sum(jax.vmap(load_balancing_loss, in_axes=(0, None))(
             stats_M, self.config.num_experts)) if self.config.is_moe else jnp.zeros((), jnp.float32))
         return DecoderOutput(logits, None, aux_loss)
+
+    def _pipelined_rows(self, h_BTH, positions, inv_freq, segment_ids, cache):
+        """An inference forward (``[B, T]`` rows; scoring, generation, held-out loss) of a model
+        whose layers are split over ``pipeline_stages`` stages: the rows run through the
+        pipeline as ``M = S`` strided micro-batches (rows ``m::M``, as training splits a batch;
+        one micro-batch when ``S`` does not divide ``B``, e.g. one prompt), in the GPipe order
+        (``R = 1``: stage ``s`` runs layers ``[s·L/S, (s+1)·L/S)``, the ones it holds, whatever
+        the run's ``pipeline_repeats``), the KV cache split over the stages with its layers.
+        No device gathers another stage's weights. Returns what :meth:`_scan` returns."""
+        S, B = self.pipeline_stages, h_BTH.shape[0]
+        M = S if B % S == 0 else 1
+        split = lambda x: None if x is None else jnp.swapaxes(        # noqa: E731  [B, ...] → [M, B/M, ...]
+            x.reshape(B // M, M, *x.shape[1:]), 0, 1)
+        merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, *x.shape[2:])   # noqa: E731
+        kv = None if cache is None else tuple(
+            jnp.swapaxes(c.reshape(c.shape[0], B // M, M, *c.shape[2:]), 1, 2) for c in (cache.k, cache.v))
+        policy = None if self.remat == "none" else remat_policy(self.remat)
+        h_MBTH, kv, stats_M = pipeline_layers(
+            self.model.layers, split(h_BTH), split(positions), inv_freq, split(segment_ids),
+            stages=S, repeats=1, remat=self.remat != "none" and cache is None, policy=policy, kv=kv)
+        if kv is not None:
+            k, v = (jnp.swapaxes(c, 1, 2).reshape(c.shape[0], B, *c.shape[3:]) for c in kv)
+            cache = KVCache(k=k, v=v)
+        return merge(h_MBTH), cache, jnp.sum(stats_M, axis=0)
 
     def _finish(self, h_BTH, new_cache, router_stats, logits_at) -> DecoderOutput:
         if logits_at is not None:

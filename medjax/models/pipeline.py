@@ -24,8 +24,14 @@ quantized codes, adapters) is scanned within the stage, router statistics are su
 micro-batch. With ``model.remat`` each layer is checkpointed with its policy AND each stage
 call is checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward
 starts, so what is kept is one stage input per iteration (not one per layer), and the backward
-recomputes a stage's layers (their inputs live for that stage only), one more forward pass. Layer RNG streams (LoRA dropout) are not
-advanced: the run config refuses ``lora.dropout > 0`` with ``mesh.stage > 1``.
+recomputes a stage's layers (their inputs live for that stage only), one more forward pass.
+
+Layer RNG streams (LoRA dropout) draw what the layer scan draws. There, each stream is drawn once
+per layer call and its counter rides through the layers and the micro-batches: layer ``g`` of
+micro-batch ``m`` draws with counter ``c + m · L + g`` (``c`` the counter at the step's start).
+Here the stages run side by side, so each stage starts its layers from that counter, computed
+from its pass (``m``, and the block ``r · S + s`` that gives ``g``): the same keys, so the same
+dropout masks as the run without a pipeline, and the streams end the step at ``c + M · L``.
 """
 from __future__ import annotations
 
@@ -35,10 +41,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.models.stack import unstacked_metadata
+from medjax.models.stack import unstacked_metadata, variable_values
 from medjax.ops.target import BATCH_AXES, context_mesh
 
 STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
+
+
+def pick_repeat(w, r):
+    """Block ``r`` of every ``[R, ...]`` leaf of ``w``."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, r, 0, keepdims=False), w)
 
 
 def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
@@ -69,12 +80,14 @@ def _constrain(x, axis, spec_of):
 
 
 def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *, stages: int,
-                    repeats: int = 1, remat: bool = False, policy=None):
+                    repeats: int = 1, remat: bool = False, policy=None, kv=None):
     """Run the stacked ``layers`` over ``M`` micro-batches ``h_MBTH`` as an ``S``-stage pipeline.
 
-    Returns ``(h_MBTH, router_stats_M)``: each micro-batch's output of the last layer and its
-    router statistics summed over the layers (``[M, ...]``), the values ``stack.scan_layers``
-    gives for each micro-batch on its own.
+    Returns ``(h_MBTH, kv, router_stats_M)``: each micro-batch's output of the last layer, the
+    KV cache ``kv`` (``(k, v)``, each ``[L, M, B, S_max, Hkv, D]``, or None) with every layer's
+    slots written, and each micro-batch's router statistics summed over the layers
+    (``[M, ...]``): the values ``stack.scan_layers`` gives for each micro-batch on its own.
+    Stage ``s`` holds the cache of the layers it runs (split over ``stage`` like the weights).
     """
     graphdef, rng_state, weights = nnx.split(layers, nnx.RngState, ...)
     S, R, M = stages, repeats, h_MBTH.shape[0]
@@ -93,28 +106,51 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         lambda y: (None, axis) + (unconstrained,) * (y.ndim - 2)), weights)
     act = lambda y: (axis, rows) + (None,) * (y.ndim - 2)   # noqa: E731  [S, B, ...] activations
     micro = lambda y: (None, rows) + (None,) * (y.ndim - 2)  # noqa: E731  [M, B, ...] buffer
+    cached = lambda y: (None, axis, None, None, rows) + (None,) * (y.ndim - 5)  # noqa: E731
+    if kv is not None:   # [L, M, B, ...] → [R, S, per, M, B, ...], stage s holding its blocks'
+        kv = jax.tree.map(lambda x: _constrain(x.reshape(R, S, per, *x.shape[1:]), axis, cached), kv)
 
-    def stage(w, h_BTH, positions_BT, segment_ids_BT):
-        """One stage's ``per`` layers on one micro-batch: ``(h_BTH, router_stats)``."""
-        def body(h, w_layer):
-            layer = unstacked_metadata(nnx.merge(graphdef, rng_state, w_layer))
-            h, _, stats = layer(h, positions_BT, inv_freq, segment_ids_BT, None)
-            return h, stats
+    advanced = []        # set while tracing: did a layer draw from its RNG streams?
+
+    def stage(w_R, r, h_BTH, positions_BT, segment_ids_BT, draws, kv_stage):
+        """One stage's block ``r`` of its ``w_R [R, per, ...]`` on one micro-batch:
+        ``(h_BTH, router_stats, kv_stage)`` (``kv_stage``: the layers' cache ``[per, B, ...]``
+        or None); its RNG streams start ``draws`` draws after the step's (module docstring).
+        With ``R > 1`` the block is picked here, inside the checkpointed stage (``model.remat``):
+        picked outside, every iteration's block would be saved for the backward (Llama-2-7B on
+        v5p-16, stage 4 x fsdp 2, M = 16: a 50.96 GiB peak, 26.08 with the pick inside). With
+        ``R = 1`` it is a static slice (a dynamic one copies the stage's weights every
+        iteration: Llama-2-70B on v5p-128, 60.88 GiB against 54.15)."""
+        w = jax.tree.map(lambda x: x[0], w_R) if R == 1 else pick_repeat(w_R, r)
+        def body(carry, xs):
+            h, rng = carry
+            w_layer, kv_layer = xs
+            drawn = variable_values(rng)
+            layer = unstacked_metadata(nnx.merge(graphdef, rng, w_layer))
+            h, kv_layer, stats = layer(h, positions_BT, inv_freq, segment_ids_BT, kv_layer)
+            rng = nnx.state(layer, nnx.RngState)
+            advanced.append(any(a is not b for a, b in zip(drawn, variable_values(rng))))
+            return (h, rng), (stats, kv_layer)
         if remat:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        h_BTH, stats = jax.lax.scan(body, h_BTH, w)
-        return h_BTH, jnp.sum(stats, axis=0)
+        (h_BTH, _), (stats, kv_stage) = jax.lax.scan(
+            body, (h_BTH, moved_on(rng_state, draws)), (w, kv_stage))
+        return h_BTH, jnp.sum(stats, axis=0), kv_stage
     if remat:   # keep each iteration's stage input only; the backward recomputes the stage
         stage = jax.checkpoint(stage, prevent_cse=False)
 
-    def pick_repeat(w, r):
-        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, r, 0, keepdims=False), w)
+    def cache_of(c, r, m):       # one stage's [R, per, M, B, ...] → [per, B, ...] of (r, m)
+        return jax.lax.dynamic_index_in_dim(pick_repeat(c, r), m, 1, keepdims=False)
+
+    def cache_put(c, new, r, m, ok):
+        new = jnp.where(ok, new, cache_of(c, r, m))
+        return jax.lax.dynamic_update_slice(c, new[None, :, None], (r, 0, m) + (0,) * (c.ndim - 3))
 
     stage_ids = jnp.arange(S)
     has_segments = segment_ids_MBT is not None
 
     def iteration(carry, t):
-        state, buffer, stats_M = carry
+        state, buffer, stats_M, kv = carry
         k = t - stage_ids                              # [S] the pass each stage works on
         valid = (k >= 0) & (k < R * M)
         k = jnp.clip(k, 0, R * M - 1)
@@ -122,27 +158,45 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         first = jax.lax.dynamic_index_in_dim(buffer, t % M, 0, keepdims=False)
         state = _constrain(jnp.where((stage_ids == 0).reshape((S,) + (1,) * first.ndim),
                                      first[None], state), axis, act)
-        if R == 1:
-            w = jax.tree.map(lambda x: x[0], blocks)
-        else:                                          # stage s: block r[s] · S + s
-            w = jax.vmap(pick_repeat, in_axes=(1, 0), spmd_axis_name=axis)(blocks, r)
         seg = segment_ids_MBT[m] if has_segments else None
-        out, stats = jax.vmap(stage, in_axes=(0, 0, 0, 0 if has_segments else None),
-                              spmd_axis_name=axis)(w, state, positions_MBT[m], seg)
+        draws = m * L + (r * S + stage_ids) * per      # layer scan's draws before this block
+        kv_in = None if kv is None else jax.tree.map(lambda c: jax.vmap(
+            cache_of, in_axes=(1, 0, 0), spmd_axis_name=axis)(c, r, m), kv)
+        # stage s runs block r[s] · S + s: blocks[r[s], s]
+        out, stats, kv_out = jax.vmap(
+            stage, in_axes=(1, 0, 0, 0, 0 if has_segments else None, 0, 0), spmd_axis_name=axis)(
+                blocks, r, state, positions_MBT[m], seg, draws, kv_in)
         out = _constrain(out, axis, act)
+        if kv is not None:
+            kv = jax.tree.map(lambda c, new: _constrain(jax.vmap(
+                cache_put, in_axes=(1, 0, 0, 0, 0), out_axes=1, spmd_axis_name=axis)(
+                    c, new, r, m, valid), axis, cached), kv, kv_out)
         last = m[S - 1]
         kept = jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False)
         buffer = _constrain(jax.lax.dynamic_update_index_in_dim(
             buffer, jnp.where(valid[S - 1], out[S - 1], kept), last, 0), axis, micro)
         mask = valid.reshape((S,) + (1,) * (stats.ndim - 1))
         stats_M = stats_M.at[m].add(jnp.where(mask, stats, 0.0))
-        return (jnp.roll(out, 1, axis=0), buffer, stats_M), None
+        return (jnp.roll(out, 1, axis=0), buffer, stats_M, kv), None
 
     state = _constrain(jnp.zeros((S,) + h_MBTH.shape[1:], h_MBTH.dtype), axis, act)
-    stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[0, 0], blocks), h_MBTH[0],
-                                 positions_MBT[0], segment_ids_MBT[0] if has_segments else None)[1]
+    stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[:, 0], blocks), 0, h_MBTH[0],
+                                 positions_MBT[0], segment_ids_MBT[0] if has_segments else None,
+                                 jnp.zeros((), jnp.int32),
+                                 None if kv is None else jax.tree.map(lambda c: c[0, 0, :, 0], kv))[1]
     stats_M = jnp.zeros((M,) + stats_shape.shape, jnp.float32)
     h_MBTH = _constrain(h_MBTH, axis, micro)
-    (_, h_MBTH, stats_M), _ = jax.lax.scan(iteration, (state, h_MBTH, stats_M),
-                                           jnp.arange(iterations(S, R, M)))
-    return h_MBTH, stats_M
+    (_, h_MBTH, stats_M, kv), _ = jax.lax.scan(iteration, (state, h_MBTH, stats_M, kv),
+                                               jnp.arange(iterations(S, R, M)))
+    if any(advanced):     # written back only when drawn from, as models/stack.scan_layers does
+        nnx.update(layers, moved_on(rng_state, jnp.asarray(M * L, jnp.int32)))
+    if kv is not None:
+        kv = jax.tree.map(lambda c: c.reshape(L, *c.shape[3:]), kv)
+    return h_MBTH, kv, stats_M
+
+
+def moved_on(rng_state, draws):
+    """``rng_state`` with every stream's counter ``draws`` further on (keys unchanged)."""
+    return jax.tree.map(lambda v: v.replace(v.get_value() + draws.astype(v.get_value().dtype))
+                        if isinstance(v, nnx.RngCount) else v, rng_state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))

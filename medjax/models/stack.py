@@ -55,11 +55,11 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     def body(carry, xs):
         h, rng = carry
         w, kv_i = xs
-        drawn = _values(rng)       # before the call: merge may share variables with ``rng``
+        drawn = variable_values(rng)       # before the call: merge may share variables with ``rng``
         layer = unstacked_metadata(nnx.merge(graphdef, rng, w))
         h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
         new_rng = nnx.state(layer, nnx.RngState)
-        advanced.append(any(a is not b for a, b in zip(drawn, _values(new_rng))))
+        advanced.append(any(a is not b for a, b in zip(drawn, variable_values(new_rng))))
         return (h, new_rng), (kv_i, stats)
 
     if remat:
@@ -73,7 +73,8 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     return h_BTH, kv, jnp.sum(stats, axis=0)
 
 
-def _values(state) -> list:
+def variable_values(state) -> list:
+    """The arrays of a state's variables (identity tells whether a layer call replaced them)."""
     return [v.get_value() if isinstance(v, nnx.Variable) else v
             for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
 

@@ -162,8 +162,6 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc).
     ``model_cfg`` is the run's ModelConfig and ``estimate_fn(n)`` ``medjax.plan``'s estimate for
     n devices, both passed in by ``medjax.plan`` (this module does not import its caller)."""
-    import time
-
     import jax
     from medjax import sharding
     chip, devices = compile_devices(kind, count)
@@ -172,28 +170,12 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     n = len(devices)
     estimate = estimate_fn(n)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-    t0 = time.perf_counter()
-    from medjax.ops.pallas.tpu_compile import target_chip
-    with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
-        step, args = abstract_step(cfg, mesh, model_cfg)
-        lowered = step.lower(*args)
-        try:
-            compiled = lowered.compile()
-        except Exception as e:       # XLA's out-of-memory at compile time: one line
-            raise _oom_error(e, chip, kind, n) from e
+    compiled, args, seconds = _compile_step(cfg, mesh, model_cfg, chip, kind, n)
     kernels = _kernel_counts(compiled.as_text())
     sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                   for x in jax.tree.leaves(args))
-    seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes)
-    peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
-    if chip.platform == "tpu" and peak >= mem.argument_size_in_bytes:
-        # libtpu's temp_size_in_bytes is more than its buffer assignment allocates (Meditron on
-        # v5p-16: 32.0 GiB vs a 20.7 GiB temp block); its own HBM check agrees with the peak
-        # (docs/SCALE.md), so the peak is the bytes the step needs
-        total = peak
+    total, peak = _compiled_total(mem, chip)
     host_process = 0
     if chip.platform == "cpu":
         # the arrays share the host's RAM with the Python + JAX runtime and the compiler: this
@@ -216,24 +198,97 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     if cost:
         out["layer_scan_scale"] = _layer_scan_scale(cfg, model_cfg, estimate, flops)
         scale = accum * out["layer_scan_scale"]
-        if cfg.mesh.stage > 1:
-            # pipelined (models/pipeline.py): no micro-batch loop; the body of the loop over
-            # R·M + S − 1 iterations runs one layer of the stage's L / (R·S)
-            from medjax.models.pipeline import iterations
-            R = cfg.train.pipeline_repeats
-            per = model_cfg.replace(num_layers=model_cfg.num_layers // (R * cfg.mesh.stage))
-            out["pipeline_iterations"] = iterations(cfg.mesh.stage, R, accum)
-            out["layer_scan_scale"] = _layer_scan_scale(
-                cfg, per, estimate, model_flops(cfg, per, estimate.trainable, estimate.total_params))
-            scale = out["pipeline_iterations"] * out["layer_scan_scale"]
         out["counted_flops"] = float(cost.get("flops", 0.0))      # every loop body once
         out["compiled_flops"] = out["counted_flops"] * scale
+        if cfg.mesh.stage > 1:
+            out["pipeline_rows"] = _pipeline_rows(cfg, model_cfg, mesh, chip, kind, n, out)
+            out["compiled_flops"] = out["pipeline_rows"][0]["flops"]
+            scale = out["compiled_flops"] / max(out["counted_flops"], 1.0)
         if cost.get("optimal_seconds", 0) > 0:
             out["optimal_seconds"] = float(cost["optimal_seconds"]) * scale
     model_total = out["model_matmul_flops"] + out["model_attention_flops"]
     out["roofline_seconds"] = (max(out["compiled_flops"] or 0.0, model_total) / chip.bf16_flops
                                if chip.bf16_flops else None)
     return out
+
+
+def _compile_step(cfg, mesh, model_cfg, chip, kind: str, n: int):
+    """``(compiled, abstract_args, seconds)``: ``cfg``'s train step compiled for ``mesh``; XLA's
+    out-of-memory at compile time is one ConfigError line."""
+    import time
+
+    from medjax.ops.pallas.tpu_compile import target_chip
+    t0 = time.perf_counter()
+    with target_chip(kind) if chip.platform == "tpu" else contextlib.nullcontext():
+        step, args = abstract_step(cfg, mesh, model_cfg)
+        lowered = step.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:
+            raise _oom_error(e, chip, kind, n) from e
+    return compiled, args, time.perf_counter() - t0
+
+
+def _compiled_total(mem, chip) -> tuple[int, int]:
+    """``(total, peak)`` bytes per device of a compiled step's memory analysis."""
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
+    if chip.platform == "tpu" and peak >= mem.argument_size_in_bytes:
+        # libtpu's temp_size_in_bytes is more than its buffer assignment allocates (Meditron on
+        # v5p-16: 32.0 GiB vs a 20.7 GiB temp block); its own HBM check agrees with the peak
+        # (docs/SCALE.md), so the peak is the bytes the step needs
+        total = peak
+    return total, peak
+
+
+def partner_micro_batches(cfg) -> int | None:
+    """The second micro-batch count a pipelined ``plan --compile`` compiles beside the run's M:
+    M / 2 while that keeps M ≥ S (Meditron's M = 4·S → 2·S), else 2·M; None when the batch
+    does not split into it."""
+    M, S = cfg.train.grad_accum, cfg.mesh.stage
+    other = M // 2 if M % 2 == 0 and M // 2 >= S else 2 * M
+    return other if cfg.train.batch_size % other == 0 else None
+
+
+def _pipeline_rows(cfg, model_cfg, mesh, chip, kind: str, n: int, first: dict) -> list[dict]:
+    """The pipelined step's FLOPs and memory at the run's M and at :func:`partner_micro_batches`.
+
+    ``cost_analysis`` counts every loop body once. The pipelined step nests the layer scan of a
+    stage (``L / (R·S)`` layers) in the scan over ``R·M + S − 1`` iterations, and the embedding,
+    head, loss and optimizer sit outside both, so no one factor scales the count. The two
+    compiles separate the parts: a micro-batch holds ``B / M`` rows, so the loop body (one
+    layer on one micro-batch, with its share of the iteration's buffer traffic) scales with
+    ``1 / M`` while the part outside sees the whole batch at either M. With counts ``c`` at M
+    and ``c'`` at M', body ``b = (c − c') / (1 − M / M')`` and outside ``o = c − b``; the step
+    runs ``o + (R·M + S − 1) · L / (R·S) · b`` (and at M', ``b · M / M'`` per body)."""
+    import dataclasses as dc
+
+    from medjax.models.pipeline import bubble_fraction, iterations
+    S, R, M = cfg.mesh.stage, cfg.train.pipeline_repeats, cfg.train.grad_accum
+    per = model_cfg.num_layers // (R * S)
+    rows = [dict(micro_batches=M, counted=first["counted_flops"],
+                 total=first["total"] - first["host_process"], seconds=first["compile_seconds"])]
+    other = partner_micro_batches(cfg)
+    if other is not None:
+        cfg2 = dc.replace(cfg, train=dc.replace(cfg.train, grad_accum=other))
+        compiled, _, seconds = _compile_step(cfg2, mesh, model_cfg, chip, kind, n)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        rows.append(dict(micro_batches=other, counted=float((cost or {}).get("flops", 0.0)),
+                         total=_compiled_total(compiled.memory_analysis(), chip)[0],
+                         seconds=seconds))
+        c, c2 = rows[0]["counted"], rows[1]["counted"]
+        body = (c - c2) / (1 - M / other)
+        outside = c - body
+    else:           # one compile: the whole count scaled (an upper bound: outside scaled too)
+        body, outside = first["counted_flops"], 0.0
+    for row in rows:
+        m = row["micro_batches"]
+        row.update(bubble=bubble_fraction(S, R, m), iterations=iterations(S, R, m),
+                   body=body * M / m, outside=outside)
+        row["flops"] = outside + row["iterations"] * per * row["body"]
+    return rows
 
 
 def _layer_scan_scale(cfg, model_cfg, estimate, flops) -> float:
@@ -297,21 +352,16 @@ def format_report(cfg, r: dict) -> str:
         f"{r['total'] / chip.hbm_bytes:.0%} used",
     ]
     matmul, attn = r["model_matmul_flops"], r["model_attention_flops"]
-    if r["compiled_flops"] is not None:
+    if r.get("pipeline_rows"):
+        lines += _pipeline_lines(cfg, r, matmul + attn)
+    elif r["compiled_flops"] is not None:
         model = matmul + attn
         scan = (f" x layer scan {r['layer_scan_scale']:.2f} (model FLOPs all layers / one; Mosaic "
                 "kernels inside the scan uncounted)" if r.get("layer_scan_scale", 1.0) != 1.0 else "")
-        loops = (f"pipeline iterations {r['pipeline_iterations']}" if r.get("pipeline_iterations")
-                 else f"grad_accum {r['grad_accum']}")
         lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} (loop body x "
-                     f"{loops}{scan}; Pallas kernels by their cost estimates) vs "
+                     f"grad_accum {r['grad_accum']}{scan}; Pallas kernels by their cost estimates) vs "
                      f"model {model:.3e} (matmuls {matmul:.3e} + attention {attn:.3e}) -> "
                      f"{r['compiled_flops'] / max(model, 1):.2f}x")
-        if r.get("pipeline_iterations"):
-            lines.append(f"    pipelined: an UPPER bound, the head, embedding and loss (outside the "
-                         f"loops) scaled too; cost_analysis counted {r['counted_flops']:.4e} with "
-                         f"every loop body once (two compiles at M and M/2 separate the two parts, "
-                         f"docs/SCALE.md#pipeline-parallelism-meshstage)")
     else:
         lines.append(f"  FLOPs per step per device: model {matmul + attn:.3e} (matmuls {matmul:.3e}"
                      f", attention {attn:.3e}); this compiler reports no cost analysis")
@@ -327,6 +377,30 @@ def format_report(cfg, r: dict) -> str:
         lines.append(f"  est. step time >= {r['roofline_seconds']:.3g} s (lower bound: roofline, "
                      f"FLOPs / {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak)")
     return "\n".join(lines)
+
+
+def _pipeline_lines(cfg, r: dict, model: float) -> list[str]:
+    """The pipelined step at each compiled M: bubble, compiled total, FLOPs against the model's."""
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    S, R = cfg.mesh.stage, cfg.train.pipeline_repeats
+    per = r["estimate"].pipeline["layers_per_stage"] // R if r["estimate"].pipeline else "?"
+    rows = r["pipeline_rows"]
+    lines = [f"  pipeline S={S} R={R}: bubble (S-1)/(R*M+S-1) = "
+             + ", ".join(f"{(S - 1) / (R * m + S - 1):.1%} at M={m} ({m // S}*S)" for m in (2 * S, 4 * S)),
+             f"  FLOPs per step per device (model {model:.3e}; cost_analysis counts each loop body "
+             f"once: outside + iterations x {per} layers x layer body"
+             + (f", the two parts from the compiles at M={rows[0]['micro_batches']} and "
+                f"M={rows[1]['micro_batches']})" if len(rows) > 1 else
+                ": one compile, the outside scaled too, an UPPER bound)")]
+    for row in rows:
+        m = row["micro_batches"]
+        lines.append(
+            f"    M={m:<3d} bubble {row['bubble']:.1%}: compiled {row['flops']:.4e} = "
+            f"{row['outside']:.4e} + {row['iterations']} x {per} x {row['body']:.4e} -> "
+            f"{row['flops'] / max(model, 1):.2f}x model (bubble factor "
+            f"{row['iterations'] / (R * m):.3f}); total {g(row['total'])} GiB per device; "
+            f"counted {row['counted']:.4e}; compiled in {row['seconds']:.0f} s")
+    return lines
 
 
 def run(cfg, kind: str, count: int, device_memory: float | None = None, *, model_cfg,

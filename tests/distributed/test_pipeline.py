@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,8 +31,8 @@ RUN = ["model=tiny", "train.steps=3", "train.batch_size=16", "train.grad_accum=4
        "train.export=[]", "eval.tasks=[]", "data.heldout_rows=0", "data.seq_len=32",
        "lora.dropout=0", "checkpoint.every=0"]
 MODELS = {  # name -> (config, 8-layer tiny preset: cut into 4 stages x 2 repeats, overrides)
-    "llama_full": (CPT, "tiny-llama2-8l", ()),
-    "llama_lora": (LORA, "tiny-llama2-8l", ()),
+    "llama_full": (CPT, "tiny-llama2-8l", ("train.neftune_alpha=5",)),   # + Internist's NEFTune
+    "llama_lora": (LORA, "tiny-llama2-8l", ("lora.dropout=0.05",)),       # the recipe's dropout
     # Mixtral: Adam's first step is ~lr * sign(g); a gradient element near 0 whose sign differs
     # by rounding (measured: gradients equal to 4e-7 relative, one such sign flip in v_proj's
     # lora_b) moved the step-2 loss by 4.6e-5 at lr 5e-4 with the default eps 1e-8. With eps
@@ -76,7 +78,7 @@ def one_device(tmp_path_factory):
     ("llama_full", STAGE2_FSDP4, 2),
     ("llama_full", STAGE4_DATA2 + ["model.remat=dots_saveable"], 2),   # the recipe's is full
     ("llama_lora", STAGE2_FSDP4, 1), ("llama_lora", STAGE4_DATA2, 2),
-    ("mixtral_lora", STAGE2_FSDP4, 2), ("mixtral_lora", STAGE4_DATA2, 1),
+    ("mixtral_lora", STAGE4_DATA2, 1),          # R = 2: test_moe_dropout_... below
     ("mixtral_qlora", STAGE2_FSDP4, 1), ("mixtral_lora", STAGE2_EXPERT4, 1),
 ], ids=lambda x: x if isinstance(x, str) else "x".join(m.split("=")[1] for m in x[1:])
    if isinstance(x, list) else f"R{x}")
@@ -93,9 +95,30 @@ def test_pipeline_trains_like_one_device(tmp_path, mesh_devices, one_device, nam
     assert ref[0] != ref[-1]                  # it trained
 
 
+def test_moe_dropout_pipeline_trains_like_the_same_rows_per_device(tmp_path, mesh_devices):
+    """Mixtral LoRA with the recipe's dropout (0.05) on every expert: 2 stages x fsdp 4, R = 2,
+    gives the losses of fsdp 4 without stages within 1e-5. Not those of one device: a MoE layer
+    routes each device's own rows (models/moe_dispatch.py), and the dropout mask is drawn over
+    that device's routed rows, so it depends on how many devices split a micro-batch (fsdp 4
+    vs 1 device: 1e-4 apart at step 2; dense layers draw over the whole batch and equal one
+    device, the llama_lora cases above). The pipeline keeps a micro-batch's rows on the 4
+    devices of a stage, as fsdp 4 does."""
+    config, preset, extra = MODELS["mixtral_lora"]
+    extra = [f"model.preset={preset}", *extra, "lora.dropout=0.05"]
+    with mesh_devices.use(4):
+        assert _train(tmp_path / "fsdp4", config, *extra, "mesh.preset=fsdp", "mesh.fsdp=4") == 0
+    with mesh_devices.use(8):
+        assert _train(tmp_path / "pp", config, *extra, *STAGE2_FSDP4,
+                      "train.pipeline_repeats=2") == 0
+    ref, got = _losses(tmp_path / "fsdp4"), _losses(tmp_path / "pp")
+    assert len(ref) == len(got) == 3 and ref[0] != ref[-1]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
 def test_dpo_pipeline_trains_like_one_device(tmp_path, mesh_devices):
-    """Med42's DPO (LoRA, the adapters-off reference: two pipelined forwards per step, chosen and
-    rejected rows of each micro-batch together) with 2 stages x fsdp 4: 4 steps within 1e-5."""
+    """Med42's DPO as the recipe has it (full fine-tuning, the frozen-copy reference: two
+    pipelined forwards per step, chosen and rejected rows of each micro-batch together) with
+    2 stages x fsdp 4: 4 steps within 1e-5. (LoRA dropout's masks: the llama_lora cases.)"""
     run = ["--config", str(ROOT / "configs" / "med42_dpo.yaml")]
     extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=512",
              "data.long_examples=truncate", "train.batch_size=16"]
@@ -126,40 +149,53 @@ def _compiled_step(overrides) -> tuple[str, tuple, object]:
     return step.lower(*args).compile().as_text(), shape, args
 
 
-def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights():
-    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama: the step's HLO holds
-    collective-permutes between the two stages (the activations, forward and backward); every
-    all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
-    the stages carry activations (embedding rows), none a layer weight's trailing shape."""
-    hlo, shape, args = _compiled_step(["model.preset=tiny-llama2-8l", *STAGE2_FSDP4])
-    stage = 0                                             # MESH_AXES[0]
+def _assert_stages_pass_activations_not_weights(hlo, shape, weights, activation) -> None:
+    """``hlo`` (a program on a mesh of ``shape``, ``stage`` its first axis) moves activations
+    (regex ``activation``) between the stages with collective-permutes, forward and backward
+    (training) or at least once (inference), and no all-gather that spans the stages carries a
+    layer weight (a shape whose trailing dims are in ``weights``)."""
     per_stage = int(np.prod(shape[1:]))
     crossing = []
     for line in hlo_groups.collectives(hlo, "collective-permute"):
         pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[1].split("}}")[0] + "}")
         if any(int(a) // per_stage != int(b) // per_stage for a, b in pairs):
             crossing.append(line)
-    activation = [line for line in crossing if re.search(r"f32\[1,\d+,32,64\]", line)]
-    assert len(activation) >= 2, crossing                  # forward roll and its transpose
-
-    state = args[0]
-    import jax
-    weights = {tuple(leaf.shape[-2:]) for leaf in jax.tree.leaves(state.params)
-               if leaf.ndim >= 3}                          # stacked [L, in, out] layer kernels
-    assert weights
-    gathers = hlo_groups.collectives(hlo, "all-gather")
-    in_stage = [g for g in gathers if not hlo_groups.groups_spanning(g, "all-gather", shape, stage)]
-    assert any(re.search(r"f32\[1,64,(64|128|32)\]", g) for g in in_stage)   # fsdp weight gathers
-    for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, stage):
+    assert [line for line in crossing if re.search(activation, line)], crossing
+    for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, 0):
         dims = tuple(int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",") if d)
         assert dims[-2:] not in weights, f"a layer weight gathered across stages: {line[:300]}"
 
 
-@pytest.mark.parametrize("first, second", [(STAGE4_DATA2, ONE), (ONE, STAGE2_FSDP4)],
-                         ids=["stage4-then-1", "stage1-then-2"])
+def _layer_kernel_shapes(tree) -> set:
+    import jax
+    return {tuple(leaf.shape[-2:]) for leaf in jax.tree.leaves(tree) if leaf.ndim >= 3}
+
+
+def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights():
+    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama: the step's HLO holds
+    collective-permutes between the two stages (the activations, forward and backward); every
+    all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
+    the stages carry activations (embedding rows), none a layer weight's trailing shape."""
+    _, preset, extra = MODELS["llama_full"]            # the llama_full-2x4-R1 run's step
+    hlo, shape, args = _compiled_step([f"model.preset={preset}", *extra, *STAGE2_FSDP4])
+    activation = r"f32\[1,\d+,32,64\]"
+    assert len([line for line in hlo_groups.collectives(hlo, "collective-permute")
+                if re.search(activation, line)]) >= 2          # forward roll and its transpose
+    weights = _layer_kernel_shapes(args[0].params)              # stacked [L, in, out] kernels
+    assert weights
+    _assert_stages_pass_activations_not_weights(hlo, shape, weights, activation)
+    gathers = hlo_groups.collectives(hlo, "all-gather")
+    in_stage = [g for g in gathers if not hlo_groups.groups_spanning(g, "all-gather", shape, 0)]
+    assert any(re.search(r"f32\[1,64,(64|128|32)\]", g) for g in in_stage)   # fsdp weight gathers
+
+
+@pytest.mark.parametrize("first, second", [(STAGE4_DATA2 + ["train.pipeline_repeats=2"], ONE),
+                                           (ONE, STAGE2_FSDP4)],
+                         ids=["stage4R2-then-1", "stage1-then-2"])
 def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, first, second):
     """Checkpoints hold the plain ``[L, ...]`` layer stack: 2 steps saved with one stage count
-    and resumed for 2 more with another give the losses of the same interrupted run on one
+    (4 stages: the circular schedule, R = 2) and resumed for 2 more with another give the
+    losses of the same interrupted run on one
     device (the interruption itself changes nothing but the stage count: ``train.steps`` of the
     first part shapes its schedule)."""
     config, preset, _ = MODELS["llama_full"]
@@ -177,9 +213,32 @@ def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, fir
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
-def test_heldout_eval_and_export_unchanged_by_stages(tmp_path, mesh_devices):
+def _eval(model, out_json, *flags) -> dict:
+    from medjax.eval.__main__ import main
+    argv = ["--model", str(model), "--data-dir", str(ROOT.parent / "shared" / "data" / "benchmarks"),
+            "--log-samples", "--output", str(out_json), *flags]
+    assert run_cli(main, argv) == 0
+    return json.loads(Path(out_json).read_text())
+
+
+def _same_scores(got: dict, ref: dict) -> None:
+    assert got["samples"].keys() == ref["samples"].keys()
+    for task, samples in ref["samples"].items():
+        assert len(samples) == len(got["samples"][task]) > 0
+        for a, b in zip(samples, got["samples"][task]):
+            assert (a["doc_id"], a["acc"]) == (b["doc_id"], b["acc"])
+            assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-5, rel=1e-6)
+
+
+def test_heldout_eval_scoring_and_export_unchanged_by_stages(tmp_path, mesh_devices):
     """With mesh.stage=2 the run's held-out losses and its HF export (the plain model: the
-    layer stack is stored unsplit) equal the 1-device run's (within 1e-5)."""
+    layer stack is stored unsplit) equal the 1-device run's (within 1e-5); and inference runs
+    through the pipeline as one device computes it: ``python -m medjax.eval`` of the HF export
+    loaded straight into ``mesh.stage=4 mesh.data=2`` (letter scoring, packed and bucketed:
+    per-choice log-likelihoods), and generation from the run on its own mesh (stage 2 x fsdp 4;
+    the KV cache split over the stages with its layers: prefill and decode logits). The
+    compiled prefill moves activations between the stages and gathers no layer weight across
+    them."""
     from safetensors.numpy import load_file
     config, preset, _ = MODELS["llama_full"]
     extra = [f"model.preset={preset}", "data.heldout_rows=8", "train.export=[hf]", "train.steps=2"]
@@ -196,6 +255,36 @@ def test_heldout_eval_and_export_unchanged_by_stages(tmp_path, mesh_devices):
     assert sorted(one) == sorted(pp) and any(".layers.7." in k for k in one)
     for name in one:
         np.testing.assert_allclose(pp[name], one[name], rtol=0, atol=1e-5, err_msg=name)
+
+    letter = ["--tasks", "medmcqa,medqa_4options", "--limit", "4"]
+    with mesh_devices.use(1):
+        ref = _eval(tmp_path / "one" / "export" / "hf", tmp_path / "one.json", *letter)
+    with mesh_devices.use(8):
+        got = _eval(tmp_path / "pp" / "export" / "hf", tmp_path / "pp.json", *letter,
+                    "mesh.stage=4", "mesh.data=2")
+    _same_scores(got, ref)
+
+    import medjax
+    from medjax.eval.generate import Generator
+    prompts = [list(b"Aspirin is"), list(b"The heart"), list(b"A"), list(b"Insulin lowers")]
+    logits = []
+    for run, devices in (("one", 1), ("pp", 8)):        # the run on its own mesh: 2 stages
+        with mesh_devices.use(devices):
+            model, _ = medjax.load(tmp_path / run)
+            generator = Generator(model)
+            logits.append(generator.generate(prompts, max_new_tokens=3, return_logits=True)[1])
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
+
+    # the prefill just run (the same shapes: a compile-cache hit) through the split KV cache
+    assert model.pipeline_stages == 2
+    P = 32                                              # bucket() of the longest prompt
+    with mesh_devices.use(8):
+        hlo = generator._prefill.lower(
+            generator.state, jnp.zeros((4, P), jnp.int32), jnp.ones((4,), jnp.int32),
+            model.init_cache(4, P + 3), jax.random.key(0)).compile().as_text()
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(generator.state) if hasattr(x, "sharding"))
+    _assert_stages_pass_activations_not_weights(
+        hlo, tuple(mesh.shape.values()), _layer_kernel_shapes(generator.state), r"f32\[1,\d+,32,64\]")
 
 
 @pytest.mark.parametrize("overrides, words", [
