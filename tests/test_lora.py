@@ -20,7 +20,7 @@ from medjax.models import get_preset, init_decoder  # noqa: E402
 def _randomise_adapters(model, seed=0):
     key = jax.random.key(seed)
     for _, wrapper in lora.lora_modules(model):
-        for _, adapter in lora._adapters(wrapper):
+        for _, adapter in lora.weight_adapters(wrapper):
             key, sub = jax.random.split(key)
             adapter.lora_b[...] = 0.05 * jax.random.normal(sub, adapter.lora_b[...].shape)
 

@@ -66,6 +66,8 @@ HOW = {
         "a benchmark (minutes, 1.2 GB of disk); tests/hf/test_fullsize.py runs the same path",
     "python -m medjax.bench fullsize --preset llama2-7b": "a benchmark (13 min and 22 GiB on an idle machine; "
         "its 2-layer variant is tests/hf/test_fullsize.py)",
+    "python -m medjax.bench fullsize --preset mixtral-8x7b-2l": "a benchmark (7 min, 14 GiB and "
+        "12 GB of disk); its QLoRA merge is tests/recipes/test_quant.py's, its export path test_roundtrip's",
     "python -m medjax.bench eval --output eval_bench.json": "a benchmark (an hour on this CPU)",
     "python -m medjax.bench data": "a benchmark",
     "python -m medjax.bench peers --tpu v5p-8 --unroll-layers": "a benchmark (15 min); its numbers are in the table",

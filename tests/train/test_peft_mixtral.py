@@ -37,7 +37,7 @@ def test_peft_mixtral_logits_match(hf_dir, tmp_path, targets):
     lora.apply_lora(model, LoraSection(enabled=True, rank=4, alpha=8, targets=targets))
     key = jax.random.key(1)
     for _, wrapper in lora.lora_modules(model):
-        for _, adapter in lora._adapters(wrapper):
+        for _, adapter in lora.weight_adapters(wrapper):
             key, sub = jax.random.split(key)
             adapter.lora_b[...] = 0.2 * jax.random.normal(sub, adapter.lora_b[...].shape)
     ours = np.asarray(model(jnp.asarray(ids)))
