@@ -201,24 +201,39 @@ def weight_adapters(wrapper):
 
 
 def _folded(w, a, b, scale):
-    """``w + scale * a @ b`` (fp32 sum, ``w``'s dtype kept) one ``[in, out]`` matrix at a time
-    over any leading layer / expert dims: at 7B, a whole stack's fp32 temporaries would be 11 GiB.
+    """``w + scale * a @ b`` (fp32 sum, ``w``'s dtype kept): :func:`fold_matrices`."""
+    return fold_matrices(w, a, b, scale, dtype=w.dtype)
+
+
+def _as_stored(w):
+    return w
+
+
+def fold_matrices(weights, a, b, scale, *, dtype, matrix=_as_stored):
+    """``matrix(weights) + scale * a @ b``, summed in fp32 and written in ``dtype``, one
+    ``[in, out]`` matrix at a time over the leading (layer / expert) dims of ``a`` and ``b``:
+    at 7B a whole stack's fp32 temporaries would be 11 GiB. ``weights`` is the weight, or any
+    pytree with the same leading dims from which ``matrix`` (hashable: the compiled program is
+    cached on it) makes one matrix, e.g. QLoRA's codes and scales dequantized.
     Compiled with ``ops.target.compiler_options``: XLA:CPU otherwise hoists the fp32 convert of the
     whole stack out of the loop (the 7B merged export peaked at 22 GiB)."""
-    options = compiler_options(w)
-    return _fold_program(tuple(sorted((options or {}).items())))(w, a, b, scale)
+    options = compiler_options(a)
+    return _fold_program(matrix, jnp.dtype(dtype), tuple(sorted((options or {}).items())))(
+        weights, a, b, scale)
 
 
 @functools.cache
-def _fold_program(options: tuple):
-    def folded(w, a, b, scale):
+def _fold_program(matrix, dtype, options: tuple):
+    def folded(weights, a, b, scale):
         def one(wab):
             w, a, b = wab
-            return (w.astype(jnp.float32) + scale * jnp.dot(a, b)).astype(w.dtype)
-        if w.ndim == 2:
-            return one((w, a, b))
-        matrices = lambda x: x.reshape(-1, *x.shape[-2:])  # noqa: E731
-        return jax.lax.map(one, (matrices(w), matrices(a), matrices(b))).reshape(w.shape)
+            return (matrix(w).astype(jnp.float32) + scale * jnp.dot(a, b)).astype(dtype)
+        lead = a.shape[:-2]
+        if not lead:
+            return one((weights, a, b))
+        matrices = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
+        out = jax.lax.map(one, (jax.tree.map(matrices, weights), matrices(a), matrices(b)))
+        return out.reshape(*lead, *out.shape[1:])
     return jax.jit(folded, static_argnames="scale", compiler_options=dict(options) or None)
 
 

@@ -12,7 +12,6 @@ from flax import nnx
 from medjax.models.moe import EXPERT_PROJECTIONS
 from medjax.models.stack import LAYERS_AXIS, num_stacked
 from medjax.ops.grouped_matmul import GroupWeights, grouped_matmul
-from medjax.ops.target import compiler_options
 from medjax.quant.codec import DOUBLE_QUANT_GROUP, QSpec, _nf4_scales, dequantize, quantize
 
 
@@ -162,35 +161,30 @@ class QuantizedTensor(nnx.Module):
         if adapter is None:
             one = functools.partial(dequantize, self.spec, dtype=dtype)
             return jax.jit(jax.vmap(one) if self.layers else one)(self.arrays())
-        a, b = adapter.lora_a[...], adapter.lora_b[...]
-        options = tuple(sorted((compiler_options(a) or {}).items()))
-        return _merged_program(self.spec, bool(self.layers), dtype, adapter.scale, options)(
-            self.arrays(), a, b)
+        from medjax.lora import fold_matrices
+        arrays = self.arrays()
+        if self.spec.fmt == "nf4" and self.spec.double_quant:
+            arrays = {"codes": arrays["codes"],
+                      "scales": _plain_scales(self.spec, bool(self.layers))(arrays)}
+        return fold_matrices(arrays, adapter.lora_a[...], adapter.lora_b[...], adapter.scale,
+                             dtype=dtype, matrix=_one_matrix(self.spec))
 
 
 @functools.cache
-def _merged_program(spec: QSpec, stacked: bool, dtype, scale: float, options: tuple):
-    """``QuantizedTensor.dequantize(adapter=...)``'s jitted pass. The first-level scales are made
-    plain for the whole weight (small), then ``lax.map`` runs over every leading (layer, expert)
-    index. Compiled with ``ops.target.compiler_options``: XLA:CPU otherwise hoists the loop's
-    convert of the whole code stack out of it."""
-    def plain(arrays):
-        if spec.fmt != "nf4":
-            return arrays
-        return {"codes": arrays["codes"], "scales": _nf4_scales(spec, arrays)}
+def _plain_scales(spec: QSpec, stacked: bool):
+    """Double-quantized nf4 storage → its plain first-level scales (small): with the codes, the
+    form in which one ``[in, out]`` matrix's slice dequantizes on its own
+    (``dequantize(expert=True)``)."""
+    plain = functools.partial(_nf4_scales, spec)
+    return jax.jit(jax.vmap(plain) if stacked else plain)
 
-    def merged(arrays, a, b):
-        arrays = jax.vmap(plain)(arrays) if stacked else plain(arrays)
-        lead = arrays["codes"].shape[:-2]
-        flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
 
-        def one(matrix):
-            arrays, a, b = matrix
-            w = dequantize(spec, arrays, spec.dtype, expert=True).astype(jnp.float32)
-            return (w + scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype)
-        out = jax.lax.map(one, (jax.tree.map(flat, arrays), flat(a), flat(b)))
-        return out.reshape(*lead, *out.shape[1:])
-    return jax.jit(merged, compiler_options=dict(options) or None)
+@functools.cache
+def _one_matrix(spec: QSpec):
+    """One ``[in, out]`` matrix of ``spec``'s weight from its slice of the (plain-scaled) storage,
+    in the compute dtype: the weight the quantized forward multiplied by. Cached per spec, so
+    ``lora.fold_matrices`` compiles once per weight shape."""
+    return functools.partial(dequantize, spec, dtype=spec.dtype, expert=True)
 
 
 class QuantizedLinear(nnx.Module):

@@ -74,16 +74,18 @@ def test_the_melt_llama2_step_holds_no_f32_copy_of_its_bf16_layer_stack(mesh_dev
 
 
 def test_the_lora_merge_folds_a_bf16_stack_without_an_f32_copy_of_it():
-    """``lora._folded`` (export, eval of a run) merges one [in, out] matrix at a time; compiled
-    with XLA's defaults the fp32 convert of the whole stack is hoisted out of its loop."""
-    from medjax.lora import _fold_program, _folded
+    """``lora._folded`` (export, eval of a run; ``lora.fold_matrices``, which QLoRA's merge also
+    runs) merges one [in, out] matrix at a time; compiled with XLA's defaults the fp32 convert of
+    the whole stack is hoisted out of its loop."""
+    from medjax.lora import _as_stored, _fold_program, _folded
     w = jax.ShapeDtypeStruct((LAYERS, D, 4 * D), jnp.bfloat16)
     a = jax.ShapeDtypeStruct((LAYERS, D, 8), jnp.float32)
     b = jax.ShapeDtypeStruct((LAYERS, 8, 4 * D), jnp.float32)
     f32_stack = LAYERS * D * 4 * D * 4
 
     def temp(options):
-        compiled = _fold_program(options).lower(w, a, b, scale=0.5).compile()
+        compiled = _fold_program(_as_stored, jnp.dtype(w.dtype), options).lower(
+            w, a, b, scale=0.5).compile()
         return compiled.memory_analysis().temp_size_in_bytes
     assert temp(()) >= f32_stack
     used = tuple(sorted(compiler_options(jax.devices("cpu")[0]).items()))
@@ -92,5 +94,5 @@ def test_the_lora_merge_folds_a_bf16_stack_without_an_f32_copy_of_it():
     _fold_program.cache_clear()
     args = [jnp.ones(s.shape, s.dtype) for s in (w, a, b)]
     np.testing.assert_allclose(np.asarray(_folded(*args, 0.5)[0, 0, :4], np.float32), 1 + 0.5 * 8)
-    _fold_program(used)
+    _fold_program(_as_stored, jnp.dtype(w.dtype), used)
     assert _fold_program.cache_info().hits == 1
