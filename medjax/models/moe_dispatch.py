@@ -53,7 +53,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from medjax.ops.grouped_matmul import block_layout, default_block_rows, max_blocks
-from medjax.ops.target import EXPERT_AXIS, context_mesh, mesh_axes_of, on_target, row_axes
+from medjax.ops.target import EXPERT_AXIS, context_mesh, mesh_axes_of, on_target, row_axes, \
+    row_shards
 
 TRANSPORTS = ("auto", "ragged", "padded")
 
@@ -145,9 +146,7 @@ def _row_devices(tokens: int) -> int:
     mesh = context_mesh()
     if mesh is None:
         return 1
-    n = 1
-    for a in row_axes(mesh):
-        n *= mesh.shape[a]
+    n = row_shards(mesh)
     return n if tokens % n == 0 else 1
 
 
@@ -172,10 +171,7 @@ def moe_layer_expert_parallel(moe, x_NH, mask_N, transport: str = "auto"):
     ep = dict(mesh.shape).get(EXPERT_AXIS, 1)
     if E % ep:
         raise ValueError(f"num_experts={E} is not divisible by mesh axis {EXPERT_AXIS}={ep}")
-    rows = row_axes(mesh)
-    n_rows = 1
-    for a in rows:
-        n_rows *= mesh.shape[a]
+    rows, n_rows = row_axes(mesh), row_shards(mesh)
     if x_NH.shape[0] % n_rows:
         raise ValueError(f"expert parallelism: {x_NH.shape[0]} tokens per call cannot split over "
                          f"mesh axes {rows} ({n_rows} devices)")

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import math
 from typing import Callable
 
 import jax
@@ -152,6 +153,11 @@ def row_axes(mesh) -> tuple:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
+def row_shards(mesh) -> int:
+    """How many ways :func:`row_axes` split the rows (1 on a mesh without them)."""
+    return math.prod(mesh.shape[a] for a in row_axes(mesh))
+
+
 def constrain_rows(x_B):
     """``x_B`` (``[B, ...]``: the residual stream) pinned to rows split over the context mesh's
     batch axes, every other dimension whole; unchanged without a multi-device mesh or when the
@@ -163,10 +169,7 @@ def constrain_rows(x_B):
     if mesh is None:
         return x_B
     rows = row_axes(mesh)
-    n = 1
-    for a in rows:
-        n *= mesh.shape[a]
-    if not rows or x_B.shape[0] % n:
+    if not rows or x_B.shape[0] % row_shards(mesh):
         return x_B
     return jax.lax.with_sharding_constraint(x_B, P(rows, *(None,) * (x_B.ndim - 1)))
 
@@ -187,10 +190,7 @@ def per_shard(fn, rows_first: dict, heads_third: dict):
     if mesh is None:
         return fn(**rows_first, **heads_third)
     B = next(iter(heads_third.values())).shape[0]
-    rows = row_axes(mesh)
-    n_rows = 1
-    for a in rows:
-        n_rows *= mesh.shape[a]
+    rows, n_rows = row_axes(mesh), row_shards(mesh)
     if B % n_rows:
         raise ValueError(f"attention kernel: {B} rows per call cannot split over mesh axes "
                          f"{rows} ({n_rows} devices); make the micro-batch a multiple of it")
