@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.models.stack import unstacked_metadata, variable_values
+from medjax.models.stack import layer_step
 from medjax.ops.target import BATCH_AXES, context_mesh
 
 STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
@@ -122,18 +122,9 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         ``R = 1`` it is a static slice (a dynamic one copies the stage's weights every
         iteration: Llama-2-70B on v5p-128, 60.88 GiB against 54.15)."""
         w = jax.tree.map(lambda x: x[0], w_R) if R == 1 else pick_repeat(w_R, r)
-        def body(carry, xs):
-            h, rng = carry
-            w_layer, kv_layer = xs
-            drawn = variable_values(rng)
-            layer = unstacked_metadata(nnx.merge(graphdef, rng, w_layer))
-            h, kv_layer, stats = layer(h, positions_BT, inv_freq, segment_ids_BT, kv_layer)
-            rng = nnx.state(layer, nnx.RngState)
-            advanced.append(any(a is not b for a, b in zip(drawn, variable_values(rng))))
-            return (h, rng), (stats, kv_layer)
-        if remat:
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        (h_BTH, _), (stats, kv_stage) = jax.lax.scan(
+        body = layer_step(graphdef, positions_BT, inv_freq, segment_ids_BT, advanced,
+                          remat=remat, policy=policy)
+        (h_BTH, _), (kv_stage, stats) = jax.lax.scan(
             body, (h_BTH, moved_on(rng_state, draws)), (w, kv_stage))
         return h_BTH, jnp.sum(stats, axis=0), kv_stage
     if remat:   # keep each iteration's stage input only; the backward recomputes the stage

@@ -51,19 +51,8 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     """
     graphdef, rng_state, weights = nnx.split(layers, nnx.RngState, ...)
     advanced = []        # set while tracing: did the layer draw from its RNG streams?
-
-    def body(carry, xs):
-        h, rng = carry
-        w, kv_i = xs
-        drawn = variable_values(rng)       # before the call: merge may share variables with ``rng``
-        layer = unstacked_metadata(nnx.merge(graphdef, rng, w))
-        h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
-        new_rng = nnx.state(layer, nnx.RngState)
-        advanced.append(any(a is not b for a, b in zip(drawn, variable_values(new_rng))))
-        return (h, new_rng), (kv_i, stats)
-
-    if remat:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    body = layer_step(graphdef, positions_BT, inv_freq, segment_ids, advanced, remat=remat,
+                      policy=policy)
     (h_BTH, rng_state), (kv, stats) = jax.lax.scan(body, (h_BTH, rng_state), (weights, kv))
     # Written back only when drawn from (LoRA dropout in training), as the loop's layers mutate
     # their RNG counters only then: an inference call inside another transform (the scorer's
@@ -73,8 +62,26 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
     return h_BTH, kv, jnp.sum(stats, axis=0)
 
 
-def variable_values(state) -> list:
-    """The arrays of a state's variables (identity tells whether a layer call replaced them)."""
+def layer_step(graphdef, positions_BT, inv_freq, segment_ids, advanced: list, *, remat=False,
+               policy=None):
+    """The scan body running one layer of a stack (here and in each pipeline stage,
+    models/pipeline.py): ``((h, rng), (w, kv)) -> ((h, rng), (kv, router_stats))``, the layer
+    merged from its slice ``w`` of the weights and the carried RNG streams ``rng``. While
+    tracing it appends to ``advanced`` whether the layer drew from those streams. With ``remat``
+    it runs under ``jax.checkpoint(policy=policy)``."""
+    def body(carry, xs):
+        h, rng = carry
+        w, kv_i = xs
+        drawn = _values(rng)       # before the call: merge may share variables with ``rng``
+        layer = unstacked_metadata(nnx.merge(graphdef, rng, w))
+        h, kv_i, stats = layer(h, positions_BT, inv_freq, segment_ids, kv_i)
+        new_rng = nnx.state(layer, nnx.RngState)
+        advanced.append(any(a is not b for a, b in zip(drawn, _values(new_rng))))
+        return (h, new_rng), (kv_i, stats)
+    return jax.checkpoint(body, policy=policy, prevent_cse=False) if remat else body
+
+
+def _values(state) -> list:
     return [v.get_value() if isinstance(v, nnx.Variable) else v
             for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
 
