@@ -183,8 +183,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
         import resource
         host_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         total += host_process
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = _cost(compiled)
     accum = cfg.train.grad_accum
     flops = model_flops(cfg, model_cfg, estimate.trainable, estimate.total_params)
     out = dict(chip=chip, devices=n, kind=kind, compile_seconds=seconds, estimate=estimate,
@@ -227,6 +226,12 @@ def _compile_step(cfg, mesh, model_cfg, chip, kind: str, n: int):
         except Exception as e:
             raise _oom_error(e, chip, kind, n) from e
     return compiled, args, time.perf_counter() - t0
+
+
+def _cost(compiled) -> dict:
+    """``compiled.cost_analysis()`` as one dict (some versions wrap it in a list; {} when none)."""
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
 def _compiled_total(mem, chip) -> tuple[int, int]:
@@ -273,9 +278,7 @@ def _pipeline_rows(cfg, model_cfg, mesh, chip, kind: str, n: int, first: dict) -
     if other is not None:
         cfg2 = dc.replace(cfg, train=dc.replace(cfg.train, grad_accum=other))
         compiled, _, seconds = _compile_step(cfg2, mesh, model_cfg, chip, kind, n)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        rows.append(dict(micro_batches=other, counted=float((cost or {}).get("flops", 0.0)),
+        rows.append(dict(micro_batches=other, counted=float(_cost(compiled).get("flops", 0.0)),
                          total=_compiled_total(compiled.memory_analysis(), chip)[0],
                          seconds=seconds))
         c, c2 = rows[0]["counted"], rows[1]["counted"]
@@ -381,12 +384,13 @@ def format_report(cfg, r: dict) -> str:
 
 def _pipeline_lines(cfg, r: dict, model: float) -> list[str]:
     """The pipelined step at each compiled M: bubble, compiled total, FLOPs against the model's."""
+    from medjax.models.pipeline import bubble_fraction
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
     S, R = cfg.mesh.stage, cfg.train.pipeline_repeats
     per = r["estimate"].pipeline["layers_per_stage"] // R if r["estimate"].pipeline else "?"
     rows = r["pipeline_rows"]
     lines = [f"  pipeline S={S} R={R}: bubble (S-1)/(R*M+S-1) = "
-             + ", ".join(f"{(S - 1) / (R * m + S - 1):.1%} at M={m} ({m // S}*S)" for m in (2 * S, 4 * S)),
+             + ", ".join(f"{bubble_fraction(S, R, m):.1%} at M={m} ({m // S}*S)" for m in (2 * S, 4 * S)),
              f"  FLOPs per step per device (model {model:.3e}; cost_analysis counts each loop body "
              f"once: outside + iterations x {per} layers x layer body"
              + (f", the two parts from the compiles at M={rows[0]['micro_batches']} and "
