@@ -9,7 +9,6 @@ settings); ``tpu_run`` compiles it for a TPU slice as ``plan --compile`` does.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -78,24 +77,6 @@ def tpu_overrides(mode: str, global_batch: int, seq: int, unroll: bool = False) 
             f"optim.clip_norm={protocol.CLIP_NORM}"]
 
 
-@contextlib.contextmanager
-def _keeping_compiled(kept: list):
-    """Within: every ``Lowered.compile()`` result is also appended to ``kept``. ``compile_plan``
-    (``medjax.plan.compile``) returns numbers only; this keeps its executable for the HLO text
-    without compiling the 7B step a second time."""
-    import jax
-    original = jax.stages.Lowered.compile
-
-    def compile_and_keep(self, *args, **kwargs):
-        kept.append(original(self, *args, **kwargs))
-        return kept[-1]
-    jax.stages.Lowered.compile = compile_and_keep
-    try:
-        yield
-    finally:
-        jax.stages.Lowered.compile = original
-
-
 def tpu_run(chip: str, count: int, mode: str, global_batch: int, seq: int, unroll: bool = False,
             hlo_path: str | None = None) -> dict:
     """Compile medjax's train step for ``count`` × ``chip`` (compile-only libtpu): the numbers of
@@ -105,12 +86,9 @@ def tpu_run(chip: str, count: int, mode: str, global_batch: int, seq: int, unrol
     from medjax.plan.accounting import model_config, plan
     from medjax.plan.compile import compile_plan
     cfg = load_config(None, tpu_overrides(mode, global_batch, seq, unroll))
-    kept = []
-    with _keeping_compiled(kept):
-        r = compile_plan(cfg, chip, count, model_cfg=model_config(cfg),
-                         estimate_fn=lambda n: plan(cfg, n))
+    r = compile_plan(cfg, chip, count, model_cfg=model_config(cfg), estimate_fn=lambda n: plan(cfg, n))
     if hlo_path:
-        Path(hlo_path).write_text(kept[-1].as_text())
+        Path(hlo_path).write_text(r["hlo_text"])
     return {"peak_bytes": r["total"], "compiled_flops": r["compiled_flops"],
             "model_flops": r["model_matmul_flops"] + r["model_attention_flops"],
             "optimal_seconds": r["optimal_seconds"], "compile_s": r["compile_seconds"],

@@ -159,7 +159,8 @@ def model_flops(cfg, model_cfg, trainable: int, total: int) -> dict:
 
 def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, model_cfg,
                  estimate_fn) -> dict:
-    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc).
+    """Compile ``cfg``'s train step for ``count`` × ``kind``; numbers per device (see module doc)
+    and the compiled step's HLO text (``hlo_text``).
     ``model_cfg`` is the run's ModelConfig and ``estimate_fn(n)`` ``medjax.plan``'s estimate for
     n devices, both passed in by ``medjax.plan`` (this module does not import its caller)."""
     import jax
@@ -171,7 +172,8 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
     estimate = estimate_fn(n)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     compiled, args, seconds = _compile_step(cfg, mesh, model_cfg, chip, kind, n)
-    kernels = _kernel_counts(compiled.as_text())
+    hlo_text = compiled.as_text()
+    kernels = _kernel_counts(hlo_text)
     sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                   for x in jax.tree.leaves(args))
     mem = compiled.memory_analysis()
@@ -192,7 +194,7 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
                host_process=host_process,
                sharded_arguments=sharded,
                model_matmul_flops=flops["matmul"] / n, model_attention_flops=flops["attention"] / n,
-               kernels=kernels, grad_accum=accum,
+               kernels=kernels, grad_accum=accum, hlo_text=hlo_text,
                compiled_flops=None, optimal_seconds=None)
     if cost:
         out["layer_scan_scale"] = _layer_scan_scale(cfg, model_cfg, estimate, flops)
