@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx, struct
 
 from medjax.models.attention import Attention
@@ -46,9 +47,28 @@ class KVCache:
 
 
 class DecoderOutput(NamedTuple):
-    logits: jax.Array               # [B, T, V] float32
+    logits: Optional[jax.Array]     # [B, T, V] float32; None from forward(head=False)
     cache: Optional[KVCache]
     aux_loss: jax.Array             # HF Mixtral router load-balancing loss (0 for dense models)
+    hidden: Optional[jax.Array] = None   # [B, T, H] final-normed hidden states (head=False)
+
+
+# fp32 logits elements per row that one chunk of the training loss computes (128 MiB):
+# Decoder.token_nll's chunk is the most tokens, a power of two, within it
+LOSS_CHUNK_LOGITS = 1 << 25
+
+
+def token_nll(logits_BTV, targets_BT):
+    """Per-token negative log-likelihood in fp32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+
+
+def loss_chunk(seq_len: int, vocab_size: int) -> int:
+    """Tokens per chunk of :meth:`Decoder.token_nll`: the largest power of two (at least 128)
+    whose fp32 logits of one row fit ``LOSS_CHUNK_LOGITS``; ``seq_len`` when that covers it
+    (one chunk: the plain computation). Llama-2's 32000 vocabulary: 1024, Llama-3's 128256: 256."""
+    chunk = max(128, 1 << max(0, (LOSS_CHUNK_LOGITS // vocab_size).bit_length() - 1))
+    return min(chunk, seq_len)
 
 
 class DecoderLayer(nnx.Module):
@@ -157,11 +177,13 @@ class Decoder(nnx.Module):
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def forward(self, input_ids=None, *, positions=None, segment_ids=None, cache: KVCache | None = None,
-                input_embeds=None, logits_at=None) -> DecoderOutput:
+                input_embeds=None, logits_at=None, head: bool = True) -> DecoderOutput:
         """Full forward. ``positions`` default to ``arange(T)``; ``segment_ids [B,T]`` (0 = pad)
         confine attention to each packed example; ``input_embeds`` replaces the embedding lookup
         (NEFTune adds noise there); ``logits_at [B, K]`` applies the output head only at those
         positions (logits ``[B, K, V]``: scoring needs a few positions, not all T).
+        ``head=False``: no logits; ``hidden`` holds the final-normed hidden states instead, for
+        :meth:`token_nll` (the training loss, which never holds all ``[B, T, V]`` logits).
 
         Micro-batched call (training with ``mesh.stage > 1``): ``input_ids [M, B, T]`` (or
         ``input_embeds [M, B, T, H]``) are M micro-batches run through the layers as a pipeline
@@ -169,17 +191,17 @@ class Decoder(nnx.Module):
         ``aux_loss`` the SUM of each micro-batch's router loss."""
         h_BTH = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
         if h_BTH.ndim == 4:
-            return self._pipelined(h_BTH, positions, segment_ids)
+            return self._pipelined(h_BTH, positions, segment_ids, head)
         B, T = h_BTH.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         inv_freq = rope_inv_freq(self.config)
         if self.scan_layers and self.pipeline_stages > 1 and (cache is None or isinstance(cache, KVCache)):
             return self._finish(*self._pipelined_rows(h_BTH, positions, inv_freq, segment_ids, cache),
-                                logits_at)
+                                logits_at, head)
         if self.scan_layers:
             return self._finish(*self._scan(h_BTH, positions, inv_freq, segment_ids, cache),
-                                logits_at)
+                                logits_at, head)
         router_stats = 0.0
         for i, layer in enumerate(self.model.layers):
             if self.remat != "none" and cache is None:
@@ -189,7 +211,7 @@ class Decoder(nnx.Module):
                 h_BTH, kv, stats = layer(h_BTH, positions, inv_freq, segment_ids, kv)
                 cache = None if cache is None else cache.update(i, kv)
             router_stats = router_stats + stats
-        return self._finish(h_BTH, cache, router_stats, logits_at)
+        return self._finish(h_BTH, cache, router_stats, logits_at, head)
 
     def _scan(self, h_BTH, positions, inv_freq, segment_ids, cache):
         policy = None if self.remat == "none" else remat_policy(self.remat)
@@ -200,7 +222,7 @@ class Decoder(nnx.Module):
             policy=policy)
         return h_BTH, (None if cache is None else KVCache(k=kv[0], v=kv[1])), router_stats
 
-    def _pipelined(self, h_MBTH, positions, segment_ids) -> DecoderOutput:
+    def _pipelined(self, h_MBTH, positions, segment_ids, head=True) -> DecoderOutput:
         """M micro-batches through the pipelined layers; embedding and head run outside the
         pipeline on every stage (docs/SCALE.md#pipeline-parallelism-meshstage)."""
         if not self.scan_layers:
@@ -215,13 +237,10 @@ class Decoder(nnx.Module):
             remat=self.remat != "none", policy=policy)
         # the head on [M, B, T, H] as is: merging M into the row axis would lose the rows'
         # split over the batch axes (GSPMD gathers every row onto every device)
-        if self.config.tie_word_embeddings:
-            logits = jax.vmap(lambda h: self._finish(h, None, None, None).logits)(h_MBTH)
-        else:
-            logits = self._finish(h_MBTH, None, None, None).logits
+        out = self._finish(h_MBTH, None, None, None, head)
         aux_loss = (jnp.sum(jax.vmap(load_balancing_loss, in_axes=(0, None))(
             stats_M, self.config.num_experts)) if self.config.is_moe else jnp.zeros((), jnp.float32))
-        return DecoderOutput(logits, None, aux_loss)
+        return out._replace(aux_loss=aux_loss)
 
     def _pipelined_rows(self, h_BTH, positions, inv_freq, segment_ids, cache):
         """An inference forward (``[B, T]`` rows; scoring, generation, held-out loss) of a model
@@ -247,17 +266,42 @@ class Decoder(nnx.Module):
             cache = KVCache(k=k, v=v)
         return merge(h_MBTH), cache, jnp.sum(stats_M, axis=0)
 
-    def _finish(self, h_BTH, new_cache, router_stats, logits_at) -> DecoderOutput:
+    def _finish(self, h_BTH, new_cache, router_stats, logits_at, head=True) -> DecoderOutput:
         if logits_at is not None:
             h_BTH = jnp.take_along_axis(h_BTH, logits_at[..., None].astype(jnp.int32), axis=1)
         h_BTH = self.model.norm(h_BTH)
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(h_BTH)
-        else:
-            logits = self.lm_head(h_BTH).astype(jnp.float32)
         aux_loss = (load_balancing_loss(router_stats, self.config.num_experts)
                     if self.config.is_moe and router_stats is not None else jnp.zeros((), jnp.float32))
-        return DecoderOutput(logits.astype(jnp.float32), new_cache, aux_loss)
+        if not head:
+            return DecoderOutput(None, new_cache, aux_loss, h_BTH)
+        return DecoderOutput(self.head(h_BTH), new_cache, aux_loss)
+
+    def head(self, h_BTH):
+        """The output head on final-normed hidden states ``[..., H]``: fp32 logits ``[..., V]``."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(h_BTH).astype(jnp.float32)
+        return self.lm_head(h_BTH).astype(jnp.float32)
+
+    def token_nll(self, h_BTH, targets_BT, chunk: int | None = None):
+        """Per-token NLL ``[..., T]`` (fp32) of the head on ``forward(head=False).hidden``
+        (``[..., T, H]``, any leading dims: ``[M, B, T, H]`` micro-batches keep their split),
+        ``chunk`` tokens of every row at a time (default :func:`loss_chunk`): a ``lax.scan`` over
+        the chunks, each under ``jax.checkpoint``, so one chunk's ``[..., chunk, V]`` fp32 logits
+        exist at a time, in the forward and again (recomputed) in the backward, and the head's
+        weight gradient is summed chunk by chunk inside the loop. The same sums as
+        ``token_nll(head(h), targets)`` in another order; one chunk is exactly that."""
+        T, H = h_BTH.shape[-2:]
+        chunk = chunk or loss_chunk(T, self.config.vocab_size)
+        if chunk >= T:
+            return token_nll(self.head(h_BTH), targets_BT)
+        n = -(-T // chunk)
+        pad = [(0, 0)] * (targets_BT.ndim - 1) + [(0, n * chunk - T)]
+        lead = targets_BT.shape[:-1]
+        h_NBCH = jnp.moveaxis(jnp.pad(h_BTH, pad + [(0, 0)]).reshape(*lead, n, chunk, H), -3, 0)
+        t_NBC = jnp.moveaxis(jnp.pad(targets_BT, pad).reshape(*lead, n, chunk), -2, 0)
+        one_chunk = jax.checkpoint(lambda h, t: token_nll(self.head(h), t))
+        _, nll_NBC = jax.lax.scan(lambda c, x: (c, one_chunk(*x)), None, (h_NBCH, t_NBC))
+        return jnp.moveaxis(nll_NBC, 0, -2).reshape(*lead, n * chunk)[..., :T]
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None):
         return self.forward(input_ids, positions=positions, segment_ids=segment_ids).logits

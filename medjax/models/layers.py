@@ -69,8 +69,8 @@ class Embed(nnx.Module):
         return jnp.take(table, ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):
-        """Tied output head: logits against the embedding table."""
-        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding[...].astype(x_BTD.dtype),
+        """Tied output head: logits against the embedding table (any leading dims)."""
+        return jnp.einsum("...d,vd->...v", x_BTD, self.embedding[...].astype(x_BTD.dtype),
                           preferred_element_type=jnp.float32)
 
 

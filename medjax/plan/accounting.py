@@ -25,7 +25,7 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              inputs, q/k/v, attention output, MLP gate/up/act/product, residuals, plus
              ``attention=xla``'s fp32 probabilities; dots_saveable = projection outputs; full =
              the layer input) for every layer, plus the larger of one layer's activations and
-             their gradients (its backward) and the head's fp32 logits + their gradient in
+             their gradients (its backward) and one loss chunk's fp32 logits + their gradient in
              ``model.dtype`` (see :func:`activation_bytes`). ``attention=auto`` is planned as the
              TPU/GPU flash kernels (no ``[T, T]`` buffers); on CPU it is ``xla``: say so;
 * temporaries the transients of the layer being computed: a MoE layer's dispatch (fp32 router
@@ -310,8 +310,9 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
                   (full: the layer input, stacked ``[L, B, T, H]`` by the layer scan);
     * ``working`` one layer's complete set while it is (re)computed and differentiated: its
                   activations and the gradients with respect to them (twice the set);
-    * ``logits``  the fp32 logits (log-softmax and its gradient overwrite them) and the gradient
-                  cast to ``model.dtype`` for the lm_head backward.
+    * ``logits``  one loss chunk's fp32 logits (log-softmax and its gradient overwrite them) and
+                  their gradient cast to ``model.dtype`` for the lm_head backward: the loss runs
+                  the head ``loss_chunk`` tokens of every row at a time (``Decoder.token_nll``).
 
     The head's buffers are freed before the layers' backward starts, so the peak holds
     ``saved`` plus the larger of ``working`` and ``logits``, not both. DPO runs the policy on
@@ -375,7 +376,10 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
         per_stage = m.num_layers / (cfg.train.pipeline_repeats * stages)
         saved = saved / layers * per_stage + iterations(
             stages, cfg.train.pipeline_repeats, micro) * tokens * H * s
-    logits = tokens * (m.vocab_size / t) * (4 + s) * (micro if stages > 1 else 1)
+    # the loss computes the head chunk by chunk (models/decoder.py Decoder.token_nll)
+    from medjax.models.decoder import loss_chunk
+    chunk_share = loss_chunk(cfg.data.seq_len, m.vocab_size) / cfg.data.seq_len
+    logits = tokens * chunk_share * (m.vocab_size / t) * (4 + s) * (micro if stages > 1 else 1)
     return rows, saved + buffers + max(working, logits)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from medjax.errors import ConfigError
 from medjax.train.neftune import noisy_embeddings
@@ -33,14 +32,14 @@ LM_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 
 
 # ------------------------------------------------------------------------------ formula
-def segment_logps(logits_BTV, targets_BT, loss_mask_BT, segment_ids_BT):
-    """``(logp_BS, count_BS)``: summed answer log-probs and answer-token counts per (row,
-    segment id); ``S = T + 1`` slots, slot 0 = padding."""
-    B, T = targets_BT.shape
-    token_logp_BT = -optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV.astype(jnp.float32), targets_BT) * loss_mask_BT
+def segment_logps(token_logp_BT, loss_mask_BT, segment_ids_BT):
+    """``(logp_BS, count_BS)``: summed answer log-probs (``token_logp_BT``, each token's
+    log-probability of its target) and answer-token counts per (row, segment id); ``S = T + 1``
+    slots, slot 0 = padding."""
+    B, T = segment_ids_BT.shape
     ids = (jnp.arange(B)[:, None] * (T + 1) + segment_ids_BT).reshape(-1)
-    logp = jax.ops.segment_sum(token_logp_BT.reshape(-1), ids, num_segments=B * (T + 1))
+    logp = jax.ops.segment_sum((token_logp_BT * loss_mask_BT).reshape(-1), ids,
+                               num_segments=B * (T + 1))
     count = jax.ops.segment_sum(loss_mask_BT.reshape(-1), ids, num_segments=B * (T + 1))
     return logp.reshape(B, T + 1), count.reshape(B, T + 1)
 
@@ -71,11 +70,12 @@ def pair_logps(model, batch):
     both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]], axis=-2)
             for k in LM_KEYS}
     out = model.forward(both["input_ids"], positions=both["positions"], segment_ids=both["segment_ids"],
-                        input_embeds=noisy_embeddings(model, both))
+                        input_embeds=noisy_embeddings(model, both), head=False)
+    token_logp = -model.token_nll(out.hidden, both["targets"])       # [..., 2B, T], chunked head
     lead, T = both["targets"].shape[:-1], both["targets"].shape[-1]
     rows = lambda x: x.reshape(-1, *x.shape[len(lead):])    # noqa: E731  [..., 2B, T] → [rows, T]
-    logp, count = segment_logps(rows(out.logits), rows(both["targets"]),
-                                rows(both["loss_mask"].astype(jnp.float32)), rows(both["segment_ids"]))
+    logp, count = segment_logps(rows(token_logp), rows(both["loss_mask"].astype(jnp.float32)),
+                                rows(both["segment_ids"]))
     logp, count = logp.reshape(*lead, T + 1), count.reshape(*lead, T + 1)
     B = batch["chosen_input_ids"].shape[-2]
     valid = (count[..., :B, :] > 0) & (count[..., B:, :] > 0)

@@ -25,7 +25,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from medjax.errors import DataError
@@ -34,11 +33,6 @@ from medjax.train.neftune import noisy_embeddings
 
 LM_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask")
 PAIR_KEYS = tuple(p + k for p in ("chosen_", "rejected_") for k in LM_KEYS)
-
-
-def token_nll(logits_BTV, targets_BT):
-    """Per-token negative log-likelihood in fp32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
 
 
 def _training_model(graphdef, params, rngs, frozen):
@@ -56,7 +50,8 @@ def _eval_model(graphdef, params, rngs, frozen):
 @dataclasses.dataclass(frozen=True)
 class CausalLM:
     """Next-token NLL on ``loss_mask`` tokens (+ ``aux_coef`` × Mixtral router loss), NEFTune
-    noise on the input embeddings when attached."""
+    noise on the input embeddings when attached. The head and its NLL run chunk by chunk
+    (``Decoder.token_nll``): no ``[B, T, V]`` logits in training or held-out evaluation."""
     aux_coef: float = 0.0
     name = "causal_lm"
     batch_keys = LM_KEYS
@@ -72,9 +67,9 @@ class CausalLM:
         model = _training_model(graphdef, params, rngs, frozen)
         out = model.forward(batch["input_ids"], positions=batch["positions"],
                             segment_ids=batch["segment_ids"],
-                            input_embeds=noisy_embeddings(model, batch))
+                            input_embeds=noisy_embeddings(model, batch), head=False)
         mask_BT = batch["loss_mask"].astype(jnp.float32)
-        nll_sum = jnp.sum(token_nll(out.logits, batch["targets"]) * mask_BT)
+        nll_sum = jnp.sum(model.token_nll(out.hidden, batch["targets"]) * mask_BT)
         aux = out.aux_loss.astype(jnp.float32)
         objective = nll_sum / norm + self.aux_coef * aux / n_micro
         stats = {"nll_sum": nll_sum, "aux_loss": aux, "tokens": jnp.sum(mask_BT)}
@@ -87,10 +82,10 @@ class CausalLM:
 
     def eval_stats(self, params, rngs, frozen, reference, batch, *, graphdef):
         model = _eval_model(graphdef, params, rngs, frozen)
-        logits = model.forward(batch["input_ids"], positions=batch["positions"],
-                               segment_ids=batch["segment_ids"]).logits
+        hidden = model.forward(batch["input_ids"], positions=batch["positions"],
+                               segment_ids=batch["segment_ids"], head=False).hidden
         mask_BT = batch["loss_mask"].astype(jnp.float32)
-        return {"nll_sum": jnp.sum(token_nll(logits, batch["targets"]) * mask_BT),
+        return {"nll_sum": jnp.sum(model.token_nll(hidden, batch["targets"]) * mask_BT),
                 "tokens": jnp.sum(mask_BT)}
 
     def eval_metrics(self, stats):

@@ -9,9 +9,10 @@ from flax import nnx
 from medjax.config import LoraSection
 from medjax.lora import apply_lora
 from medjax.models import get_preset, init_decoder
+from medjax.models.decoder import token_nll
 from medjax.train import dpo
 from medjax.train import step as S
-from medjax.train.objectives import DPO, CausalLM, token_nll
+from medjax.train.objectives import DPO, CausalLM
 from medjax.train.neftune import attach_neftune, neftune_noise, noisy_embeddings
 
 
