@@ -22,8 +22,10 @@ GPU pipeline (CUDA). Nothing is allocated. Reported per device:
   FLOPs with all layers over those with one. Measured on a tiny Llama (v5e, 2026-11-30): with
   XLA attention a scan's count (one body) equals the loop's at one layer; the cost estimates of
   Mosaic kernels inside the layer scan are not counted, so with Pallas attention the scaled
-  figure is low by the attention kernels' share. The Pallas kernels count by the cost
-  estimates they declare; remat recomputation shows up as a ratio above 1;
+  figure is low by the attention kernels' share. The loss's head runs in a loop over chunks of
+  tokens (``Decoder.token_nll``), counted once: the head matmuls of the other chunks
+  (:func:`loss_loop_flops`) are added, and ``optimal_seconds`` scaled alike. The Pallas kernels
+  count by the cost estimates they declare; remat recomputation shows up as a ratio above 1;
 * an estimated step time, a LOWER BOUND: the compiler's ``optimal_seconds`` (TPU) times the
   trip count, else a roofline from FLOPs and peak bf16 throughput.
 
@@ -200,11 +202,12 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
         out["layer_scan_scale"] = _layer_scan_scale(cfg, model_cfg, estimate, flops)
         scale = accum * out["layer_scan_scale"]
         out["counted_flops"] = float(cost.get("flops", 0.0))      # every loop body once
-        out["compiled_flops"] = out["counted_flops"] * scale
+        out["loss_loop_flops"] = loss_loop_flops(cfg, model_cfg) / n
+        out["compiled_flops"] = out["counted_flops"] * scale + out["loss_loop_flops"]
         if cfg.mesh.stage > 1:
             out["pipeline_rows"] = _pipeline_rows(cfg, model_cfg, mesh, chip, kind, n, out)
-            out["compiled_flops"] = out["pipeline_rows"][0]["flops"]
-            scale = out["compiled_flops"] / max(out["counted_flops"], 1.0)
+            out["compiled_flops"] = out["pipeline_rows"][0]["flops"] + out["loss_loop_flops"]
+        scale = out["compiled_flops"] / max(out["counted_flops"], 1.0)
         if cost.get("optimal_seconds", 0) > 0:
             out["optimal_seconds"] = float(cost["optimal_seconds"]) * scale
     model_total = out["model_matmul_flops"] + out["model_attention_flops"]
@@ -296,6 +299,24 @@ def _pipeline_rows(cfg, model_cfg, mesh, chip, kind: str, n: int, first: dict) -
     return rows
 
 
+def loss_loop_flops(cfg, model_cfg) -> float:
+    """The output head's matmul FLOPs per step (all devices) that ``cost_analysis`` misses in the
+    loss's chunk loop (``Decoder.token_nll``: a scan over ``ceil(T / loss_chunk)`` chunks, its
+    body counted once): ``(chunks - 1) / chunks`` of the head's passes over the padded tokens —
+    forward, its recomputation in the backward, the input gradient, the weight gradient when the
+    head trains (not with LoRA), and DPO's reference forward."""
+    from medjax.models.decoder import loss_chunk
+    T, m = cfg.data.seq_len, model_cfg
+    chunk = loss_chunk(T, m.vocab_size)
+    chunks = -(-T // chunk)
+    if chunks == 1:
+        return 0.0
+    dpo = cfg.train.objective == "dpo"
+    rows = cfg.train.batch_size * (2 if dpo else 1)
+    passes = 3 + (not cfg.lora.enabled) + (1 if dpo else 0)
+    return (chunks - 1) * passes * 2 * rows * chunk * m.hidden_size * m.vocab_size
+
+
 def _layer_scan_scale(cfg, model_cfg, estimate, flops) -> float:
     """1, or (model FLOPs with all L layers) / (with one) when the layers run under a scan
     whose body ``cost_analysis`` counts once."""
@@ -363,8 +384,11 @@ def format_report(cfg, r: dict) -> str:
         model = matmul + attn
         scan = (f" x layer scan {r['layer_scan_scale']:.2f} (model FLOPs all layers / one; Mosaic "
                 "kernels inside the scan uncounted)" if r.get("layer_scan_scale", 1.0) != 1.0 else "")
+        loss = (f" + the loss's head chunks {r['loss_loop_flops']:.3e} counted once"
+                if r.get("loss_loop_flops") else "")
         lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} (loop body x "
-                     f"grad_accum {r['grad_accum']}{scan}; Pallas kernels by their cost estimates) vs "
+                     f"grad_accum {r['grad_accum']}{scan}{loss}; Pallas kernels by their cost "
+                     "estimates) vs "
                      f"model {model:.3e} (matmuls {matmul:.3e} + attention {attn:.3e}) -> "
                      f"{r['compiled_flops'] / max(model, 1):.2f}x")
     else:

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from medjax.config import load_config
 from medjax.config.sections import LoraSection
 from medjax.lora import apply_lora
 from medjax.models import decoder, get_preset, init_decoder
+from medjax.plan.compile import loss_loop_flops
 from medjax.train.objectives import DPO, CausalLM
 from medjax.train.step import accumulate_grads, split_model
 from tests.train.test_step import _batch
@@ -39,7 +41,7 @@ def _grads(model, batch, objective, monkeypatch, chunk_fn, lora=False, grad_accu
 
 @pytest.mark.parametrize("preset, objective", [("tiny-mixtral", "sft"), ("tiny-llama", "dpo")])
 def test_chunked_loss_and_grads_equal_the_whole_logits(preset, objective, monkeypatch):
-    """Chunks of 5 tokens over T = 16 (the last one padded), packed rows with prompt masks, the
+    """Chunks of 6 tokens over T = 16 (the last one padded), ragged rows with prompt masks, the
     Mixtral router loss (SFT, 2 micro-batches), LoRA adapters and the reference (DPO), fp32."""
     model = init_decoder(get_preset(preset), seed=0, attention_impl="xla", remat="full")
     lora = objective == "dpo"
@@ -55,7 +57,7 @@ def test_chunked_loss_and_grads_equal_the_whole_logits(preset, objective, monkey
     else:
         batch, obj = _batch(B=4), CausalLM(aux_coef=0.02)
     g_all, m_all = _grads(model, batch, obj, monkeypatch, _one_chunk, lora, 1 if lora else 2)
-    g_chunk, m_chunk = _grads(model, batch, obj, monkeypatch, lambda T, V: 5, lora, 1 if lora else 2)
+    g_chunk, m_chunk = _grads(model, batch, obj, monkeypatch, lambda T, V: 6, lora, 1 if lora else 2)
     for k in m_all:
         np.testing.assert_allclose(m_chunk[k], m_all[k], rtol=1e-6, atol=1e-7, err_msg=k)
     for (k, a), (_, b) in zip(nnx.to_flat_state(g_all), nnx.to_flat_state(g_chunk)):
@@ -68,30 +70,43 @@ def test_chunked_nll_keeps_leading_dims_and_ties_the_head():
     cfg = dataclasses.replace(get_preset("tiny-llama"), tie_word_embeddings=True)
     model = init_decoder(cfg, seed=0, attention_impl="xla")
     ids = jax.random.randint(jax.random.key(0), (2, 3, 16), 3, cfg.vocab_size)
-    h = jax.vmap(lambda x: model.forward(x, head=False).hidden)(ids)
     targets = jnp.roll(ids, -1, axis=-1)
-    want = decoder.token_nll(model.head(h), targets)
-    np.testing.assert_allclose(model.token_nll(h, targets, chunk=5), want, rtol=1e-6, atol=1e-6)
-    assert model.token_nll(h, targets, chunk=5).shape == (2, 3, 16)
+
+    @jax.jit
+    def both(ids):
+        h = jnp.stack([model.forward(x, head=False).hidden for x in ids])     # [M, B, T, H]
+        return model.token_nll(h, targets, chunk=5), decoder.token_nll(model.head(h), targets)
+    chunked, whole = both(ids)
+    assert chunked.shape == (2, 3, 16)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_default_chunking_cuts_the_compiled_steps_memory():
     """Llama-3's 128256 vocabulary at T = 1024 (a vocabulary-heavy tiny model, hidden 64): the
     default chunk is 256 tokens, and XLA:CPU's compiled step holds far less than with the whole
-    ``[1, 1024, 128256]`` fp32 logits (0.49 GiB)."""
+    ``[1, 1024, 128256]`` fp32 logits (0.49 GiB). Its FLOPs, with the chunk loop's other three
+    trips added (``cost_analysis`` counts a loop body once; ``plan.compile.loss_loop_flops``), are
+    the whole logits' plus one head forward: the recomputation in the backward."""
     cfg = dataclasses.replace(get_preset("tiny-llama"), vocab_size=128256, num_layers=1)
     assert decoder.loss_chunk(1024, cfg.vocab_size) == 256
     model = init_decoder(cfg, seed=0, attention_impl="xla")
     graphdef, params, rngs, frozen = split_model(model, lora=False)
     batch = _batch(B=1, T=1024, vocab=cfg.vocab_size)
-    temps = {}
+    temps, flops = {}, {}
     for name, chunk_fn in (("whole", _one_chunk), ("chunked", decoder.loss_chunk)):
         decoder_loss_chunk = decoder.loss_chunk
         decoder.loss_chunk = chunk_fn
         try:
-            temps[name] = _fresh_jit().lower(params, rngs, frozen, {}, batch, graphdef=graphdef, grad_accum=1,
-                                     objective=CausalLM()).compile().memory_analysis().temp_size_in_bytes
+            compiled = _fresh_jit().lower(params, rngs, frozen, {}, batch, graphdef=graphdef,
+                                          grad_accum=1, objective=CausalLM()).compile()
         finally:
             decoder.loss_chunk = decoder_loss_chunk
+        temps[name] = compiled.memory_analysis().temp_size_in_bytes
+        cost = compiled.cost_analysis()
+        flops[name] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     logits = 1024 * cfg.vocab_size * 4
     assert temps["whole"] - temps["chunked"] > logits, {k: v / 2**20 for k, v in temps.items()}
+    run = load_config(None, ["model.preset=tiny-llama", "data.seq_len=1024", "train.batch_size=1"])
+    head_pass = 2 * 1024 * cfg.hidden_size * cfg.vocab_size
+    counted = flops["chunked"] + loss_loop_flops(run, cfg)
+    assert counted / (flops["whole"] + head_pass) == pytest.approx(1.0, abs=0.03), (flops, counted)
