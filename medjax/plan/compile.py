@@ -24,7 +24,10 @@ GPU pipeline (CUDA). Nothing is allocated. Reported per device:
   Mosaic kernels inside the layer scan are not counted, so with Pallas attention the scaled
   figure is low by the attention kernels' share. The loss's head runs in a loop over chunks of
   tokens (``Decoder.token_nll``), counted once: the head matmuls of the other chunks
-  (:func:`loss_loop_flops`) are added, and ``optimal_seconds`` scaled alike. The Pallas kernels
+  (:func:`loss_loop_flops`) are added to the count before the micro-batch and layer-scan
+  scaling (the scan's ratio is of model FLOPs with the whole head; pipelined, the head runs
+  once on all micro-batches outside the pipeline, so they are added unscaled), and
+  ``optimal_seconds`` scaled alike. The Pallas kernels
   count by the cost estimates they declare; remat recomputation shows up as a ratio above 1;
 * an estimated step time, a LOWER BOUND: the compiler's ``optimal_seconds`` (TPU) times the
   trip count, else a roofline from FLOPs and peak bf16 throughput.
@@ -203,10 +206,12 @@ def compile_plan(cfg, kind: str, count: int, hbm_bytes: float | None = None, *, 
         scale = accum * out["layer_scan_scale"]
         out["counted_flops"] = float(cost.get("flops", 0.0))      # every loop body once
         out["loss_loop_flops"] = loss_loop_flops(cfg, model_cfg) / n
-        out["compiled_flops"] = out["counted_flops"] * scale + out["loss_loop_flops"]
+        # the other head chunks of one micro-batch complete the count to one layer and the whole
+        # head, what the layer scan's ratio scales (model FLOPs all layers / one, whole head)
+        out["compiled_flops"] = (out["counted_flops"] + out["loss_loop_flops"] / accum) * scale
         if cfg.mesh.stage > 1:
             out["pipeline_rows"] = _pipeline_rows(cfg, model_cfg, mesh, chip, kind, n, out)
-            out["compiled_flops"] = out["pipeline_rows"][0]["flops"] + out["loss_loop_flops"]
+            out["compiled_flops"] = out["pipeline_rows"][0]["flops"]
         scale = out["compiled_flops"] / max(out["counted_flops"], 1.0)
         if cost.get("optimal_seconds", 0) > 0:
             out["optimal_seconds"] = float(cost["optimal_seconds"]) * scale
@@ -271,7 +276,9 @@ def _pipeline_rows(cfg, model_cfg, mesh, chip, kind: str, n: int, first: dict) -
     layer on one micro-batch, with its share of the iteration's buffer traffic) scales with
     ``1 / M`` while the part outside sees the whole batch at either M. With counts ``c`` at M
     and ``c'`` at M', body ``b = (c − c') / (1 − M / M')`` and outside ``o = c − b``; the step
-    runs ``o + (R·M + S − 1) · L / (R·S) · b`` (and at M', ``b · M / M'`` per body)."""
+    runs ``o + (R·M + S − 1) · L / (R·S) · b`` (and at M', ``b · M / M'`` per body), plus the
+    loss's other head chunks (:func:`loss_loop_flops`): the head runs once on all M
+    micro-batches outside the pipeline (``Decoder._pipelined``), its chunk loop counted once."""
     import dataclasses as dc
 
     from medjax.models.pipeline import bubble_fraction, iterations
@@ -294,8 +301,8 @@ def _pipeline_rows(cfg, model_cfg, mesh, chip, kind: str, n: int, first: dict) -
     for row in rows:
         m = row["micro_batches"]
         row.update(bubble=bubble_fraction(S, R, m), iterations=iterations(S, R, m),
-                   body=body * M / m, outside=outside)
-        row["flops"] = outside + row["iterations"] * per * row["body"]
+                   body=body * M / m, outside=outside, loss_loop=first["loss_loop_flops"])
+        row["flops"] = outside + row["loss_loop"] + row["iterations"] * per * row["body"]
     return rows
 
 
@@ -384,10 +391,10 @@ def format_report(cfg, r: dict) -> str:
         model = matmul + attn
         scan = (f" x layer scan {r['layer_scan_scale']:.2f} (model FLOPs all layers / one; Mosaic "
                 "kernels inside the scan uncounted)" if r.get("layer_scan_scale", 1.0) != 1.0 else "")
-        loss = (f" + the loss's head chunks {r['loss_loop_flops']:.3e} counted once"
+        loss = (f" + the loss's other head chunks {r['loss_loop_flops'] / r['grad_accum']:.3e}"
                 if r.get("loss_loop_flops") else "")
-        lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} (loop body x "
-                     f"grad_accum {r['grad_accum']}{scan}{loss}; Pallas kernels by their cost "
+        lines.append(f"  FLOPs per step per device: compiled {r['compiled_flops']:.3e} ((loop body"
+                     f"{loss}) x grad_accum {r['grad_accum']}{scan}; Pallas kernels by their cost "
                      "estimates) vs "
                      f"model {model:.3e} (matmuls {matmul:.3e} + attention {attn:.3e}) -> "
                      f"{r['compiled_flops'] / max(model, 1):.2f}x")
@@ -426,7 +433,9 @@ def _pipeline_lines(cfg, r: dict, model: float) -> list[str]:
         m = row["micro_batches"]
         lines.append(
             f"    M={m:<3d} bubble {row['bubble']:.1%}: compiled {row['flops']:.4e} = "
-            f"{row['outside']:.4e} + {row['iterations']} x {per} x {row['body']:.4e} -> "
+            f"{row['outside']:.4e} + "
+            + (f"{row['loss_loop']:.4e} (the loss's other head chunks) + " if row["loss_loop"] else "")
+            + f"{row['iterations']} x {per} x {row['body']:.4e} -> "
             f"{row['flops'] / max(model, 1):.2f}x model (bubble factor "
             f"{row['iterations'] / (R * m):.3f}); total {g(row['total'])} GiB per device; "
             f"counted {row['counted']:.4e}; compiled in {row['seconds']:.0f} s")

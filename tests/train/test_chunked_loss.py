@@ -110,3 +110,34 @@ def test_default_chunking_cuts_the_compiled_steps_memory():
     head_pass = 2 * 1024 * cfg.hidden_size * cfg.vocab_size
     counted = flops["chunked"] + loss_loop_flops(run, cfg)
     assert counted / (flops["whole"] + head_pass) == pytest.approx(1.0, abs=0.03), (flops, counted)
+
+
+def test_plan_compile_flops_agree_with_and_without_the_layer_scan(tmp_path, capsys, monkeypatch):
+    """``plan --compile``'s FLOPs per step when the micro-batch loop, the layer scan and the loss's
+    chunk loop each count their body once: a 4-layer Llama (hidden 512, vocabulary 32768: the
+    head is about a fifth of the FLOPs), two 128-token loss chunks at T = 256, 2 micro-batches,
+    full remat. Unrolled, the count is exact (the micro-batch body x 2 + the other head chunk).
+    Scanned, the count (one layer, one head chunk) plus the other head chunk is scaled by the
+    model FLOPs' all-layers / one-layer ratio: 4% over the unrolled count (the scale weighs a
+    layer and the head by their model FLOPs, 3 passes each, while the compiled step runs a
+    layer 1.27x and the checkpointed head chunks 1.37x that); adding the other chunk after
+    the scaling instead is 12% under."""
+    import json
+    import re
+
+    from medjax.plan.__main__ import main as plan_main
+    cfg = dataclasses.replace(get_preset("tiny-llama2"), num_layers=4, hidden_size=512,
+                              intermediate_size=8192, num_heads=8, num_kv_heads=8, head_dim=64,
+                              vocab_size=32768)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config("float32")))
+    monkeypatch.setattr(decoder, "LOSS_CHUNK_LOGITS", 128 * cfg.vocab_size)
+    assert decoder.loss_chunk(256, cfg.vocab_size) == 128
+    flops = {}
+    for scan in ("true", "false"):
+        assert plan_main(["--config", "configs/meditron_llama2_cpt.yaml", f"model.path={tmp_path}",
+                          "model.preset=null", "mesh.preset=dp", "mesh.tensor=1", "data.seq_len=256",
+                          "train.batch_size=2", "train.grad_accum=2", f"model.scan_layers={scan}",
+                          "--device", "cpu", "--compile"]) == 0
+        out = capsys.readouterr().out
+        flops[scan] = float(re.search(r"FLOPs per step per device: compiled ([\d.e+]+)", out).group(1))
+    assert flops["true"] / flops["false"] == pytest.approx(1.0, abs=0.06), flops
