@@ -1,39 +1,41 @@
-"""Pipeline stages (``mesh.stage``) on the paths that load or combine: a run's LoRA dropout under
-DPO, QLoRA started from an HF checkpoint (nf4 quantized as it streams into the stages) with its
-export, and ``python -m medjax.eval`` of a GGUF loaded straight into the stages. Each equals the
-run without stages within 1e-5, through the CLIs in-process on the session's 8 simulated CPU
-devices (test_pipeline.py has the plain training paths)."""
+"""Pipeline stages (``mesh.stage``) on the paths that start from a checkpoint: QLoRA whose nf4
+base streams into the stages from a GGUF file, trained with DPO and LoRA dropout, equals the same
+run from the HF checkpoint without stages, and its export gives transformers the same logits;
+``python -m medjax.eval`` of a GGUF loaded straight into the stages scores as one device. Through
+the CLIs in-process on the session's 8 simulated CPU devices (test_pipeline.py: the runs from a
+random init, and an HF export evaluated in stages)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.distributed.test_pipeline import ONE, ROOT, _eval, _losses, _same_scores, _train
+from tests.distributed.test_pipeline import ROOT, _eval, _losses, _same_scores, _train
 
 pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
 
 sys.path.insert(0, str(ROOT / "tests" / "train"))
-DPO = str(ROOT / "configs" / "med42_dpo.yaml")
 QLORA = str(ROOT / "configs" / "bimedix_mixtral_qlora.yaml")
-SHORT = ["train.steps=2", "train.batch_size=8", "train.grad_accum=2"]   # M = 2 micro-batches
-STAGE2_FSDP4_R2 = ["mesh.preset=fsdp", "mesh.stage=2", "mesh.fsdp=4", "train.pipeline_repeats=2"]
 
 
 @pytest.fixture(scope="module")
-def mixtral_dir(tmp_path_factory) -> Path:
-    """A tiny random HF Mixtral (4 layers: 2 stages x 2 repeats) with a byte tokenizer."""
+def mixtral(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random HF Mixtral (4 layers: 2 stages x 2 repeats; byte tokenizer) and its f32
+    GGUF (the same weights, exactly: tests/hf/test_gguf_export.py)."""
+    import medjax
     from train_helpers import make_tiny_model_dir
-    return make_tiny_model_dir(tmp_path_factory.mktemp("hf") / "mixtral", "mixtral",
-                               num_hidden_layers=4)
+    root = tmp_path_factory.mktemp("mixtral")
+    hf = make_tiny_model_dir(root / "hf", "mixtral", num_hidden_layers=4)
+    model, tokenizer = medjax.load(hf, progress=False)
+    return hf, medjax.save_gguf(model, root / "m.gguf", tokenizer=tokenizer, type="f32")
 
 
 @pytest.fixture(scope="module")
 def preferences(tmp_path_factory) -> Path:
     """Short preference pairs (the recipe's stand-in pairs need 448 byte tokens each)."""
-    import json
     from train_helpers import FACTS
     rows = [{"prompt": f"What is {name}?", "chosen": f"{what}.", "rejected": f"{FACTS[i - 1][1]}."}
             for i, (name, what) in enumerate(FACTS)]
@@ -42,41 +44,35 @@ def preferences(tmp_path_factory) -> Path:
     return path
 
 
-def _two_runs(tmp_path, mesh_devices, config, reference, *overrides) -> tuple[list, list]:
-    """The losses of ``config`` on ``reference`` (a mesh without stages, on as many devices as
-    it names) and on 2 stages x fsdp 4 with R = 2 (8 devices)."""
-    devices = 4 if "mesh.fsdp=4" in reference else 1
-    with mesh_devices.use(devices):
-        assert _train(tmp_path / "ref", config, *SHORT, *overrides, *reference) == 0
+def test_qlora_dpo_from_gguf_in_stages_trains_and_exports_like_hf_without(
+        tmp_path, mesh_devices, mixtral, preferences):
+    """BiMediX's QLoRA (nf4 base; LoRA on attention, every expert and the router) trained with
+    Med42's DPO and LoRA dropout 0.1, 2 steps of 2 micro-batches: from the HF checkpoint on fsdp 4,
+    and from its GGUF on 2 stages x fsdp 4 with R = 2. One pair of runs for what the pipeline
+    adds on these paths (a pipelined step compiles for seconds):
+    - the nf4 codes quantized as they stream in and written by the stage that holds each layer
+      (hf/fill.py: the stage split is the fill's, the same for both readers);
+    - the DPO reference, the same weights with the adapters off: a second pipelined forward that
+      draws no dropout mask;
+    - the policy's masks, the layer scan's: each stage starts its streams at its micro-batch's
+      and block's counter (models/pipeline.py); step 1's adapters are 0, step 2 shows them.
+    The losses agree within 1e-5 (the reference is fsdp 4, not one device: a MoE layer draws
+    its dropout over each device's routed rows, test_pipeline.py), and the merged HF exports
+    give transformers the same logits."""
+    hf, gguf = mixtral
+    common = [
+        "model.preset=null", "optim.eps=0.000001", "model.remat=none", "train.steps=2",
+        "train.batch_size=8", "train.grad_accum=2", "train.objective=dpo",
+        "data.format=preference", f"data.train={preferences}", "data.seq_len=96",
+        "lora.dropout=0.1", "train.export=[hf]"]
+    with mesh_devices.use(4):
+        assert _train(tmp_path / "ref", QLORA, *common, f"model.path={hf}",
+                      "mesh.preset=fsdp", "mesh.fsdp=4") == 0
     with mesh_devices.use(8):
-        assert _train(tmp_path / "pp", config, *SHORT, *overrides, *STAGE2_FSDP4_R2) == 0
+        assert _train(tmp_path / "pp", QLORA, *common, f"model.path={gguf}", "mesh.preset=fsdp",
+                      "mesh.stage=2", "mesh.fsdp=4", "train.pipeline_repeats=2") == 0
     ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "pp")
     assert len(ref) == len(got) == 2 and ref[0] != ref[1]
-    return ref, got
-
-
-def test_dpo_lora_dropout_pipeline_trains_like_one_device(tmp_path, mesh_devices, preferences):
-    """Med42's DPO with LoRA adapters and their dropout (the reference: the same weights with the
-    adapters off, a second pipelined forward that draws nothing): 2 stages x fsdp 4, R = 2, gives
-    the losses of one device within 1e-5. The dropout masks are those of the layer scan (each
-    stage starts its streams at its micro-batch's and block's counter; models/pipeline.py), so
-    one shifted counter changes them."""
-    ref, got = _two_runs(tmp_path, mesh_devices, DPO, ONE, "model.preset=tiny-llama2-8l",
-                         "lora.enabled=true", "lora.dropout=0.1", f"data.train={preferences}",
-                         "data.seq_len=128")
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
-
-
-def test_qlora_from_hf_pipeline_trains_and_exports_like_no_stages(tmp_path, mesh_devices, mixtral_dir):
-    """BiMediX's QLoRA (nf4 base, LoRA on attention, experts and router, dropout 0.05) started
-    from an HF Mixtral checkpoint: the nf4 codes stream into the stages (each layer written by
-    the stage that holds it, hf/fill.py). 2 stages x fsdp 4, R = 2, gives the losses of fsdp 4
-    without stages (a MoE layer draws its dropout over each device's routed rows: the same
-    rows per device, not one device; test_pipeline.py) within 1e-5, and the merged HF export
-    gives transformers the same logits."""
-    ref, got = _two_runs(tmp_path, mesh_devices, QLORA, ["mesh.preset=fsdp", "mesh.fsdp=4"],
-                         f"model.path={mixtral_dir}", "model.preset=null", "optim.eps=0.000001",
-                         "lora.dropout=0.05", "train.export=[hf]")
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
     import torch
@@ -90,17 +86,13 @@ def test_qlora_from_hf_pipeline_trains_and_exports_like_no_stages(tmp_path, mesh
     np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
 
 
-def test_gguf_eval_in_stages_scores_like_one_device(tmp_path, mesh_devices, mixtral_dir):
-    """``python -m medjax.eval --model X.gguf mesh.stage=4 mesh.data=2`` (a q8_0 GGUF of the
-    tiny Mixtral, dequantized as it loads straight into the 4 stages, one layer each; float32:
-    in the quantized GGUF's default bfloat16 the two differ by bf16 rounding, 2e-3): every
-    per-choice log-likelihood of letter scoring equals the same command on one device."""
-    import medjax
-    model, tokenizer = medjax.load(mixtral_dir, progress=False)
-    gguf = medjax.save_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, type="q8_0")
-    letter = ["--tasks", "medmcqa,medqa_4options", "--limit", "4", "--dtype", "float32"]
+def test_gguf_eval_in_stages_scores_like_one_device(tmp_path, mesh_devices, mixtral):
+    """``python -m medjax.eval --model X.gguf mesh.stage=4 mesh.data=2`` (the tiny Mixtral's
+    GGUF loaded straight into 4 stages of one layer; float32): every per-choice log-likelihood
+    of letter scoring equals the same command on one device."""
+    letter = ["--tasks", "medmcqa", "--limit", "4", "--dtype", "float32"]
     with mesh_devices.use(1):
-        ref = _eval(gguf, tmp_path / "one.json", *letter)
+        ref = _eval(mixtral[1], tmp_path / "one.json", *letter)
     with mesh_devices.use(8):
-        got = _eval(gguf, tmp_path / "pp.json", *letter, "mesh.stage=4", "mesh.data=2")
+        got = _eval(mixtral[1], tmp_path / "pp.json", *letter, "mesh.stage=4", "mesh.data=2")
     _same_scores(got, ref)
