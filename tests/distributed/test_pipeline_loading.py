@@ -1,23 +1,25 @@
-"""Pipeline stages (``mesh.stage``) on the paths that start from a checkpoint: QLoRA whose nf4
-base streams into the stages from a GGUF file, trained with DPO and LoRA dropout, equals the same
-run from the HF checkpoint without stages, and its export gives transformers the same logits;
-``python -m medjax.eval`` of a GGUF loaded straight into the stages scores as one device. Through
-the CLIs in-process on the session's 8 simulated CPU devices (test_pipeline.py: the runs from a
-random init, and an HF export evaluated in stages)."""
+"""Pipeline stages (``mesh.stage``) on a run that starts from a checkpoint: QLoRA whose nf4 base
+streams into the stages from a GGUF file, trained with DPO and LoRA dropout, equals the same run
+from the HF checkpoint without stages, and its export gives transformers the same logits.
+Through ``python -m medjax.train`` in-process on the session's 8 simulated CPU devices
+(test_pipeline.py: the runs from a random init, and an HF export evaluated in stages).
+
+A pipelined step compiles for seconds, so one pair of runs carries what the pipeline adds on
+these paths (``python -m medjax.eval`` of a GGUF in stages, equal to one device, was a second
+test: 8 s more; the fill that writes each layer into its stage is the same for eval, and the
+pipelined eval forward is test_pipeline.py's)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.distributed.test_pipeline import ROOT, _eval, _losses, _same_scores, _train
+from tests.distributed.test_pipeline import ROOT, _losses, _train
 
 pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
 
-sys.path.insert(0, str(ROOT / "tests" / "train"))
 QLORA = str(ROOT / "configs" / "bimedix_mixtral_qlora.yaml")
 
 
@@ -26,7 +28,7 @@ def mixtral(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random HF Mixtral (4 layers: 2 stages x 2 repeats; byte tokenizer) and its f32
     GGUF (the same weights, exactly: tests/hf/test_gguf_export.py)."""
     import medjax
-    from train_helpers import make_tiny_model_dir
+    from train.train_helpers import make_tiny_model_dir
     root = tmp_path_factory.mktemp("mixtral")
     hf = make_tiny_model_dir(root / "hf", "mixtral", num_hidden_layers=4)
     model, tokenizer = medjax.load(hf, progress=False)
@@ -36,7 +38,7 @@ def mixtral(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def preferences(tmp_path_factory) -> Path:
     """Short preference pairs (the recipe's stand-in pairs need 448 byte tokens each)."""
-    from train_helpers import FACTS
+    from train.train_helpers import FACTS
     rows = [{"prompt": f"What is {name}?", "chosen": f"{what}.", "rejected": f"{FACTS[i - 1][1]}."}
             for i, (name, what) in enumerate(FACTS)]
     path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
@@ -60,7 +62,7 @@ def test_qlora_dpo_from_gguf_in_stages_trains_and_exports_like_hf_without(
     its dropout over each device's routed rows, test_pipeline.py), and the merged HF exports
     give transformers the same logits."""
     hf, gguf = mixtral
-    common = [
+    common = [   # optim.eps: test_pipeline.py's MODELS; remat in stages: test_pipeline.py
         "model.preset=null", "optim.eps=0.000001", "model.remat=none", "train.steps=2",
         "train.batch_size=8", "train.grad_accum=2", "train.objective=dpo",
         "data.format=preference", f"data.train={preferences}", "data.seq_len=96",
@@ -85,14 +87,3 @@ def test_qlora_dpo_from_gguf_in_stages_trains_and_exports_like_hf_without(
             logits.append(model(ids).logits.numpy())
     np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
 
-
-def test_gguf_eval_in_stages_scores_like_one_device(tmp_path, mesh_devices, mixtral):
-    """``python -m medjax.eval --model X.gguf mesh.stage=4 mesh.data=2`` (the tiny Mixtral's
-    GGUF loaded straight into 4 stages of one layer; float32): every per-choice log-likelihood
-    of letter scoring equals the same command on one device."""
-    letter = ["--tasks", "medmcqa", "--limit", "4", "--dtype", "float32"]
-    with mesh_devices.use(1):
-        ref = _eval(mixtral[1], tmp_path / "one.json", *letter)
-    with mesh_devices.use(8):
-        got = _eval(mixtral[1], tmp_path / "pp.json", *letter, "mesh.stage=4", "mesh.data=2")
-    _same_scores(got, ref)
