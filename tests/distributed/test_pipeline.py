@@ -120,7 +120,7 @@ def test_dpo_pipeline_trains_like_one_device(tmp_path, mesh_devices):
     pipelined forwards per step, chosen and rejected rows of each micro-batch together) with
     2 stages x fsdp 4: 4 steps within 1e-5. (LoRA dropout's masks: the llama_lora cases.)"""
     run = ["--config", str(ROOT / "configs" / "med42_dpo.yaml")]
-    extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=512",
+    extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=128",
              "data.long_examples=truncate", "train.batch_size=16"]
     from medjax.train.__main__ import main
 
