@@ -153,7 +153,9 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.scan_layers = scan_layers
-        # pipeline parallelism (models/pipeline.py) for micro-batched calls; set by the trainer
+        # pipeline parallelism (models/pipeline.py), set by the trainer: the stages and repeats
+        # every call runs; repeats > 1 also says the stacked layers are held in stage order
+        # (pipeline.LayerOrder), as the trainer's train state holds them
         self.pipeline_stages = 1
         self.pipeline_repeats = 1
         self.model = Backbone(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
@@ -246,10 +248,11 @@ class Decoder(nnx.Module):
         """An inference forward (``[B, T]`` rows; scoring, generation, held-out loss) of a model
         whose layers are split over ``pipeline_stages`` stages: the rows run through the
         pipeline as ``M = S`` strided micro-batches (rows ``m::M``, as training splits a batch;
-        one micro-batch when ``S`` does not divide ``B``, e.g. one prompt), in the GPipe order
-        (``R = 1``: stage ``s`` runs layers ``[s·L/S, (s+1)·L/S)``, the ones it holds, whatever
-        the run's ``pipeline_repeats``), the KV cache split over the stages with its layers.
-        No device gathers another stage's weights. Returns what :meth:`_scan` returns."""
+        one micro-batch when ``S`` does not divide ``B``, e.g. one prompt) in the schedule of the
+        order the layers are held in (``pipeline_repeats``: 1, GPipe, for a model handed out by
+        the trainer; the run's ``R`` for its held-out evaluation on the train state, held in
+        stage order), the KV cache split over the stages with its layers. No device gathers
+        another stage's weights. Returns what :meth:`_scan` returns."""
         S, B = self.pipeline_stages, h_BTH.shape[0]
         M = S if B % S == 0 else 1
         split = lambda x: None if x is None else jnp.swapaxes(        # noqa: E731  [B, ...] → [M, B/M, ...]
@@ -260,7 +263,8 @@ class Decoder(nnx.Module):
         policy = None if self.remat == "none" else remat_policy(self.remat)
         h_MBTH, kv, stats_M = pipeline_layers(
             self.model.layers, split(h_BTH), split(positions), inv_freq, split(segment_ids),
-            stages=S, repeats=1, remat=self.remat != "none" and cache is None, policy=policy, kv=kv)
+            stages=S, repeats=self.pipeline_repeats, remat=self.remat != "none" and cache is None,
+            policy=policy, kv=kv)
         if kv is not None:
             k, v = (jnp.swapaxes(c, 1, 2).reshape(c.shape[0], B, *c.shape[3:]) for c in kv)
             cache = KVCache(k=k, v=v)

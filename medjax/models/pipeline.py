@@ -2,12 +2,21 @@
 
 The scanned layer stack ``[L, ...]`` (models/stack.py) is cut into ``S · R`` blocks of
 ``L / (S · R)`` contiguous layers: block ``b = r · S + s`` runs on stage ``s`` in pass ``r``
-(``R = 1``: GPipe, stage ``s`` holds layers ``[s · L/S, (s + 1) · L/S)``; ``R > 1``: the circular
+(``R = 1``: GPipe, stage ``s`` runs layers ``[s · L/S, (s + 1) · L/S)``; ``R > 1``: the circular
 schedule, each micro-batch goes round the stages ``R`` times). The ``M`` micro-batches are the
-step's gradient-accumulation micro-batches; ``M ≥ S``.
+step's gradient-accumulation micro-batches; training has ``M ≥ S`` (an inference call with fewer
+runs ``S`` slots, the missing micro-batches idle).
+
+Stage order: the stack is split over the ``stage`` mesh axis in contiguous ``L / S`` slices, so
+with ``R > 1`` the model holds its layers in STAGE ORDER, not in layer order: slice ``s`` holds
+the blocks ``s, S + s, 2S + s, ...`` that stage ``s`` runs (:class:`LayerOrder`; the trainer keeps
+its train state in that order for the whole run, and reorders at its boundaries only: the
+initial load, checkpoints and the model it hands out, so checkpoints and exports do not depend
+on ``S`` or ``R``). The ``[S, R, L/(R·S), ...]`` view of the stack is then a local reshape: no
+weight moves between devices. With ``R = 1`` the two orders are the same.
 
 One iteration ``t`` of a ``lax.scan`` over ``R · M + S − 1`` iterations runs every stage once,
-side by side: ``jax.vmap`` over the stage axis of the weights ``[R, S, L/(R·S), ...]`` and of the
+side by side: ``jax.vmap`` over the stage axis of the weights ``[S, R, L/(R·S), ...]`` and of the
 activations ``[S, B, T, H]``, both split over the ``stage`` mesh axis (``spmd_axis_name``), so
 each device runs its own stage's layers on the weights it holds. Stage ``s`` works on pass
 ``k = t − s`` (micro-batch ``k mod M``, pass ``k // M``; idle when ``k`` is outside
@@ -35,13 +44,14 @@ dropout masks as the run without a pipeline, and the streams end the step at ``c
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.models.stack import layer_step
+from medjax.models.stack import layer_step, num_stacked
 from medjax.ops.target import BATCH_AXES, context_mesh
 
 STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
@@ -58,7 +68,63 @@ def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
 
 
 def iterations(stages: int, repeats: int, micro_batches: int) -> int:
-    return repeats * micro_batches + stages - 1
+    return repeats * _slots(stages, repeats, micro_batches) + stages - 1
+
+
+def _slots(stages: int, repeats: int, micro_batches: int) -> int:
+    """Micro-batch slots of a pass: ``M``, or ``S`` when a circular schedule (``R > 1``) has fewer
+    micro-batches than stages (an inference call: stage 0 must find a micro-batch's output of the
+    previous pass in the buffer, written ``S − 1`` iterations after that pass left it)."""
+    return micro_batches if repeats == 1 else max(micro_batches, stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOrder:
+    """The order a model's stacked ``[L, ...]`` variables hold their layers in: layer order
+    (``repeats == 1``), or, with a circular schedule, STAGE ORDER (module docstring): position
+    ``s · L/S + r · P + j`` holds layer ``(r · S + s) · P + j`` (``P = L / (S · R)``), stage ``s``'s
+    blocks in its contiguous slice.
+
+    :meth:`to_stages` / :meth:`to_logical` reorder every stacked leaf (``num_stacked``, leading
+    dim ``num_layers``: weights, frozen bases, quantized codes, adapters, optimizer moments) of a
+    tree of ``nnx.Variable``s and leave the rest; each leaf keeps its sharding. Identity with
+    ``repeats == 1``."""
+    stages: int = 1
+    repeats: int = 1
+    num_layers: int = 0
+
+    def to_stages(self, tree, *, donate: bool = False):
+        """``tree`` (layer order) in stage order; ``donate``: its stacked arrays are consumed."""
+        return self._reorder(tree, self.repeats, self.stages, donate)
+
+    def to_logical(self, tree):
+        """``tree`` (stage order) in layer order, for checkpoints and the model handed out."""
+        return self._reorder(tree, self.stages, self.repeats, False)
+
+    def _reorder(self, tree, outer: int, inner: int, donate: bool):
+        if self.repeats == 1:
+            return tree
+
+        def one(v):
+            if not (isinstance(v, nnx.Variable) and num_stacked(v)):
+                return v
+            x = v.get_value()
+            if not isinstance(x, jax.Array) or x.ndim == 0 or x.shape[0] != self.num_layers:
+                return v      # abstract, or an optimizer statistic without the layer axis
+            swap = _swap_blocks_donated if donate else _swap_blocks
+            return v.replace(swap(x, outer, inner, x.sharding))
+        return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def _swap(x, outer: int, inner: int, sharding):
+    """``[L, ...]`` viewed as ``[outer, inner, L/(outer·inner), ...]`` → its first two axes
+    swapped, flattened back, on ``sharding``."""
+    y = jnp.swapaxes(x.reshape(outer, inner, -1, *x.shape[1:]), 0, 1).reshape(x.shape)
+    return jax.lax.with_sharding_constraint(y, sharding)
+
+
+_swap_blocks = jax.jit(_swap, static_argnums=(1, 2, 3))
+_swap_blocks_donated = jax.jit(_swap, static_argnums=(1, 2, 3), donate_argnums=0)
 
 
 def _stage_mesh_axis(stages: int):
@@ -100,15 +166,16 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         rows = None              # a micro-batch the batch axes cannot split: left to GSPMD
     unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
 
-    # [L, ...] → [R, S, per, ...]: block r·S + s = layers [(r·S + s)·per, ...) on stage s
+    # [L, ...] in stage order (LayerOrder) → [S, R, per, ...], a local reshape: [s, r] is block
+    # r·S + s, layers [(r·S + s)·per, ...), held by stage s
     blocks = jax.tree.map(lambda x: _constrain(
-        x.reshape(R, S, per, *x.shape[1:]), axis,
-        lambda y: (None, axis) + (unconstrained,) * (y.ndim - 2)), weights)
+        x.reshape(S, R, per, *x.shape[1:]), axis,
+        lambda y: (axis,) + (unconstrained,) * (y.ndim - 1)), weights)
     act = lambda y: (axis, rows) + (None,) * (y.ndim - 2)   # noqa: E731  [S, B, ...] activations
     micro = lambda y: (None, rows) + (None,) * (y.ndim - 2)  # noqa: E731  [M, B, ...] buffer
-    cached = lambda y: (None, axis, None, None, rows) + (None,) * (y.ndim - 5)  # noqa: E731
-    if kv is not None:   # [L, M, B, ...] → [R, S, per, M, B, ...], stage s holding its blocks'
-        kv = jax.tree.map(lambda x: _constrain(x.reshape(R, S, per, *x.shape[1:]), axis, cached), kv)
+    cached = lambda y: (axis, None, None, None, rows) + (None,) * (y.ndim - 5)  # noqa: E731
+    if kv is not None:   # [L, M, B, ...] → [S, R, per, M, B, ...], in the weights' order
+        kv = jax.tree.map(lambda x: _constrain(x.reshape(S, R, per, *x.shape[1:]), axis, cached), kv)
 
     advanced = []        # set while tracing: did a layer draw from its RNG streams?
 
@@ -140,27 +207,30 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
     stage_ids = jnp.arange(S)
     has_segments = segment_ids_MBT is not None
 
+    slots = _slots(S, R, M)
+
     def iteration(carry, t):
         state, buffer, stats_M, kv = carry
         k = t - stage_ids                              # [S] the pass each stage works on
-        valid = (k >= 0) & (k < R * M)
-        k = jnp.clip(k, 0, R * M - 1)
-        r, m = k // M, k % M
-        first = jax.lax.dynamic_index_in_dim(buffer, t % M, 0, keepdims=False)
+        valid = (k >= 0) & (k < R * slots) & (k % slots < M)
+        k = jnp.clip(k, 0, R * slots - 1)
+        r, m = k // slots, jnp.minimum(k % slots, M - 1)
+        first = jax.lax.dynamic_index_in_dim(buffer, jnp.minimum(t % slots, M - 1), 0,
+                                             keepdims=False)
         state = _constrain(jnp.where((stage_ids == 0).reshape((S,) + (1,) * first.ndim),
                                      first[None], state), axis, act)
         seg = segment_ids_MBT[m] if has_segments else None
         draws = m * L + (r * S + stage_ids) * per      # layer scan's draws before this block
         kv_in = None if kv is None else jax.tree.map(lambda c: jax.vmap(
-            cache_of, in_axes=(1, 0, 0), spmd_axis_name=axis)(c, r, m), kv)
-        # stage s runs block r[s] · S + s: blocks[r[s], s]
+            cache_of, in_axes=(0, 0, 0), spmd_axis_name=axis)(c, r, m), kv)
+        # stage s runs block r[s] · S + s: blocks[s, r[s]]
         out, stats, kv_out = jax.vmap(
-            stage, in_axes=(1, 0, 0, 0, 0 if has_segments else None, 0, 0), spmd_axis_name=axis)(
+            stage, in_axes=(0, 0, 0, 0, 0 if has_segments else None, 0, 0), spmd_axis_name=axis)(
                 blocks, r, state, positions_MBT[m], seg, draws, kv_in)
         out = _constrain(out, axis, act)
         if kv is not None:
             kv = jax.tree.map(lambda c, new: _constrain(jax.vmap(
-                cache_put, in_axes=(1, 0, 0, 0, 0), out_axes=1, spmd_axis_name=axis)(
+                cache_put, in_axes=(0, 0, 0, 0, 0), spmd_axis_name=axis)(
                     c, new, r, m, valid), axis, cached), kv, kv_out)
         last = m[S - 1]
         kept = jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False)
@@ -171,7 +241,7 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         return (jnp.roll(out, 1, axis=0), buffer, stats_M, kv), None
 
     state = _constrain(jnp.zeros((S,) + h_MBTH.shape[1:], h_MBTH.dtype), axis, act)
-    stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[:, 0], blocks), 0, h_MBTH[0],
+    stats_shape = jax.eval_shape(stage, jax.tree.map(lambda x: x[0], blocks), 0, h_MBTH[0],
                                  positions_MBT[0], segment_ids_MBT[0] if has_segments else None,
                                  jnp.zeros((), jnp.int32),
                                  None if kv is None else jax.tree.map(lambda c: c[0, 0, :, 0], kv))[1]

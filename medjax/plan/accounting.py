@@ -172,10 +172,9 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     rules = sharding.rules_of(cfg.mesh)
     pipelined = sizes["stage"] > 1
-    # this device's stacked layer variables (pipeline: its stage's) as the step moves them when
-    # it regroups them for R > 1: forward in the dtype the layers read (fp32 masters cast to
-    # model.dtype first), backward the fp32 gradients of the trainable ones
-    layer_bytes = layer_grad_bytes = 0.0
+    # this device's stacked layer variables (pipeline: its stage's) in the dtype the layers read
+    # (fp32 masters cast to model.dtype first)
+    layer_bytes = 0.0
     model = abstract_model(cfg, model_cfg)
     trainable_type = nnx.LoRAParam if cfg.lora.enabled else nnx.Param
     compute = jnp.dtype(cfg.model.dtype).itemsize
@@ -193,9 +192,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
         n_global, n_local = _local_elements(var, mesh, rules)
         itemsize = jnp.dtype(var.get_value().dtype).itemsize
         if num_stacked(var):
-            trains = isinstance(var, trainable_type)
-            layer_bytes += n_local * (min(compute, 4) if trains else itemsize)
-            layer_grad_bytes += 4 * n_local if trains else 0
+            layer_bytes += n_local * (min(compute, 4) if isinstance(var, trainable_type) else itemsize)
         if moe_whole and n_local < n_global and \
                 "experts" in (var.get_metadata().get("logical_axes") or ()):
             moe_gathered += n_global * itemsize / (var.get_value().shape[0] if num_stacked(var) else 1)
@@ -275,13 +272,12 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
         moe.update(expert_parallel_traffic(cfg, model_cfg, sizes, micro))
     temporaries = weight_temp + expert_codes + (moe["temp_bytes"] if moe else 0.0)
     if pipelined and cfg.train.pipeline_repeats > 1:
-        # R > 1: the stage's layers regrouped into [R, S, L/(R·S)] (a copy in the dtype the
-        # layers read) and the block an iteration picks from it (compiled, Llama-2 on v5p,
-        # stage 4, R = 2 against R = 1: +2.01 GiB at 7B / fsdp 2, +5.5 at 70B / fsdp 2 x tensor 4;
-        # this term: 2.27, 6.0)
-        temporaries += layer_bytes * (1 + 1 / cfg.train.pipeline_repeats)
-    pipe = pipeline_traffic(cfg, model_cfg, sizes, micro, layer_bytes + layer_grad_bytes) \
-        if pipelined else None
+        # R > 1: the block an iteration picks from the stage's R blocks (a copy; the stage's
+        # layers themselves are held in stage order, models/pipeline.LayerOrder: no regrouped
+        # copy). Compiled Llama-2-70B on v5p-128, stage 4 x fsdp 2 x tensor 4, M = 16: R = 2
+        # 55.66 GiB against R = 1's 54.15 (docs/SCALE.md); this term 2.0 of the planner's 54.56
+        temporaries += layer_bytes / cfg.train.pipeline_repeats
+    pipe = pipeline_traffic(cfg, model_cfg, sizes, micro) if pipelined else None
     cpu_dots = runtime = 0.0
     if host_cpu:
         import resource
@@ -383,19 +379,15 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
     return rows, saved + buffers + max(working, logits)
 
 
-def pipeline_traffic(cfg: RunConfig, m, sizes, micro_rows: float, layer_bytes: float) -> dict:
+def pipeline_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict:
     """The pipeline's bubble and the bytes one device sends to other stages per optimizer step
     (medjax/models/pipeline.py): every iteration each stage passes its micro-batch's activations
     ``[B, T, H]`` (its rows) to the next stage with a collective-permute, and the backward sends
     their gradient back (``ppermute_bytes``); the last stage's output also goes to every stage
-    (the buffer the head and stage 0 read, ``last_stage_bytes``, forward and backward). With
-    ``R > 1`` the stacked weights, stored in layer order (checkpoints do not depend on S),
-    are regrouped by stage every step, an all-to-all of ``(S − 1) / S`` of the stage's layer
-    weights (in the dtype the layers read) and again of their fp32 gradients
-    (``weight_all_to_all_bytes``; ``layer_bytes`` is both, per device). Measured: Llama-2-7B on
-    v5p-16, stage 4 x fsdp 2, R = 2, full fine-tuning: the compiled step's all-to-alls (outside
-    the loops, once per step) carry 1.51 GiB bf16 weights + 3.02 GiB fp32 gradients per device,
-    of which (S − 1) / S = 3.39 GiB leave it; this estimate: 3.39."""
+    (the buffer the head and stage 0 read, ``last_stage_bytes``, forward and backward). No
+    weight moves between stages, with ``R > 1`` either: the train state holds the layers in
+    stage order (``pipeline.LayerOrder``; before, the step regrouped them with all-to-alls of
+    3.39 GiB per device and step for Llama-2-7B on v5p-16, stage 4 x fsdp 2, R = 2)."""
     from medjax.models.pipeline import bubble_fraction, iterations
     S, R, M = sizes["stage"], cfg.train.pipeline_repeats, cfg.train.grad_accum
     activation = micro_rows * cfg.data.seq_len * m.hidden_size * _DTYPE_BYTES[cfg.model.dtype]
@@ -405,8 +397,7 @@ def pipeline_traffic(cfg: RunConfig, m, sizes, micro_rows: float, layer_bytes: f
     return {"stages": S, "repeats": R, "micro_batches": M, "iterations": steps,
             "bubble": bubble_fraction(S, R, M), "layers_per_stage": m.num_layers // S,
             "ppermute_bytes": 2 * steps * activation,
-            "last_stage_bytes": 2 * steps * activation,
-            "weight_all_to_all_bytes": layer_bytes * (S - 1) / S if R > 1 else 0.0}
+            "last_stage_bytes": 2 * steps * activation}
 
 
 def expert_parallel_traffic(cfg: RunConfig, m, sizes, micro_rows: float) -> dict:

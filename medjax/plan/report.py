@@ -60,9 +60,7 @@ def report(cfg: RunConfig, p: Plan, device_name: str | None, device_bytes: float
                      f"{q['iterations']} iterations: bubble {q['bubble']:.1%} = (S-1)/(R*M+S-1)")
         lines.append(f"  between stages per step per device: ppermute {q['ppermute_bytes'] / GiB:.3g} "
                      f"GiB (activations fwd + grads bwd), last stage to all "
-                     f"{q['last_stage_bytes'] / GiB:.3g} GiB"
-                     + (f", weight regrouping all-to-all {q['weight_all_to_all_bytes'] / GiB:.3g} GiB "
-                        f"(repeats > 1)" if q["weight_all_to_all_bytes"] else ""))
+                     f"{q['last_stage_bytes'] / GiB:.3g} GiB")
     if p.quantized:
         lines.insert(5, f"    of which quantized {g(p.quantized)}   ({cfg.lora.quantize} codes + scales)")
     if device_bytes:

@@ -147,7 +147,9 @@ class Trainer:
             return False
         state, meta, step = restored
         from medjax.sharding import place
-        self.state = place(state, self.trainable.shardings[0])
+        # checkpoints hold the layers in layer order, the train state in its own (setup.Trainable)
+        self.state = self.trainable.layer_order.to_stages(
+            place(state, self.trainable.shardings[0]), donate=True)
         self.batches.set_state(_saved_data_state(meta["data"]))
         self.start_step = step
         return True
@@ -155,12 +157,11 @@ class Trainer:
     def save(self, step: int) -> None:
         meta = {"data": _same_on_every_host(self.batches.get_state()), "step": step,
                 "config": _jsonable(self.cfg.to_dict())}
-        self.ckpt.save(step, self.state, meta)
+        self.ckpt.save(step, self.trainable.layer_order.to_logical(self.state), meta)
 
     def model(self):
-        """The current model (trained params merged back into the module graph)."""
-        from flax import nnx
-        return nnx.merge(self.trainable.graphdef, self.state.params, self.state.rngs, self.frozen)
+        """The current model (trained params merged back into the module graph, layer order)."""
+        return self.trainable.model(self.state)
 
     # ------------------------------------------------------------------ eval
     def heldout_metrics(self, max_batches=None) -> dict:

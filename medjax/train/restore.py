@@ -31,14 +31,13 @@ def restore_trained_model(checkpoint_dir, step: int | None = None, mesh_override
         raise CheckpointError(f"{ckpt.directory}: no checkpoints")
     meta = ckpt.manager.restore(step or steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg = build(RunConfig, meta["config"])
-    if mesh_overrides:
-        mesh_cfg = with_mesh_flags(mesh_overrides, cfg.mesh)
-        # the model serves inference (one pipeline pass, whatever the run's repeats: the layer
-        # stack's layout depends on neither), so the train step's pipeline shapes are relaxed
-        accum = max(cfg.train.grad_accum, mesh_cfg.stage)
-        train = dataclasses.replace(cfg.train, pipeline_repeats=1, grad_accum=accum,
-                                    batch_size=-(-cfg.train.batch_size // accum) * accum)
-        cfg = dataclasses.replace(cfg, mesh=mesh_cfg, train=train)
+    # the model serves inference: one pipeline pass (GPipe) over its layers held in layer order,
+    # the checkpoint's, whatever the run's repeats; so the train step's pipeline shapes relax
+    mesh_cfg = with_mesh_flags(mesh_overrides, cfg.mesh) if mesh_overrides else cfg.mesh
+    accum = max(cfg.train.grad_accum, mesh_cfg.stage)
+    train = dataclasses.replace(cfg.train, pipeline_repeats=1, grad_accum=accum,
+                                batch_size=-(-cfg.train.batch_size // accum) * accum)
+    cfg = dataclasses.replace(cfg, mesh=mesh_cfg, train=train)
     mesh = make_mesh(cfg.mesh)
     model, tokenizer = base_model(cfg, mesh)
     trainable = build_trainable(cfg, model, mesh, objective=CausalLM())

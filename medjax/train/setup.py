@@ -40,6 +40,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from medjax.models.pipeline import LayerOrder
 from medjax.train import step as S
 from medjax.train.objectives import objective_for
 from medjax.train.optimizer import make_optimizer
@@ -169,6 +170,11 @@ class Trainable:
     mesh: Any
     rules: Any
     quant_report: Any = None
+    # the order ``state`` / ``frozen`` / ``reference`` hold the stacked layers in: stage order
+    # with ``train.pipeline_repeats`` > 1 (models/pipeline.py), else layer order. Checkpoints
+    # (``to_logical`` before a save, ``to_stages`` after a restore) and :meth:`model` are in
+    # layer order.
+    layer_order: LayerOrder = LayerOrder()
 
     @functools.cached_property
     def step_fn(self):
@@ -198,9 +204,14 @@ class Trainable:
                 for k in self.objective.batch_keys}
 
     def model(self, state: S.TrainState | None = None):
-        """The module with ``state``'s (default: the current) trained params merged back in."""
+        """The module with ``state``'s (default: the current) trained params merged back in, its
+        layers in layer order (a copy of the stacked ones when the state holds them in stage
+        order): the model eval, generation, merges and exports get."""
         state = self.state if state is None else state
-        return nnx.merge(self.graphdef, state.params, state.rngs, self.frozen)
+        params, frozen = self.layer_order.to_logical((state.params, self.frozen))
+        model = nnx.merge(self.graphdef, params, state.rngs, frozen)
+        model.pipeline_repeats = 1                     # its calls run the layer-order schedule
+        return model
 
 
 def _abstract(tree, shardings):
@@ -217,6 +228,7 @@ def build_trainable(cfg, model, mesh, *, objective=None, steps: int | None = Non
     check_model(model.config, dict(mesh.shape), cfg.train.pipeline_repeats)
     # micro-batched calls of the model run as a pipeline over the stage axis (models/pipeline.py)
     model.pipeline_stages, model.pipeline_repeats = cfg.mesh.stage, cfg.train.pipeline_repeats
+    order = LayerOrder(cfg.mesh.stage, cfg.train.pipeline_repeats, model.config.num_layers)
     lora = cfg.lora.enabled
 
     def split_and_init(model):
@@ -238,17 +250,18 @@ def build_trainable(cfg, model, mesh, *, objective=None, steps: int | None = Non
         state, frozen, reference = (_abstract(t, sh) for t, sh in zip((state, frozen, reference), shardings))
     else:
         graphdef, state, frozen, reference, shardings, report = _init_sharded(
-            cfg, model, mesh, rules, tx, objective)
+            cfg, model, mesh, rules, tx, objective, order)
     return Trainable(cfg=cfg, graphdef=graphdef, state=state, frozen=frozen, reference=reference,
                      shardings=shardings, tx=tx, schedule=schedule, objective=objective, mesh=mesh,
-                     rules=rules, quant_report=report)
+                     rules=rules, quant_report=report, layer_order=order)
 
 
-def _init_sharded(cfg, model, mesh, rules, tx, objective):
+def _init_sharded(cfg, model, mesh, rules, tx, objective, order: LayerOrder):
     """prepare (unless :func:`load_prepared` did) → split → the train state (fp32 masters,
     optimizer moments) and the objective's reference made by ONE jitted init with
     ``out_shardings``, the loaded params donated: each device creates only its shards, and an
-    fp32 param becomes its master copy in place."""
+    fp32 param becomes its master copy in place. The loaded (layer-order) params and frozen
+    weights are put in ``order`` first, one stacked variable at a time."""
     from medjax.quant import quant_report
     from medjax.sharding import place, sharded_init
     if getattr(model, "prepared", False):
@@ -261,8 +274,9 @@ def _init_sharded(cfg, model, mesh, rules, tx, objective):
         return S.init_train_state(params, rngs, tx), objective.initial_reference(params)
     state_sh, reference_sh = (S.tree_shardings(t, mesh, rules) for t in jax.eval_shape(init, params, rngs))
     frozen_sh = S.tree_shardings(frozen, mesh, rules)
-    frozen = place(frozen, frozen_sh)
-    params = place(params, S.tree_shardings(params, mesh, rules))   # no-op when loaded sharded
+    # placed (a no-op when loaded sharded), then in the train state's layer order
+    frozen = order.to_stages(place(frozen, frozen_sh), donate=True)
+    params = order.to_stages(place(params, S.tree_shardings(params, mesh, rules)), donate=True)
     state, reference = sharded_init(init, params, place(rngs, S.tree_shardings(rngs, mesh, rules)),
                                     out_shardings=(state_sh, reference_sh))
     return graphdef, state, frozen, reference, (state_sh, frozen_sh, reference_sh), report

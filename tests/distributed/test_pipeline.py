@@ -120,7 +120,7 @@ def test_dpo_pipeline_trains_like_one_device(tmp_path, mesh_devices):
     pipelined forwards per step, chosen and rejected rows of each micro-batch together) with
     2 stages x fsdp 4: 4 steps within 1e-5. (LoRA dropout's masks: the llama_lora cases.)"""
     run = ["--config", str(ROOT / "configs" / "med42_dpo.yaml")]
-    extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=512",
+    extra = ["train.steps=4", "train.grad_accum=2", "data.seq_len=128",
              "data.long_examples=truncate", "train.batch_size=16"]
     from medjax.train.__main__ import main
 
@@ -152,8 +152,10 @@ def _compiled_step(overrides) -> tuple[str, tuple, object]:
 def _assert_stages_pass_activations_not_weights(hlo, shape, weights, activation) -> None:
     """``hlo`` (a program on a mesh of ``shape``, ``stage`` its first axis) moves activations
     (regex ``activation``) between the stages with collective-permutes, forward and backward
-    (training) or at least once (inference), and no all-gather that spans the stages carries a
-    layer weight (a shape whose trailing dims are in ``weights``)."""
+    (training) or at least once (inference), no collective-permute or all-gather that spans the
+    stages carries a layer weight (a shape whose trailing dims are in ``weights``), and no
+    all-to-all spans them (the circular schedule's weights are held in stage order: without it
+    the step regrouped every stacked weight and gradient with stage-spanning all-to-alls)."""
     per_stage = int(np.prod(shape[1:]))
     crossing = []
     for line in hlo_groups.collectives(hlo, "collective-permute"):
@@ -161,9 +163,14 @@ def _assert_stages_pass_activations_not_weights(hlo, shape, weights, activation)
         if any(int(a) // per_stage != int(b) // per_stage for a, b in pairs):
             crossing.append(line)
     assert [line for line in crossing if re.search(activation, line)], crossing
-    for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, 0):
-        dims = tuple(int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",") if d)
-        assert dims[-2:] not in weights, f"a layer weight gathered across stages: {line[:300]}"
+    spanning = [(line, "sent") for line in crossing] + [
+        (line, "gathered") for line in hlo_groups.groups_spanning(hlo, "all-gather", shape, 0)]
+    for line, how in spanning:
+        result = line.split("=", 1)[1].split(" collective-permute")[0].split(" all-gather")[0]
+        for dims in re.findall(r"\w+\[([\d,]*)\]", result):
+            dims = tuple(int(d) for d in dims.split(",") if d)
+            assert dims[-2:] not in weights, f"a layer weight {how} across stages: {line[:300]}"
+    assert not hlo_groups.groups_spanning(hlo, "all-to-all", shape, 0)
 
 
 def _layer_kernel_shapes(tree) -> set:
@@ -171,13 +178,17 @@ def _layer_kernel_shapes(tree) -> set:
     return {tuple(leaf.shape[-2:]) for leaf in jax.tree.leaves(tree) if leaf.ndim >= 3}
 
 
-def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights():
-    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama: the step's HLO holds
-    collective-permutes between the two stages (the activations, forward and backward); every
-    all-gather of a layer weight stays within a stage (fsdp), and the all-gathers that do span
-    the stages carry activations (embedding rows), none a layer weight's trailing shape."""
-    _, preset, extra = MODELS["llama_full"]            # the llama_full-2x4-R1 run's step
-    hlo, shape, args = _compiled_step([f"model.preset={preset}", *extra, *STAGE2_FSDP4])
+@pytest.mark.parametrize("repeats", [1, 2], ids=["R1", "R2"])
+def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights(repeats):
+    """Stage 2 × fsdp 4, full fine-tuning of an 8-layer Llama, GPipe and circular (R = 2): the
+    step's HLO holds collective-permutes between the two stages (the activations, forward and
+    backward); every all-gather of a layer weight stays within a stage (fsdp), and the
+    all-gathers that do span the stages carry activations (embedding rows), none a layer
+    weight's trailing shape; no all-to-all spans the stages (R = 2 before the train state held
+    its layers in stage order: 18 of them, every weight and gradient regrouped each step)."""
+    _, preset, extra = MODELS["llama_full"]            # the llama_full-2x4-R1 / R2 runs' steps
+    hlo, shape, args = _compiled_step([f"model.preset={preset}", *extra, *STAGE2_FSDP4,
+                                       f"train.pipeline_repeats={repeats}"])
     activation = r"f32\[1,\d+,32,64\]"
     assert len([line for line in hlo_groups.collectives(hlo, "collective-permute")
                 if re.search(activation, line)]) >= 2          # forward roll and its transpose
@@ -190,14 +201,14 @@ def test_compiled_step_permutes_activations_and_gathers_no_other_stage_weights()
 
 
 @pytest.mark.parametrize("first, second", [(STAGE4_DATA2 + ["train.pipeline_repeats=2"], ONE),
-                                           (ONE, STAGE2_FSDP4)],
-                         ids=["stage4R2-then-1", "stage1-then-2"])
+                                           (ONE, STAGE4_DATA2 + ["train.pipeline_repeats=2"])],
+                         ids=["stage4R2-then-1", "stage1-then-4R2"])
 def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, first, second):
-    """Checkpoints hold the plain ``[L, ...]`` layer stack: 2 steps saved with one stage count
-    (4 stages: the circular schedule, R = 2) and resumed for 2 more with another give the
-    losses of the same interrupted run on one
-    device (the interruption itself changes nothing but the stage count: ``train.steps`` of the
-    first part shapes its schedule)."""
+    """Checkpoints hold the ``[L, ...]`` layer stack in layer order (the circular schedule's
+    train state holds it in stage order: reordered at the save and after the restore): 2 steps
+    saved with one stage count (4 stages x R = 2, or 1) and resumed for 2 more with the other
+    give the losses of the same interrupted run on one device (the interruption itself changes
+    nothing but the stage count: ``train.steps`` of the first part shapes its schedule)."""
     config, preset, _ = MODELS["llama_full"]
     common = [f"model.preset={preset}", "checkpoint.every=2"]
 
@@ -211,6 +222,34 @@ def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, fir
     got = interrupted(tmp_path / "pp", first, second)
     assert len(ref) == 4 and len(got) == 4, got
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_stage_order_gives_the_layer_order_logits(rows):
+    """An 8-layer Llama's stacked layers put in stage order for 4 stages x 2 repeats
+    (``pipeline.LayerOrder``) and run by the circular schedule (``pipeline_repeats=2``) give
+    the logits of the model in layer order, on one device: 8 rows (4 micro-batches) and 1 row
+    (1 micro-batch, fewer than the stages: the schedule's idle slots); ``to_logical`` gives the
+    arrays back; stage ``s``'s slice holds layers ``s`` and ``4 + s``."""
+    from flax import nnx
+
+    from medjax.models import get_preset, init_decoder
+    from medjax.models.pipeline import LayerOrder
+    cfg = get_preset("tiny-llama2-8l")
+    model = init_decoder(cfg, scan_layers=True)
+    ids = jax.random.randint(jax.random.key(0), (rows, 16), 0, cfg.vocab_size)
+    ref = model(ids)
+    order = LayerOrder(stages=4, repeats=2, num_layers=cfg.num_layers)
+    state = nnx.state(model)
+    moved = order.to_stages(state)
+    kernel = lambda st: st["model"]["layers"]["mlp"]["up_proj"]["kernel"].get_value()   # noqa: E731
+    np.testing.assert_array_equal(kernel(moved), np.asarray(kernel(state))[[0, 4, 1, 5, 2, 6, 3, 7]])
+    piped = nnx.merge(nnx.graphdef(model), moved)
+    piped.pipeline_stages, piped.pipeline_repeats = 4, 2
+    np.testing.assert_allclose(piped(ids), ref, rtol=0, atol=1e-5)
+    back = order.to_logical(moved)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
 
 
 def _eval(model, out_json, *flags) -> dict:
@@ -231,8 +270,9 @@ def _same_scores(got: dict, ref: dict) -> None:
 
 
 def test_heldout_eval_scoring_and_export_unchanged_by_stages(tmp_path, mesh_devices):
-    """With mesh.stage=2 the run's held-out losses and its HF export (the plain model: the
-    layer stack is stored unsplit) equal the 1-device run's (within 1e-5); and inference runs
+    """With mesh.stage=2 and the circular schedule (R = 2: the train state holds its layers in
+    stage order) the run's held-out losses (the pipeline run on the train state) and its HF
+    export (the model in layer order) equal the 1-device run's (within 1e-5); and inference runs
     through the pipeline as one device computes it: ``python -m medjax.eval`` of the HF export
     loaded straight into ``mesh.stage=4 mesh.data=2`` (letter scoring, packed and bucketed:
     per-choice log-likelihoods), and generation from the run on its own mesh (stage 2 x fsdp 4;
@@ -245,7 +285,8 @@ def test_heldout_eval_scoring_and_export_unchanged_by_stages(tmp_path, mesh_devi
     with mesh_devices.use(1):
         assert _train(tmp_path / "one", config, *extra, *ONE) == 0
     with mesh_devices.use(8):
-        assert _train(tmp_path / "pp", config, *extra, *STAGE2_FSDP4) == 0
+        assert _train(tmp_path / "pp", config, *extra, *STAGE2_FSDP4,
+                      "train.pipeline_repeats=2") == 0
     heldout = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text()
                                        .splitlines()) if r.get("kind") != "train" and "loss" in r]
                for d in ("one", "pp")]
