@@ -221,7 +221,7 @@ class Decoder(nnx.Module):
         kv = None if cache is None else (cache.k, cache.v)
         h_BTH, kv, router_stats = scan_layers(
             self.model.layers, h_BTH, positions, inv_freq, segment_ids, kv, remat=remat,
-            policy=policy)
+            policy=policy, dtype=self.dtype)
         return h_BTH, (None if cache is None else KVCache(k=kv[0], v=kv[1])), router_stats
 
     def _pipelined(self, h_MBTH, positions, segment_ids, head=True) -> DecoderOutput:

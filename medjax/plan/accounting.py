@@ -14,7 +14,10 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              (``param_dtype``) the objective keeps beside the train state;
 * grads      fp32, one per trainable element; with ``grad_accum > 1`` under the layer scan a
              second set (the backward scan's stacked per-layer gradients, added into the
-             accumulator after it; the loop layout adds each layer's as it is made);
+             accumulator after it; the loop layout adds each layer's as it is made). The
+             layer scan's stacked gradients are in ``model.dtype`` (it runs on the weights cast
+             to it, ``stack.compute_weights``): a bf16 step's stacked weights cost 2 bytes, or
+             4 + 2 with ``grad_accum > 1``;
 * optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
              (rows + cols per matrix) and no first moment;
 * weight copies every fp32 master kernel cast to ``model.dtype`` when that differs: XLA hoists
@@ -220,7 +223,13 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
             # (pipelined: one gradient of all micro-batches, no accumulation loop)
             second = (cfg.train.grad_accum > 1 and not pipelined
                       and (cfg.model.scan_layers or not in_layer))
-            grads += 4 * n_local * (2 if second else 1)
+            if num_stacked(var) and not pipelined and compute < itemsize:
+                # the layer scan runs on the weights cast to model.dtype (stack.compute_weights):
+                # its stacked gradient is in model.dtype, made fp32 in the update (or added into
+                # the fp32 accumulator with grad_accum > 1)
+                grads += n_local * (compute + (4 if second else 0))
+            else:
+                grads += 4 * n_local * (2 if second else 1)
             if cfg.optim.name == "adamw":
                 opt += 8 * n_local
             else:

@@ -131,3 +131,53 @@ def test_scan_decoding_with_kv_cache_matches_loop():
     outs = [Generator(m).generate(prompts, max_new_tokens=12, return_logits=True) for m in (loop, scan)]
     assert outs[1][0] == outs[0][0]
     np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it (scan bodies, remat, pjit)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                if isinstance(sub, ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    yield from _eqns(sub)
+
+
+def test_the_layer_scan_runs_on_weights_cast_to_the_compute_dtype(monkeypatch):
+    """bf16 compute over fp32 masters (``stack.compute_weights``): every scan of the gradient's
+    program (the forward, the backward) takes and returns the stacked weights ``[L, ...]`` in
+    bf16, so the backward's stacked gradient is bf16 (half of fp32's; Llama-2-7B on v5p-8:
+    3 GiB per chip, docs/PERFORMANCE.md); the loss and gradients are the ones the casts inside
+    each layer give (the layers cast every weight to bf16 before using it)."""
+    import functools
+
+    from medjax.models import stack
+    model = init_decoder(get_preset("tiny-llama2"), seed=0, attention_impl="xla", scan_layers=True,
+                         dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    graphdef, params, rngs, frozen = S.split_model(model, False)
+    batch = _batch()
+    shapes = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(model.model.layers, nnx.Param))}
+
+    def run():
+        grads_fn = functools.partial(S.accumulate_grads, graphdef=graphdef, grad_accum=1,
+                                     objective=CausalLM())      # a new function: traced anew
+        jaxpr = jax.make_jaxpr(grads_fn)(params, rngs, frozen, {}, batch)
+        stacked = {str(v.aval.dtype) for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "scan"
+                   for v in (*e.invars, *e.outvars)
+                   if tuple(getattr(v.aval, "shape", ())) in shapes}
+        return stacked, jax.jit(grads_fn)(params, rngs, frozen, {}, batch)
+
+    stacked, (grads, _, metrics) = run()
+    assert stacked == {"bfloat16"}, stacked
+    cast_here = stack.compute_weights
+    monkeypatch.setattr(stack, "compute_weights", lambda layers, dtype: cast_here(layers, None))
+    stacked_inside, (grads_inside, _, metrics_inside) = run()
+    assert "float32" in stacked_inside                   # the test sees the fp32 stack
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics_inside["loss"]), rtol=1e-6)
+    for (path, g), (_, g_in) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(grads_inside)):
+        assert g.get_value().dtype == jnp.float32, path
+        np.testing.assert_allclose(np.asarray(g.get_value()), np.asarray(g_in.get_value()),
+                                   rtol=1e-6, atol=1e-7, err_msg=str(path))
