@@ -58,7 +58,7 @@ class DecoderOutput(NamedTuple):
 LOSS_CHUNK_LOGITS = 1 << 25
 
 
-def token_nll(logits_BTV, targets_BT):
+def logits_nll(logits_BTV, targets_BT):
     """Per-token negative log-likelihood in fp32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
 
@@ -293,17 +293,17 @@ class Decoder(nnx.Module):
         the chunks, each under ``jax.checkpoint``, so one chunk's ``[..., chunk, V]`` fp32 logits
         exist at a time, in the forward and again (recomputed) in the backward, and the head's
         weight gradient is summed chunk by chunk inside the loop. The same sums as
-        ``token_nll(head(h), targets)`` in another order; one chunk is exactly that."""
+        ``logits_nll(head(h), targets)`` in another order; one chunk is exactly that."""
         T, H = h_BTH.shape[-2:]
         chunk = chunk or loss_chunk(T, self.config.vocab_size)
         if chunk >= T:
-            return token_nll(self.head(h_BTH), targets_BT)
+            return logits_nll(self.head(h_BTH), targets_BT)
         n = -(-T // chunk)
         pad = [(0, 0)] * (targets_BT.ndim - 1) + [(0, n * chunk - T)]
         lead = targets_BT.shape[:-1]
         h_NBCH = jnp.moveaxis(jnp.pad(h_BTH, pad + [(0, 0)]).reshape(*lead, n, chunk, H), -3, 0)
         t_NBC = jnp.moveaxis(jnp.pad(targets_BT, pad).reshape(*lead, n, chunk), -2, 0)
-        one_chunk = jax.checkpoint(lambda h, t: token_nll(self.head(h), t))
+        one_chunk = jax.checkpoint(lambda h, t: logits_nll(self.head(h), t))
         _, nll_NBC = jax.lax.scan(lambda c, x: (c, one_chunk(*x)), None, (h_NBCH, t_NBC))
         return jnp.moveaxis(nll_NBC, 0, -2).reshape(*lead, n * chunk)[..., :T]
 

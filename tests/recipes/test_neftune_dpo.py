@@ -9,7 +9,7 @@ from flax import nnx
 from medjax.config import LoraSection
 from medjax.lora import apply_lora
 from medjax.models import get_preset, init_decoder
-from medjax.models.decoder import token_nll
+from medjax.models.decoder import logits_nll
 from medjax.train import dpo
 from medjax.train import step as S
 from medjax.train.objectives import DPO, CausalLM
@@ -44,7 +44,7 @@ def test_neftune_changes_training_forward_only():
     train_obj = CausalLM().loss(params, rngs, frozen, {}, batch, 32.0, graphdef=graphdef, n_micro=1)[0]
     nll = CausalLM().eval_stats(params, rngs, frozen, {}, batch, graphdef=graphdef)["nll_sum"]
     logits = model(ids)
-    clean = float(jnp.sum(token_nll(logits, batch["targets"])))
+    clean = float(jnp.sum(logits_nll(logits, batch["targets"])))
     np.testing.assert_allclose(float(nll), clean, rtol=1e-5)
     assert abs(float(train_obj) * 32.0 - clean) > 1e-4
     viewed = nnx.view(nnx.merge(graphdef, params, rngs, frozen), deterministic=True,

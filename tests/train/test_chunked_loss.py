@@ -75,7 +75,7 @@ def test_chunked_nll_keeps_leading_dims_and_ties_the_head():
     @jax.jit
     def both(ids):
         h = jnp.stack([model.forward(x, head=False).hidden for x in ids])     # [M, B, T, H]
-        return model.token_nll(h, targets, chunk=5), decoder.token_nll(model.head(h), targets)
+        return model.token_nll(h, targets, chunk=5), decoder.logits_nll(model.head(h), targets)
     chunked, whole = both(ids)
     assert chunked.shape == (2, 3, 16)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
