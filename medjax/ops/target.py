@@ -107,6 +107,22 @@ def compiler_options(where) -> dict | None:
     return _OPTIONS.get(device.platform)
 
 
+def settle(tree):
+    """``tree`` once every array in it is computed on all its devices (``jax.block_until_ready``).
+
+    Call it before handing arrays that a program may still be computing to SEVERAL programs with
+    collectives (a checkpoint's reorder, held-out eval batches, an export's merges). XLA:CPU runs
+    every device's part of every program on one pool with a thread per device, and a part is
+    queued when its inputs on its own device are ready: two such programs waiting on one program
+    in flight get their parts queued device by device, interleaved, fill the pool with parts that
+    wait at a collective for peers that cannot get a thread, and XLA aborts the process after
+    ``xla_cpu_collective_call_terminate_timeout_seconds`` (40). Seen under load with 8 simulated
+    devices (the circular pipeline's per-leaf checkpoint reorder, docs/SCALE.md); ready inputs
+    queue each program whole. On GPU and TPU, where each device runs its programs in order, it
+    only waits for the program in flight."""
+    return jax.block_until_ready(tree)
+
+
 def on_target(branch: Callable[[str], object]):
     """``branch(platform)`` staged for every compilable platform; the compiler's target picks.
 

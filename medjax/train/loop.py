@@ -26,6 +26,7 @@ import numpy as np
 
 from medjax.config import RunConfig
 from medjax.errors import CheckpointError, ConfigError, DataError
+from medjax.ops.target import settle
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.metrics import MetricsLogger, plot_run
 from medjax.train.setup import build_trainable, plain_model
@@ -167,6 +168,7 @@ class Trainer:
     def heldout_metrics(self, max_batches=None) -> dict:
         """``objective.eval_metrics`` over the held-out batches (``{}`` without held-out data)."""
         batches = self.heldout if max_batches is None else self.heldout[:max_batches]
+        settle(self.state)          # one program per batch, all reading the step just dispatched
         total = None
         for b in batches:
             s = self.trainable.eval_fn(self.state.params, self.state.rngs, self.frozen, self.reference,

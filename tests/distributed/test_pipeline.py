@@ -225,16 +225,20 @@ def test_checkpoint_resumes_with_another_stage_count(tmp_path, mesh_devices, fir
 
 
 @pytest.mark.parametrize("rows", [1, 8])
-def test_stage_order_gives_the_layer_order_logits(rows):
+def test_stage_order_gives_the_layer_order_logits(rows, monkeypatch):
     """An 8-layer Llama's stacked layers put in stage order for 4 stages x 2 repeats
     (``pipeline.LayerOrder``) and run by the circular schedule (``pipeline_repeats=2``) give
     the logits of the model in layer order, on one device: 8 rows (4 micro-batches) and 1 row
     (1 micro-batch, fewer than the stages: the schedule's idle slots); ``to_logical`` gives the
-    arrays back; stage ``s``'s slice holds layers ``s`` and ``4 + s``."""
+    arrays back; stage ``s``'s slice holds layers ``s`` and ``4 + s``. Each reorder is ONE
+    program for all the stacked leaves (one per leaf deadlocked XLA:CPU's device threads under
+    load: ``LayerOrder._reorder``)."""
     from flax import nnx
 
-    from medjax.models import get_preset, init_decoder
+    from medjax.models import get_preset, init_decoder, pipeline
     from medjax.models.pipeline import LayerOrder
+    programs, swap = [], pipeline._swap_blocks
+    monkeypatch.setattr(pipeline, "_swap_blocks", lambda xs, *a: programs.append(len(xs)) or swap(xs, *a))
     cfg = get_preset("tiny-llama2-8l")
     model = init_decoder(cfg, scan_layers=True)
     ids = jax.random.randint(jax.random.key(0), (rows, 16), 0, cfg.vocab_size)
@@ -250,6 +254,8 @@ def test_stage_order_gives_the_layer_order_logits(rows):
     back = order.to_logical(moved)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
+    stacked = sum(x.ndim > 0 and x.shape[0] == cfg.num_layers for x in jax.tree.leaves(state))
+    assert programs == [stacked, stacked] and stacked >= 9     # 7 projections + 2 norms per layer
 
 
 def _eval(model, out_json, *flags) -> dict:
