@@ -102,41 +102,31 @@ class LayerOrder:
         return self._reorder(tree, self.stages, self.repeats, False)
 
     def _reorder(self, tree, outer: int, inner: int, donate: bool):
-        """Every stacked leaf reordered by ONE compiled program. Not one per leaf: on XLA:CPU the
-        devices' parts of every program in flight share one thread pool, and each leaf's part
-        on a device becomes runnable as soon as that device has finished the train step; the
-        parts of several all-to-all programs then filled the pool while each waited for peers
-        that could not get a thread (a deadlock that XLA ends by aborting the process after
-        40 s, seen under load in tests/distributed/test_pipeline.py; ``ops.target.settle``)."""
+        """Each stacked leaf reordered by its own program (donated: one leaf's copy at a time),
+        each program settled before the next is dispatched. Dispatched together, their parts on
+        XLA:CPU's one-thread-per-device pool were queued device by device as each device
+        finished the train step, interleaved, and deadlocked waiting for peers that could not
+        get a thread (XLA aborts the process after 40 s; seen under load in
+        tests/distributed/test_pipeline.py; ``ops.target.settle``)."""
         if self.repeats == 1:
             return tree
-        is_variable = lambda v: isinstance(v, nnx.Variable)
-        leaves, treedef = jax.tree.flatten(tree, is_leaf=is_variable)
-        picked = [i for i, v in enumerate(leaves) if self._holds_layers(v)]
-        if not picked:
-            return tree
-        arrays = [leaves[i].get_value() for i in picked]
-        swap = _swap_blocks_donated if donate else _swap_blocks
-        swapped = settle(swap(arrays, outer, inner, tuple(x.sharding for x in arrays)))
-        for i, x in zip(picked, swapped):     # settled: a checkpoint or an export fans them out
-            leaves[i] = leaves[i].replace(x)
-        return jax.tree.unflatten(treedef, leaves)
 
-    def _holds_layers(self, v) -> bool:
-        """A concrete stacked variable with the layer axis (not an abstract one, not an optimizer
-        statistic without it)."""
-        if not (isinstance(v, nnx.Variable) and num_stacked(v)):
-            return False
-        x = v.get_value()
-        return isinstance(x, jax.Array) and x.ndim > 0 and x.shape[0] == self.num_layers
+        def one(v):
+            if not (isinstance(v, nnx.Variable) and num_stacked(v)):
+                return v
+            x = v.get_value()
+            if not isinstance(x, jax.Array) or x.ndim == 0 or x.shape[0] != self.num_layers:
+                return v      # abstract, or an optimizer statistic without the layer axis
+            swap = _swap_blocks_donated if donate else _swap_blocks
+            return v.replace(settle(swap(x, outer, inner, x.sharding)))
+        return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def _swap(xs, outer: int, inner: int, shardings):
-    """Each ``[L, ...]`` of ``xs`` viewed as ``[outer, inner, L/(outer·inner), ...]`` → its first
-    two axes swapped, flattened back, on its sharding."""
-    return [jax.lax.with_sharding_constraint(
-        jnp.swapaxes(x.reshape(outer, inner, -1, *x.shape[1:]), 0, 1).reshape(x.shape), sharding)
-        for x, sharding in zip(xs, shardings)]
+def _swap(x, outer: int, inner: int, sharding):
+    """``[L, ...]`` viewed as ``[outer, inner, L/(outer·inner), ...]`` → its first two axes
+    swapped, flattened back, on ``sharding``."""
+    y = jnp.swapaxes(x.reshape(outer, inner, -1, *x.shape[1:]), 0, 1).reshape(x.shape)
+    return jax.lax.with_sharding_constraint(y, sharding)
 
 
 _swap_blocks = jax.jit(_swap, static_argnums=(1, 2, 3))

@@ -230,15 +230,17 @@ def test_stage_order_gives_the_layer_order_logits(rows, monkeypatch):
     (``pipeline.LayerOrder``) and run by the circular schedule (``pipeline_repeats=2``) give
     the logits of the model in layer order, on one device: 8 rows (4 micro-batches) and 1 row
     (1 micro-batch, fewer than the stages: the schedule's idle slots); ``to_logical`` gives the
-    arrays back; stage ``s``'s slice holds layers ``s`` and ``4 + s``. Each reorder is ONE
-    program for all the stacked leaves (one per leaf deadlocked XLA:CPU's device threads under
-    load: ``LayerOrder._reorder``)."""
+    arrays back; stage ``s``'s slice holds layers ``s`` and ``4 + s``. The reorder's programs
+    (one per stacked leaf) run one at a time, each settled before the next is dispatched
+    (dispatched together they deadlocked XLA:CPU's device threads under load:
+    ``LayerOrder._reorder``)."""
     from flax import nnx
 
     from medjax.models import get_preset, init_decoder, pipeline
     from medjax.models.pipeline import LayerOrder
-    programs, swap = [], pipeline._swap_blocks
-    monkeypatch.setattr(pipeline, "_swap_blocks", lambda xs, *a: programs.append(len(xs)) or swap(xs, *a))
+    events, swap = [], pipeline._swap_blocks
+    monkeypatch.setattr(pipeline, "_swap_blocks", lambda x, *a: events.append("swap") or swap(x, *a))
+    monkeypatch.setattr(pipeline, "settle", lambda x: events.append("settle") or jax.block_until_ready(x))
     cfg = get_preset("tiny-llama2-8l")
     model = init_decoder(cfg, scan_layers=True)
     ids = jax.random.randint(jax.random.key(0), (rows, 16), 0, cfg.vocab_size)
@@ -255,7 +257,7 @@ def test_stage_order_gives_the_layer_order_logits(rows, monkeypatch):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
     stacked = sum(x.ndim > 0 and x.shape[0] == cfg.num_layers for x in jax.tree.leaves(state))
-    assert programs == [stacked, stacked] and stacked >= 9     # 7 projections + 2 norms per layer
+    assert events == ["swap", "settle"] * 2 * stacked and stacked >= 9   # 7 projections, 2 norms
 
 
 def _eval(model, out_json, *flags) -> dict:
