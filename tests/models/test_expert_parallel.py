@@ -44,24 +44,38 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if r.get("kind") == "train"]
 
 
-def _same_losses_as_one_device(tmp_path, *extra, dump=None, mesh=EP_MESH):
-    one = _train(tmp_path / "one", 1, *extra)
-    assert one.returncode == 0, one.stderr[-3000:]
+def _one_device_losses(out_dir, *extra):
+    """The 1-device reference: ``python -m medjax.train``'s main in this pytest process, on one
+    device (tests/conftest.py), as ``_train(out_dir, 1, *extra)`` would run it."""
+    from medjax.cli_errors import run_cli
+    from medjax.train.__main__ import main
+    assert run_cli(main, ["--no-progress", "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"),
+                          "model=tiny", *RUN, f"train.out_dir={out_dir}", *extra]) == 0
+    return _losses(out_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_one_device(tmp_path_factory):
+    """MELT's LoRA run on one device: the reference of both meshes' LoRA runs, run once."""
+    return _one_device_losses(tmp_path_factory.mktemp("lora_one_device"))
+
+
+def _same_losses_as_one_device(tmp_path, *extra, ref, dump=None, mesh=EP_MESH):
     ep = _train(tmp_path / "ep", 8, *mesh, *extra, dump=dump)
     assert ep.returncode == 0, ep.stderr[-3000:]
-    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "ep")
+    got = _losses(tmp_path / "ep")
     assert len(ref) == len(got) == 3
     for a, b in zip(ref, got):
         assert abs(a - b) <= 1e-5, (ref, got)
     assert ref[0] != ref[-1]                  # it trained
 
 
-def test_lora_on_experts_trains_like_one_device_and_moves_tokens_by_all_to_all(tmp_path):
+def test_lora_on_experts_trains_like_one_device_and_moves_tokens_by_all_to_all(tmp_path, lora_one_device):
     """MELT's LoRA on every expert (+ attention): 3 steps on expert=4 × fsdp=2 equal one device
     within 1e-5; the compiled step (XLA's own dump) has all-to-alls and no all-gather whose
     replica groups span the expert axis (fsdp gathers of the embed dim remain), and its
     all-to-alls move the bytes ``python -m medjax.plan`` states."""
-    _same_losses_as_one_device(tmp_path, dump=tmp_path / "hlo")
+    _same_losses_as_one_device(tmp_path, ref=lora_one_device, dump=tmp_path / "hlo")
     dumps = sorted((tmp_path / "hlo").glob("*jit_traced*after_optimizations.txt"))
     steps = [p.read_text() for p in dumps if "all-to-all" in p.read_text()]
     assert steps, [p.name for p in dumps]
@@ -91,12 +105,12 @@ def test_lora_on_experts_trains_like_one_device_and_moves_tokens_by_all_to_all(t
     assert moved > 0 and moved * (ep - 1) / ep == planned["all_to_all_padded_bytes"], (moved, planned)
 
 
-def test_fsdp_without_expert_axis_runs_each_devices_own_rows(tmp_path):
+def test_fsdp_without_expert_axis_runs_each_devices_own_rows(tmp_path, lora_one_device):
     """MELT's own mesh (``mesh.preset=fsdp``, no expert axis): 3 steps on fsdp=8 equal one device
     within 1e-5, and the compiled step sorts each device's routed rows only. A sort over the whole
     batch's rows is GSPMD gathering every token onto every device (what a global sort of the
     routed rows compiles to; measured on a compile-only v5p-16 MELT-Mixtral step: 8x the rows)."""
-    _same_losses_as_one_device(tmp_path, dump=tmp_path / "hlo",
+    _same_losses_as_one_device(tmp_path, ref=lora_one_device, dump=tmp_path / "hlo",
                                mesh=["mesh.preset=fsdp", "mesh.fsdp=8"])
     from medjax.plan import model_config
     from medjax.config import load_config
@@ -110,12 +124,20 @@ def test_fsdp_without_expert_axis_runs_each_devices_own_rows(tmp_path):
 
 @pytest.mark.slow
 def test_full_fine_tuning_trains_like_one_device(tmp_path):
-    _same_losses_as_one_device(tmp_path, "lora.enabled=false")
+    _same_losses_as_one_device(tmp_path, "lora.enabled=false",
+                               ref=_one_device_losses(tmp_path / "one", "lora.enabled=false"))
 
 
-def test_expert_axis_not_dividing_the_experts_is_one_error_line(tmp_path):
-    bad = _train(tmp_path / "bad", 8, "mesh.preset=fsdp_ep", "mesh.fsdp=1", "mesh.expert=8")
-    lines = [ln for ln in (bad.stdout + bad.stderr).splitlines() if ln.strip()]
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+@pytest.mark.multidevice
+def test_expert_axis_not_dividing_the_experts_is_one_error_line(tmp_path, capsys):
+    """``python -m medjax.train``'s main in this process, on the session's 8 devices."""
+    from medjax.cli_errors import run_cli
+    from medjax.train.__main__ import main
+    status = run_cli(main, ["--no-progress", "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"),
+                            "model=tiny", *RUN, f"train.out_dir={tmp_path / 'bad'}",
+                            "mesh.preset=fsdp_ep", "mesh.fsdp=1", "mesh.expert=8"])
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.strip()]
+    assert status == 2 and "Traceback" not in out.err, out.err[-2000:]
     errors = [ln for ln in lines if "error:" in ln]
     assert len(errors) == 1 and "num_experts=4" in errors[0] and "mesh.expert=8" in errors[0], errors

@@ -1,6 +1,6 @@
 """SIGKILL ``python -m medjax.train`` at seeded points; every resume must continue exactly.
 
-Three chains of seven kills each (21 trials). A chain is one training run that is killed, resumed
+Two chains of seven kills each (14 trials). A chain is one training run that is killed, resumed
 with ``--resume``, killed again at a later point, ... and finally resumed to completion. Kill points
 (see fault_runner.py): while a step is in flight, during an asynchronous checkpoint save, while the
 HF export writes its safetensors, and with the export written but not yet renamed into place.
@@ -19,7 +19,7 @@ from reliability_helpers import (FIGURES, checkpoint_steps, n_lines, run_faulted
                                  train_records, write_config)
 
 STEPS, EVERY = 12, 2
-N_CHAINS, KILLS_PER_CHAIN = 3, 7
+N_CHAINS, KILLS_PER_CHAIN = 2, 7      # seed 20261121: 6 step, 4 ckpt, 2 + 2 export kills
 SEED = 20261121
 
 
