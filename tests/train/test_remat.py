@@ -122,3 +122,26 @@ def test_unknown_remat_policy_is_a_config_error_naming_the_policies():
     from medjax.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="model.remat.*none.*full.*dots_saveable"):
         load_config(None, ["model.remat=everything"])
+
+
+@pytest.mark.parametrize("lora", [None, ("q_proj", "v_proj")])
+def test_each_remat_layer_finishes_its_weight_gradients_before_the_layer_below(lora):
+    """``decoder.finish_gradients_first``: in the backward of every rematerialised layer above
+    the first, the gradient flowing to the layer below passes an ``optimization_barrier`` with
+    one scalar (sum of squares) per trainable weight of that layer — so the weight gradients are
+    formed inside the layer's backward (libtpu otherwise sinks some to the step's end:
+    docs/PERFORMANCE.md). Frozen weights (LoRA's bases) are not tied. Values: the tests above."""
+    model = _model("tiny-llama2", lora=lora)
+    model.remat = "full"
+    graphdef, params, rngs, frozen = S.split_model(model, lora is not None)
+    hlo = jax.jit(S.accumulate_grads, static_argnames=("graphdef", "grad_accum", "objective")).lower(
+        params, rngs, frozen, {}, _batch(), graphdef=graphdef, grad_accum=1,
+        objective=CausalLM()).as_text()
+    L = model.config.num_layers
+    per_layer = sum("layers" in path for path, _ in nnx.to_flat_state(params)) // L
+    B, T, H = 4, 16, model.config.hidden_size
+    tie = ", ".join(["tensor<f32>"] * per_layer + [f"tensor<{B}x{T}x{H}xf32>"])
+    ties = [line for line in hlo.splitlines() if "stablehlo.optimization_barrier" in line
+            and line.rstrip().endswith(": " + tie)]
+    # the first layer's too where the embedding is trained (its gradient is that layer's input's)
+    assert len(ties) == (L if lora is None else L - 1), (per_layer, tie)
