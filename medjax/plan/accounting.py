@@ -224,7 +224,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
             # (pipelined: one gradient of all micro-batches, no accumulation loop)
             second = (cfg.train.grad_accum > 1 and not pipelined
                       and (cfg.model.scan_layers or not in_layer))
-            if num_stacked(var) and not pipelined and compute < itemsize:
+            if num_stacked(var) and not pipelined and compute < 4:      # masters: fp32
                 # the layer scan runs on the weights cast to model.dtype (stack.compute_weights):
                 # its stacked gradient is in model.dtype, made fp32 in the update (or added into
                 # the fp32 accumulator with grad_accum > 1); the pipeline's stages run on the
