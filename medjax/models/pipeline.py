@@ -35,8 +35,8 @@ micro-batch. Unlike the layer scan, the stages run on the fp32 masters, not on w
 the backward of the scan over iterations sums every micro-batch's weight gradient into a
 stacked carry of the weights' dtype, the pipeline's gradient accumulator. fp32, it adds the
 micro-batches' gradients as the micro-batch loop without a pipeline does; bf16, it would round
-every sum (tests/models/test_scan.py), for 3.9 GiB per chip less (Llama-2-70B, v5p-128,
-R = 2, M = 16: 51.73 against 55.66 GiB, docs/SCALE.md).
+every sum (tests/models/test_scan.py), for 4.0 GiB per chip less (Llama-2-70B, v5p-128,
+R = 2, M = 16: 51.73 against 55.72 GiB, docs/SCALE.md).
 
 With ``model.remat`` each layer is checkpointed with its policy AND each stage call is
 checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward

@@ -287,7 +287,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
         # R > 1: the block an iteration picks from the stage's R blocks (a copy; the stage's
         # layers themselves are held in stage order, models/pipeline.LayerOrder: no regrouped
         # copy). Compiled Llama-2-70B on v5p-128, stage 4 x fsdp 2 x tensor 4, M = 16: R = 2
-        # 55.66 GiB against R = 1's 54.15 (docs/SCALE.md); this term 2.0 of the planner's 54.56
+        # 55.72 GiB against R = 1's 54.27 (docs/SCALE.md, 2026-12-07); this term 2.0 GiB
         temporaries += layer_bytes / cfg.train.pipeline_repeats
     pipe = pipeline_traffic(cfg, model_cfg, sizes, micro) if pipelined else None
     cpu_dots = runtime = 0.0
