@@ -54,6 +54,22 @@ def test_llama3_70b_fsdp_bytes_by_hand():
     assert p.axis_sizes == {"stage": 1, "data": 1, "fsdp": 32, "tensor": 1, "expert": 1}
 
 
+
+@pytest.mark.parametrize("param_dtype", ["bfloat16", "float32"])
+def test_bf16_compute_charges_the_layer_scans_stacked_gradient_in_bf16(param_dtype):
+    """Full fine-tuning trains fp32 masters whatever ``model.param_dtype`` (the checkpoint's
+    dtype); under the layer scan with bf16 compute their stacked gradient is bf16
+    (``stack.compute_weights``): 2 bytes per stacked element, 4 for the rest; a pipelined
+    step's is its fp32 micro-batch accumulator (models/pipeline.py): 4 for all."""
+    common = ["model.preset=tiny-llama2", "mesh.preset=fsdp", "model.dtype=bfloat16",
+              f"model.param_dtype={param_dtype}", "train.batch_size=8"]
+    p = planner.plan(load_config(None, common), 1)
+    m = get_preset("tiny-llama2")
+    stacked = p.trainable - 2 * m.vocab_size * m.hidden_size - m.hidden_size
+    assert p.grads == 2 * stacked + 4 * (p.trainable - stacked)
+    piped = planner.plan(load_config(None, common + ["mesh.stage=2", "train.grad_accum=2"]), 2)
+    assert piped.grads == 4 * (p.trainable - stacked / 2)     # a stage holds half the layers
+
 def test_fsdp_ep_splits_experts_and_lora_trains_adapters_only():
     from medjax.lora import apply_lora, count_params
     overrides = ["model.preset=tiny-mixtral", "mesh.preset=fsdp_ep", "mesh.expert=4",

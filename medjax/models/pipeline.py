@@ -30,8 +30,16 @@ where the head reads it after the last pass. The backward is the transpose of th
 
 The per-layer body is models/stack.py's: every layer variable (weights, frozen LoRA bases,
 quantized codes, adapters) is scanned within the stage, router statistics are summed per
-micro-batch. With ``model.remat`` each layer is checkpointed with its policy AND each stage
-call is checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward
+micro-batch. Unlike the layer scan, the stages run on the fp32 masters, not on weights cast to
+``model.dtype`` first (``stack.compute_weights(layers, None)``; each layer casts what it uses):
+the backward of the scan over iterations sums every micro-batch's weight gradient into a
+stacked carry of the weights' dtype, the pipeline's gradient accumulator. fp32, it adds the
+micro-batches' gradients as the micro-batch loop without a pipeline does; bf16, it would round
+every sum (tests/models/test_scan.py), for 4.0 GiB per chip less (Llama-2-70B, v5p-128,
+R = 2, M = 16: 51.73 against 55.72 GiB, docs/SCALE.md).
+
+With ``model.remat`` each layer is checkpointed with its policy AND each stage call is
+checkpointed whole: all ``R · M + S − 1`` iterations are in flight before the backward
 starts, so what is kept is one stage input per iteration (not one per layer), and the backward
 recomputes a stage's layers (their inputs live for that stage only), one more forward pass.
 
@@ -51,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax.models.stack import layer_step, num_stacked
+from medjax.models.stack import compute_weights, layer_step, num_stacked
 from medjax.ops.target import BATCH_AXES, context_mesh, settle
 
 STAGE_AXIS = "stage"     # the mesh axis stages are split over (medjax.sharding.PIPELINE_AXIS)
@@ -161,7 +169,7 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
     (``[M, ...]``): the values ``stack.scan_layers`` gives for each micro-batch on its own.
     Stage ``s`` holds the cache of the layers it runs (split over ``stage`` like the weights).
     """
-    graphdef, rng_state, weights = nnx.split(layers, nnx.RngState, ...)
+    graphdef, rng_state, weights = compute_weights(layers, None)   # uncast: module docstring
     S, R, M = stages, repeats, h_MBTH.shape[0]
     L = jax.tree.leaves(weights)[0].shape[0]
     per = L // (S * R)

@@ -66,13 +66,15 @@ def scan_layers(layers, h_BTH, positions_BT, inv_freq, segment_ids, kv, *, remat
 
 def compute_weights(layers, dtype):
     """``(graphdef, rng_state, weights)`` of the stacked ``layers``, every floating ``nnx.Param``
-    wider than ``dtype`` cast to it: the layers cast each weight to their compute dtype before
-    using it anyway (``Linear``, ``RMSNorm``, ``Experts``, LoRA adapters), so the values are
-    the same. Cast here, outside the scan, the weights' gradient comes back from the scan's
-    backward as a stacked ``[L, ...]`` buffer in ``dtype`` (bf16: half of fp32) and becomes fp32
-    in the optimizer's update; cast inside, that buffer is fp32, and XLA hoists the cast out of
-    the loop all the same (a stacked bf16 copy of the weights beside it). Llama-2-7B, v5p-8,
-    FSDP, full fine-tuning: 3 GiB less per chip (docs/PERFORMANCE.md)."""
+    wider than ``dtype`` cast to it (``None``: none; the pipeline's stages run on the masters,
+    their gradient carry being the micro-batches' accumulator: models/pipeline.py). The layers
+    cast each weight to their compute dtype before using it anyway (``Linear``, ``RMSNorm``,
+    ``Experts``, LoRA adapters), so the values are the same. Cast here, outside the scan, the
+    weights' gradient comes back from the scan's backward as a stacked ``[L, ...]`` buffer in
+    ``dtype`` (bf16: half of fp32) and becomes fp32 in the optimizer's update; cast inside, that
+    buffer is fp32, and XLA hoists the cast out of the loop all the same (a stacked bf16 copy of
+    the weights beside it). Llama-2-7B, v5p-8, FSDP, full fine-tuning: 3 GiB less per chip
+    (docs/PERFORMANCE.md)."""
     graphdef, rng_state, params, rest = nnx.split(layers, nnx.RngState, nnx.Param, ...)
     if dtype is not None:
         dtype = jnp.dtype(dtype)

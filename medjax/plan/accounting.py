@@ -17,7 +17,8 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              accumulator after it; the loop layout adds each layer's as it is made). The
              layer scan's stacked gradients are in ``model.dtype`` (it runs on the weights cast
              to it, ``stack.compute_weights``): a bf16 step's stacked weights cost 2 bytes, or
-             4 + 2 with ``grad_accum > 1``;
+             4 + 2 with ``grad_accum > 1``; pipelined, 4 (the stages run on the fp32 masters:
+             their stacked gradient sums the micro-batches, models/pipeline.py);
 * optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
              (rows + cols per matrix) and no first moment;
 * weight copies every fp32 master kernel cast to ``model.dtype`` when that differs: XLA hoists
@@ -223,10 +224,12 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
             # (pipelined: one gradient of all micro-batches, no accumulation loop)
             second = (cfg.train.grad_accum > 1 and not pipelined
                       and (cfg.model.scan_layers or not in_layer))
-            if num_stacked(var) and not pipelined and compute < itemsize:
+            if num_stacked(var) and not pipelined and compute < 4:      # masters: fp32
                 # the layer scan runs on the weights cast to model.dtype (stack.compute_weights):
                 # its stacked gradient is in model.dtype, made fp32 in the update (or added into
-                # the fp32 accumulator with grad_accum > 1)
+                # the fp32 accumulator with grad_accum > 1); the pipeline's stages run on the
+                # fp32 masters, their stacked gradient being the micro-batches' fp32 accumulator
+                # (models/pipeline.py)
                 grads += n_local * (compute + (4 if second else 0))
             else:
                 grads += 4 * n_local * (2 if second else 1)
@@ -284,7 +287,7 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
         # R > 1: the block an iteration picks from the stage's R blocks (a copy; the stage's
         # layers themselves are held in stage order, models/pipeline.LayerOrder: no regrouped
         # copy). Compiled Llama-2-70B on v5p-128, stage 4 x fsdp 2 x tensor 4, M = 16: R = 2
-        # 55.66 GiB against R = 1's 54.15 (docs/SCALE.md); this term 2.0 of the planner's 54.56
+        # 55.72 GiB against R = 1's 54.27 (docs/SCALE.md, 2026-12-07); this term 2.0 GiB
         temporaries += layer_bytes / cfg.train.pipeline_repeats
     pipe = pipeline_traffic(cfg, model_cfg, sizes, micro) if pipelined else None
     cpu_dots = runtime = 0.0
