@@ -218,7 +218,7 @@ def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
     disk, mid-run (a later checkpoint may be half written); ``--resume`` in both continues from
     the newest complete checkpoint (each host restores its own data iterator position) and every
     step's loss equals the uninterrupted run's."""
-    steps = ("train.steps=6", "checkpoint.every=2")
+    steps = ("train.steps=4", "checkpoint.every=2")   # killed after step 2: steps 3-4 resumed
     _ok(_train(tmp_path / "ref", *steps, processes=2, devices=2))
     run = tmp_path / "killed"
     cmd = _command("medjax.train", ["--no-progress", *SFT, f"train.out_dir={run}", *steps], 2, 2)
@@ -233,10 +233,10 @@ def test_sigkill_both_processes_then_resume_continues_identically(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert max(_losses(run)) < 6, "killed after the run had finished: nothing was interrupted"
+    assert max(_losses(run)) < 4, "killed after the run had finished: nothing was interrupted"
     _ok(_train(run, *steps, processes=2, devices=2, resume=True))
     ref, got = _losses(tmp_path / "ref"), _losses(run)
-    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    assert sorted(got) == sorted(ref) == list(range(1, 5))
     assert [got[s] for s in ref] == [ref[s] for s in ref]
 
 
