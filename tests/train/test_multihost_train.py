@@ -175,8 +175,8 @@ def test_two_processes_export_and_eval_like_one(tmp_path, benchmarks_dir):
 
     import numpy as np
     run = tmp_path / "run"
-    _ok(_train(run, "train.export=[hf,peft]", "eval.tasks=[medqa_4options]", "eval.limit=4",
-               f"eval.data_dir={benchmarks_dir}", processes=2, devices=2))
+    _ok(_train(run, "train.steps=2", "train.export=[hf,peft]", "eval.tasks=[medqa_4options]",
+               "eval.limit=4", f"eval.data_dir={benchmarks_dir}", processes=2, devices=2))
     assert json.loads((run / "eval.json").read_text())["results"]["medqa_4options"]["n"] == 4
     ckpt = str(run / "checkpoints")
     two = _ok(_module("medjax.export", "--checkpoint", ckpt, "--out", str(tmp_path / "peft2"), "--peft",
