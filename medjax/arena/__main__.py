@@ -125,14 +125,17 @@ def main(argv=None) -> int:
     dtype = getattr(jnp, args.dtype)
     t0 = time.perf_counter()
     answer_store = JsonlStore(out / "answers.jsonl")
-    for c in contestants:
+    judge_loaded = None     # a contestant that is also the judge answers last; its model then judges
+    for c in sorted(contestants, key=lambda c: c.path == args.judge):
         todo = A.missing(c, questions, settings, answer_store)
         print(f"answers {c.name}: {len(questions) - len(todo)} cached, {len(todo)} to generate", file=sys.stderr)
         if todo:
+            judge_loaded = None
             model, tokenizer = _load(c.path, dtype)
             with tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"answers {c.name}",
                       unit="q") as bar:
                 A.generate_answers(c, model, tokenizer, questions, settings, answer_store, bar)
+            judge_loaded = (model, tokenizer) if c.path == args.judge else None
             del model
 
     by_name = {c.name: c for c in contestants}
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
     keys, todo = J.pending(pairs, answer_of, rubric, args.judge, judge_store, args.judge_chat_template)
     print(f"judgements: {len(keys) - len(todo)} cached, {len(todo)} to judge", file=sys.stderr)
     if todo:
-        model, tokenizer = _load(args.judge, dtype)
+        model, tokenizer = judge_loaded or _load(args.judge, dtype)
+        judge_loaded = None
         judge = J.Judge(model, tokenizer, batch_size=args.judge_batch, chat_template=args.judge_chat_template)
         with tqdm(total=len(keys), initial=len(keys) - len(todo), desc="judging", unit="judgement") as bar:
             J.run_judging(todo, judge, args.judge, judge_store, bar=bar)

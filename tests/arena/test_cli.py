@@ -90,3 +90,22 @@ def test_resume_after_kill_redoes_no_finished_judgement(arena_files, tiny_run, t
     strip = lambda rows: sorted(json.dumps(json.loads(x), sort_keys=True) for x in rows)
     assert strip(lines(fresh / "answers.jsonl")) == strip(lines(out / "answers.jsonl"))
     assert strip(lines(fresh / "judgements.jsonl")) == strip(after)
+
+
+def test_a_contestant_that_is_the_judge_is_loaded_once(arena_files, tiny_run, tmp_path, monkeypatch):
+    """The judge's own model answers last and then judges (one load, not two); its judgements
+    equal those of a judge loaded afresh (the answers cached, so no contestant model loads)."""
+    import medjax.arena.__main__ as arena_main
+    loads, original = [], arena_main._load
+    monkeypatch.setattr(arena_main, "_load", lambda path, dtype: loads.append(str(path)) or original(path, dtype))
+    args = arena_args(arena_files, tiny_run, tmp_path / "reused")
+    args[args.index("--judge") + 1] = str(arena_files["alpha"])
+    assert main(args) == 0
+    assert loads == [str(tiny_run), str(arena_files["alpha"])]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "answers.jsonl").write_text((tmp_path / "reused" / "answers.jsonl").read_text())
+    loads.clear()
+    assert main([*args[:args.index("--out") + 1], str(fresh), *args[args.index("--out") + 2:]]) == 0
+    assert loads == [str(arena_files["alpha"])]
+    assert lines(fresh / "judgements.jsonl") == lines(tmp_path / "reused" / "judgements.jsonl")

@@ -10,7 +10,7 @@ import pytest
 
 from medjax.eval.lm_eval_harness import TASK_PREFIX, run_lm_eval, write_task_files
 
-N_ITEMS = 20
+N_ITEMS = 10
 
 RUNS = [
     # name, model variant, medjax tasks, options
