@@ -187,6 +187,7 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
         lambda y: (axis,) + (unconstrained,) * (y.ndim - 1)), weights)
     act = lambda y: (axis, rows) + (None,) * (y.ndim - 2)   # noqa: E731  [S, B, ...] activations
     micro = lambda y: (None, rows) + (None,) * (y.ndim - 2)  # noqa: E731  [M, B, ...] buffer
+    row = lambda y: (rows,) + (None,) * (y.ndim - 1)          # noqa: E731  [B, ...] one slot
     cached = lambda y: (axis, None, None, None, rows) + (None,) * (y.ndim - 5)  # noqa: E731
     if kv is not None:   # [L, M, B, ...] → [S, R, per, M, B, ...], in the weights' order
         kv = jax.tree.map(lambda x: _constrain(x.reshape(S, R, per, *x.shape[1:]), axis, cached), kv)
@@ -247,9 +248,13 @@ def pipeline_layers(layers, h_MBTH, positions_MBT, inv_freq, segment_ids_MBT, *,
                 cache_put, in_axes=(0, 0, 0, 0, 0), spmd_axis_name=axis)(
                     c, new, r, m, valid), axis, cached), kv, kv_out)
         last = m[S - 1]
-        kept = jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False)
-        buffer = _constrain(jax.lax.dynamic_update_index_in_dim(
-            buffer, jnp.where(valid[S - 1], out[S - 1], kept), last, 0), axis, micro)
+        # the slot's old value and the last stage's output pinned to the buffer's row split:
+        # unpinned, GSPMD gathered the whole [M, B, T, H] buffer over the batch axes every
+        # iteration to read it (Llama-2-70B on v5p-128, stage 4 x fsdp 2, M = 16: an 8 GiB
+        # all-gather at the step's peak, 54.27 GiB)
+        kept = _constrain(jax.lax.dynamic_index_in_dim(buffer, last, 0, keepdims=False), axis, row)
+        new = _constrain(jnp.where(valid[S - 1], out[S - 1], kept), axis, row)
+        buffer = _constrain(jax.lax.dynamic_update_index_in_dim(buffer, new, last, 0), axis, micro)
         mask = valid.reshape((S,) + (1,) * (stats.ndim - 1))
         stats_M = stats_M.at[m].add(jnp.where(mask, stats, 0.0))
         return (jnp.roll(out, 1, axis=0), buffer, stats_M, kv), None
