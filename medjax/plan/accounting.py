@@ -18,7 +18,8 @@ The model is built with ``nnx.eval_shape`` (no memory), LoRA applied to the abst
              layer scan's stacked gradients are in ``model.dtype`` (it runs on the weights cast
              to it, ``stack.compute_weights``): a bf16 step's stacked weights cost 2 bytes, or
              4 + 2 with ``grad_accum > 1``; pipelined, 4 (the stages run on the fp32 masters:
-             their stacked gradient sums the micro-batches, models/pipeline.py);
+             their stacked gradient sums the micro-batches, models/pipeline.py) + 4 / R (the
+             fp32 gradient of one block that each backward iteration stacks before adding it);
 * optimizer  AdamW: mu + nu in fp32 (8 bytes/element); Adafactor: factored second moment
              (rows + cols per matrix) and no first moment;
 * weight copies every fp32 master kernel cast to ``model.dtype`` when that differs: XLA hoists
@@ -224,6 +225,14 @@ def plan(cfg: RunConfig, num_devices: int | None = None, *, host_cpu: bool = Fal
             # (pipelined: one gradient of all micro-batches, no accumulation loop)
             second = (cfg.train.grad_accum > 1 and not pipelined
                       and (cfg.model.scan_layers or not in_layer))
+            if pipelined and num_stacked(var):
+                # the backward loop's iteration differentiates the stage's layer scan over its
+                # block (L/(R*S) layers): that scan returns the block's fp32 gradients stacked,
+                # added into the stage's fp32 carry after it. Compiled Llama-2-70B on v5p-128,
+                # stage 4 x fsdp 2 x tensor 4, R = 1, M = 16 (buffer assignment, 2026-12-07):
+                # the top of the heap is f32[20,1,...] of every kernel (broadcast_in_dim.889 +
+                # the scan's dynamic-update-slices) beside the carry's f32[1,1,20,...]
+                grads += 4 * n_local / cfg.train.pipeline_repeats
             if num_stacked(var) and not pipelined and compute < 4:      # masters: fp32
                 # the layer scan runs on the weights cast to model.dtype (stack.compute_weights):
                 # its stacked gradient is in model.dtype, made fp32 in the update (or added into
@@ -329,7 +338,8 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
     Pipelined (``mesh.stage`` S > 1): ``saved`` holds all ``R · M + S − 1`` iterations of the
     stage's ``L / (R · S)`` layers (with ``model.remat``: one stage input per iteration plus one
     stage's residuals, models/pipeline.py), ``logits`` all M micro-batches, plus the embeddings / stage
-    outputs of the M micro-batches (``[M, B, T, H]``, with their gradient)."""
+    outputs of the M micro-batches (``[M, B, T, H]``): the backward loop carries its gradient
+    only (the head read the buffer before the loop; the stage inputs are saved apart)."""
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     rows = cfg.train.batch_size / cfg.train.grad_accum / shards
     tokens = rows * cfg.data.seq_len * (2 if cfg.train.objective == "dpo" else 1)
@@ -371,7 +381,7 @@ def activation_bytes(cfg: RunConfig, m, sizes) -> tuple[float, float]:
         from medjax.models.pipeline import iterations
         repeats = cfg.train.pipeline_repeats
         layers = iterations(stages, repeats, micro) * m.num_layers / (repeats * stages)
-        buffers = 2 * micro * tokens * H * s
+        buffers = micro * tokens * H * s
     if remat == "none":
         saved = layers * (tokens * everything * s + probs)
     elif remat == "dots_saveable":
