@@ -60,7 +60,8 @@ def test_bf16_compute_charges_the_layer_scans_stacked_gradient_in_bf16(param_dty
     """Full fine-tuning trains fp32 masters whatever ``model.param_dtype`` (the checkpoint's
     dtype); under the layer scan with bf16 compute their stacked gradient is bf16
     (``stack.compute_weights``): 2 bytes per stacked element, 4 for the rest; a pipelined
-    step's is its fp32 micro-batch accumulator (models/pipeline.py): 4 for all."""
+    step's is its fp32 micro-batch accumulator (models/pipeline.py): 4 for all, plus 4 / R per
+    stacked element for the block gradient each backward iteration stacks before adding it."""
     common = ["model.preset=tiny-llama2", "mesh.preset=fsdp", "model.dtype=bfloat16",
               f"model.param_dtype={param_dtype}", "train.batch_size=8"]
     p = planner.plan(load_config(None, common), 1)
@@ -68,7 +69,8 @@ def test_bf16_compute_charges_the_layer_scans_stacked_gradient_in_bf16(param_dty
     stacked = p.trainable - 2 * m.vocab_size * m.hidden_size - m.hidden_size
     assert p.grads == 2 * stacked + 4 * (p.trainable - stacked)
     piped = planner.plan(load_config(None, common + ["mesh.stage=2", "train.grad_accum=2"]), 2)
-    assert piped.grads == 4 * (p.trainable - stacked / 2)     # a stage holds half the layers
+    # a stage holds half the layers; its backward stacks the block's (R = 1: the stage's) gradient
+    assert piped.grads == 4 * (p.trainable - stacked / 2) + 4 * stacked / 2
 
 def test_fsdp_ep_splits_experts_and_lora_trains_adapters_only():
     from medjax.lora import apply_lora, count_params
@@ -156,7 +158,9 @@ def test_pipeline_stages_split_the_layers_and_report_bubble_and_ppermute_bytes()
     matrices = p.total_params - layer_norms - outside - H
     local = matrices / 8 + layer_norms / 4 + outside / 2 + H
     assert p.axis_sizes == {"stage": 4, "data": 1, "fsdp": 2, "tensor": 1, "expert": 1}
-    assert p.params == 4 * local and p.grads == 4 * local and p.optimizer == 8 * local
+    assert p.params == 4 * local and p.optimizer == 8 * local
+    # + the stage's stacked fp32 gradient the backward iteration makes before adding it (R = 1)
+    assert p.grads == 4 * local + 4 * (matrices / 8 + layer_norms / 4)
     q = p.pipeline
     assert (q["iterations"], q["layers_per_stage"]) == (11, 8)
     assert q["bubble"] == 3 / 11
