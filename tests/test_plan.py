@@ -54,7 +54,6 @@ def test_llama3_70b_fsdp_bytes_by_hand():
     assert p.axis_sizes == {"stage": 1, "data": 1, "fsdp": 32, "tensor": 1, "expert": 1}
 
 
-
 @pytest.mark.parametrize("param_dtype", ["bfloat16", "float32"])
 def test_bf16_compute_charges_the_layer_scans_stacked_gradient_in_bf16(param_dtype):
     """Full fine-tuning trains fp32 masters whatever ``model.param_dtype`` (the checkpoint's
@@ -71,6 +70,7 @@ def test_bf16_compute_charges_the_layer_scans_stacked_gradient_in_bf16(param_dty
     piped = planner.plan(load_config(None, common + ["mesh.stage=2", "train.grad_accum=2"]), 2)
     # a stage holds half the layers; its backward stacks the block's (R = 1: the stage's) gradient
     assert piped.grads == 4 * (p.trainable - stacked / 2) + 4 * stacked / 2
+
 
 def test_fsdp_ep_splits_experts_and_lora_trains_adapters_only():
     from medjax.lora import apply_lora, count_params

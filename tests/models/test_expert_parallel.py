@@ -33,10 +33,14 @@ def _train(out_dir, devices: int, *extra, dump: Path | None = None):
     if dump is not None:
         flags += f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*traced.*"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    cmd = [sys.executable, "-m", "medjax.train", "--no-progress",
-           "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"), "model=tiny", *RUN,
-           f"train.out_dir={out_dir}", *extra]
+    cmd = [sys.executable, "-m", "medjax.train", *_argv(out_dir, *extra)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _argv(out_dir, *extra) -> list[str]:
+    """``python -m medjax.train``'s arguments: MELT-Mixtral at tiny size, ``RUN``, ``extra``."""
+    return ["--no-progress", "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"),
+            "model=tiny", *RUN, f"train.out_dir={out_dir}", *extra]
 
 
 def _losses(run_dir):
@@ -49,8 +53,7 @@ def _one_device_losses(out_dir, *extra):
     device (tests/conftest.py), as ``_train(out_dir, 1, *extra)`` would run it."""
     from medjax.cli_errors import run_cli
     from medjax.train.__main__ import main
-    assert run_cli(main, ["--no-progress", "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"),
-                          "model=tiny", *RUN, f"train.out_dir={out_dir}", *extra]) == 0
+    assert run_cli(main, _argv(out_dir, *extra)) == 0
     return _losses(out_dir)
 
 
@@ -133,9 +136,7 @@ def test_expert_axis_not_dividing_the_experts_is_one_error_line(tmp_path, capsys
     """``python -m medjax.train``'s main in this process, on the session's 8 devices."""
     from medjax.cli_errors import run_cli
     from medjax.train.__main__ import main
-    status = run_cli(main, ["--no-progress", "--config", str(ROOT / "configs" / "melt_mixtral_lora.yaml"),
-                            "model=tiny", *RUN, f"train.out_dir={tmp_path / 'bad'}",
-                            "mesh.preset=fsdp_ep", "mesh.fsdp=1", "mesh.expert=8"])
+    status = run_cli(main, _argv(tmp_path / "bad", "mesh.preset=fsdp_ep", "mesh.fsdp=1", "mesh.expert=8"))
     out = capsys.readouterr()
     lines = [ln for ln in (out.out + out.err).splitlines() if ln.strip()]
     assert status == 2 and "Traceback" not in out.err, out.err[-2000:]
